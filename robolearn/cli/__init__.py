@@ -1,0 +1,250 @@
+"""The ``robolearn`` command: the one place that wires the rooms together.
+
+Two styles of argument, each where it fits:
+
+- ``robolearn data ...`` and other file utilities take ordinary flags (``--json``, ``--episodes 3,5``);
+- jobs with many settings (``collect``, ``bench env``, later ``train``/``eval``) take hydra overrides
+  (``task=push_t episodes=50 expert.noise=0.1``), validated against dataclass-backed configs in ``configs/``.
+
+Every command that computes a result prints a one-line JSON summary as its last line of standard output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from robolearn import __version__
+
+EPILOG = """\
+examples:
+  robolearn collect task=push_t episodes=50 out=data/push_t.zarr
+  robolearn data info data/push_t.zarr
+  robolearn data validate data/push_t.zarr
+  robolearn data drop data/push_t.zarr --episodes 3,5
+  robolearn data merge data/a.zarr data/b.zarr --out data/ab.zarr
+  robolearn bench env task=push_t
+
+Run 'robolearn COMMAND --help' for a command's options.
+"""
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 1."""
+
+
+def print_json(summary: dict[str, Any]) -> None:
+    """The last line of every command that computes something: one JSON object."""
+    print(json.dumps(summary, default=_json_default), flush=True)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON-serializable")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _parse_episode_list(text: str) -> list[int]:
+    """``"3,5,10-12"`` -> ``[3, 5, 10, 11, 12]``."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise CLIError(f"--episodes: {part!r} is not an episode index or a range like 10-12") from None
+    if not out:
+        raise CLIError("--episodes: no episode given (example: --episodes 3,5,10-12)")
+    return out
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def cmd_data_info(args: argparse.Namespace) -> None:
+    from robolearn.data import EpisodeStore
+
+    store = EpisodeStore.open(args.path, validate=False)
+    lengths = store.episode_lengths
+    size = store.size_bytes()
+    keys = {k: {"shape": list(s.shape), "dtype": s.dtype, "role": s.role} for k, s in store.schema.items()}
+    summary = {
+        "path": str(store.path),
+        "zarr_format": store.zarr_format,
+        "written_by": "robolearn" if store.is_robolearn else "other (schema inferred)",
+        "episodes": store.n_episodes,
+        "steps": store.n_steps,
+        "episode_length": (
+            {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 2), "max": int(lengths.max())}
+            if len(lengths) else None
+        ),
+        "fps": store.fps,
+        "task": store.task,
+        "size_bytes": size,
+        "keys": keys,
+        "env_config": store.env_config,
+    }
+    print(f"store     {store.path}  (zarr format {store.zarr_format}, written by {summary['written_by']})")
+    print(f"task      {store.task or 'unknown'}    fps {store.fps if store.fps is not None else 'unknown'}")
+    el = summary["episode_length"]
+    span = f"    length min/mean/max {el['min']}/{el['mean']}/{el['max']}" if el else ""
+    print(f"episodes  {store.n_episodes:,}    steps {store.n_steps:,}{span}")
+    print(f"size      {_human_bytes(size)} on disk")
+    print("keys")
+    width = max([len(k) for k in keys] + [4])
+    for k, s in store.schema.items():
+        kind = "image" if s.is_image else ""
+        print(f"  {k:<{width}}  {s.dtype:<8} {str(s.shape):<14} {s.role:<7} {kind}".rstrip())
+    if args.json:
+        print_json(summary)
+
+
+def cmd_data_validate(args: argparse.Namespace) -> None:
+    from robolearn.data import EpisodeStore
+
+    store = EpisodeStore.open(args.path, validate=False)
+    report = store.validate(check_values=True)
+    extra = ""
+    if report["uncommitted_rows"] or report["uncommitted_episode_ends"]:
+        extra = (
+            f" (plus rows of an unfinished episode, ignored by readers and trimmed on the next append: "
+            f"{report['uncommitted_rows'] or report['uncommitted_episode_ends']})"
+        )
+    print(f"OK: {store.path} holds {report['episodes']:,} valid episodes, {report['steps']:,} steps{extra}")
+    print_json(report)
+
+
+def cmd_data_drop(args: argparse.Namespace) -> None:
+    from robolearn.data import EpisodeStore
+
+    episodes = _parse_episode_list(args.episodes)
+    with EpisodeStore.open(args.path, mode="a") as store:
+        before = store.n_episodes
+        store.drop_episodes(episodes)
+        after = store.n_episodes
+    print(f"dropped {before - after} episode(s) from {args.path}: {before} -> {after}")
+    print_json({"path": str(args.path), "dropped": sorted(set(episodes)), "episodes": after})
+
+
+def cmd_data_merge(args: argparse.Namespace) -> None:
+    from robolearn.data import merge_stores
+
+    with merge_stores(args.sources, args.out, overwrite=args.overwrite) as out:
+        print(f"merged {len(args.sources)} stores into {out.path}: {out.n_episodes} episodes, {out.n_steps} steps")
+        print_json({"out": str(out.path), "episodes": out.n_episodes, "steps": out.n_steps})
+
+
+# -------------------------------------------------------------------------------------------- hydra jobs
+def _hydra_job(name: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        from robolearn.cli.config import compose
+
+        cfg = compose(name, args.overrides)
+        module, _, func = _JOBS[name].partition(":")
+        import importlib
+
+        getattr(importlib.import_module(module), func)(cfg)
+
+    return run
+
+
+# config name -> "module:function(cfg)"
+_JOBS = {
+    "collect": "robolearn.cli.collect:run",
+    "bench_env": "robolearn.cli.bench_env:run",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robolearn",
+        description="Learn robot manipulation chunk policies from demonstrations, in MuJoCo.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"robolearn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="inspect, validate, edit and merge episode stores")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data.set_defaults(func=lambda a: data.print_help())
+    p = dsub.add_parser("info", help="episodes, steps, keys, fps, task, size on disk")
+    p.add_argument("path", type=Path, help="episode store (a zarr folder)")
+    p.add_argument("--json", action="store_true", help="also print the summary as JSON on the last line")
+    p.set_defaults(func=cmd_data_info)
+    p = dsub.add_parser("validate", help="check structure, lengths, schema and NaN/inf in actions")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=cmd_data_validate)
+    p = dsub.add_parser("drop", help="remove episodes (the store is rewritten beside itself, then swapped in)")
+    p.add_argument("path", type=Path)
+    p.add_argument("--episodes", required=True, help="indices and ranges, e.g. 3,5,10-12")
+    p.set_defaults(func=cmd_data_drop)
+    p = dsub.add_parser("merge", help="concatenate stores with the same schema into a new store")
+    p.add_argument("sources", type=Path, nargs="+", help="two or more stores")
+    p.add_argument("--out", type=Path, required=True, help="the new store (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_data_merge)
+
+    p = sub.add_parser(
+        "collect",
+        help="record scripted-expert demonstrations into an episode store",
+        description="Roll out a task's scripted expert and append the episodes to an episode store.\n"
+        "Settings are hydra overrides; see configs/collect.yaml for all of them.",
+        epilog="example: robolearn collect task=push_t episodes=50 out=data/push_t.zarr seed=0 "
+        "expert.noise=0.1 workers=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", help="key=value settings (task=, episodes=, out=, seed=, ...)")
+    p.set_defaults(func=_hydra_job("collect"))
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT")
+    bench.set_defaults(func=lambda a: bench.print_help())
+    p = bsub.add_parser("env", help="environment steps per second", epilog="example: robolearn bench env task=push_t")
+    p.add_argument("overrides", nargs="*", help="key=value settings (task=, steps=, seed=)")
+    p.set_defaults(func=_hydra_job("bench_env"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from robolearn.cli.config import ConfigError
+    from robolearn.data.schema import StoreError
+
+    try:
+        args.func(args)
+    except (CLIError, StoreError, ConfigError) as e:
+        print(f"robolearn: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("robolearn: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
