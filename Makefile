@@ -12,7 +12,7 @@ export MUJOCO_GL ?= egl
 .PHONY: demo test venv bench clean-venv
 
 demo: $(STAMP)
-	$(BIN)/python tools/demo.py
+	$(BIN)/robolearn quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

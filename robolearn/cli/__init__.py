@@ -20,6 +20,7 @@ from robolearn import __version__
 
 EPILOG = """\
 examples:
+  robolearn quickstart
   robolearn collect task=push_t episodes=50 out=data/push_t.zarr
   robolearn data info data/push_t.zarr
   robolearn data validate data/push_t.zarr
@@ -172,6 +173,7 @@ def _hydra_job(name: str) -> Callable[[argparse.Namespace], None]:
 _JOBS = {
     "collect": "robolearn.cli.collect:run",
     "bench_env": "robolearn.cli.bench_env:run",
+    "quickstart": "robolearn.cli.quickstart:run",
 }
 
 
@@ -216,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", help="key=value settings (task=, episodes=, out=, seed=, ...)")
     p.set_defaults(func=_hydra_job("collect"))
+
+    p = sub.add_parser(
+        "quickstart",
+        help="the main job on the built-in default: what 'make demo' runs",
+        description="Collect scripted demonstrations of the default task into data/quickstart/ and check them.",
+        epilog="example: robolearn quickstart task=peg_insert episodes=10",
+    )
+    p.add_argument("overrides", nargs="*", help="key=value settings (task=, episodes=, workers=, out_dir=)")
+    p.set_defaults(func=_hydra_job("quickstart"))
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT")

@@ -50,7 +50,17 @@ class BenchEnvConfig:
 
 
 FREE_FORM = ("env.",)  # keys under these take any name: they are passed on to sim.make
-SCHEMAS: dict[str, type] = {"collect": CollectConfig, "bench_env": BenchEnvConfig}
+@dataclass
+class QuickstartConfig:
+    task: str = "push_t"
+    episodes: int = 20  # scripted demonstrations to collect
+    workers: int = 2
+    seed: int = 0
+    out_dir: str = "data/quickstart"
+    progress: bool = True
+
+
+SCHEMAS: dict[str, type] = {"collect": CollectConfig, "bench_env": BenchEnvConfig, "quickstart": QuickstartConfig}
 
 
 def config_dir() -> Path:

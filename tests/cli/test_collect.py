@@ -1,0 +1,121 @@
+"""``robolearn collect``, ``bench env`` and ``quickstart`` through the real command: real MuJoCo, real stores."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from robolearn.cli import main
+from robolearn.data import EpisodeStore
+
+EXE = str(Path(sys.executable).with_name("robolearn"))
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_collect_writes_a_valid_store_and_resumes(tmp_path, capsys):
+    out = tmp_path / "peg.zarr"
+    assert main(["collect", "task=peg_insert", "episodes=3", f"out={out}", "progress=false"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["episodes"] == 3 and summary["out"] == str(out) and 0 < summary["success_rate"] <= 1
+    store = EpisodeStore.open(out)
+    assert store.n_episodes == 3 and store.task == "peg_insert" and store.fps == 10
+    assert store.env_config["clearance"] > 0  # the environment's full config, so it can be recreated
+    assert store.schema["action"].role == "action" and store.schema["hole_pos"].role == "obs"
+    assert store.schema["reward"].shape == ()
+    assert store.get_episode(0)["reward"][-1] == 1.0  # kept episodes are successes: sparse reward at the end
+    assert main(["data", "validate", str(out)]) == 0
+    capsys.readouterr()
+    # Resume: appends, continuing after the last seed used (so the new episodes differ from the old ones).
+    assert main(["collect", "task=peg_insert", "episodes=2", f"out={out}", "progress=false"]) == 0
+    again = EpisodeStore.open(out)
+    assert again.n_episodes == 5 and again.attrs["collect"]["next_seed"] >= 5
+    first = {again.get_episode(i)["hole_pos"][0].tobytes() for i in range(5)}
+    assert len(first) == 5
+
+
+def test_collect_with_worker_processes_keeps_failures(tmp_path, capsys):
+    out = tmp_path / "w.zarr"
+    argv = ["collect", "task=peg_insert", "episodes=4", f"out={out}", "workers=2", "keep_failures=true",
+            "expert.noise=0.5", "progress=false"]
+    assert main(argv) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["episodes"] == 4 and summary["attempts"] == 4
+    assert EpisodeStore.open(out).n_episodes == 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["task=pusht"], "unknown task 'pusht'. Did you mean 'push_t'?"),
+        (["task=peg_insert", "env.clearence=0.001"], "unknown override 'clearence'"),
+        (["task=peg_insert", "epsiodes=3"], "unknown config key 'epsiodes' for collect (did you mean 'episodes'?)"),
+        (["task=peg_insert", "episodes=many"], "bad value for 'episodes'"),
+        (["task=peg_insert", "episodes=0"], "episodes must be >= 1"),
+    ],
+)
+def test_collect_bad_input(tmp_path, capsys, argv, message):
+    assert main(["collect", *argv, f"out={tmp_path / 'x.zarr'}", "progress=false"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x.zarr").exists()  # refused before anything was written
+
+
+def test_collect_into_store_of_another_schema_is_refused(tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    assert main(["collect", "task=peg_insert", "episodes=1", f"out={out}", "progress=false"]) == 0
+    assert main(["collect", "task=push_t", "episodes=1", f"out={out}", "progress=false"]) == 1
+    assert "schema differs" in capsys.readouterr().err
+    assert EpisodeStore.open(out).n_episodes == 1
+
+
+def test_killed_collector_leaves_a_valid_store(tmp_path):
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(
+        [EXE, "collect", "task=peg_insert", "episodes=500", f"out={out}", "progress=false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        n = 0
+        while time.monotonic() < deadline and n < 4:
+            time.sleep(0.2)
+            try:
+                n = EpisodeStore.open(out, validate=False).n_episodes
+            except Exception:
+                n = 0
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    store = EpisodeStore.open(out)  # validates
+    assert store.n_episodes >= 4
+    kept = store.n_episodes
+    # The store takes the next collection (the dead collector's lock is gone).
+    r = subprocess.run([EXE, "collect", "task=peg_insert", "episodes=1", f"out={out}", "progress=false"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert EpisodeStore.open(out).n_episodes == kept + 1
+
+
+def test_bench_env_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "env", "task=peg_insert", "steps=300", f"out={out}"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["steps_per_s"] > 0 and summary["task"] == "peg_insert"
+    assert json.loads(out.read_text())["steps_per_s"] == summary["steps_per_s"]
+
+
+def test_quickstart_runs_the_data_part(tmp_path, capsys):
+    assert main(["quickstart", "task=peg_insert", "episodes=2", "workers=1", f"out_dir={tmp_path}",
+                 "progress=false"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["episodes"] == 2 and summary["steps"] > 0
+    assert EpisodeStore.open(tmp_path / "peg_insert.zarr").n_episodes == 2
