@@ -1,0 +1,109 @@
+"""mp4 writing for rollouts: H.264 in yuv420p so that browsers and slide decks play it.
+
+yuv420p needs even sizes and H.264 encoders prefer multiples of 16; imageio would rescale (and warn) otherwise.
+Frames are padded at the bottom/right with their edge pixels instead, so nothing is resampled.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+_BLOCK = 16
+
+
+def _pad(frame: np.ndarray) -> np.ndarray:
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frame.dtype}")
+    if frame.ndim == 2:
+        frame = np.repeat(frame[:, :, None], 3, axis=2)
+    if frame.ndim != 3 or frame.shape[2] not in (3, 4):
+        raise ValueError(f"frames must be HxWx3 (or HxWx4 / HxW), got shape {frame.shape}")
+    frame = frame[:, :, :3]
+    h, w = frame.shape[:2]
+    ph, pw = (-h) % _BLOCK, (-w) % _BLOCK
+    if ph or pw:
+        frame = np.pad(frame, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    return np.ascontiguousarray(frame)
+
+
+class _Writer:
+    def __init__(self, path: str | os.PathLike, fps: float) -> None:
+        import imageio.v2 as imageio
+
+        path = os.fspath(path)
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
+        self.count = 0
+        self._w = imageio.get_writer(
+            path, fps=float(fps), codec="libx264", pixelformat="yuv420p", macro_block_size=1, quality=8,
+            ffmpeg_log_level="error",
+        )
+
+    def append(self, frame: np.ndarray) -> None:
+        self._w.append_data(_pad(frame))
+        self.count += 1
+
+    def close(self) -> None:
+        self._w.close()
+
+
+def write_video(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float = 20) -> str:
+    """Write RGB uint8 frames to an mp4 at ``path`` (parents created); returns the path."""
+    it = iter(frames)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("write_video got no frames")
+    writer = _Writer(path, fps)
+    try:
+        writer.append(first)
+        for f in it:
+            writer.append(f)
+    finally:
+        writer.close()
+    return writer.path
+
+
+def record_episode(
+    env: Any,
+    policy_fn: Callable[[Any], np.ndarray] | Any,
+    path: str | os.PathLike,
+    seed: int | None = None,
+    max_steps: int | None = None,
+    fps: float | None = None,
+) -> dict[str, Any]:
+    """Roll out one episode from ``env.reset(seed=seed)``, render every state, write an mp4.
+
+    ``policy_fn`` is ``obs -> action``, or an expert-like object with ``reset(env)`` and ``act(obs)`` (reset after
+    the environment). The video has ``steps + 1`` frames (the initial state and one per step). ``fps`` defaults to
+    ``env.unwrapped.fps`` (real time). Returns ``{"success", "steps", "path", "frames", "return"}``.
+    """
+    if hasattr(policy_fn, "act") and hasattr(policy_fn, "reset"):
+        expert = policy_fn
+        act: Callable[[Any], np.ndarray] = expert.act
+    else:
+        expert, act = None, policy_fn
+    base = env.unwrapped
+    fps = fps or getattr(base, "fps", 20)
+    limit = max_steps if max_steps is not None else getattr(base, "max_episode_steps", None)
+    obs, info = env.reset(seed=seed)
+    if expert is not None:
+        expert.reset(env)
+    writer = _Writer(path, fps)
+    success, steps, ret = bool(info.get("success", False)), 0, 0.0
+    try:
+        writer.append(env.render())
+        while limit is None or steps < limit:
+            obs, reward, terminated, truncated, info = env.step(act(obs))
+            steps += 1
+            ret += float(reward)
+            success = success or bool(info.get("success", False))
+            writer.append(env.render())
+            if terminated or truncated:
+                break
+    finally:
+        writer.close()
+    return {"success": success, "steps": steps, "path": writer.path, "frames": writer.count, "return": ret}
