@@ -71,7 +71,7 @@ def make(name: str, **overrides: Any) -> gym.Env:
 
 
 def make_expert(name: str, **kwargs: Any) -> Any:
-    """The scripted expert for task ``name``: ``expert.reset(env)``, then ``expert.act(obs, env) -> action``."""
+    """The scripted expert for task ``name``: ``expert.reset(env)``, then ``expert.act(obs) -> action``."""
     if name not in _EXPERTS:
         raise _unknown("expert for task", name, sorted(_EXPERTS))
     return _load(_EXPERTS[name])(**kwargs)

@@ -119,3 +119,16 @@ def test_quickstart_runs_the_data_part(tmp_path, capsys):
     summary = last_json(capsys.readouterr().out)
     assert summary["episodes"] == 2 and summary["steps"] > 0
     assert EpisodeStore.open(tmp_path / "peg_insert.zarr").n_episodes == 2
+
+
+@pytest.mark.parametrize("task", ["push_t", "lift", "can", "square"])
+def test_collect_every_task_gives_a_valid_store(tmp_path, capsys, task):
+    out = tmp_path / f"{task}.zarr"
+    assert main(["collect", f"task={task}", "episodes=1", f"out={out}", "progress=false"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["episodes"] == 1 and summary["success_rate"] > 0
+    store = EpisodeStore.open(out)
+    assert store.task == task and store.fps in (10, 20) and store.n_episodes == 1
+    action = store.get_episode(0)["action"]
+    assert action.shape[1] == store.schema["action"].shape[0] and abs(action).max() > 0
+    assert main(["data", "validate", str(out)]) == 0
