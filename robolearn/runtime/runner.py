@@ -1,0 +1,509 @@
+"""A fixed-rate control loop that executes action chunks from a :class:`ChunkPredictor` on an environment.
+
+The environment advances with the loop, one ``env.step`` per control tick, so the timing an environment sees is the
+timing a robot would see. Tick ``k`` is due at ``start + k * period`` (absolute deadlines, see :mod:`clock`).
+
+One tick::
+
+    wait for tick k (record lateness = jitter) -> maybe start an inference from the history ending at o_k
+    -> take a finished chunk into the action queue -> pop the action due at k (none: hold the last one and count
+    a deadline miss) -> env.step -> push o_{k+1} into the history
+
+Modes
+-----
+``sync``  stop-and-go: when the queue runs out, infer from the current observation and *wait* for the chunk; the
+          robot holds its last action meanwhile and every tick that passes is a deadline miss. The chunk then
+          starts at the tick it arrives (the robot did not move while waiting, so its first action is still the
+          right one); nothing is dropped by default.
+``async`` inference runs in a background thread while the queued actions execute (torch releases the GIL). The
+          next inference starts as late as possible: once the actions queued from this tick on cover no more than
+          the expected latency, ``ceil(latency / period + trigger_margin)`` ticks, where latency is the max of
+          the last ``latency_window`` latencies and ``trigger_margin`` (0.25 period) absorbs latency noise.
+          A chunk computed from the observation of tick ``t0`` has its action ``i`` due at ``t0 + i``; those whose
+          tick passed while the policy thought are dropped (``actions_dropped``), the rest align to the
+          clock, as in Diffusion Policy's real-robot evaluation. ``drop_stale`` overrides the default (True for
+          async, False for sync).
+
+Each episode starts with the robot at rest: the first chunk is computed before the clock starts, so neither mode is
+charged for it.
+
+Blending (see :mod:`action_queue`): ``none`` newest chunk wins; ``ensemble`` ACT's temporal ensembling
+(``ensemble_m``), which needs overlapping chunks, so a new inference also starts every ``ensemble_every`` ticks (1:
+ACT's query-every-step; in async mode as soon as the previous one is done if it took longer); ``warmstart`` RTI-DP: the policy's ``predict_action_warm(obs, prev_chunk, shift, steps)`` starts
+from the previous chunk shifted by the ticks elapsed since its observation and runs the last ``warm_steps``
+denoising steps (the newest chunk then wins as in ``none``).
+
+Real time or not
+----------------
+``realtime=True`` sleeps to the deadlines and measures everything on ``perf_counter_ns``. ``realtime=False`` runs as
+fast as possible on a :class:`VirtualClock` that advances one period per tick, and computes inference inline (no
+thread) so runs are deterministic. The inference's latency is then ``latency_s`` if given, else its measured
+compute time, and it is charged in ticks exactly as real time would: async chunks become usable
+``ceil(latency / period)`` ticks after their observation; sync waits ``floor(latency / period)`` missed ticks (the
+chunk arrives during that tick and is used at once). ``latency_s=0`` gives the offline, no-latency baseline.
+
+Failures
+--------
+A policy exception stops the run at once: no action from the failed inference is sent, and with ``on_error="hold"``
+(default) nothing more is sent, so the last commanded action stays in force (for the position targets these tasks
+use, that stops the robot); ``on_error="zero"`` sends one all-zero action first (for velocity-controlled robots).
+The report carries ``error`` and the episode's ``status`` is ``"policy_error"``. KeyboardInterrupt stops the loop
+the same way with ``interrupted: true``. Either way :meth:`Runner.run` returns the report.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from robolearn.runtime.action_queue import BLENDS, ActionQueue, ticks_for
+from robolearn.runtime.clock import RealClock, VirtualClock
+from robolearn.runtime.history import ObsHistory
+from robolearn.runtime.protocol import ChunkPredictor, check_policy, executable_start
+from robolearn.runtime.stats import StatusLine, percentile_ms
+
+MODES = ("sync", "async")
+
+
+class PolicyError(RuntimeError):
+    """The policy raised during inference; the runner stopped safely."""
+
+
+@dataclass
+class _Job:
+    seq: int
+    obs_tick: int
+    batch: dict[str, torch.Tensor]
+    prev_chunk: torch.Tensor | None = None
+    shift: int = 0
+
+
+@dataclass
+class _Result:
+    seq: int
+    obs_tick: int
+    chunk: np.ndarray | None  # (horizon, A)
+    latency_s: float
+    error: BaseException | None = None
+    ready_tick: int = 0  # virtual mode: first tick at which the chunk may be used
+
+
+@dataclass
+class _Episode:
+    index: int
+    seed: int
+    steps: int = 0
+    success: bool = False
+    ret: float = 0.0
+    misses: int = 0
+    dropped: int = 0
+    replaced: int = 0
+    inferences: int = 0
+    status: str = "running"
+    wall_s: float = 0.0
+    lateness_s: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"episode": self.index, "seed": self.seed, "steps": self.steps, "success": self.success,
+                "return": round(self.ret, 6), "deadline_misses": self.misses, "actions_dropped": self.dropped,
+                "actions_replaced": self.replaced, "inferences": self.inferences, "status": self.status,
+                "wall_s": round(self.wall_s, 4)}
+
+
+class _Worker:
+    """One background thread that runs inference jobs in order."""
+
+    def __init__(self, infer: Callable[[_Job], np.ndarray]) -> None:
+        self._infer = infer
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.results: queue.Queue[_Result] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="robolearn-inference", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            t = time.perf_counter()
+            try:
+                chunk, err = self._infer(job), None
+            except BaseException as exc:  # reported to the control loop, which stops safely
+                chunk, err = None, exc
+            self.results.put(_Result(job.seq, job.obs_tick, chunk, time.perf_counter() - t, err))
+
+    def submit(self, job: _Job) -> None:
+        self._jobs.put(job)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+
+class Runner:
+    """Runs ``policy`` on ``env`` (an environment, or a zero-argument factory of one) at ``rate_hz``.
+
+    See the module docstring for the timing model. ``max_steps`` caps an episode (the env's own time limit applies
+    too). ``status`` shows a live line on stderr.
+    """
+
+    def __init__(
+        self,
+        policy: ChunkPredictor,
+        env: Any,
+        rate_hz: float | None = 10.0,
+        mode: str = "sync",
+        blend: str = "none",
+        realtime: bool = True,
+        *,
+        latency_s: float | None = None,
+        ensemble_m: float = 0.01,
+        ensemble_every: int = 1,
+        warm_steps: int = 2,
+        drop_stale: bool | None = None,
+        trigger_margin: float = 0.25,
+        latency_window: int = 5,
+        max_steps: int | None = None,
+        on_error: str = "hold",
+        status: bool = True,
+        status_stream: Any = None,
+        spin_s: float = 0.001,
+        switch_interval_s: float | None = 0.0005,
+    ) -> None:
+        check_policy(policy)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        if blend == "warmstart" and not callable(getattr(policy, "predict_action_warm", None)):
+            raise TypeError(
+                f"blend='warmstart' needs a policy with predict_action_warm(obs_history, prev_chunk, shift, steps); "
+                f"{type(policy).__name__} has none (use blend='none' or 'ensemble')")
+        if on_error not in ("hold", "zero"):
+            raise ValueError(f"on_error must be 'hold' or 'zero', got {on_error!r}")
+        if not hasattr(env, "step") and callable(env):
+            env = env()
+        self.policy = policy
+        self.env = env
+        if rate_hz is None:
+            rate_hz = float(getattr(getattr(env, "unwrapped", env), "fps", 10.0))
+        if rate_hz <= 0:
+            raise ValueError(f"rate_hz must be positive, got {rate_hz}")
+        self.rate_hz = float(rate_hz)
+        self.period_s = 1.0 / self.rate_hz
+        self.mode, self.blend, self.realtime = mode, blend, bool(realtime)
+        self.latency_s = latency_s
+        self.warm_steps = int(warm_steps)
+        self.drop_stale = (mode == "async") if drop_stale is None else bool(drop_stale)
+        self.trigger_margin = float(trigger_margin)
+        self.max_steps = max_steps
+        self.on_error = on_error
+        self.status = StatusLine(status, status_stream)
+        self.clock = RealClock(self.period_s, spin_s) if self.realtime else VirtualClock(self.period_s)
+        self.queue = ActionQueue("none" if blend == "warmstart" else blend, ensemble_m)
+        self.history = ObsHistory(list(policy.obs_keys), int(policy.n_obs_steps), getattr(policy, "obs_shapes", None))
+        self._start = executable_start(policy)
+        self._n_exec = int(policy.n_action_steps)
+        self._recent_lat: collections.deque[float] = collections.deque(maxlen=max(1, latency_window))
+        self._latencies: list[float] = []
+        self._seq = 0
+        self._prev: _Result | None = None
+        self._step_est = 0.0
+        self._last_trigger = 0
+        self.switch_interval_s = switch_interval_s
+        self.ensemble_every = max(1, int(ensemble_every))
+
+    # ------------------------------------------------------------------ inference
+    def _infer(self, job: _Job) -> np.ndarray:
+        if job.prev_chunk is not None:
+            chunk = self.policy.predict_action_warm(job.batch, job.prev_chunk, job.shift, self.warm_steps)
+        else:
+            chunk = self.policy.predict_action(job.batch)
+        chunk = chunk.detach().cpu().numpy() if torch.is_tensor(chunk) else np.asarray(chunk)
+        want = (1, int(self.policy.horizon), int(self.policy.action_dim))
+        if chunk.shape != want:
+            raise ValueError(f"{type(self.policy).__name__}.predict_action returned shape {chunk.shape}, "
+                             f"expected {want}")
+        return chunk[0]
+
+    def _make_job(self, tick: int) -> _Job:
+        self._seq += 1
+        job = _Job(self._seq, tick, self.history.batch())
+        if self.blend == "warmstart" and self._prev is not None and self._prev.chunk is not None:
+            job.prev_chunk = torch.from_numpy(self._prev.chunk.copy())[None]
+            job.shift = tick - self._prev.obs_tick
+        return job
+
+    def _simulated_latency(self, measured: float) -> float:
+        return measured if self.latency_s is None else float(self.latency_s)
+
+    def _run_inline(self, tick: int) -> _Result:
+        job = self._make_job(tick)
+        t = time.perf_counter()
+        try:
+            chunk, err = self._infer(job), None
+        except Exception as exc:
+            chunk, err = None, exc
+        measured = time.perf_counter() - t
+        lat = measured if self.realtime else self._simulated_latency(measured)
+        res = _Result(job.seq, tick, chunk, lat, err)
+        res.ready_tick = tick + ticks_for(lat, self.period_s, round_up=(self.mode == "async"))
+        return res
+
+    def _expected_ticks(self) -> int:
+        """Ticks until a chunk started now is usable: the worst of the last few latencies, plus the margin."""
+        lat = max(self._recent_lat) if self._recent_lat else 0.0
+        return ticks_for(lat + self.trigger_margin * self.period_s, self.period_s)
+
+    def _record_latency(self, lat: float) -> None:
+        self._recent_lat.append(lat)
+        self._latencies.append(lat)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, episodes: int | None = 1, duration_s: float | None = None, seed: int = 0) -> dict[str, Any]:
+        """Run ``episodes`` episodes (seeds ``seed, seed+1, ...``), or as many as fit in ``duration_s`` of control
+        time when ``episodes`` is None; both given: whichever ends first. Returns the report dict."""
+        if episodes is None and duration_s is None:
+            episodes = 1
+        worker = _Worker(self._infer) if self.realtime else None
+        # A Python-heavy inference thread holds the GIL for up to sys.getswitchinterval() (5 ms by default) before
+        # the woken control loop gets it back: shorten that while running in real time (restored afterwards).
+        old_switch = sys.getswitchinterval()
+        if self.realtime and self.switch_interval_s:
+            sys.setswitchinterval(self.switch_interval_s)
+        done: list[_Episode] = []
+        error: str | None = None
+        interrupted = False
+        t_run = time.perf_counter()
+        control_time = 0.0
+        try:
+            i = 0
+            while episodes is None or i < episodes:
+                left = None if duration_s is None else duration_s - control_time
+                if left is not None and left <= 0:
+                    break
+                ep = _Episode(i, seed + i)
+                done.append(ep)
+                try:
+                    self._episode(ep, worker, left)
+                finally:
+                    control_time += ep.steps * self.period_s
+                i += 1
+                if ep.status == "duration":
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            if done and done[-1].status == "running":
+                done[-1].status = "interrupted"
+        except PolicyError as exc:
+            error = str(exc)
+        except Exception as exc:  # the env (or our own bug): still stop safely and report
+            error = f"runner stopped: {type(exc).__name__}: {exc}"
+            if done and done[-1].status == "running":
+                done[-1].status = "error"
+        finally:
+            sys.setswitchinterval(old_switch)
+            if worker is not None:
+                worker.stop(timeout=0.2)
+            self.status.close()
+        return self._report(done, time.perf_counter() - t_run, error, interrupted)
+
+    def _episode(self, ep: _Episode, worker: _Worker | None, time_left: float | None) -> None:
+        t_wall = time.perf_counter()
+        try:
+            self._episode_loop(ep, worker, time_left)
+        finally:
+            ep.wall_s = time.perf_counter() - t_wall
+
+    def _episode_loop(self, ep: _Episode, worker: _Worker | None, time_left: float | None) -> None:
+        obs, info = self.env.reset(seed=ep.seed)
+        self.policy.reset()
+        self.history.reset()
+        self.history.push(obs)
+        self.queue.clear()
+        self._prev = None
+        self.clock.start()
+        ep.success = bool(info.get("success", False))
+        # The robot is at rest until its first chunk exists: compute it before the clock starts.
+        ep.inferences += 1
+        self._last_trigger = 0
+        first = self._run_inline(0)
+        self._take(first, ep, now_tick=0, base_tick=0)
+        self.clock.start()
+        pending: _Result | _Job | None = None
+        last_action: np.ndarray | None = None
+        k = 0
+        while True:
+            if self.max_steps is not None and k >= self.max_steps:
+                ep.status = "max_steps"
+                break
+            if time_left is not None and k * self.period_s >= time_left - 1e-9:
+                ep.status = "duration"
+                break
+            ep.lateness_s.append(self.clock.wait_tick(k))
+            # Take a finished chunk first (its actions may cover this tick), then decide whether to start the
+            # next inference; a chunk started now may still serve this tick (sync waits for it; in virtual time
+            # a zero-latency chunk is ready at once).
+            for _ in range(2):
+                if pending is not None:
+                    res = self._collect(pending, worker, k)
+                    if res is not None:
+                        pending = None
+                        base = res.obs_tick if self.drop_stale else k
+                        self._take(res, ep, now_tick=k, base_tick=base)
+                if pending is not None or not self._should_trigger(k):
+                    break
+                ep.inferences += 1
+                self._last_trigger = k
+                if worker is None:
+                    pending = self._run_inline(k)
+                else:
+                    pending = self._make_job(k)
+                    worker.submit(pending)
+            action = self.queue.pop(k)
+            if action is None:
+                ep.misses += 1
+                action = last_action
+            if action is None:  # cannot happen after the first chunk; guard anyway
+                raise RuntimeError("no action available at the first tick")
+            last_action = action
+            t_step = time.perf_counter()
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            self._step_est = 0.8 * self._step_est + 0.2 * (time.perf_counter() - t_step)
+            self.history.push(obs)
+            k += 1
+            ep.steps = k
+            ep.ret += float(reward)
+            ep.success = ep.success or bool(info.get("success", False))
+            self._show(ep, k)
+            if terminated or truncated:
+                ep.status = "done"
+                break
+        if pending is not None and worker is not None:
+            self._drain(worker)
+
+    def _should_trigger(self, k: int) -> bool:
+        remaining = self.queue.remaining(k)
+        if remaining == 0:
+            return True
+        if self.blend == "ensemble":  # ensembling needs overlapping chunks: query every `ensemble_every` ticks
+            return k - self._last_trigger >= self.ensemble_every
+        if self.mode == "sync":
+            return False
+        return remaining - 1 <= self._expected_ticks() - 1
+
+    def _collect(self, pending: _Result | _Job, worker: _Worker | None, k: int) -> _Result | None:
+        if worker is None:
+            assert isinstance(pending, _Result)
+            return pending if pending.ready_tick <= k else None
+        # Real time. sync: wait for the chunk, but not past the moment this tick's (hold) step must be sent. async: never wait; a chunk is used from the first tick after it is done.
+        if self.mode == "sync":
+            guard = min(1.5 * self._step_est, 0.5 * self.period_s)
+            timeout = (self.clock.deadline_ns(k + 1) - self.clock.now_ns()) / 1e9 - guard
+            try:
+                return worker.results.get(timeout=max(timeout, 0.0))
+            except queue.Empty:
+                return None
+        try:
+            return worker.results.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _drain(self, worker: _Worker) -> None:
+        """Wait for an inference still running at the end of an episode, so the next episode starts clean."""
+        try:
+            worker.results.get(timeout=60.0)
+        except queue.Empty:
+            pass
+
+    def _take(self, res: _Result, ep: _Episode, now_tick: int, base_tick: int) -> None:
+        if res.error is not None:
+            self._stop_on_error(ep, res.error)
+        assert res.chunk is not None
+        self._record_latency(res.latency_s)
+        self._prev = res
+        executable = res.chunk[self._start:self._start + self._n_exec]
+        dropped, replaced = self.queue.add(executable, first_tick=base_tick, now_tick=now_tick)
+        ep.dropped += dropped
+        ep.replaced += replaced
+
+    def _stop_on_error(self, ep: _Episode, exc: BaseException) -> None:
+        ep.status = "policy_error"
+        if self.on_error == "zero" and ep.steps > 0:
+            try:
+                space = getattr(self.env, "action_space", None)
+                shape = space.shape if space is not None else (int(self.policy.action_dim),)
+                self.env.step(np.zeros(shape, dtype=np.float32))
+            except Exception:  # the env may be what failed; the error to report is the policy's
+                pass
+        raise PolicyError(
+            f"policy {type(self.policy).__name__} raised {type(exc).__name__}: {exc} (episode {ep.index}, "
+            f"tick {ep.steps}); stopped, {'holding the last action' if self.on_error == 'hold' else 'sent zero action'}"
+        ) from exc
+
+    def _show(self, ep: _Episode, k: int) -> None:
+        if not self.status.enabled:
+            return
+        elapsed = self.clock.elapsed_s()
+        hz = (k - 1) / elapsed if k > 1 and elapsed > 0 else float("nan")
+        lat = self._latencies[-1] * 1e3 if self._latencies else float("nan")
+        self.status.update(f"ep {ep.index} tick {k} | {hz:5.1f} Hz | latency {lat:6.1f} ms | misses {ep.misses} "
+                           f"| dropped {ep.dropped}")
+
+    # ------------------------------------------------------------------ report
+    def _report(self, eps: list[_Episode], wall_s: float, error: str | None, interrupted: bool) -> dict[str, Any]:
+        lateness = [x for e in eps for x in e.lateness_s]
+        ticks = sum(e.steps for e in eps)
+        # Achieved rate: tick starts per second, from the first to the last tick start of each episode.
+        spans = [(e.steps - 1) * self.period_s + e.lateness_s[-1] - e.lateness_s[0] for e in eps
+                 if len(e.lateness_s) > 1]
+        loop_wall = sum(spans)
+        hz_ticks = sum(len(e.lateness_s) - 1 for e in eps if len(e.lateness_s) > 1)
+        finished = [e for e in eps if e.status in ("done", "max_steps", "duration")]
+        report: dict[str, Any] = {
+            "mode": self.mode,
+            "blend": self.blend,
+            "rate_hz": self.rate_hz,
+            "realtime": self.realtime,
+            "policy": type(self.policy).__name__,
+            "episodes": len(eps),
+            "success_rate": (sum(e.success for e in eps) / len(eps)) if eps else None,
+            "deadline_misses": sum(e.misses for e in eps),
+            "actions_dropped": sum(e.dropped for e in eps),
+            "actions_replaced": sum(e.replaced for e in eps),
+            "inferences": sum(e.inferences for e in eps),
+            "ticks": ticks,
+            "latency_ms_p50": percentile_ms(self._latencies, 50),
+            "latency_ms_p99": percentile_ms(self._latencies, 99),
+            "latency_ms_max": percentile_ms(self._latencies, 100),
+            "latency_source": "measured" if (self.realtime or self.latency_s is None) else "given",
+            "jitter_ms_p50": percentile_ms(lateness, 50),
+            "jitter_ms_p99": percentile_ms(lateness, 99),
+            "jitter_ms_max": percentile_ms(lateness, 100),
+            "hz_achieved": round(hz_ticks / loop_wall, 3) if self.realtime and loop_wall > 0 else None,
+            "wall_s": round(wall_s, 3),
+            "finished_episodes": len(finished),
+            "interrupted": interrupted,
+            "error": error,
+            "per_episode": [e.as_dict() for e in eps],
+        }
+        return report
+
+
+def run(policy: ChunkPredictor, env: Any, *, episodes: int | None = 1, duration_s: float | None = None,
+        seed: int = 0, **settings: Any) -> dict[str, Any]:
+    """Shorthand: ``Runner(policy, env, **settings).run(episodes, duration_s, seed)``."""
+    return Runner(policy, env, **settings).run(episodes=episodes, duration_s=duration_s, seed=seed)
+
+
+def summary_line(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report without per-episode detail, for one-line printing."""
+    return {k: v for k, v in report.items() if k != "per_episode"}

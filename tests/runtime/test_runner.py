@@ -1,0 +1,189 @@
+"""The control loop: timing model, stale dropping, deadline accounting, blending modes, failure handling.
+
+Deterministic checks run in virtual time (realtime=False); a few run in real time with tolerances loose enough for a
+loaded 2-core machine (precise jitter numbers belong to tools/bench/runtime.py).
+"""
+from __future__ import annotations
+
+import _thread
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from rt_policies import ExpertChunkPolicy, TickEnv, TickPolicy
+
+import sim
+from robolearn.runtime import Runner
+
+
+def _executed(env: TickEnv) -> list[int]:
+    return [int(round(a[0])) for a in env.actions]
+
+
+def test_async_drops_stale_actions_and_aligns_the_rest_to_the_clock() -> None:
+    # period 0.1 s, latency 0.25 s -> a chunk is usable 3 ticks after its observation; its first 3 actions are stale
+    env, pol = TickEnv(max_steps=30), TickPolicy(horizon=8, n_obs_steps=2, n_action_steps=6)
+    r = Runner(pol, env, rate_hz=10, mode="async", realtime=False, latency_s=0.25, status=False).run(episodes=1)
+    assert r["deadline_misses"] == 0
+    assert _executed(env) == list(range(30))  # every executed action was predicted for exactly its tick
+    # the first chunk is computed before the clock starts (nothing stale in it); every later one that arrived
+    # lost exactly its first 3 actions (the last one may still be in flight when the episode ends)
+    later = r["inferences"] - 1
+    assert later >= 5 and r["actions_dropped"] in (3 * later, 3 * (later - 1))
+    assert r["latency_ms_p50"] == pytest.approx(250.0) and r["latency_source"] == "given"
+
+
+def test_sync_is_stop_and_go_and_counts_the_idle_ticks_as_misses() -> None:
+    env, pol = TickEnv(max_steps=30), TickPolicy(horizon=8, n_obs_steps=2, n_action_steps=6)
+    r = Runner(pol, env, rate_hz=10, mode="sync", realtime=False, latency_s=0.25, status=False).run(episodes=1)
+    # each later chunk: 2 ticks held (floor(2.5)), then its 6 actions from its first one on, nothing dropped
+    assert _executed(env)[:16] == [0, 1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 9, 10, 11, 11, 11]
+    assert r["actions_dropped"] == 0
+    assert r["deadline_misses"] == 2 * (r["inferences"] - 1)
+
+
+def test_sync_with_stale_dropping_skips_the_actions_whose_time_passed() -> None:
+    env, pol = TickEnv(max_steps=16), TickPolicy(horizon=8, n_obs_steps=2, n_action_steps=6)
+    r = Runner(pol, env, mode="sync", realtime=False, latency_s=0.25, drop_stale=True, status=False).run()
+    # chunk from tick 6 arrives at tick 8 (2 ticks held): actions for ticks 6, 7 are dropped, 8.. align
+    assert _executed(env)[:12] == [0, 1, 2, 3, 4, 5, 5, 5, 8, 9, 10, 11]
+    assert r["actions_dropped"] >= 2
+
+
+def test_zero_latency_offline_mode_never_misses() -> None:
+    env, pol = TickEnv(max_steps=25), TickPolicy(horizon=8, n_obs_steps=2, n_action_steps=4)
+    for mode in ("sync", "async"):
+        r = Runner(pol, env, mode=mode, realtime=False, latency_s=0.0, status=False).run(episodes=2, seed=3)
+        assert r["deadline_misses"] == 0 and r["actions_dropped"] == 0
+        assert _executed(env) == list(range(25))
+        assert [e["seed"] for e in r["per_episode"]] == [3, 4] and r["success_rate"] == 1.0
+
+
+def test_real_time_loop_keeps_its_rate_with_a_slow_policy() -> None:
+    env, pol = TickEnv(max_steps=40), TickPolicy(horizon=12, n_obs_steps=2, n_action_steps=8, sleep_s=0.1)
+    t = time.perf_counter()
+    r = Runner(pol, env, rate_hz=20, mode="async", realtime=True, status=False).run(episodes=1)
+    elapsed = time.perf_counter() - t
+    assert r["ticks"] == 40
+    # 40 ticks at 20 Hz: 1.95 s from the first tick to the last, plus the first (pre-clock) inference
+    assert 1.9 <= elapsed <= 2.8, elapsed
+    assert r["hz_achieved"] == pytest.approx(20, rel=0.05)
+    assert r["latency_ms_p50"] >= 95  # the sleep is really measured
+    assert r["deadline_misses"] <= 2
+
+
+def test_async_beats_sync_on_deadline_misses_in_real_time() -> None:
+    results = {}
+    for mode in ("sync", "async"):
+        env = TickEnv(max_steps=30)
+        pol = TickPolicy(horizon=10, n_obs_steps=2, n_action_steps=8, sleep_s=0.12)  # 2.4 periods at 20 Hz
+        results[mode] = Runner(pol, env, rate_hz=20, mode=mode, realtime=True, status=False).run()
+    assert results["sync"]["deadline_misses"] >= 4
+    assert results["async"]["deadline_misses"] <= 1 < results["sync"]["deadline_misses"]
+    assert results["async"]["actions_dropped"] > 0
+
+
+def test_async_beats_sync_on_push_t_in_virtual_time() -> None:
+    pol = ExpertChunkPolicy(sleep_s=0.0)
+    rep = {m: Runner(pol, sim.make("push_t"), mode=m, realtime=False, latency_s=0.25, status=False).run(episodes=1)
+           for m in ("sync", "async")}
+    assert rep["async"]["deadline_misses"] == 0 < rep["sync"]["deadline_misses"]
+    assert rep["async"]["success_rate"] == 1.0
+
+
+class _WarmTickPolicy(TickPolicy):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.warm_calls: list[tuple[int, int, float]] = []
+
+    def predict_action_warm(self, obs_history, prev_chunk, shift, steps):
+        assert prev_chunk.shape == (1, self.horizon, self.action_dim)
+        self.warm_calls.append((int(shift), int(steps), float(prev_chunk[0, self.n_obs_steps - 1, 0])))
+        return self.predict_action(obs_history)
+
+
+def test_warmstart_passes_the_previous_chunk_and_the_ticks_since_its_observation() -> None:
+    env, pol = TickEnv(max_steps=20), _WarmTickPolicy(horizon=8, n_obs_steps=2, n_action_steps=4)
+    r = Runner(pol, env, mode="sync", blend="warmstart", warm_steps=3, realtime=False, latency_s=0.0,
+               status=False).run()
+    assert r["error"] is None and pol.warm_calls
+    # sync without latency: a new chunk every 4 ticks, each warm-started from the one observed 4 ticks before
+    assert [c[0] for c in pol.warm_calls] == [4] * len(pol.warm_calls)
+    assert all(c[1] == 3 for c in pol.warm_calls)
+    assert [c[2] for c in pol.warm_calls[:3]] == [0.0, 4.0, 8.0]  # prev chunk's "now" action = its obs tick
+
+
+def test_warmstart_on_a_policy_without_the_hook_names_the_type() -> None:
+    with pytest.raises(TypeError, match="TickPolicy has none"):
+        Runner(TickPolicy(), TickEnv(), blend="warmstart")
+
+
+def test_ensemble_blend_runs_and_averages_overlapping_chunks() -> None:
+    env = TickEnv(max_steps=20)
+    pol = TickPolicy(horizon=8, n_obs_steps=1, n_action_steps=8)
+    # async, 0.15 s latency, a new inference whenever the last is done: each tick gets predictions from several
+    # chunks; the tick component agrees across them, the index component (j) differs and shows the averaging
+    r = Runner(pol, env, mode="async", blend="ensemble", ensemble_m=0.0, realtime=False, latency_s=0.15,
+               status=False).run()
+    assert _executed(env) == list(range(20)) and r["deadline_misses"] == 0
+    # the first chunk (observed at tick 0) comes before the clock; then queries go out at tick 1 and whenever the
+    # previous one lands (2 ticks later): chunks observed at 0, 1, 3, 5, ... Tick 6 is predicted by chunks 0, 1, 3
+    # (step j = 6, 5, 3; chunk 5 lands at tick 7), tick 7 by chunks 0, 1, 3, 5 (j = 7, 6, 4, 2). m = 0: plain mean.
+    js = [a[1] for a in env.actions]
+    assert js[6] == pytest.approx(14 / 3) and js[7] == pytest.approx(19 / 4)
+    assert js[0] == 0.0 and js[1] == 1.0  # only the first chunk covers ticks 0 and 1
+
+
+def test_policy_exception_stops_safely_and_still_reports() -> None:
+    env, pol = TickEnv(max_steps=50), TickPolicy(n_action_steps=4, fail_after=3)
+    r = Runner(pol, env, mode="async", realtime=True, rate_hz=50, status=False).run(episodes=2)
+    assert "TickPolicy raised RuntimeError: simulated policy failure" in r["error"]
+    assert r["per_episode"][-1]["status"] == "policy_error" and r["episodes"] == 1
+    n = len(env.actions)
+    assert 0 < n < 50
+    # hold: no action after the failure is sent (the last commanded one stays in force)
+    assert r["ticks"] == n
+
+
+def test_ctrl_c_stops_cleanly_with_a_report() -> None:
+    env, pol = TickEnv(max_steps=10_000), TickPolicy(n_action_steps=4)
+    timer = threading.Timer(0.4, _thread.interrupt_main)
+    timer.start()
+    try:
+        r = Runner(pol, env, mode="async", rate_hz=50, realtime=True, status=False).run(episodes=1)
+    finally:
+        timer.cancel()
+    assert r["interrupted"] is True and r["per_episode"][0]["status"] == "interrupted"
+    assert 5 <= r["ticks"] < 100
+
+
+def test_duration_limits_a_run_of_many_episodes() -> None:
+    env, pol = TickEnv(max_steps=30), TickPolicy()
+    r = Runner(pol, env, realtime=False, latency_s=0.0, status=False).run(episodes=None, duration_s=7.0)
+    assert r["ticks"] == 70 and r["episodes"] == 3 and r["per_episode"][-1]["status"] == "duration"
+
+
+def test_status_line_plain_output_when_not_a_tty() -> None:
+    buf = io.StringIO()
+    env, pol = TickEnv(max_steps=15), TickPolicy()
+    Runner(pol, env, realtime=True, rate_hz=50, status=True, status_stream=buf).run()
+    assert "tick" in buf.getvalue() and "\r" not in buf.getvalue()
+    buf2 = io.StringIO()
+    Runner(pol, env, realtime=False, status=False, status_stream=buf2).run()
+    assert buf2.getvalue() == ""
+
+
+def test_run_job_writes_the_report_and_prints_it_last(tmp_path, capsys) -> None:
+    from robolearn.runtime.jobs import run_job
+
+    env = TickEnv(max_steps=12)
+    report = run_job(TickPolicy(), lambda: env, run_dir=tmp_path / "run", episodes=2, realtime=False,
+                     latency_s=0.1, mode="async", status=False)
+    saved = __import__("json").loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["episodes"] == 2 and saved["ticks"] == 24 and len(saved["per_episode"]) == 2
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    line = __import__("json").loads(last)
+    assert line["deadline_misses"] == report["deadline_misses"] and "per_episode" not in line
