@@ -22,6 +22,8 @@ EPILOG = """\
 examples:
   robolearn quickstart
   robolearn collect task=push_t episodes=50 out=data/push_t.zarr
+  robolearn train task=push_t policy=diffusion_unet dataset=data/push_t.zarr
+  robolearn eval checkpoint=runs/train/<run>/checkpoints/latest episodes=50
   robolearn data info data/push_t.zarr
   robolearn data validate data/push_t.zarr
   robolearn data drop data/push_t.zarr --episodes 3,5
@@ -161,7 +163,7 @@ def _hydra_job(name: str) -> Callable[[argparse.Namespace], None]:
         from robolearn.cli.config import compose
 
         cfg = compose(name, args.overrides)
-        module, _, func = _JOBS[name].partition(":")
+        module, _, func = _JOBS[name].partition(":")  # noqa: F841
         import importlib
 
         getattr(importlib.import_module(module), func)(cfg)
@@ -174,6 +176,10 @@ _JOBS = {
     "collect": "robolearn.cli.collect:run",
     "bench_env": "robolearn.cli.bench_env:run",
     "quickstart": "robolearn.cli.quickstart:run",
+    "train": "robolearn.cli.train:run",
+    "eval": "robolearn.cli.eval:run",
+    "run": "robolearn.cli.runtime:run",
+    "serve": "robolearn.cli.runtime:serve",
 }
 
 
@@ -207,34 +213,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_data_merge)
 
-    p = sub.add_parser(
-        "collect",
-        help="record scripted-expert demonstrations into an episode store",
-        description="Roll out a task's scripted expert and append the episodes to an episode store.\n"
-        "Settings are hydra overrides; see configs/collect.yaml for all of them.",
-        epilog="example: robolearn collect task=push_t episodes=50 out=data/push_t.zarr seed=0 "
-        "expert.noise=0.1 workers=2",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("overrides", nargs="*", help="key=value settings (task=, episodes=, out=, seed=, ...)")
-    p.set_defaults(func=_hydra_job("collect"))
-
-    p = sub.add_parser(
-        "quickstart",
-        help="the main job on the built-in default: what 'make demo' runs",
-        description="Collect scripted demonstrations of the default task into data/quickstart/ and check them.",
-        epilog="example: robolearn quickstart task=peg_insert episodes=10",
-    )
-    p.add_argument("overrides", nargs="*", help="key=value settings (task=, episodes=, workers=, out_dir=)")
-    p.set_defaults(func=_hydra_job("quickstart"))
+    for name, (help_, description, examples) in _HYDRA_COMMANDS.items():
+        _add_hydra_job(sub, name, name, help_, description, examples)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT")
     bench.set_defaults(func=lambda a: bench.print_help())
-    p = bsub.add_parser("env", help="environment steps per second", epilog="example: robolearn bench env task=push_t")
-    p.add_argument("overrides", nargs="*", help="key=value settings (task=, steps=, seed=)")
-    p.set_defaults(func=_hydra_job("bench_env"))
+    _add_hydra_job(bsub, "env", "bench_env", "environment steps per second, written as JSON",
+                   "Step a task with random actions and report steps per second (robosuite tasks: also raw "
+                   "robosuite, same run).", ["robolearn bench env task=push_t steps=20000"])
     return parser
+
+
+# command -> (one-line help, description, examples); each takes hydra overrides, documented by its YAML.
+_HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
+    "collect": (
+        "record scripted-expert demonstrations into an episode store",
+        "Roll out a task's scripted expert and append the episodes to an episode store (resumable; only\n"
+        "successes are kept unless keep_failures=true; killing it loses only the episodes in flight).",
+        ["robolearn collect task=push_t episodes=50 out=data/push_t.zarr",
+         "robolearn collect task=lift episodes=200 workers=2 expert.noise=0.3"],
+    ),
+    "train": (
+        "train a chunk policy (diffusion or flow matching) from an episode store",
+        "Train a chunk policy from an episode store, with evaluation rollouts in MuJoCo.\n"
+        "policy= picks one of: diffusion_unet, diffusion_transformer, flow_unet, flow_transformer\n"
+        "(configs/policy/*.yaml); any policy.* key can be overridden.",
+        ["robolearn train task=lift policy=diffusion_unet dataset=data/lift.zarr training.steps=5000",
+         "robolearn train task=push_t policy=flow_unet policy.backbone.preset=dp device=cuda",
+         "robolearn train ... run_dir=runs/a resume=true          # continue an interrupted run",
+         "torchrun --standalone --nproc_per_node=2 -m robolearn.cli train ...   # data-parallel"],
+    ),
+    "eval": (
+        "success rate of a checkpoint in its task's MuJoCo environment",
+        "Roll out a checkpoint in vectorized MuJoCo environments of the task it was trained on;\n"
+        "per-episode results and videos land in the run folder.",
+        ["robolearn eval checkpoint=runs/train/<run>/checkpoints/latest episodes=50 sampler.steps=4 video=true"],
+    ),
+    "run": (
+        "run a chunk policy at a fixed control rate (async inference) in real-time MuJoCo",
+        "Execute a checkpoint (or a remote policy server) at rate_hz on a monotonic clock.\n"
+        "mode=async computes the next chunk while the current one executes; stale actions are dropped.\n"
+        "Writes report.json in the run folder; its summary is the last line.",
+        ["robolearn run checkpoint=runs/train/<run>/checkpoints/latest rate_hz=10 mode=async episodes=5",
+         "robolearn run policy=ws://127.0.0.1:8000 task=push_t mode=sync duration_s=30",
+         "robolearn run checkpoint=... realtime=false latency_s=0.25     # virtual clock, for testing"],
+    ),
+    "serve": (
+        "serve a checkpoint's predict_action over WebSockets (openpi-compatible)",
+        "A policy server speaking openpi's protocol: msgpack-numpy over WebSockets.\n"
+        "Binds to loopback unless host= says otherwise; token= requires 'Authorization: Api-Key <token>'.",
+        ["robolearn serve checkpoint=runs/train/<run>/checkpoints/latest port=8000 token=secret"],
+    ),
+    "quickstart": (
+        "the main job on the built-in default: what 'make demo' runs",
+        "Collect scripted demonstrations of the default task, train a policy, evaluate it, and print\n"
+        "the success rate with the paths of the video and the plots.",
+        ["robolearn quickstart", "robolearn quickstart task=peg_insert episodes=100"],
+    ),
+}
+
+
+def _add_hydra_job(sub: Any, command: str, config: str, help_: str, description: str, examples: list[str]) -> None:
+    """A sub-command taking hydra overrides; its --help shows the config file with every setting."""
+    from robolearn.cli.config import config_dir
+
+    path = config_dir() / f"{config}.yaml"
+    settings = path.read_text() if path.exists() else ""
+    settings = "\n".join(ln for ln in settings.splitlines() if not ln.startswith(("defaults:", "  - ")))
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    epilog += f"\n\nsettings (key=value; defaults from {path}):\n{settings}"
+    p = sub.add_parser(command, help=help_, description=description, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. task=push_t")
+    p.set_defaults(func=_hydra_job(config))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

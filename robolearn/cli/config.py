@@ -15,6 +15,8 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from robolearn.training.settings import TrainSettings
+
 
 class ConfigError(Exception):
     """A bad override or config file; the message names the key."""
@@ -49,7 +51,9 @@ class BenchEnvConfig:
     env: dict[str, Any] = field(default_factory=dict)
 
 
-FREE_FORM = ("env.",)  # keys under these take any name: they are passed on to sim.make
+# Keys under these take any name: env overrides go to sim.make (which checks them), policy settings to the
+# policy factory (which checks them and names unknown keys).
+FREE_FORM = ("env.", "policy.", "key_map.")
 @dataclass
 class QuickstartConfig:
     task: str = "push_t"
@@ -60,7 +64,88 @@ class QuickstartConfig:
     progress: bool = True
 
 
-SCHEMAS: dict[str, type] = {"collect": CollectConfig, "bench_env": BenchEnvConfig, "quickstart": QuickstartConfig}
+@dataclass
+class TrainingConfig(TrainSettings):
+    val_ratio: float = 0.05  # episodes held out for the validation loss
+
+
+@dataclass
+class EvalLoopConfig:
+    episodes: int = 20
+    num_envs: int = 4
+    workers: int = 2
+    seed: int = 100000
+    videos: int = 1
+
+
+@dataclass
+class TrainConfig:
+    task: str = "push_t"
+    dataset: str | None = None
+    obs_keys: list[str] | None = None
+    run_dir: str | None = None
+    resume: bool = False
+    device: str = "auto"
+    policy: dict[str, Any] = field(default_factory=dict)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalLoopConfig = field(default_factory=EvalLoopConfig)
+
+
+@dataclass
+class SamplerOverride:
+    kind: str | None = None  # diffusion: ddim | ddpm; flow: euler | midpoint (default: the checkpoint's)
+    steps: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str | None = None
+    episodes: int = 50
+    seed: int = 100000
+    num_envs: int = 4
+    workers: int = 2
+    video: bool = False
+    videos: int = 2  # episodes recorded when video=true
+    run_dir: str | None = None
+    device: str = "auto"
+    sampler: SamplerOverride = field(default_factory=SamplerOverride)
+    env: dict[str, Any] = field(default_factory=dict)  # overrides on top of the training data's env config
+
+
+@dataclass
+class RunConfig:
+    checkpoint: str | None = None  # a checkpoint folder ...
+    policy: str | None = None  # ... or a policy server, ws://host:port
+    task: str | None = None  # default: the task the checkpoint was trained on
+    rate_hz: float | None = 10.0  # control rate; null: the task's own
+    mode: str = "async"  # sync: wait for each chunk (the robot idles) | async: infer while acting
+    blend: str = "none"  # none | ensemble (ACT's temporal ensembling) | warmstart (RTI-DP)
+    episodes: int | None = 1
+    duration_s: float | None = None  # stop after this long, whatever the episode count
+    realtime: bool = True  # false: virtual clock, as fast as possible (latency from latency_s or measured)
+    latency_s: float | None = None  # in virtual time: pretend inference takes this long
+    seed: int = 100000
+    token: str | None = None  # for a policy server that wants one
+    run_dir: str | None = None  # default: runs/run/<task>-<date>-<time>
+    status: bool = True  # live status line
+    env: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str | None = None
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    token: str | None = None  # clients must send "Authorization: Api-Key <token>"
+    max_message_mb: float = 16.0
+    key_map: dict[str, Any] = field(default_factory=dict)  # client observation name -> policy's name
+
+
+SCHEMAS: dict[str, type] = {
+    "run": RunConfig, "serve": ServeConfig,
+    "collect": CollectConfig, "bench_env": BenchEnvConfig, "quickstart": QuickstartConfig,
+    "train": TrainConfig, "eval": EvalConfig,
+}
 
 
 def config_dir() -> Path:
@@ -91,7 +176,10 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
 
     schema = SCHEMAS[name]
     valid = _valid_keys(schema)
+    groups = {"policy"} if name == "train" else set()
     for ov in overrides:
+        if ov.split("=", 1)[0] in groups:  # a config group choice: policy=flow_unet
+            continue
         if "=" not in ov:
             raise ConfigError(f"{ov!r} is not a key=value setting; valid keys: {', '.join(valid)}")
         key = ov.split("=", 1)[0].lstrip("+~")
@@ -101,12 +189,22 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"unknown config key {key!r} for {name}{hint}; valid keys: {', '.join(valid)}")
     # Free-form dicts (environment overrides) take new keys without hydra's '+' prefix.
     overrides = [f"++{ov}" if ov.split("=", 1)[0].startswith(FREE_FORM) else ov for ov in overrides]
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if key in groups and not (config_dir() / key / f"{value}.yaml").exists():
+            choices = sorted(p.stem for p in (config_dir() / key).glob("*.yaml"))
+            raise ConfigError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
     cdir = config_dir()
     if not (cdir / f"{name}.yaml").exists():
         raise ConfigError(f"config file {cdir / (name + '.yaml')} is missing (set ROBOLEARN_CONFIG_DIR?)")
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name=f"{name}_schema", node=schema)
+    # A plain value whose key is also a config group folder (run's policy=ws://...) would be read by hydra as a
+    # group choice: such values are set after composition instead.
+    group_dirs = {p.name for p in cdir.iterdir() if p.is_dir()} - groups
+    late = [ov for ov in overrides if ov.split("=", 1)[0] in group_dirs]
+    overrides = [ov for ov in overrides if ov not in late]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(cdir), version_base=None):
@@ -127,6 +225,12 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
     except ValidationError as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"bad value for {key!r}: {_first_line(e)}") from None
+    for ov in late:
+        key, _, value = ov.partition("=")
+        try:
+            OmegaConf.update(merged, key, None if value in ("null", "") else value, merge=False)
+        except (OmegaConfBaseException, ValueError) as e:
+            raise ConfigError(f"bad value for {key!r}: {_first_line(e)}") from None
     OmegaConf.set_struct(merged, True)
     return merged  # type: ignore[return-value]
 

@@ -8,6 +8,10 @@ Modes:
 
 - ``minmax``: to [-1, 1]. A dimension whose range is (nearly) zero maps to 0 instead of dividing by zero.
 - ``meanstd``: zero mean, unit variance; a (nearly) constant dimension is only centred.
+
+A dimension that was constant in the data is *held*: unnormalizing gives back that constant whatever the
+input, so a sampler's output in [-1, 1] on such an action dimension cannot turn into a real action the
+demonstrations never took.
 - ``image``: uint8 [0, 255] to [-1, 1], whatever the statistics say.
 - ``identity``.
 """
@@ -23,7 +27,20 @@ MODES = ("minmax", "meanstd", "image", "identity")
 EPS = 1e-6
 
 
-def _affine(mode: str, stats: Mapping[str, Any] | None, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _affine(
+    mode: str, stats: Mapping[str, Any] | None, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scale, offset, hold): ``hold`` marks constant dimensions."""
+    scale, offset = _scale_offset(mode, stats, shape)
+    if mode in ("minmax", "meanstd"):
+        assert stats is not None
+        spread = (np.asarray(stats["max"], dtype=np.float64) - np.asarray(stats["min"], dtype=np.float64)
+                  if mode == "minmax" else np.asarray(stats["std"], dtype=np.float64))
+        return scale, offset, (spread < EPS).astype(np.float64)
+    return scale, offset, np.zeros_like(np.asarray(scale))
+
+
+def _scale_offset(mode: str, stats: Mapping[str, Any] | None, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     if mode == "identity":
         return np.ones(shape), np.zeros(shape)
     if mode == "image":
@@ -75,10 +92,13 @@ class Normalizer(nn.Module):
             raise ValueError(f"unknown normalization mode {mode!r} for key {key!r}; choose one of {MODES}")
         if stats is not None and "min" in stats:
             shape = tuple(np.asarray(stats["min"]).shape)
-        scale, offset = _affine(mode, stats, shape)
+        scale, offset, hold = _affine(mode, stats, shape)
+        self._register(key, mode, scale, offset, hold)
+
+    def _register(self, key: str, mode: str, scale: Any, offset: Any, hold: Any) -> None:
         self.modes[key] = mode
-        self.register_buffer(self._name(key, "scale"), torch.as_tensor(scale, dtype=torch.float32))
-        self.register_buffer(self._name(key, "offset"), torch.as_tensor(offset, dtype=torch.float32))
+        for what, value in (("scale", scale), ("offset", offset), ("hold", hold)):
+            self.register_buffer(self._name(key, what), torch.as_tensor(np.asarray(value), dtype=torch.float32))
 
     @staticmethod
     def _name(key: str, what: str) -> str:
@@ -101,7 +121,8 @@ class Normalizer(nn.Module):
         if key not in self.modes:
             return y
         scale, offset = self.params(key)
-        return (y - offset) / scale
+        hold = getattr(self, self._name(key, "hold"))
+        return (y * (1.0 - hold) - offset) / scale  # held dimensions: exactly the constant -offset/scale
 
     def normalize_dict(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: self.normalize(k, v) for k, v in batch.items()}
@@ -110,11 +131,13 @@ class Normalizer(nn.Module):
         return {k: self.unnormalize(k, v) for k, v in batch.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form: mode, scale and offset per key."""
+        """JSON-able form: mode, scale, offset and held (constant) dimensions per key."""
         out = {}
         for key, mode in self.modes.items():
             scale, offset = self.params(key)
-            out[key] = {"mode": mode, "scale": scale.cpu().tolist(), "offset": offset.cpu().tolist()}
+            hold = getattr(self, self._name(key, "hold"))
+            out[key] = {"mode": mode, "scale": scale.cpu().tolist(), "offset": offset.cpu().tolist(),
+                        "hold": hold.cpu().tolist()}
         return out
 
     @classmethod
@@ -127,7 +150,6 @@ class Normalizer(nn.Module):
                 raise ValueError(f"normalizer entry for key {key!r} needs 'mode', 'scale' and 'offset'") from None
             if mode not in MODES:
                 raise ValueError(f"unknown normalization mode {mode!r} for key {key!r}")
-            norm.modes[key] = mode
-            norm.register_buffer(cls._name(key, "scale"), torch.tensor(scale, dtype=torch.float32))
-            norm.register_buffer(cls._name(key, "offset"), torch.tensor(offset, dtype=torch.float32))
+            hold = entry.get("hold", np.zeros_like(np.asarray(scale, dtype=np.float64)).tolist())
+            norm._register(key, mode, scale, offset, hold)
         return norm

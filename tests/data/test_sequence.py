@@ -118,6 +118,10 @@ def test_normalizer_minmax_meanstd_constant_and_round_trip(tmp_path):
     np.testing.assert_allclose(y[:, 1], [0, 0, 0], atol=1e-6)  # constant dimension: no division by zero
     assert torch.isfinite(y).all() and y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6
     torch.testing.assert_close(n.unnormalize("a", y), torch.tensor(x, dtype=torch.float32))
+    # A dimension constant in the data is held: whatever a sampler outputs there, the action is the constant.
+    wild = torch.tensor([[0.7, -0.9, 0.3]])
+    assert n.unnormalize("a", wild)[0, 1].item() == pytest.approx(5.0)
+    assert n.unnormalize("a", wild)[0, 0].item() == pytest.approx(2.0 + 0.7 * 2.0)
     m = Normalizer.from_stats(stats, {"a": "meanstd"})
     z = m.normalize("a", torch.tensor(x, dtype=torch.float32))
     np.testing.assert_allclose(z.mean(0), 0, atol=1e-6)

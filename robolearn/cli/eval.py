@@ -1,0 +1,57 @@
+"""``robolearn eval``: success rate of a checkpoint in its task, with per-episode results and videos."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from robolearn.cli import CLIError, print_json
+from robolearn.cli.evaluation import Evaluator, pick_device
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from robolearn.policies import CheckpointError, load_policy
+
+    if not cfg.checkpoint:
+        raise CLIError("checkpoint= is required (a checkpoint folder, e.g. runs/train/<run>/checkpoints/latest)")
+    ckpt = Path(cfg.checkpoint)
+    if cfg.episodes < 1:
+        raise CLIError(f"episodes must be >= 1, got {cfg.episodes}")
+    device = pick_device(str(cfg.device))
+    try:
+        policy = load_policy(ckpt, map_location=device)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    run_cfg = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("run") or {}
+    task = run_cfg.get("task")
+    if not task:
+        raise CLIError(f"{ckpt / 'config.yaml'} does not say which task the policy was trained on ('run.task')")
+    env_config = {**(run_cfg.get("env_config") or {}), **OmegaConf.to_container(cfg.env, resolve=True)}
+    if cfg.sampler.kind is not None or cfg.sampler.steps is not None:
+        try:
+            policy.set_sampler(kind=cfg.sampler.kind, steps=cfg.sampler.steps)
+        except ValueError as e:
+            raise CLIError(f"sampler: {e}") from None
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/eval") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    evaluator = Evaluator(task, env_config, episodes=int(cfg.episodes), num_envs=int(cfg.num_envs),
+                          workers=int(cfg.workers), seed=int(cfg.seed), videos=int(cfg.videos) if cfg.video else 0,
+                          run_dir=run_dir, device=device)
+    try:
+        step = int(json.loads((ckpt / "extra.json").read_text()).get("step", 0)) if (ckpt / "extra.json").exists() else 0
+        result = evaluator(policy, step)
+    finally:
+        evaluator.close()
+    summary = {
+        "checkpoint": str(ckpt), "task": task, "policy_type": policy.policy_type,
+        "sampler": policy.sampler_config, "seed": int(cfg.seed), **result, "run_dir": str(run_dir),
+    }
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
+    print(f"{task}: success rate {summary['success_rate']:.2f} over {summary['episodes']} episodes "
+          f"(mean return {summary['mean_return']:.3f}); per-episode results in {run_dir / 'eval'}")
+    print_json(summary)
+    return summary

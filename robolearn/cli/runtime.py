@@ -1,0 +1,86 @@
+"""``robolearn run`` and ``robolearn serve``: the runtime room wired to checkpoints and MuJoCo tasks."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from robolearn.cli import CLIError
+
+
+def _checkpoint_run_config(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "config.yaml"
+    if not ckpt.is_dir():
+        raise CLIError(f"checkpoint folder {ckpt} does not exist")
+    if not path.is_file():
+        raise CLIError(f"checkpoint {ckpt} has no config.yaml (is it a checkpoint folder?)")
+    return (yaml.safe_load(path.read_text()) or {}).get("run") or {}
+
+
+def _load(ckpt: Path) -> Any:
+    from robolearn.policies import CheckpointError, load_policy
+
+    try:
+        return load_policy(ckpt)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    import sim
+    from robolearn.runtime.jobs import run_job
+
+    if bool(cfg.checkpoint) == bool(cfg.policy):
+        raise CLIError("give exactly one of checkpoint=<folder> or policy=ws://host:port")
+    if cfg.mode not in ("sync", "async"):
+        raise CLIError(f"mode must be sync or async, not {cfg.mode!r}")
+    if cfg.blend not in ("none", "ensemble", "warmstart"):
+        raise CLIError(f"blend must be none, ensemble or warmstart, not {cfg.blend!r}")
+    env_config: dict[str, Any] = {}
+    task = cfg.task
+    if cfg.checkpoint:
+        ckpt = Path(cfg.checkpoint)
+        run_cfg = _checkpoint_run_config(ckpt)
+        task = task or run_cfg.get("task")
+        if task == run_cfg.get("task"):
+            env_config = dict(run_cfg.get("env_config") or {})
+        policy: Any = _load(ckpt)
+    else:
+        if not str(cfg.policy).startswith(("ws://", "wss://")):
+            raise CLIError(f"policy= must be a ws:// URL of a policy server, got {cfg.policy!r}")
+        policy = str(cfg.policy)
+    if not task:
+        raise CLIError("task= is required with a remote policy (the server does not say which task)")
+    env_config.update(OmegaConf.to_container(cfg.env, resolve=True) or {})
+    try:
+        sim.make(task, **env_config).close()  # fail fast on a bad task or override
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/run") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        return run_job(
+            policy, lambda: sim.make(task, **env_config), run_dir=run_dir, episodes=cfg.episodes,
+            duration_s=cfg.duration_s, seed=int(cfg.seed), token=cfg.token, rate_hz=cfg.rate_hz, mode=cfg.mode,
+            blend=cfg.blend, realtime=bool(cfg.realtime), latency_s=cfg.latency_s, status=bool(cfg.status),
+        )
+    except (PermissionError, ConnectionError, OSError) as e:
+        raise CLIError(f"policy server {cfg.policy}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def serve(cfg: DictConfig) -> None:
+    from robolearn.runtime.jobs import serve_job
+
+    if not cfg.checkpoint:
+        raise CLIError("checkpoint= is required (a checkpoint folder)")
+    policy = _load(Path(cfg.checkpoint))
+    key_map = {str(k): str(v) for k, v in (OmegaConf.to_container(cfg.key_map) or {}).items()}
+    try:
+        serve_job(policy, host=str(cfg.host), port=int(cfg.port), token=cfg.token, key_map=key_map or None,
+                  max_message_bytes=int(float(cfg.max_message_mb) * 2**20))
+    except OSError as e:
+        raise CLIError(f"cannot serve on {cfg.host}:{cfg.port}: {e}") from None

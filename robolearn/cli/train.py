@@ -1,0 +1,185 @@
+"""``robolearn train``: a chunk policy from an episode store, evaluated in the task's MuJoCo environment.
+
+Everything that can be wrong with the inputs is checked before the first training step: the dataset opens and
+validates, its task and observation keys match the environment, the policy config builds, and a resumed run
+uses the policy it was started with.
+
+Multi-GPU / multi-node: launch with ``torchrun --nproc_per_node=N -m robolearn.cli train ...``; the process
+group comes from torchrun's environment (NCCL on GPUs, gloo on CPUs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from robolearn.cli import CLIError, print_json
+from robolearn.cli.evaluation import evaluator_from, pick_device
+
+
+def _init_distributed(device: torch.device) -> tuple[bool, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return False, 0, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True, dist.get_rank(), device
+
+
+def check_dataset_matches_env(store: Any, env: Any, obs_keys: list[str], task: str) -> None:
+    """The dataset's observations and actions must be what the environment produces and takes."""
+    space = env.observation_space.spaces
+    for key in obs_keys:
+        if key not in store.schema:
+            raise CLIError(f"obs key {key!r} is not in dataset {store.path}; it has: {', '.join(store.schema)}")
+        if key not in space:
+            raise CLIError(
+                f"dataset {store.path} has observation {key!r}, which task {task} does not produce "
+                f"(its observations: {', '.join(space)}); was it collected for another task or obs_mode?"
+            )
+        if tuple(space[key].shape) != store.schema[key].shape:
+            raise CLIError(f"observation {key!r} is {store.schema[key].shape} in dataset {store.path} but "
+                           f"{tuple(space[key].shape)} in task {task}")
+    if "action" not in store.schema:
+        raise CLIError(f"dataset {store.path} has no 'action' key")
+    if store.schema["action"].shape != tuple(env.action_space.shape):
+        raise CLIError(f"actions are {store.schema['action'].shape} in dataset {store.path} but task {task} takes "
+                       f"{tuple(env.action_space.shape)}")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    import sim
+
+    from robolearn.data import EpisodeStore, SequenceDataset, StoreError
+    from robolearn.policies import CheckpointError, ConfigError, make_policy, read_checkpoint_config
+    from robolearn.training import TrainSettings, Trainer
+
+    device = pick_device(str(cfg.device))
+    distributed, rank, device = _init_distributed(device)
+    policy_cfg: dict[str, Any] = OmegaConf.to_container(cfg.policy, resolve=True)  # type: ignore[assignment]
+    policy_name = str(policy_cfg.pop("name", policy_cfg.get("type", "policy")))
+
+    # ---- the dataset, and that it belongs to this task
+    dataset_path = Path(cfg.dataset or f"data/{cfg.task}.zarr")
+    if not dataset_path.exists():
+        raise CLIError(f"dataset {dataset_path} does not exist; make one with: robolearn collect task={cfg.task} "
+                       f"episodes=200 out={dataset_path}")
+    store = EpisodeStore.open(dataset_path)
+    if store.task and store.task != cfg.task:
+        raise CLIError(f"dataset {dataset_path} was recorded for task {store.task!r}, not {cfg.task!r}")
+    obs_keys = list(cfg.obs_keys) if cfg.obs_keys else [k for k, s in store.schema.items() if s.role == "obs"]
+    env_config = store.env_config
+    try:
+        probe = sim.make(cfg.task, **env_config)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"cannot make task {cfg.task!r} with the dataset's env config: {e}") from None
+    check_dataset_matches_env(store, probe, obs_keys, cfg.task)
+    probe.close()
+
+    # ---- the run folder; a resumed run keeps the policy it was started with
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/train") / (
+        f"{cfg.task}-{policy_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if distributed:
+        holder = [str(run_dir)]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        run_dir = Path(holder[0])
+    if cfg.resume:
+        latest = run_dir / "checkpoints" / "latest"
+        if not cfg.run_dir:
+            raise CLIError("resume=true needs run_dir=<the run to continue>")
+        if not latest.exists():
+            raise CLIError(f"cannot resume: no checkpoint at {latest}")
+        try:
+            saved = read_checkpoint_config(latest.resolve())
+        except CheckpointError as e:
+            raise CLIError(str(e)) from None
+        if saved.get("type") != policy_cfg.get("type"):
+            raise CLIError(f"cannot resume {run_dir} with a {policy_cfg.get('type')!r} policy: its checkpoint "
+                           f"holds a {saved.get('type')!r} policy (pass the policy it was started with)")
+    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise CLIError(f"run folder {run_dir} already holds checkpoints; pass resume=true to continue it, or "
+                       f"another run_dir")
+
+    # ---- the policy
+    policy_cfg["obs"] = {k: list(store.schema[k].shape) for k in obs_keys}
+    policy_cfg["action_dim"] = int(store.schema["action"].shape[0])
+    stats = store.stats()
+    try:
+        torch.manual_seed(int(cfg.training.seed))
+        policy = make_policy(policy_cfg, stats)
+    except (ConfigError, KeyError, ValueError) as e:
+        raise CLIError(f"policy {policy_name}: {e}") from None
+    n_params = sum(p.numel() for p in policy.parameters())
+
+    t = cfg.training
+    data_kw = dict(horizon=policy.horizon, n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps,
+                   obs_keys=obs_keys, val_ratio=float(t.val_ratio), seed=int(t.seed))
+    train_ds = SequenceDataset(store, split="train", **data_kw)
+    val_ds = train_ds.split("val")
+    t_plain: dict[str, Any] = OmegaConf.to_container(t)  # type: ignore[assignment]
+    settings = TrainSettings(**{f.name: t_plain[f.name] for f in dataclasses.fields(TrainSettings)})
+    settings.betas = tuple(settings.betas)  # type: ignore[assignment]
+    run_config = {
+        "task": cfg.task, "dataset": str(dataset_path), "env_config": env_config, "obs_keys": obs_keys,
+        "policy_name": policy_name, "policy": policy.config, "training": OmegaConf.to_container(t),
+        "eval": OmegaConf.to_container(cfg.eval), "device": str(device),
+    }
+    main_rank = rank == 0
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        print(f"training {policy_name} ({n_params / 1e6:.2f}M parameters) on {dataset_path}: "
+              f"{len(train_ds.episodes)} train / {len(val_ds.episodes)} val episodes, {len(train_ds):,} windows; "
+              f"run folder {run_dir}")
+    evaluator = None
+    if main_rank and int(cfg.eval.episodes) > 0:
+        evaluator = evaluator_from(cfg.task, env_config, cfg.eval, run_dir, device, progress=bool(t.progress))
+    trainer = Trainer(policy, train_ds, settings, run_dir, run_config, val_dataset=val_ds, evaluate=evaluator,
+                      device=device)
+    try:
+        out = trainer.fit(resume=bool(cfg.resume))
+    except (StoreError, CheckpointError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if not main_rank:
+        return out
+    metrics = trainer.metrics()
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    ev = out.get("eval") or {}
+    summary = {
+        "task": cfg.task,
+        "policy": policy_name,
+        "run_dir": str(run_dir),
+        "checkpoint": out["checkpoint"],
+        "step": out["step"],
+        "finished": out["finished"],
+        "final_loss": losses[-1] if losses else None,
+        "success_rate": ev.get("success_rate"),
+        "eval_episodes": ev.get("episodes"),
+        "videos": ev.get("videos", []),
+        "plots": [str(p) for p in sorted((run_dir / "plots").glob("*.png"))],
+        "parameters": n_params,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+    (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
+    if ev:
+        print(f"success rate {ev['success_rate']:.2f} over {ev['episodes']} episodes")
+    print(f"checkpoint: {out['checkpoint']}")
+    print_json(summary)
+    return summary
