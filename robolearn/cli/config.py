@@ -56,11 +56,16 @@ class BenchEnvConfig:
 FREE_FORM = ("env.", "policy.", "key_map.")
 @dataclass
 class QuickstartConfig:
-    task: str = "push_t"
-    episodes: int = 20  # scripted demonstrations to collect
+    task: str = "lift"
+    episodes: int = 100  # scripted demonstrations to collect
     workers: int = 2
     seed: int = 0
     out_dir: str = "data/quickstart"
+    run_dir: str = "runs/quickstart"
+    policy: str = "diffusion_unet"
+    train_steps: int = 1500
+    eval_episodes: int = 20
+    train: list[str] = field(default_factory=list)  # more overrides for robolearn train
     progress: bool = True
 
 

@@ -113,12 +113,22 @@ def test_bench_env_writes_json(tmp_path, capsys):
     assert json.loads(out.read_text())["steps_per_s"] == summary["steps_per_s"]
 
 
-def test_quickstart_runs_the_data_part(tmp_path, capsys):
-    assert main(["quickstart", "task=peg_insert", "episodes=2", "workers=1", f"out_dir={tmp_path}",
-                 "progress=false"]) == 0
-    summary = last_json(capsys.readouterr().out)
-    assert summary["episodes"] == 2 and summary["steps"] > 0
-    assert EpisodeStore.open(tmp_path / "peg_insert.zarr").n_episodes == 2
+def test_quickstart_runs_the_whole_main_job(tmp_path, capsys):
+    argv = ["quickstart", "task=peg_insert", "episodes=3", "workers=1", f"out_dir={tmp_path / 'data'}",
+            f"run_dir={tmp_path / 'run'}", "train_steps=4", "eval_episodes=2", "progress=false",
+            "train=['policy.backbone.preset=tiny','training.batch_size=8','eval.num_envs=2']"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    summary = last_json(out)
+    assert summary["demonstrations"] == 3 and summary["train_steps"] == 4 and summary["eval_episodes"] == 2
+    assert 0.0 <= summary["success_rate"] <= 1.0
+    assert Path(summary["video"]).stat().st_size > 0 and any(p.endswith("loss.png") for p in summary["plots"])
+    assert "success rate:" in out and "video:" in out
+    assert EpisodeStore.open(tmp_path / "data" / "peg_insert.zarr").n_episodes == 3
+    # Run again: the demonstrations are reused, training starts afresh.
+    assert main(argv) == 0
+    assert last_json(capsys.readouterr().out)["expert_success_rate"] is None
+    assert EpisodeStore.open(tmp_path / "data" / "peg_insert.zarr").n_episodes == 3
 
 
 @pytest.mark.parametrize("task", ["push_t", "lift", "can", "square"])
