@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.robolearn-installed
-# This machine's pip configuration prints ~70 harmless "Location ... is ignored" lines per install.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+# pip's output goes to a log (this machine's pip configuration adds ~70 harmless "Location ... is ignored"
+# lines per install); on failure the log is shown and make stops.
+PIP_LOG := $(VENV)/pip-install.log
 export MUJOCO_GL ?= egl
 
 .PHONY: demo test venv bench clean-venv
@@ -19,12 +20,12 @@ test: $(STAMP)
 
 venv: $(STAMP)
 
+# torch goes first, pinned: its CPU build is on local disk; anything else pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing robolearn into $(VENV) (about 2 minutes on a fresh machine)"
-	# torch first, pinned: its CPU build is on local disk; anything else pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
-	$(BIN)/pip install -q -e ".[test]" 2>&1 | $(QUIET_PIP)
+	@echo "installing robolearn into $(VENV) (about 2 minutes on a fresh machine; log: $(PIP_LOG))"
+	@$(BIN)/pip install torch==2.13.0 > $(PIP_LOG) 2>&1 || (tail -40 $(PIP_LOG); exit 1)
+	@$(BIN)/pip install -e ".[test]" >> $(PIP_LOG) 2>&1 || (tail -40 $(PIP_LOG); exit 1)
 	@touch $(STAMP)
 
 bench: $(STAMP)

@@ -76,6 +76,7 @@ class Evaluator:
             "step": step,
             "success_rate": result["success_rate"],
             "mean_return": result["mean_return"],
+            "mean_max_reward": result["mean_max_reward"],
             "mean_length": result["mean_length"],
             "episodes": result["episodes"],
             "eval_s": round(time.perf_counter() - t0, 2),

@@ -79,6 +79,7 @@ def evaluate(
         hist[i].reset(_row(obs, i))
     queues: list[deque[np.ndarray]] = [deque() for _ in range(n_envs)]
     returns = np.zeros(n_envs)
+    best = np.full(n_envs, -np.inf)  # max reward within the episode: Push-T's coverage score
     lengths = np.zeros(n_envs, dtype=np.int64)
     ep_index = [0] * n_envs
     results: list[dict[str, Any]] = []
@@ -108,15 +109,17 @@ def evaluate(
             if ep_index[i] >= quota[i]:
                 continue
             returns[i] += float(rew[i])
+            best[i] = max(best[i], float(rew[i]))
             lengths[i] += 1
             if done[i]:
                 results.append({
                     "env": i, "episode": ep_index[i], "success": bool(success[i]),
-                    "return": round(float(returns[i]), 4), "length": int(lengths[i]),
+                    "return": round(float(returns[i]), 4), "max_reward": round(float(best[i]), 4),
+                    "length": int(lengths[i]),
                     "terminated": bool(term[i]),
                 })
                 ep_index[i] += 1
-                returns[i], lengths[i] = 0.0, 0
+                returns[i], lengths[i], best[i] = 0.0, 0, -np.inf
                 queues[i].clear()
                 hist[i].reset(_row(obs, i))
                 if progress:
@@ -129,6 +132,7 @@ def evaluate(
         "episodes": len(results),
         "success_rate": round(float(np.mean(successes)), 4) if results else 0.0,
         "mean_return": round(float(np.mean([r["return"] for r in results])), 4) if results else 0.0,
+        "mean_max_reward": round(float(np.mean([r["max_reward"] for r in results])), 4) if results else 0.0,
         "mean_length": round(float(np.mean([r["length"] for r in results])), 2) if results else 0.0,
         "inference_ms_mean": round(1000 * infer_s / max(infer_calls, 1), 2),
         "wall_s": round(wall, 2),
