@@ -183,6 +183,38 @@ class ChunkPolicy(nn.Module, ABC):
             chunk = self.normalizer.unnormalize(self.action_key, chunk)
         return chunk.clone()  # a normal tensor (inference tensors refuse later autograd / in-place use)
 
+    def predict_action_warm(
+        self,
+        obs_history: Mapping[str, Any],
+        prev_chunk: torch.Tensor,
+        shift: int,
+        steps: int,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Warm-started sampling (RTI-DP): start from the previous chunk shifted by the ``shift`` executed
+        steps (its tail repeats the last action) and run only the last ``steps`` denoising steps.
+
+        ``prev_chunk``: (B, horizon, action_dim) in raw action units, as :meth:`predict_action` returned it.
+        The real-time runner calls this with ``blend=warmstart``.
+        """
+        with torch.inference_mode():
+            cond = self.encode_obs(obs_history)
+            B = cond.shape[0]
+            prev = torch.as_tensor(prev_chunk, dtype=torch.float32, device=self.device)
+            if tuple(prev.shape) != self.noise_shape(B):
+                raise ValueError(f"prev_chunk must have shape {self.noise_shape(B)}, got {tuple(prev.shape)}")
+            shift = max(0, min(int(shift), self.horizon - 1))
+            shifted = torch.cat([prev[:, shift:], prev[:, -1:].expand(B, shift, self.action_dim)], dim=1)
+            guess = self.normalizer.normalize(self.action_key, shifted)
+            noise = self.make_noise(B, generator) if noise is None else noise.to(self.device, torch.float32)
+            chunk = self.sample_warm(cond, guess, noise, int(steps))
+            chunk = self.normalizer.unnormalize(self.action_key, chunk)
+        return chunk.clone()
+
+    def sample_warm(self, cond: torch.Tensor, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no warm-started sampler")
+
     @abstractmethod
     def sample(
         self,

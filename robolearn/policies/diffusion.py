@@ -126,6 +126,21 @@ class DiffusionPolicy(ChunkPolicy):
             x = sched.step(out, t, x, **step_kw)[0]
         return x
 
+    def sample_warm(self, cond: torch.Tensor, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        """Noise the guessed chunk to the DDIM timestep ``steps`` from the end of the configured schedule and
+        run only those last steps (RTI-DP's warm start; deterministic given ``noise``)."""
+        sched, timesteps = self._scheduler("ddim", self._steps)
+        k = max(1, min(int(steps), len(timesteps)))
+        tail = timesteps[-k:]
+        B = noise.shape[0]
+        x = self.noise_scheduler.add_noise(guess, noise, torch.full((B,), tail[0], dtype=torch.long))
+        prepared = self._prepare(cond)
+        dtype = self.backbone_dtype
+        for t in tail:
+            out = self.backbone(x.to(dtype), torch.full((B,), float(t), device=x.device), prepared).float()
+            x = sched.step(out, t, x, eta=0.0, return_dict=False)[0]
+        return x
+
     # ------------------------------------------------------------------ training
     def loss(self, cond: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         B = action.shape[0]

@@ -106,16 +106,28 @@ class FlowPolicy(ChunkPolicy):
         kind = self._kind if sampler is None else sampler
         n = self._steps if steps is None else int(steps)
         self._check(kind, n)
-        B = noise.shape[0]
-        prepared = self._prepare(cond)
+        return self._integrate(noise, self._prepare(cond), kind, n, first=0)
+
+    def sample_warm(self, cond: torch.Tensor, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        """Start on the straight path at t0 = 1 - steps/n, between the noise and the guessed chunk, and
+        integrate only the last ``steps`` of the configured ``n`` steps (RTI-DP's warm start, for flows)."""
+        n = self._steps
+        k = max(1, min(int(steps), n))
+        t0 = 1.0 - k / n
+        x = (1.0 - t0) * noise + t0 * guess
+        return self._integrate(x, self._prepare(cond), self._kind, n, first=n - k)
+
+    def _integrate(self, x: torch.Tensor, prepared: Any, kind: str, n: int, first: int) -> torch.Tensor:
+        """Euler or midpoint steps ``first .. n-1`` of an ``n``-step integration from t=0 (noise) to t=1."""
+        noise = x
+        B = x.shape[0]
         dtype = self.backbone_dtype
         dt = 1.0 / n
         # backbone timesteps for every evaluation, computed once (t and, for midpoint, t + dt/2)
         grid = torch.arange(n, dtype=torch.float32, device=noise.device) * dt
         t_start = (grid * self.time_scale)
         t_mid = ((grid + 0.5 * dt) * self.time_scale)
-        x = noise
-        for i in range(n):
+        for i in range(first, n):
             v = self.backbone(x.to(dtype), t_start[i].expand(B), prepared).float()
             if kind == "midpoint":
                 v = self.backbone((x + (0.5 * dt) * v).to(dtype), t_mid[i].expand(B), prepared).float()

@@ -101,3 +101,14 @@ def test_serve_answers_remote_policy_and_runner(checkpoint, tmp_path):
     assert server.returncode == 0, err
     served = last_json(out)
     assert served["served"] >= 2
+
+
+@pytest.mark.parametrize("blend", ["ensemble", "warmstart"])
+def test_run_blends_with_a_real_policy(checkpoint, tmp_path, capsys, blend):
+    argv = ["run", f"checkpoint={checkpoint}", "realtime=false", "mode=async", f"blend={blend}", "episodes=1",
+            "status=false", f"run_dir={tmp_path}"]
+    assert main(argv) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["episodes"] == 1 and summary.get("error") in (None, "")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["inferences"] > 1

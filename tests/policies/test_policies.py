@@ -353,3 +353,27 @@ def test_failed_save_leaves_previous_checkpoint_intact(store: EpisodeStore, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary folder left behind
     assert json.loads((folder / "extra.json").read_text()) == {"step": 1}
     load_policy(folder)
+
+
+@pytest.mark.parametrize("ptype", ["diffusion", "flow"])
+def test_warm_start_runs_few_steps_from_the_previous_chunk(ptype):
+    """RTI-DP warm start: deterministic given the noise, near the previous chunk when few steps remain."""
+    stats = {"state": {"min": -np.ones(3), "max": np.ones(3), "mean": np.zeros(3), "std": np.ones(3)},
+             "action": {"min": -np.ones(2), "max": np.ones(2), "mean": np.zeros(2), "std": np.ones(2)}}
+    cfg = {"type": ptype, "backbone": {"name": "unet", "preset": "tiny"}, "obs": {"state": [3]}, "action_dim": 2,
+           "horizon": 8, "n_obs_steps": 2, "n_action_steps": 4}
+    torch.manual_seed(0)
+    policy = make_policy(cfg, stats).eval()
+    obs = {"state": torch.randn(1, 2, 3)}
+    prev = torch.linspace(-0.5, 0.5, 16).reshape(1, 8, 2)
+    noise = torch.randn(policy.noise_shape(1))
+    a = policy.predict_action_warm(obs, prev, shift=4, steps=1, noise=noise)
+    b = policy.predict_action_warm(obs, prev, shift=4, steps=1, noise=noise)
+    assert a.shape == (1, 8, 2)
+    torch.testing.assert_close(a, b)
+    shifted = torch.cat([prev[:, 4:], prev[:, -1:].expand(1, 4, 2)], dim=1)
+    cold = policy.predict_action(obs, noise=noise)
+    # One of ten steps from the shifted chunk stays much closer to it than sampling from scratch does.
+    assert (a - shifted).abs().mean() < (cold - shifted).abs().mean()
+    with pytest.raises(ValueError, match="prev_chunk must have shape"):
+        policy.predict_action_warm(obs, prev[:, :4], shift=1, steps=1)
