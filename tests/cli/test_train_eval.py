@@ -131,3 +131,18 @@ def test_ddp_two_gloo_processes(peg_data, tmp_path):
     logged = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in logged] == [2, 4]  # rank 0 alone writes metrics
     assert logged[-1]["samples_s"] > 0
+
+
+def test_image_observations_end_to_end(tmp_path, capsys):
+    """push_t with a camera: uint8 frames in the store, the CNN encoder in the policy, rendering in evaluation."""
+    data = tmp_path / "img.zarr"
+    assert main(["collect", "task=push_t", "episodes=1", f"out={data}", "env.obs_mode=image", "env.image_size=32", "env.max_episode_steps=30", "keep_failures=true",
+                 "progress=false"]) == 0
+    capsys.readouterr()
+    assert train(data, tmp_path / "run", "task=push_t", "training.steps=2", "eval.episodes=1", "eval.num_envs=1",
+                 "eval.workers=0", "eval.videos=0", "policy.encoder.image_widths=[8,16]",
+                 "policy.encoder.num_keypoints=8") == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["eval_episodes"] == 1
+    policy = load_policy(Path(summary["checkpoint"]))
+    assert policy.obs_shapes["image"] == (32, 32, 3) and "image" in policy.config["image_keys"]
