@@ -128,7 +128,7 @@ class RunConfig:
     episodes: int | None = 1
     duration_s: float | None = None  # stop after this long, whatever the episode count
     realtime: bool = True  # false: virtual clock, as fast as possible (latency from latency_s or measured)
-    latency_s: float | None = None  # in virtual time: pretend inference takes this long
+    latency_s: float | None = None  # virtual time: inference takes this long; real time: at least this long
     seed: int = 100000
     token: str | None = None  # for a policy server that wants one
     run_dir: str | None = None  # default: runs/run/<task>-<date>-<time>

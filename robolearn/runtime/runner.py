@@ -41,6 +41,7 @@ thread) so runs are deterministic. The inference's latency is then ``latency_s``
 compute time, and it is charged in ticks exactly as real time would: async chunks become usable
 ``ceil(latency / period)`` ticks after their observation; sync waits ``floor(latency / period)`` missed ticks (the
 chunk arrives during that tick and is used at once). ``latency_s=0`` gives the offline, no-latency baseline.
+In real time, ``latency_s`` pads every inference to at least that long, to rehearse a slower machine.
 
 Failures
 --------
@@ -223,6 +224,14 @@ class Runner:
 
     # ------------------------------------------------------------------ inference
     def _infer(self, job: _Job) -> np.ndarray:
+        t0 = time.perf_counter()
+        chunk = self._predict(job)
+        if self.realtime and self.latency_s:
+            # Rehearse a slower computer (or a remote GPU): the chunk is ready no sooner than latency_s.
+            time.sleep(max(0.0, float(self.latency_s) - (time.perf_counter() - t0)))
+        return chunk
+
+    def _predict(self, job: _Job) -> np.ndarray:
         if job.prev_chunk is not None:
             chunk = self.policy.predict_action_warm(job.batch, job.prev_chunk, job.shift, self.warm_steps)
         else:
@@ -484,7 +493,7 @@ class Runner:
             "latency_ms_p50": percentile_ms(self._latencies, 50),
             "latency_ms_p99": percentile_ms(self._latencies, 99),
             "latency_ms_max": percentile_ms(self._latencies, 100),
-            "latency_source": "measured" if (self.realtime or self.latency_s is None) else "given",
+            "latency_source": "measured" if self.realtime or self.latency_s is None else "given",
             "jitter_ms_p50": percentile_ms(lateness, 50),
             "jitter_ms_p99": percentile_ms(lateness, 99),
             "jitter_ms_max": percentile_ms(lateness, 100),

@@ -187,3 +187,18 @@ def test_run_job_writes_the_report_and_prints_it_last(tmp_path, capsys) -> None:
     last = capsys.readouterr().out.strip().splitlines()[-1]
     line = __import__("json").loads(last)
     assert line["deadline_misses"] == report["deadline_misses"] and "per_episode" not in line
+
+
+def test_realtime_latency_padding_makes_a_fast_policy_slow():
+    """latency_s in real time pads each inference: a 10 ms policy then behaves like a 250 ms one."""
+    import sim
+    from rt_policies import ExpertChunkPolicy
+
+    from robolearn.runtime.runner import Runner
+
+    env = sim.make("push_t")
+    policy = ExpertChunkPolicy()
+    report = Runner(policy, env, rate_hz=20, mode="async", realtime=True, latency_s=0.12, status=False,
+                    max_steps=30).run(episodes=1, seed=0)
+    assert report["latency_ms_p50"] >= 115
+    assert report["actions_dropped"] > 0  # the first actions of each chunk went stale while it "thought"
