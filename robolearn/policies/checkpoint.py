@@ -178,6 +178,9 @@ def load_policy(
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{folder / WEIGHTS} cannot be read: {e}") from None
     own = policy.state_dict()
+    for k in set(own) - set(state):  # checkpoints written before the normalizer held constant dimensions
+        if k.startswith("normalizer.") and k.endswith("__hold"):
+            state[k] = own[k]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
