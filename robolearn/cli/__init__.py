@@ -66,6 +66,8 @@ def _parse_episode_list(text: str) -> list[int]:
         try:
             if "-" in part[1:]:
                 a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                if int(a) > int(b):
+                    raise CLIError(f"--episodes: range {part!r} runs backwards (write {b}-{a})")
                 out.extend(range(int(a), int(b) + 1))
             else:
                 out.append(int(part))

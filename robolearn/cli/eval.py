@@ -31,6 +31,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not task:
         raise CLIError(f"{ckpt / 'config.yaml'} does not say which task the policy was trained on ('run.task')")
     env_config = {**(run_cfg.get("env_config") or {}), **OmegaConf.to_container(cfg.env, resolve=True)}
+    import sim
+
+    try:
+        probe = sim.make(task, **env_config)  # fail fast: a bad env override, observations the policy lacks
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"cannot make task {task!r}: {e}") from None
+    missing = [k for k in policy.obs_keys if k not in probe.observation_space.spaces]
+    probe.close()
+    if missing:
+        raise CLIError(f"task {task} with these env settings does not produce the observation(s) {missing} "
+                       f"the policy needs")
     if cfg.sampler.kind is not None or cfg.sampler.steps is not None:
         try:
             policy.set_sampler(kind=cfg.sampler.kind, steps=cfg.sampler.steps)

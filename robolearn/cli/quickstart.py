@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from robolearn.cli import print_json
+from robolearn.cli import CLIError, print_json
 from robolearn.cli.config import compose
 
 
@@ -33,14 +33,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"task={cfg.task}", f"episodes={missing}", f"out={store_path}", f"seed={cfg.seed}",
             f"workers={cfg.workers}", f"progress={str(bool(cfg.progress)).lower()}"]))
     run_dir = Path(cfg.run_dir)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run each time: the quickstart is a demonstration, not an experiment
-    print(f"[2/3] training {cfg.policy} for {cfg.train_steps} steps, then [3/3] evaluating on "
-          f"{cfg.eval_episodes} episodes; run folder {run_dir}", flush=True)
-    trained = train.run(compose("train", [
+    train_cfg = compose("train", [
         f"task={cfg.task}", f"policy={cfg.policy}", f"dataset={store_path}", f"run_dir={run_dir}",
         f"training.steps={cfg.train_steps}", f"eval.episodes={cfg.eval_episodes}", f"eval.workers={cfg.workers}",
-        f"training.seed={cfg.seed}", f"training.progress={str(bool(cfg.progress)).lower()}", *cfg.train]))
+        f"training.seed={cfg.seed}", f"training.progress={str(bool(cfg.progress)).lower()}", *cfg.train])
+    if run_dir.exists():
+        # A fresh run each time (the quickstart is a demonstration, not an experiment) -- but only ever delete
+        # a folder that is an earlier training run.
+        if not ((run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()):
+            raise CLIError(f"run_dir {run_dir} exists and is not an earlier training run; choose another run_dir")
+        shutil.rmtree(run_dir)
+    print(f"[2/3] training {cfg.policy} for {cfg.train_steps} steps, then [3/3] evaluating on "
+          f"{cfg.eval_episodes} episodes; run folder {run_dir}", flush=True)
+    trained = train.run(train_cfg)
     summary = {
         "task": cfg.task,
         "dataset": str(store_path),
@@ -56,8 +61,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "minutes": round((time.perf_counter() - t0) / 60, 1),
     }
     print()
-    print(f"success rate: {summary['success_rate']:.2f} over {summary['eval_episodes']} evaluation episodes "
-          f"of {cfg.task} ({summary['minutes']} min)")
+    if summary["success_rate"] is not None:
+        print(f"success rate: {summary['success_rate']:.2f} over {summary['eval_episodes']} evaluation episodes "
+              f"of {cfg.task} ({summary['minutes']} min)")
     print(f"video:        {summary['video']}")
     print(f"plots:        {', '.join(summary['plots'])}")
     print(f"checkpoint:   {summary['checkpoint']}")

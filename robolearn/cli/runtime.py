@@ -67,6 +67,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             blend=cfg.blend, realtime=bool(cfg.realtime), latency_s=cfg.latency_s, status=bool(cfg.status),
         )
     except (PermissionError, ConnectionError, OSError) as e:
+        if not cfg.policy:
+            raise
         raise CLIError(f"policy server {cfg.policy}: {e}") from None
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None

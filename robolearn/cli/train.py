@@ -34,7 +34,11 @@ def _init_distributed(device: torch.device) -> tuple[bool, int, torch.device]:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    import datetime
+
+    # Rank 0 evaluates (videos included) while the others wait at a barrier: allow it an hour.
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(hours=1))
     return True, dist.get_rank(), device
 
 
@@ -95,6 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         holder = [str(run_dir)]
         torch.distributed.broadcast_object_list(holder, src=0)
         run_dir = Path(holder[0])
+    resume_from: dict[str, Any] | None = None
     if cfg.resume:
         latest = run_dir / "checkpoints" / "latest"
         if not cfg.run_dir:
@@ -108,6 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if saved.get("type") != policy_cfg.get("type"):
             raise CLIError(f"cannot resume {run_dir} with a {policy_cfg.get('type')!r} policy: its checkpoint "
                            f"holds a {saved.get('type')!r} policy (pass the policy it was started with)")
+        resume_from = saved
     elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise CLIError(f"run folder {run_dir} already holds checkpoints; pass resume=true to continue it, or "
                        f"another run_dir")
@@ -121,16 +127,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         policy = make_policy(policy_cfg, stats)
     except (ConfigError, KeyError, ValueError) as e:
         raise CLIError(f"policy {policy_name}: {e}") from None
+    if resume_from is not None:
+        from robolearn.policies.factory import resolve_config
+
+        now = resolve_config(policy_cfg, stats)
+        saved_cfg = {k: v for k, v in resume_from.items() if k != "sampler"}
+        differ = sorted(k for k in set(now) | set(saved_cfg) if k != "sampler" and now.get(k) != saved_cfg.get(k))
+        if differ:
+            raise CLIError(f"cannot resume {run_dir}: the policy config differs from its checkpoint in "
+                           f"{', '.join(differ)} (resume with the settings the run was started with)")
     n_params = sum(p.numel() for p in policy.parameters())
 
     t = cfg.training
     data_kw = dict(horizon=policy.horizon, n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps,
                    obs_keys=obs_keys, val_ratio=float(t.val_ratio), seed=int(t.seed))
+    if not 0.0 <= float(t.val_ratio) < 1.0:
+        raise CLIError(f"training.val_ratio must be in [0, 1), got {t.val_ratio}")
     train_ds = SequenceDataset(store, split="train", **data_kw)
     val_ds = train_ds.split("val")
     t_plain: dict[str, Any] = OmegaConf.to_container(t)  # type: ignore[assignment]
     settings = TrainSettings(**{f.name: t_plain[f.name] for f in dataclasses.fields(TrainSettings)})
     settings.betas = tuple(settings.betas)  # type: ignore[assignment]
+    try:
+        settings.check()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if len(train_ds) == 0:
+        raise CLIError(f"no training windows: {len(train_ds.episodes)} training episodes after holding out "
+                       f"training.val_ratio={t.val_ratio} of {store.n_episodes}")
     run_config = {
         "task": cfg.task, "dataset": str(dataset_path), "env_config": env_config, "obs_keys": obs_keys,
         "policy_name": policy_name, "policy": policy.config, "training": OmegaConf.to_container(t),

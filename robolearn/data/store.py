@@ -43,6 +43,7 @@ from robolearn.data.schema import (
 )
 
 LOCK_NAME = ".robolearn.lock"
+ENDS_CHUNK = 65536
 CHUNK_BYTES = 2 * 1024 * 1024  # time chunks of low-dim keys: about 2 MB uncompressed (1-4 MB asked)
 _COPY_BLOCK_BYTES = 64 * 1024 * 1024
 
@@ -132,42 +133,46 @@ class EpisodeStore:
         path = Path(path)
         if not schema:
             raise StoreError(f"cannot create {path}: the schema has no keys")
-        if path.exists():
+        root_attrs = {
+            "robolearn": {"version": __version__, "schema": schema_to_json(schema)},
+            "fps": fps,
+            "task": task,
+            "env_config": dict(env_config or {}),
+            **dict(attrs or {}),
+        }
+        try:
+            json.dumps(root_attrs)
+        except TypeError as e:
+            raise StoreError(f"cannot create {path}: its attributes are not JSON-serializable ({e})") from None
+        if path.exists() or path.is_symlink():
             if not overwrite:
                 raise StoreError(f"cannot create {path}: it already exists (open it, or pass overwrite=True)")
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        try:
-            json.dumps(dict(env_config or {}))
-        except TypeError as e:
-            raise StoreError(f"cannot create {path}: env_config is not JSON-serializable ({e})") from None
+            _remove_store(path)
         path.mkdir(parents=True)
         lock_fd = _acquire_lock(path)
-        root = zarr.open_group(str(path), mode="a", zarr_format=zarr_format)  # "w" would delete the lock file
-        data = root.create_group("data")
-        for key, spec in schema.items():
-            n = time_chunk_len(spec)
-            data.create_array(
-                key,
-                shape=(0, *spec.shape),
-                dtype=spec.dtype,
-                chunks=(n, *spec.shape),
-                compressors=_compressor(spec, zarr_format),
-                fill_value=0,
+        try:
+            root = zarr.open_group(str(path), mode="a", zarr_format=zarr_format)  # "w" would delete the lock
+            data = root.create_group("data")
+            for key, spec in schema.items():
+                n = time_chunk_len(spec)
+                data.create_array(
+                    key,
+                    shape=(0, *spec.shape),
+                    dtype=spec.dtype,
+                    chunks=(n, *spec.shape),
+                    compressors=_compressor(spec, zarr_format),
+                    fill_value=0,
+                )
+            meta = root.create_group("meta")
+            meta.create_array(
+                "episode_ends", shape=(0,), dtype="int64", chunks=(ENDS_CHUNK,), fill_value=-1,
+                compressors=_compressor(KeySpec((), "int64", "other"), zarr_format),
             )
-        meta = root.create_group("meta")
-        meta.create_array(
-            "episode_ends", shape=(0,), dtype="int64", chunks=(65536,), fill_value=-1,
-            compressors=_compressor(KeySpec((), "int64", "other"), zarr_format),
-        )
-        root.attrs.update(
-            {
-                "robolearn": {"version": __version__, "schema": schema_to_json(schema)},
-                "fps": fps,
-                "task": task,
-                "env_config": dict(env_config or {}),
-                **dict(attrs or {}),
-            }
-        )
+            root.attrs.update(root_attrs)
+        except BaseException:
+            _release_lock(lock_fd)
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return cls(path, root, writable=True, lock_fd=lock_fd)
 
     @classmethod
@@ -199,13 +204,15 @@ class EpisodeStore:
                         raise StoreError(f"{path} has no '{name}' group: not an episode store")
                 if "episode_ends" not in root["meta"]:
                     raise StoreError(f"{path} has no 'meta/episode_ends' array: not an episode store")
+                store = cls(path, root, writable=mode == "a", lock_fd=lock_fd)
             except StoreError:
                 raise
             except Exception as e:  # corrupt metadata JSON, unreadable chunks, ...
                 raise StoreError(f"cannot read store {path}: {type(e).__name__}: {e}") from e
-            store = cls(path, root, writable=mode == "a", lock_fd=lock_fd)
             if validate:
-                store.validate()
+                # Opened to write (drop, append), a store with a NaN action must still open: dropping the bad
+                # episode is how it gets fixed.
+                store.validate(check_values=mode == "r")
             if mode == "a":
                 store._trim_uncommitted()
         except BaseException:
@@ -226,6 +233,15 @@ class EpisodeStore:
         fps = create_kwargs.get("fps")
         if diff is None and fps is not None and store.fps is not None and float(fps) != float(store.fps):
             diff = f"fps {store.fps} in the store vs {fps}"
+        task = create_kwargs.get("task")
+        if diff is None and task and store.task and task != store.task:
+            diff = f"task {store.task!r} in the store vs {task!r}"
+        env_config = create_kwargs.get("env_config")
+        if diff is None and env_config is not None and store.is_robolearn and dict(env_config) != store.env_config:
+            changed = sorted(k for k in set(env_config) | set(store.env_config)
+                             if env_config.get(k) != store.env_config.get(k))
+            diff = "environment config differs in " + ", ".join(
+                f"{k} ({store.env_config.get(k)!r} in the store vs {env_config.get(k)!r})" for k in changed)
         if diff is not None:
             store.close()
             raise StoreError(f"cannot append to {path}: its schema differs from the new data ({diff})")
@@ -355,7 +371,14 @@ class EpisodeStore:
         ends = self._ends_array()
         new_ends = n0 + np.cumsum(lengths, dtype=np.int64)
         ends.resize((e0 + len(episodes),))
-        ends[e0:] = new_ends  # the commit point: these episodes exist from here on
+        # The commit point: these episodes exist from here on. Written chunk by chunk, in order, so a crash
+        # can only leave an unwritten tail (never a hole in the middle).
+        chunk = int(ends.chunks[0])
+        start = e0
+        while start < e0 + len(episodes):
+            stop = min(e0 + len(episodes), (start // chunk + 1) * chunk)
+            ends[start:stop] = new_ends[start - e0 : stop - e0]
+            start = stop
         self._ends = np.concatenate([self._ends, new_ends])
         self._merge_cached_stats(new_stats, previous_steps=n0)
         return list(range(e0, e0 + len(episodes)))
@@ -385,13 +408,20 @@ class EpisodeStore:
             raise
         # Swap: the new directory carries its own (held) lock; the old one is released after.
         backup = _backup_path(self.path)
-        os.rename(self.path, backup)
+        if backup.exists():  # left by a drop killed while deleting the old copy: the swap had completed
+            shutil.rmtree(backup)
+        try:
+            os.rename(self.path, backup)
+        except BaseException:
+            out.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         os.rename(tmp, self.path)
-        _release_lock(self._lock_fd)
-        shutil.rmtree(backup)
-        self._lock_fd, out._lock_fd = out._lock_fd, None
+        old_fd, self._lock_fd, out._lock_fd = self._lock_fd, out._lock_fd, None
+        _release_lock(old_fd)
         self._root = zarr.open_group(str(self.path), mode="r+")
         self._ends = self._read_ends()
+        shutil.rmtree(backup, ignore_errors=True)
 
     # ------------------------------------------------------------------ statistics
     def stats(self, refresh: bool = False) -> dict[str, dict[str, np.ndarray]]:
@@ -514,10 +544,15 @@ class EpisodeStore:
         return self._root["meta"]["episode_ends"]
 
     def _read_ends(self) -> np.ndarray:
-        raw = np.asarray(self._ends_array()[:], dtype=np.int64)
-        # A trailing -1 is an append whose end was allocated but never written (writer killed): not committed.
+        arr = self._ends_array()
+        raw = np.asarray(arr[:], dtype=np.int64)
+        # An end that was allocated but never written (writer killed between resize and write) reads as the fill
+        # value: -1 in robolearn's stores, often 0 in others. A trailing run of such non-increasing entries is
+        # an append that did not finish, not corruption.
+        fill = arr.fill_value
+        fill = -1 if fill is None else int(fill)
         n = len(raw)
-        while n and raw[n - 1] == -1:
+        while n and raw[n - 1] == fill and (n == 1 or raw[n - 1] <= raw[n - 2]):
             n -= 1
         return raw[:n]
 
@@ -602,6 +637,15 @@ def _finish_stats(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
+def _remove_store(path: Path) -> None:
+    """Delete an existing store for ``overwrite=True``: only a zarr store, and only if no writer holds it."""
+    if path.is_symlink() or not path.is_dir() or not ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
+        raise StoreError(f"cannot overwrite {path}: it is not an episode store (refusing to delete it)")
+    fd = _acquire_lock(path)  # raises if a writer holds it
+    _release_lock(fd)
+    shutil.rmtree(path)
+
+
 def _backup_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.drop-backup")
 
@@ -668,12 +712,27 @@ def merge_stores(
         if first.task and other.task and first.task != other.task:
             raise StoreError(f"cannot merge {first.path} and {other.path}: task {first.task!r} vs {other.task!r}")
     outp = Path(out)
-    if any(outp.resolve() == s.path.resolve() for s in stores):
-        raise StoreError(f"cannot merge into {outp}: it is one of the sources")
-    dst = EpisodeStore.create(
-        outp, first.schema, fps=first.fps, task=first.task, env_config=first.env_config,
-        attrs={"merged_from": [str(s.path) for s in stores]}, zarr_format=zarr_format, overwrite=overwrite,
-    )
     for s in stores:
-        _copy_episodes(s, dst, range(s.n_episodes))
-    return dst
+        src, dst_abs = s.path.resolve(), outp.resolve()
+        if dst_abs == src or dst_abs in src.parents or src in dst_abs.parents:
+            raise StoreError(f"cannot merge into {outp}: it is, contains or lies inside the source {s.path}")
+    if outp.exists() and not overwrite:
+        raise StoreError(f"cannot create {outp}: it already exists (pass overwrite=True to replace it)")
+    # Written under a temporary name and renamed: a failed merge never leaves a store that looks complete.
+    tmp = outp.with_name(f".{outp.name}.merge-{uuid.uuid4().hex[:8]}")
+    dst = EpisodeStore.create(
+        tmp, first.schema, fps=first.fps, task=first.task, env_config=first.env_config,
+        attrs={"merged_from": [str(s.path) for s in stores]}, zarr_format=zarr_format,
+    )
+    try:
+        for s in stores:
+            _copy_episodes(s, dst, range(s.n_episodes))
+    except BaseException:
+        dst.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dst.close()
+    if outp.exists():
+        _remove_store(outp)
+    os.rename(tmp, outp)
+    return EpisodeStore.open(outp, mode="a")

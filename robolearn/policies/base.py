@@ -207,6 +207,8 @@ class ChunkPolicy(nn.Module, ABC):
             shift = max(0, min(int(shift), self.horizon - 1))
             shifted = torch.cat([prev[:, shift:], prev[:, -1:].expand(B, shift, self.action_dim)], dim=1)
             guess = self.normalizer.normalize(self.action_key, shifted)
+            if noise is not None and tuple(noise.shape) != self.noise_shape(B):
+                raise ValueError(f"noise must have shape {self.noise_shape(B)}, got {tuple(noise.shape)}")
             noise = self.make_noise(B, generator) if noise is None else noise.to(self.device, torch.float32)
             chunk = self.sample_warm(cond, guess, noise, int(steps))
             chunk = self.normalizer.unnormalize(self.action_key, chunk)

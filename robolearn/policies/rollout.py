@@ -80,6 +80,7 @@ def evaluate(
     queues: list[deque[np.ndarray]] = [deque() for _ in range(n_envs)]
     returns = np.zeros(n_envs)
     best = np.full(n_envs, -np.inf)  # max reward within the episode: Push-T's coverage score
+    succeeded = np.zeros(n_envs, dtype=bool)  # success at any step (an env may not end the episode on success)
     lengths = np.zeros(n_envs, dtype=np.int64)
     ep_index = [0] * n_envs
     results: list[dict[str, Any]] = []
@@ -110,16 +111,17 @@ def evaluate(
                 continue
             returns[i] += float(rew[i])
             best[i] = max(best[i], float(rew[i]))
+            succeeded[i] |= success[i]
             lengths[i] += 1
             if done[i]:
                 results.append({
-                    "env": i, "episode": ep_index[i], "success": bool(success[i]),
+                    "env": i, "episode": ep_index[i], "success": bool(succeeded[i]),
                     "return": round(float(returns[i]), 4), "max_reward": round(float(best[i]), 4),
                     "length": int(lengths[i]),
                     "terminated": bool(term[i]),
                 })
                 ep_index[i] += 1
-                returns[i], lengths[i], best[i] = 0.0, 0, -np.inf
+                returns[i], lengths[i], best[i], succeeded[i] = 0.0, 0, -np.inf, False
                 queues[i].clear()
                 hist[i].reset(_row(obs, i))
                 if progress:

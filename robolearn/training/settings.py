@@ -27,6 +27,19 @@ class TrainSettings:
     stop_after: int | None = None  # stop (as if interrupted) after this step: for tests of resume
 
 
+    def check(self) -> None:
+        """Refuse settings that would crash late or delete checkpoints; messages name the setting."""
+        positive = ("steps", "batch_size", "log_every", "keep_checkpoints", "val_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("val_every", "ckpt_every", "eval_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"training.lr must be > 0, got {self.lr}")
+
+
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / max(1, warmup)

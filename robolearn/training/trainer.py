@@ -51,6 +51,15 @@ class _Loss(nn.Module):
         return self.policy.compute_loss(batch)
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    """One metrics record; None for a blank line or one cut short by a killed write."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: _to(v, device) for k, v in batch.items()}
@@ -163,14 +172,16 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = [ln for ln in path.read_text().splitlines() if (rec := _parse(ln)) and rec.get("step", 0) <= step]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, path)
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.run_dir / "metrics.jsonl"
-        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+        if not path.exists():
+            return []
+        return [rec for ln in path.read_text().splitlines() if (rec := _parse(ln))]
 
     # ------------------------------------------------------------------ the loop
     def _batch(self, dataset: Any, step: int, salt: int = 0) -> dict[str, Any]:

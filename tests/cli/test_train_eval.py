@@ -78,6 +78,8 @@ def test_resume_continues_the_exact_step_and_loss_curve(peg_data, tmp_path, caps
         (["policy=flowunet"], "unknown policy 'flowunet'; choose one of"),
         (["training.stesp=3"], "did you mean 'training.steps'?"),
         (["resume=true"], "cannot resume: no checkpoint at"),
+        (["training.keep_checkpoints=0"], "training.keep_checkpoints must be >= 1"),
+        (["training.val_ratio=1.5"], "training.val_ratio must be in [0, 1)"),
     ],
 )
 def test_train_bad_input_fails_before_training(peg_data, tmp_path, capsys, extra, message):
@@ -93,6 +95,8 @@ def test_resume_with_another_policy_type_is_refused(peg_data, tmp_path, capsys):
     assert train(peg_data, run, "training.steps=2", "eval.episodes=0") == 0
     assert train(peg_data, run, "training.steps=4", "eval.episodes=0", "policy=flow_unet", "resume=true") == 1
     assert "holds a 'diffusion' policy" in capsys.readouterr().err
+    assert train(peg_data, run, "training.steps=4", "eval.episodes=0", "policy.horizon=12", "resume=true") == 1
+    assert "differs from its checkpoint in horizon" in capsys.readouterr().err
     assert train(peg_data, run, "training.steps=4", "eval.episodes=0") == 1  # would overwrite
     assert "already holds checkpoints; pass resume=true" in capsys.readouterr().err
 

@@ -206,6 +206,49 @@ def test_open_or_create_resumes_and_checks_schema(store_factory, tmp_path):
 
 
 def test_env_config_must_be_json(tmp_path):
-    with pytest.raises(StoreError, match="env_config is not JSON-serializable"):
+    with pytest.raises(StoreError, match="its attributes are not JSON-serializable"):
         EpisodeStore.create(tmp_path / "x.zarr", SCHEMA, env_config={"f": object()})
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_overwrite_and_merge_never_delete_what_is_not_a_store(store_factory, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("precious")
+    with pytest.raises(StoreError, match="is not an episode store"):
+        EpisodeStore.create(tmp_path / "notes", SCHEMA, overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").exists()
+    store_factory(name="a.zarr").close()
+    with pytest.raises(StoreError, match="contains or lies inside the source"):
+        merge_stores([tmp_path / "a.zarr"], tmp_path, overwrite=True)
+    held = EpisodeStore.open(tmp_path / "a.zarr", mode="a")
+    with pytest.raises(StoreError, match="already open for writing"):
+        EpisodeStore.create(tmp_path / "a.zarr", SCHEMA, overwrite=True)
+    held.close()
+    assert EpisodeStore.open(tmp_path / "a.zarr").n_episodes == 3
+
+
+def test_unfinished_append_to_a_store_with_zero_fill(tmp_path):
+    """diffusion_policy's stores fill episode_ends with 0: an end allocated but never written reads as 0."""
+    root = zarr.open_group(str(tmp_path / "dp.zarr"), mode="w", zarr_format=2)
+    root.create_group("data").create_array("action", shape=(9, 2), dtype="float32")[:] = 1.0
+    ends = root.create_group("meta").create_array("episode_ends", shape=(3,), dtype="int64", fill_value=0)
+    ends[:2] = [4, 9]  # the third end was allocated by a killed writer, never written
+    store = EpisodeStore.open(tmp_path / "dp.zarr")
+    assert store.n_episodes == 2 and store.validate()["uncommitted_episode_ends"] == 1
+
+
+def test_store_with_nan_opens_for_dropping(store_factory, tmp_path):
+    store_factory(lengths=(3, 3)).close()
+    zarr.open_group(str(tmp_path / "store.zarr"), mode="r+")["data"]["action"][4, 0] = np.nan
+    with EpisodeStore.open(tmp_path / "store.zarr", mode="a") as s:
+        s.drop_episodes([1])
+    assert EpisodeStore.open(tmp_path / "store.zarr").n_episodes == 1
+
+
+def test_drop_after_an_interrupted_drop(store_factory, tmp_path):
+    store = store_factory(lengths=(3, 4, 5))
+    (tmp_path / ".store.zarr.drop-backup").mkdir()  # what a drop killed while deleting the old copy leaves
+    (tmp_path / ".store.zarr.drop-backup" / "x").write_text("old")
+    store.drop_episodes([0])
+    assert list(store.episode_lengths) == [4, 5]
+    assert not (tmp_path / ".store.zarr.drop-backup").exists()
