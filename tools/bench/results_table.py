@@ -54,6 +54,30 @@ def ensure_demos(task: str, demos: int, workers: int) -> Path:
     return out
 
 
+PUBLISHED = {"lift": "1.00", "can": "1.00", "push_t": "0.95 (coverage)", "peg_insert": "—", "square": "1.00 / 0.93"}
+
+
+def markdown(done: dict) -> str:
+    """Rows: tasks; columns: policies; each cell success rate (and Push-T's mean best coverage score)."""
+    policies = list(dict.fromkeys(r["policy"] for r in done["rows"]))
+    tasks = list(dict.fromkeys(r["task"] for r in done["rows"]))
+    cell = {(r["task"], r["policy"]): r for r in done["rows"]}
+    lines = ["| task | " + " | ".join(f"`{p}`" for p in policies) + " | Diffusion Policy (Chi et al., state) |",
+             "| --- |" + " ---: |" * len(policies) + " ---: |"]
+    for t in tasks:
+        row = []
+        for p in policies:
+            r = cell.get((t, p))
+            if r is None or "success_rate" not in r:
+                row.append("—")
+            elif t == "push_t":
+                row.append(f"{r['success_rate']:.2f} (coverage {r['mean_max_reward']:.2f})")
+            else:
+                row.append(f"{r['success_rate']:.2f}")
+        lines.append(f"| `{t}` | " + " | ".join(row) + f" | {PUBLISHED.get(t, '—')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["lift", "peg_insert", "push_t", "can"])
@@ -65,7 +89,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "tools/bench/results/results_table.json")
     ap.add_argument("--resume", action="store_true", help="skip (task, policy) pairs already in --out")
+    ap.add_argument("--markdown", action="store_true", help="print --out as the README's table and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     done = json.loads(args.out.read_text()) if args.resume and args.out.exists() else {"rows": []}
     done.update({
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, Python {platform.python_version()}",
