@@ -70,8 +70,10 @@ def _free_port() -> int:
 
 def test_serve_answers_remote_policy_and_runner(checkpoint, tmp_path):
     port = _free_port()
+    # Ctrl-C must reach the server even when the tests run as a shell's background job (SIGINT ignored).
     server = subprocess.Popen([EXE, "serve", f"checkpoint={checkpoint}", f"port={port}", "token=s3cret"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import _thread
 import io
+import signal
 import threading
 import time
 
@@ -150,12 +151,16 @@ def test_policy_exception_stops_safely_and_still_reports() -> None:
 
 def test_ctrl_c_stops_cleanly_with_a_report() -> None:
     env, pol = TickEnv(max_steps=10_000), TickPolicy(n_action_steps=4)
+    # A shell's background job (CI may be one) starts with SIGINT ignored, and then interrupt_main does
+    # nothing: give this test Python's own Ctrl-C handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.4, _thread.interrupt_main)
     timer.start()
     try:
         r = Runner(pol, env, mode="async", rate_hz=50, realtime=True, status=False).run(episodes=1)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert r["interrupted"] is True and r["per_episode"][0]["status"] == "interrupted"
     assert 5 <= r["ticks"] < 100
 
