@@ -11,6 +11,7 @@ Every command that computes a result prints a one-line JSON summary as its last 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -165,9 +166,7 @@ def _hydra_job(name: str) -> Callable[[argparse.Namespace], None]:
         from robolearn.cli.config import compose
 
         cfg = compose(name, args.overrides)
-        module, _, func = _JOBS[name].partition(":")  # noqa: F841
-        import importlib
-
+        module, _, func = _JOBS[name].partition(":")
         getattr(importlib.import_module(module), func)(cfg)
 
     return run

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -91,10 +91,3 @@ class Evaluator:
         if self._venv is not None:
             self._venv.close()
             self._venv = None
-
-
-def evaluator_from(task: str, env_config: dict[str, Any], cfg: Any, run_dir: Path, device: torch.device,
-                   progress: bool = True) -> Callable[[torch.nn.Module, int], dict[str, Any]]:
-    return Evaluator(task, env_config, episodes=int(cfg.episodes), num_envs=int(cfg.num_envs),
-                     workers=int(cfg.workers), seed=int(cfg.seed), videos=int(cfg.videos), run_dir=run_dir,
-                     device=device, progress=progress)

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from robolearn.cli import CLIError, print_json
-from robolearn.cli.evaluation import evaluator_from, pick_device
+from robolearn.cli.evaluation import Evaluator, pick_device
 
 
 def _init_distributed(device: torch.device) -> tuple[bool, int, torch.device]:
@@ -169,7 +169,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               f"run folder {run_dir}")
     evaluator = None
     if main_rank and int(cfg.eval.episodes) > 0:
-        evaluator = evaluator_from(cfg.task, env_config, cfg.eval, run_dir, device, progress=bool(t.progress))
+        e = cfg.eval
+        evaluator = Evaluator(cfg.task, env_config, episodes=int(e.episodes), num_envs=int(e.num_envs),
+                              workers=int(e.workers), seed=int(e.seed), videos=int(e.videos), run_dir=run_dir,
+                              device=device, progress=bool(t.progress))
     trainer = Trainer(policy, train_ds, settings, run_dir, run_config, val_dataset=val_ds, evaluate=evaluator,
                       device=device)
     try:

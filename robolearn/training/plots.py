@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 def plot_metrics(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[str]:
+    """``loss.png`` (train and validation loss) and ``success.png`` (evaluation success rate), where data exists."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,36 +20,33 @@ def plot_metrics(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list
         pts = [(r["step"], r[key]) for r in records if key in r]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    steps, loss = series("loss")
-    if steps:
+    def figure(name: str, title: str, ylabel: str, draw: Callable[[Any], None]) -> None:
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        ax.plot(steps, loss, label="train loss", lw=1.2)
+        draw(ax)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(str(out / name))
+
+    def draw_loss(ax: Any) -> None:
+        ax.plot(*series("loss"), label="train loss", lw=1.2)
         vs, vl = series("val_loss")
         if vs:
             ax.plot(vs, vl, "o-", label="validation loss (EMA weights)", lw=1.2)
         ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-        ax.set_title("training loss")
-        fig.tight_layout()
-        path = out / "loss.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(str(path))
-    es, sr = series("success_rate")
-    if es:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        ax.plot(es, sr, "o-", color="tab:green")
+
+    def draw_success(ax: Any) -> None:
+        ax.plot(*series("success_rate"), "o-", color="tab:green")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("step")
-        ax.set_ylabel("success rate")
         ax.grid(alpha=0.3)
-        ax.set_title("evaluation success rate")
-        fig.tight_layout()
-        path = out / "success.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(str(path))
+
+    if series("loss")[0]:
+        figure("loss.png", "training loss", "loss", draw_loss)
+    if series("success_rate")[0]:
+        figure("success.png", "evaluation success rate", "success rate", draw_success)
     return written

@@ -39,15 +39,13 @@ def last_json(text: str) -> dict:
 
 
 def ensure_demos(task: str, demos: int, workers: int) -> Path:
+    """``data/<task>.zarr`` with at least ``demos`` episodes: collect appends the missing ones."""
+    from robolearn.data import EpisodeStore
+
     out = ROOT / "data" / f"{task}.zarr"
-    r = subprocess.run([EXE, "collect", f"task={task}", f"episodes={demos}", f"out={out}", f"workers={workers}",
-                        "progress=false"] if not out.exists() else [EXE, "data", "info", str(out), "--json"],
-                       capture_output=True, text=True, cwd=ROOT)
-    if r.returncode != 0:
-        raise SystemExit(f"collecting {task} failed:\n{r.stderr[-2000:]}")
-    have = last_json(r.stdout).get("store_episodes", last_json(r.stdout).get("episodes"))
-    if have < demos:
-        r = subprocess.run([EXE, "collect", f"task={task}", f"episodes={demos - have}", f"out={out}",
+    missing = demos - (EpisodeStore.open(out).n_episodes if out.exists() else 0)
+    if missing > 0:
+        r = subprocess.run([EXE, "collect", f"task={task}", f"episodes={missing}", f"out={out}",
                             f"workers={workers}", "progress=false"], capture_output=True, text=True, cwd=ROOT)
         if r.returncode != 0:
             raise SystemExit(f"collecting {task} failed:\n{r.stderr[-2000:]}")
