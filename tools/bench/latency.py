@@ -9,7 +9,11 @@ flow Euler 10/4/1 steps):
 - chunk latency: ``predict_action`` at batch 1, observation encoding included, median of ``--repeats`` runs
   after warm-up;
 - one denoiser call (the backbone alone), median;
-- training samples/s: one AdamW step at batch 64 through ``compute_loss`` (forward, backward, step).
+- training samples/s: one AdamW step at batch 64 through ``compute_loss`` (forward, backward, step);
+- the same-run baseline for the target row (diffusion U-Net, DDIM-10, float32): the same model and weights
+  computed with PyTorch's own ``Conv1d``/``ConvTranspose1d``/``F.linear`` kernels -- the path Diffusion
+  Policy's model code takes -- so the speed-up is measured on the same machine in the same minute
+  (``--no-baseline`` skips it).
 
 Observations are Push-T-like: a 20-d state, 2 observation steps, 2-d actions, horizon 16, 8 action steps.
 
@@ -30,7 +34,8 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable from a checkout without installing
 
@@ -71,6 +76,23 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
         sync(device)
         times.append(time.perf_counter() - t0)
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "n": repeats}
+
+
+@contextmanager
+def torch_kernels() -> Iterator[None]:
+    """Run the U-Net on PyTorch's stock convolution and linear kernels (Diffusion Policy's path)."""
+    from torch import nn
+
+    from robolearn.models import unet
+
+    saved = unet.GemmConv1d.forward, unet.GemmUpsample1d.forward, unet._ONEDNN_LINEAR
+    unet.GemmConv1d.forward = nn.Conv1d.forward  # type: ignore[method-assign]
+    unet.GemmUpsample1d.forward = nn.ConvTranspose1d.forward  # type: ignore[method-assign]
+    unet._ONEDNN_LINEAR = False
+    try:
+        yield
+    finally:
+        unet.GemmConv1d.forward, unet.GemmUpsample1d.forward, unet._ONEDNN_LINEAR = saved
 
 
 def build(name: str, args: argparse.Namespace, device: torch.device) -> ChunkPolicy:
@@ -117,10 +139,19 @@ def bench_sampling(policy: ChunkPolicy, name: str, n_params: int, dtype: str, ar
         nfe = steps * (2 if kind == "midpoint" else 1)
         reps = max(2, args.repeats // 3) if nfe >= 50 else args.repeats
         r = timed(lambda: policy.predict_action(obs, noise, sampler=kind, steps=steps), device, reps, 1)
-        rows.append({"policy": name, "params_m": n_params / 1e6, "dtype": dtype, "sampler": f"{kind}-{steps}",
-                     "nfe": nfe,
-                     "chunk_ms": r["median_ms"], "chunk_min_ms": r["min_ms"], "repeats": r["n"],
-                     "call_ms": call["median_ms"]})
+        row = {"policy": name, "params_m": n_params / 1e6, "dtype": dtype, "sampler": f"{kind}-{steps}",
+               "nfe": nfe, "kernels": "robolearn",
+               "chunk_ms": r["median_ms"], "chunk_min_ms": r["min_ms"], "repeats": r["n"],
+               "call_ms": call["median_ms"]}
+        rows.append(row)
+        if (args.baseline and name == "diffusion_unet" and dtype == "float32" and kind == "ddim"
+                and device.type == "cpu"):
+            with torch_kernels(), torch.inference_mode():
+                bcall = timed(lambda: policy.backbone(x, t, cond), device, args.repeats * 3, 3)
+                b = timed(lambda: policy.predict_action(obs, noise, sampler=kind, steps=steps), device, reps, 1)
+            rows.append({**row, "kernels": "torch (baseline)", "chunk_ms": b["median_ms"],
+                         "chunk_min_ms": b["min_ms"], "repeats": b["n"], "call_ms": bcall["median_ms"]})
+            row["speedup_vs_baseline"] = b["median_ms"] / r["median_ms"]
     return rows
 
 
@@ -147,12 +178,13 @@ def bench_training(policy: ChunkPolicy, name: str, rows: list[dict[str, Any]], a
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'policy':<22} {'params':>7} {'dtype':<8} {'sampler':<10} {'NFE':>4} {'chunk ms':>9} {'min ms':>8} {'call ms':>8} " \
-           f"{'train samp/s':>12}"
+    head = f"{'policy':<22} {'params':>7} {'dtype':<8} {'kernels':<17} {'sampler':<10} {'NFE':>4} {'chunk ms':>9} " \
+           f"{'min ms':>8} {'call ms':>8} {'train samp/s':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['policy']:<22} {r['params_m']:>6.2f}M {r['dtype']:<8} {r['sampler']:<10} {r['nfe']:>4} {r['chunk_ms']:>9.1f} "
+        print(f"{r['policy']:<22} {r['params_m']:>6.2f}M {r['dtype']:<8} {r['kernels']:<17} {r['sampler']:<10} "
+              f"{r['nfe']:>4} {r['chunk_ms']:>9.1f} "
               f"{r['chunk_min_ms']:>8.1f} {r['call_ms']:>8.2f} {r['train_samples_per_s']:>12.1f}")
 
 
@@ -165,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
     p.add_argument("--dtypes", nargs="*", default=["float32"], choices=["float32", "bfloat16"],
                    help="backbone dtypes to time sampling with (bfloat16: policy.set_inference_dtype)")
-    p.add_argument("--baseline-convs", action="store_true",
-                   help="use PyTorch's Conv1d/ConvTranspose1d kernels in the U-Net (the path Diffusion Policy's "
-                        "code takes) instead of robolearn's unfold+GEMM ones, to compare on the same machine")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the same-run baseline (the diffusion U-Net's DDIM-10 chunk on PyTorch's stock "
+                        "Conv1d/ConvTranspose1d/F.linear kernels, the path Diffusion Policy's code takes)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--train-steps", type=int, default=None)
     p.add_argument("--train-batch", type=int, default=64)
@@ -179,13 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     args.train_steps = args.train_steps or (2 if args.quick else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.baseline_convs:
-        from torch import nn
-
-        from robolearn.models import unet
-
-        unet.GemmConv1d.forward = nn.Conv1d.forward  # type: ignore[method-assign]
-        unet.GemmUpsample1d.forward = nn.ConvTranspose1d.forward  # type: ignore[method-assign]
     device = torch.device(args.device)
 
     load_before = os.getloadavg()
@@ -212,9 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=1))
     key = [r for r in rows if r["policy"] == "diffusion_unet" and r["sampler"] == "ddim-10"
            and r["dtype"] == "float32"]
+    ours = [r for r in key if r["kernels"] == "robolearn"]
+    base = [r for r in key if r["kernels"] != "robolearn"]
     summary = {"bench": "latency", "out": str(args.out) if args.out else None, "device": str(device),
-               "threads": torch.get_num_threads(), "quick": args.quick, "baseline_convs": args.baseline_convs,
-               "diffusion_unet_ddim10_ms": round(key[0]["chunk_ms"], 1) if key else None}
+               "threads": torch.get_num_threads(), "quick": args.quick,
+               "diffusion_unet_ddim10_ms": round(ours[0]["chunk_ms"], 1) if ours else None,
+               "baseline_ddim10_ms": round(base[0]["chunk_ms"], 1) if base else None}
     print(json.dumps(summary))
     return 0
 
