@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "tools/bench/results/results_table.json")
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "table",
+                    help="where each (task, policy) run folder goes")
     ap.add_argument("--resume", action="store_true", help="skip (task, policy) pairs already in --out")
     ap.add_argument("--markdown", action="store_true", help="print --out as the README's table and exit")
     args = ap.parse_args()
@@ -105,7 +107,7 @@ def main() -> None:
             if (task, policy) in have:
                 continue
             backbone = "transformer" if "transformer" in policy else "unet"
-            run_dir = ROOT / "runs" / "table" / f"{task}-{policy}"
+            run_dir = args.runs_dir / f"{task}-{policy}"
             t0 = time.perf_counter()
             cmd = [EXE, "train", f"task={task}", f"policy={policy}", f"dataset={data}", f"run_dir={run_dir}",
                    f"training.steps={args.steps}", f"eval.episodes={args.episodes}",
