@@ -15,7 +15,10 @@ export MUJOCO_GL ?= egl
 demo: $(STAMP)
 	$(BIN)/robolearn quickstart
 
+# The teleop viewer's smoke test opens a real window on a virtual display: Xvfb and xdotool come from the
+# system's packages (about 10 s with apt the first time, nothing after).
 test: $(STAMP)
+	@bash tools/setup_xvfb.sh
 	$(BIN)/python -m pytest -q
 
 venv: $(STAMP)

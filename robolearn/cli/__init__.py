@@ -30,6 +30,7 @@ examples:
   robolearn data drop data/push_t.zarr --episodes 3,5
   robolearn data merge data/a.zarr data/b.zarr --out data/ab.zarr
   robolearn bench env task=push_t
+  robolearn teleop task=push_t device=keyboard out=data/push_t_teleop.zarr
 
 Run 'robolearn COMMAND --help' for a command's options.
 """
@@ -181,6 +182,7 @@ _JOBS = {
     "eval": "robolearn.cli.eval:run",
     "run": "robolearn.cli.runtime:run",
     "serve": "robolearn.cli.runtime:serve",
+    "teleop": "robolearn.cli.teleop:run",
 }
 
 
@@ -226,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _teleop_controls() -> str:
+    from robolearn.teleop.controls import controls_help  # plain data: keeps 'robolearn --help' fast
+
+    return controls_help()
+
+
 # command -> (one-line help, description, examples); each takes hydra overrides, documented by its YAML.
 _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "collect": (
@@ -265,6 +273,20 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
         "A policy server speaking openpi's protocol: msgpack-numpy over WebSockets.\n"
         "Binds to loopback unless host= says otherwise; token= requires 'Authorization: Api-Key <token>'.",
         ["robolearn serve checkpoint=runs/train/<run>/checkpoints/latest port=8000 token=secret"],
+    ),
+    "teleop": (
+        "record demonstrations by hand (keyboard, SpaceMouse, gamepad) in MuJoCo's viewer",
+        "Open MuJoCo's viewer on a task and drive it with a device at the task's control rate; each saved\n"
+        "episode is appended atomically to the episode store (scripted collection's schema, plus a per-step\n"
+        "'intervention' flag and the device and time per episode). policy=CHECKPOINT: the policy drives through\n"
+        "the real-time runner and the operator takes over and hands back. device=replay:FILE replays a log\n"
+        "written with record_events=FILE through the same code path, headless by default.\n\n"
+        + _teleop_controls(),
+        ["robolearn teleop task=push_t device=keyboard out=data/push_t_teleop.zarr",
+         "robolearn teleop task=lift device=spacemouse record_events=runs/lift_events.jsonl",
+         "robolearn teleop policy=runs/train/<run>/checkpoints/latest out=data/push_t_dagger.zarr",
+         "robolearn teleop device=replay:runs/lift_events.jsonl out=/tmp/replayed.zarr",
+         "xvfb-run -a robolearn teleop task=push_t        # no display: a virtual one"],
     ),
     "quickstart": (
         "the main job on the built-in default: what 'make demo' runs",

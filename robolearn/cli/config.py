@@ -146,7 +146,26 @@ class ServeConfig:
     key_map: dict[str, Any] = field(default_factory=dict)  # client observation name -> policy's name
 
 
+@dataclass
+class TeleopConfig:
+    task: str | None = None  # default: the replay log's task, or the checkpoint's
+    device: str = "keyboard"  # keyboard | spacemouse | gamepad[:/dev/input/jsN] | replay:FILE
+    out: str | None = None  # default: data/<task>_teleop.zarr; an existing store is appended to
+    policy: str | None = None  # a checkpoint folder: intervention mode
+    episodes: int | None = None  # quit after this many saved episodes
+    seed: int | None = None  # first scene; default: after the last one used in the store (a replay: its own)
+    rate_hz: float | None = None  # control rate; default the task's
+    realtime: bool | None = None  # default: true for live devices, false for replays (as fast as possible)
+    viewer: bool | None = None  # default: true for live devices, false for replays
+    record_events: str | None = None  # write the session's device events here (a replay log)
+    autosave: bool = False  # save every episode the task ends (success or time limit) without asking
+    mode: str = "async"  # intervention mode: the runner's inference mode (sync | async)
+    latency_s: float | None = None  # intervention mode: pad inference to at least this (rehearse a slow robot)
+    env: dict[str, Any] = field(default_factory=dict)
+
+
 SCHEMAS: dict[str, type] = {
+    "teleop": TeleopConfig,
     "run": RunConfig, "serve": ServeConfig,
     "collect": CollectConfig, "bench_env": BenchEnvConfig, "quickstart": QuickstartConfig,
     "train": TrainConfig, "eval": EvalConfig,

@@ -5,12 +5,17 @@ Layout::
     root/data/<key>          time-first arrays, all episodes concatenated
     root/meta/episode_ends   int64, cumulative: episode i is rows [ends[i-1], ends[i])
     root.attrs               robolearn schema, fps, task, env_config, version
+    root/meta attrs          ``stats`` (cached statistics) and, when a writer gave any, ``episode_attrs``: one
+                             JSON object per episode (who or what recorded it, when), index-aligned with
+                             ``episode_ends``
 
 Why it is safe to kill a writer: every zarr metadata and chunk write is atomic (zarr's LocalStore writes a
 temporary file and renames it), data rows are written before ``episode_ends`` grows, and ``episode_ends`` is
 created with fill value -1. So a writer killed at any moment leaves either orphan data rows past the last
 committed end (ignored by readers, trimmed when the store is next opened for append) or a trailing -1 in
-``episode_ends`` (an append whose end never landed: ignored and trimmed the same way).
+``episode_ends`` (an append whose end never landed: ignored and trimmed the same way). Per-episode attributes
+are written before ``episode_ends`` grows too, so a killed writer can leave an entry past the last committed
+episode: readers ignore it and the next append overwrites it.
 
 One writer at a time: opening for append takes an exclusive ``flock`` on ``<root>/.robolearn.lock``; the
 kernel releases it when the writer dies, however it dies. Readers take no lock and never block.
@@ -330,6 +335,20 @@ class EpisodeStore:
         for i in range(self.n_episodes):
             yield self.get_episode(i, keys)
 
+    def episode_attrs(self, index: int) -> dict[str, Any]:
+        """What the writer said about episode ``index`` (``{}`` when it said nothing, as scripted collection)."""
+        n = self.n_episodes
+        if not -n <= index < n:
+            raise IndexError(f"episode {index} out of range: store {self.path} holds {n} episodes")
+        index %= n
+        entries = self._raw_episode_attrs()
+        return dict(entries[index] or {}) if index < len(entries) else {}
+
+    def all_episode_attrs(self) -> list[dict[str, Any]]:
+        """:meth:`episode_attrs` of every committed episode, in order."""
+        entries = self._raw_episode_attrs()[: self.n_episodes]
+        return [dict(e or {}) for e in entries] + [{} for _ in range(self.n_episodes - len(entries))]
+
     def load(self, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Committed rows of ``keys`` (default all) as numpy arrays in memory."""
         n = self.n_steps
@@ -348,15 +367,32 @@ class EpisodeStore:
         self._require_writable("set attributes of")
         self._root.attrs.update(dict(values))
 
-    def append_episode(self, episode: Mapping[str, np.ndarray]) -> int:
-        """Append one whole episode; it becomes visible only once all its rows are written. Returns its index."""
-        return self.append_episodes([episode])[0]
+    def append_episode(self, episode: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> int:
+        """Append one whole episode; it becomes visible only once all its rows are written. Returns its index.
 
-    def append_episodes(self, episodes: Sequence[Mapping[str, np.ndarray]]) -> list[int]:
-        """Append several episodes in one write per key (faster for many short episodes)."""
+        ``attrs`` (JSON-able) are kept with the episode: see :meth:`episode_attrs`.
+        """
+        return self.append_episodes([episode], None if attrs is None else [attrs])[0]
+
+    def append_episodes(
+        self, episodes: Sequence[Mapping[str, np.ndarray]], attrs: Sequence[Mapping[str, Any] | None] | None = None
+    ) -> list[int]:
+        """Append several episodes in one write per key (faster for many short episodes).
+
+        ``attrs``: one JSON-able dict (or None) per episode, e.g. the device and time of a teleoperated episode.
+        """
         self._require_writable("append")
         if not episodes:
             return []
+        if attrs is not None:
+            if len(attrs) != len(episodes):
+                raise StoreError(f"cannot append to {self.path}: {len(episodes)} episodes but {len(attrs)} attrs")
+            attrs = [dict(a or {}) for a in attrs]
+            try:
+                json.dumps(attrs)
+            except (TypeError, ValueError) as e:
+                raise StoreError(
+                    f"cannot append to {self.path}: episode attrs are not JSON-serializable ({e})") from None
         checked = [self._check_episode(ep, i) for i, ep in enumerate(episodes)]
         lengths = [len(next(iter(ep.values()))) for ep in checked]
         n0, e0 = self.n_steps, self.n_episodes
@@ -368,6 +404,7 @@ class EpisodeStore:
             arr.resize((n0 + total, *spec.shape))
             arr[n0 : n0 + total] = block
             new_stats[key] = _Welford.of(block, _stat_axes(spec))
+        self._write_episode_attrs(e0, attrs, len(episodes))
         ends = self._ends_array()
         new_ends = n0 + np.cumsum(lengths, dtype=np.int64)
         ends.resize((e0 + len(episodes),))
@@ -522,6 +559,8 @@ class EpisodeStore:
                 if spec.role not in ("action", "reward") or np.dtype(spec.dtype).kind != "f":
                     continue
                 values = self.array(key)[: self.n_steps]
+                if not len(values):  # an empty store (a scalar key's (0,) cannot reshape to (0, -1))
+                    continue
                 finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
                 if not finite.all():
                     row = int(np.argmin(finite))
@@ -540,6 +579,24 @@ class EpisodeStore:
         }
 
     # ------------------------------------------------------------------ internals
+    def _raw_episode_attrs(self) -> list[Any]:
+        entries = self._root["meta"].attrs.get("episode_attrs")
+        return list(entries) if isinstance(entries, list) else []
+
+    def _write_episode_attrs(self, first: int, attrs: list[dict[str, Any]] | None, count: int) -> None:
+        """Entries for episodes ``first..first+count-1``, written before they are committed (see module docstring).
+
+        Stores that never got attrs keep no list at all (scripted collection pays nothing); once one episode has
+        attrs, episodes appended without get ``{}``. An entry left past ``first`` by a killed or failed append
+        is replaced here, never inherited by the new episode.
+        """
+        entries = self._raw_episode_attrs()
+        if attrs is None and len(entries) <= first:
+            return
+        entries = entries[:first] + [{}] * max(0, first - len(entries))
+        entries += attrs if attrs is not None else [{}] * count
+        self._root["meta"].attrs["episode_attrs"] = entries
+
     def _ends_array(self) -> zarr.Array:
         return self._root["meta"]["episode_ends"]
 
@@ -620,6 +677,9 @@ class EpisodeStore:
         ends = self._ends_array()
         if ends.shape[0] > len(self._ends):
             ends.resize((len(self._ends),))
+        entries = self._raw_episode_attrs()
+        if len(entries) > self.n_episodes:
+            self._root["meta"].attrs["episode_attrs"] = entries[: self.n_episodes]
         for partial in self.path.rglob("*.partial"):
             partial.unlink(missing_ok=True)
 
@@ -683,13 +743,15 @@ def _copy_episodes(src: EpisodeStore, dst: EpisodeStore, episodes: Sequence[int]
     batch: list[int] = []
     steps = 0
     lengths = src.episode_lengths
+    src_attrs = src.all_episode_attrs() if src._raw_episode_attrs() else None
     for i in list(episodes) + [None]:  # type: ignore[list-item]
         if i is not None and (steps + lengths[i] <= budget or not batch):
             batch.append(i)
             steps += int(lengths[i])
             continue
         if batch:
-            dst.append_episodes([src.get_episode(j) for j in batch])
+            attrs = [src_attrs[j] for j in batch] if src_attrs is not None else None
+            dst.append_episodes([src.get_episode(j) for j in batch], attrs)
         if i is None:
             break
         batch, steps = [i], int(lengths[i])
