@@ -15,10 +15,11 @@ export MUJOCO_GL ?= egl
 demo: $(STAMP)
 	$(BIN)/robolearn quickstart
 
-# The teleop viewer's smoke test opens a real window on a virtual display: Xvfb and xdotool come from the
-# system's packages (about 10 s with apt the first time, nothing after).
+# The teleop viewer's tests open a real window on a virtual display: Xvfb and xdotool come from the system's
+# packages (about 10 s with apt the first time, nothing after). Where they cannot be installed (no root, no apt, no
+# network) the tests still run: only those that need a display fail, each saying what is missing.
 test: $(STAMP)
-	@bash tools/setup_xvfb.sh
+	@bash tools/setup_xvfb.sh || echo "make test: Xvfb/xdotool unavailable (see above): the teleop display tests will fail" >&2
 	$(BIN)/python -m pytest -q
 
 venv: $(STAMP)

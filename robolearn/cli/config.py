@@ -159,8 +159,8 @@ class TeleopConfig:
     viewer: bool | None = None  # default: true for live devices, false for replays
     record_events: str | None = None  # write the session's device events here (a replay log)
     autosave: bool = False  # save every episode the task ends (success or time limit) without asking
-    mode: str = "async"  # intervention mode: the runner's inference mode (sync | async)
-    latency_s: float | None = None  # intervention mode: pad inference to at least this (rehearse a slow robot)
+    mode: str | None = None  # intervention mode: sync | async inference (default async; a replay: the log's)
+    latency_s: float | None = None  # intervention mode: pad inference to at least this (default: a replay's own)
     env: dict[str, Any] = field(default_factory=dict)
 
 

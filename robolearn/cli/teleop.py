@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from robolearn.cli import CLIError, print_json
@@ -49,12 +50,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         replay = ReplayDevice(arg) if kind == "replay" else None  # type: ignore[arg-type]
     except DeviceError as e:
         raise CLIError(str(e)) from None
-    if cfg.mode not in ("sync", "async"):
+    if cfg.mode is not None and cfg.mode not in ("sync", "async"):
         raise CLIError(f"mode must be sync or async, not {cfg.mode!r}")
     if cfg.episodes is not None and cfg.episodes < 1:
         raise CLIError(f"episodes must be >= 1 (or null for no limit), got {cfg.episodes}")
     if replay is not None and cfg.record_events:
         raise CLIError("record_events= records a live session; a replay already is such a log")
+    if cfg.record_events and Path(cfg.record_events).exists():
+        raise CLIError(f"record_events={cfg.record_events} already exists; an event log is never overwritten: "
+                       f"give a new file name")
+    if replay is not None and replay.header.get("policy") and not cfg.policy:
+        raise CLIError(
+            f"replay log {arg} was recorded in intervention mode with policy {replay.header['policy']}: give "
+            f"policy=CHECKPOINT to replay it (the operator's inputs are replayed against the policy's actions)")
     use_viewer = bool(cfg.viewer) if cfg.viewer is not None else replay is None
     realtime = bool(cfg.realtime) if cfg.realtime is not None else replay is None
     if replay is None and not use_viewer:
@@ -83,7 +91,7 @@ def _run(cfg: DictConfig, kind: str, arg: str | None, replay: Any, hardware: Any
     import sim
 
     from robolearn.cli.collect import schema_for
-    from robolearn.teleop.devices import DeviceSet, EventLog, KeyboardDevice
+    from robolearn.teleop.devices import DeviceError, DeviceSet, EventLog, KeyboardDevice
     from robolearn.teleop.display import DisplayError
     from robolearn.teleop.session import TeleopError, TeleopSession, run_intervention, run_teleop
     from robolearn.teleop.tasks import control_for
@@ -124,7 +132,10 @@ def _run(cfg: DictConfig, kind: str, arg: str | None, replay: Any, hardware: Any
             raise CLIError(str(e)) from None
         unwrapped = env.unwrapped
         fps = float(getattr(unwrapped, "fps", 10.0))
-        rate_hz = float(cfg.rate_hz or fps)
+        # A replay uses the settings it was recorded with, unless told otherwise.
+        rate_hz = float(cfg.rate_hz or header.get("rate_hz") or fps)
+        mode = str(cfg.mode or header.get("mode") or "async")
+        latency_s = cfg.latency_s if cfg.latency_s is not None else header.get("latency_s")
         if rate_hz <= 0:
             raise CLIError(f"rate_hz must be positive, got {rate_hz}")
         full_env_config = unwrapped.env_config() if hasattr(unwrapped, "env_config") else dict(env_config)
@@ -156,9 +167,17 @@ def _run(cfg: DictConfig, kind: str, arg: str | None, replay: Any, hardware: Any
             devices = [keyboard] if hardware is None else [hardware, keyboard]
             log = None
             if cfg.record_events:
-                log = EventLog(cfg.record_events, {
-                    "task": task, "device": kind, "sources": [d.name for d in devices], "rate_hz": rate_hz,
-                    "seed": seed, "env_config": full_env_config, "policy": policy_label})
+                try:
+                    log = EventLog(cfg.record_events, {
+                        "task": task, "device": kind, "sources": [d.name for d in devices], "rate_hz": rate_hz,
+                        "seed": seed, "env_config": full_env_config, "policy": policy_label,
+                        **({"mode": mode, "latency_s": latency_s} if policy is not None else {})})
+                except FileExistsError:
+                    raise CLIError(f"record_events={cfg.record_events} already exists; an event log is never "
+                                   f"overwritten: give a new file name") from None
+                except OSError as e:
+                    raise CLIError(f"cannot write the event log record_events={cfg.record_events}: "
+                                   f"{e.strerror or e}") from None
             device = DeviceSet(devices, log)
             label = kind
         ticks: list[Any] = []  # the session, once it exists: the log's end line is its last tick
@@ -167,10 +186,14 @@ def _run(cfg: DictConfig, kind: str, arg: str | None, replay: Any, hardware: Any
         if policy is not None:
             from robolearn.teleop.session import warm_up
 
+            want = int(np.prod(env.action_space.shape))
+            if int(policy.action_dim) != want:
+                raise CLIError(f"policy checkpoint {policy_label} predicts {policy.action_dim}-D actions; task {task} "
+                               f"takes {want}-D actions")
             try:
                 warm_up(policy, env.reset(seed=seed)[0])
-            except (KeyError, ValueError, TypeError) as e:
-                raise CLIError(f"policy {policy_label} does not fit task {task}: {e}") from None
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:  # RuntimeError: torch, on a shape mismatch
+                raise CLIError(f"policy checkpoint {policy_label} does not fit task {task}: {e}") from None
 
         # ---- the window
         viewer = None
@@ -187,20 +210,19 @@ def _run(cfg: DictConfig, kind: str, arg: str | None, replay: Any, hardware: Any
         session = TeleopSession(
             env, control, device, store, device_label=label, seed=seed, policy_label=policy_label,
             record_intervention=with_flag, autosave=bool(cfg.autosave), max_episodes=cfg.episodes, viewer=viewer,
-            handles=mujoco_handles if viewer is not None else None, episode_attrs=extra)
+            handles=mujoco_handles, episode_attrs=extra)
         ticks.append(session)
-        mode_text = f"policy {policy_label} drives, K takes over, L hands back" if policy is not None else \
-            "Enter starts recording, S saves, Delete discards, Escape quits"
+        mode_text = f"policy {policy_label} drives ({mode}), F9 takes over, F10 hands back" if policy is not None \
+            else "Enter starts recording, F8 saves, Delete discards, Escape quits"
         print(f"teleop: {task} at {rate_hz:g} Hz with {label}{' (replay)' if replay else ''} -> {out}; "
               f"{mode_text}", file=sys.stderr, flush=True)
         try:
             if policy is None:
                 result = run_teleop(session, rate_hz, realtime)
             else:
-                result = run_intervention(session, policy, rate_hz, realtime, mode=str(cfg.mode),
-                                          latency_s=cfg.latency_s)
-        except TeleopError as e:
-            raise CLIError(str(e)) from None
+                result = run_intervention(session, policy, rate_hz, realtime, mode=mode, latency_s=latency_s)
+        except (TeleopError, DeviceError) as e:  # e.g. a SpaceMouse or gamepad unplugged mid-session
+            raise CLIError(f"{e} ({session.saved} saved episodes are kept in {out})") from None
         store_episodes = store.n_episodes
     finally:
         for close in closers:  # the viewer first (its thread is joined), the store before the environment

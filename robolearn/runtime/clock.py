@@ -24,6 +24,10 @@ class RealClock:
         """Tick 0 is now."""
         self.t0_ns = time.perf_counter_ns()
 
+    def rebase(self, tick: int) -> None:
+        """Tick ``tick`` is due now (after a pause the loop chose, such as an inline replan)."""
+        self.t0_ns = time.perf_counter_ns() - tick * self.period_ns
+
     def now_ns(self) -> int:
         return time.perf_counter_ns()
 
@@ -58,6 +62,9 @@ class VirtualClock:
 
     def start(self) -> None:
         self.t0_ns = self._now_ns
+
+    def rebase(self, tick: int) -> None:
+        """Virtual time does not pass between ticks: nothing to do."""
 
     def now_ns(self) -> int:
         return self._now_ns

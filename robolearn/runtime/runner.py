@@ -43,6 +43,13 @@ compute time, and it is charged in ticks exactly as real time would: async chunk
 chunk arrives during that tick and is used at once). ``latency_s=0`` gives the offline, no-latency baseline.
 In real time, ``latency_s`` pads every inference to at least that long, to rehearse a slower machine.
 
+Replanning
+----------
+:meth:`Runner.request_replan` (e.g. when a teleoperator hands control back to the policy) drops the queued actions
+and any inference in flight: at the next tick a chunk is inferred from that tick's observation, inline, like an
+episode's first chunk (the environment is not stepped meanwhile, and the real clock restarts from that tick), and
+its first action is executed at that very tick. So no action planned before the request is executed after it.
+
 Failures
 --------
 A policy exception stops the run at once: no action from the failed inference is sent, and with ``on_error="hold"``
@@ -108,6 +115,7 @@ class _Episode:
     dropped: int = 0
     replaced: int = 0
     inferences: int = 0
+    replans: int = 0
     status: str = "running"
     wall_s: float = 0.0
     lateness_s: list[float] = field(default_factory=list)
@@ -115,8 +123,8 @@ class _Episode:
     def as_dict(self) -> dict[str, Any]:
         return {"episode": self.index, "seed": self.seed, "steps": self.steps, "success": self.success,
                 "return": round(self.ret, 6), "deadline_misses": self.misses, "actions_dropped": self.dropped,
-                "actions_replaced": self.replaced, "inferences": self.inferences, "status": self.status,
-                "wall_s": round(self.wall_s, 4)}
+                "actions_replaced": self.replaced, "inferences": self.inferences, "replans": self.replans,
+                "status": self.status, "wall_s": round(self.wall_s, 4)}
 
 
 class _Worker:
@@ -221,6 +229,16 @@ class Runner:
         self._last_trigger = 0
         self.switch_interval_s = switch_interval_s
         self.ensemble_every = max(1, int(ensemble_every))
+        self._replan = False
+        # (tick, observation tick) of every chunk taken into the queue in the current episode: which observation
+        # the executed actions were planned from.
+        self.chunk_ticks: list[tuple[int, int]] = []
+
+    def request_replan(self) -> None:
+        """Drop the queued actions and any inference in flight; the next tick starts from a fresh chunk inferred
+        from its own observation (see "Replanning" in the module docstring). Call it from the control loop's
+        thread (e.g. from inside ``env.step``), or between ticks."""
+        self._replan = True
 
     # ------------------------------------------------------------------ inference
     def _infer(self, job: _Job) -> np.ndarray:
@@ -339,6 +357,8 @@ class Runner:
         self.history.push(obs)
         self.queue.clear()
         self._prev = None
+        self._replan = False
+        self.chunk_ticks = []
         self.clock.start()
         ep.success = bool(info.get("success", False))
         # The robot is at rest until its first chunk exists: compute it before the clock starts.
@@ -358,6 +378,10 @@ class Runner:
                 ep.status = "duration"
                 break
             ep.lateness_s.append(self.clock.wait_tick(k))
+            if self._replan:
+                self._replan = False
+                self._replan_now(ep, worker, pending, k)
+                pending = None
             # Take a finished chunk first (its actions may cover this tick), then decide whether to start the
             # next inference; a chunk started now may still serve this tick (sync waits for it; in virtual time
             # a zero-latency chunk is ready at once).
@@ -399,6 +423,18 @@ class Runner:
         if pending is not None and worker is not None:
             self._drain(worker)
 
+    def _replan_now(self, ep: _Episode, worker: _Worker | None, pending: _Result | _Job | None, k: int) -> None:
+        if isinstance(pending, _Job) and worker is not None:
+            self._drain(worker)  # one inference at a time; what it returns was planned before the request
+        self.queue.clear()
+        self._prev = None
+        ep.inferences += 1
+        ep.replans += 1
+        self._last_trigger = k
+        res = self._run_inline(k)
+        self._take(res, ep, now_tick=k, base_tick=k)
+        self.clock.rebase(k)
+
     def _should_trigger(self, k: int) -> bool:
         remaining = self.queue.remaining(k)
         if remaining == 0:
@@ -439,6 +475,7 @@ class Runner:
         assert res.chunk is not None
         self._record_latency(res.latency_s)
         self._prev = res
+        self.chunk_ticks.append((now_tick, res.obs_tick))
         executable = res.chunk[self._start:self._start + self._n_exec]
         dropped, replaced = self.queue.add(executable, first_tick=base_tick, now_tick=now_tick)
         ep.dropped += dropped

@@ -25,6 +25,7 @@ import collections
 import datetime
 import glob
 import json
+import math
 import os
 import struct
 import threading
@@ -39,6 +40,7 @@ from robolearn.teleop.controls import (  # noqa: F401  (re-exported)
     KEY_EVENTS,
     KEY_LEVELS,
     KEY_MOTION,
+    KEY_NAMES,
     KEY_STOP,
     controls_help,
 )
@@ -47,7 +49,7 @@ from robolearn.teleop.controls import (  # noqa: F401  (re-exported)
 EVENTS = ("start", "save", "discard", "reset", "takeover", "handback", "driver", "gripper", "quit")
 AXES = ("right", "forward", "up", "roll", "pitch", "yaw")
 LOG_FORMAT = "robolearn-teleop-events"
-LOG_VERSION = 1
+LOG_VERSION = 2  # 2: quit records ({"t": N, "quit": reason}); mode and latency_s in the header
 
 
 class DeviceError(Exception):
@@ -91,6 +93,27 @@ class Device:
     def close(self) -> None:
         """Release the hardware."""
 
+    @classmethod
+    def check_raw(cls, raw: Any) -> str | None:
+        """What is wrong with ``raw`` as a logged input of this device (None: nothing)."""
+        return None if isinstance(raw, dict) else f"its input must be a JSON object, not {_kind(raw)}"
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value reads in an error message: 'a number (42)', 'a string ("3")'."""
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+             int: "a number", float: "a number"}
+    text = json.dumps(value)
+    return f"{kinds.get(type(value), type(value).__name__)} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 # --------------------------------------------------------------------------------------------------- keyboard
 class KeyboardDevice(Device):
@@ -98,9 +121,9 @@ class KeyboardDevice(Device):
 
     MuJoCo's viewer reports key presses only (no releases, no auto-repeat), so motion keys work like a throttle:
     each press of a direction key adds one speed step (of ``KEY_LEVELS``) along its axis and the opposite key takes
-    one away; the motion is held until changed, and Space stops everything. Keys the viewer itself uses for its
-    rendering options (most letters, digits 0-5, Tab, F1-F5) are avoided; Backspace, which also resets the
-    viewer's copy of the simulation, is bound to "reset" so the two agree.
+    one away; the motion is held until changed, and Space stops everything. Keys the viewer itself acts on
+    (letters, digits 0-5, F1-F7, Tab, PageUp, ...: see :mod:`robolearn.teleop.controls`) are not bound; Backspace,
+    on which the viewer also resets the simulation, is bound to "reset" so the two agree.
     """
 
     name = "keyboard"
@@ -137,6 +160,18 @@ class KeyboardDevice(Device):
 
     def halt(self) -> None:
         self._levels[:] = 0
+
+    @classmethod
+    def check_raw(cls, raw: Any) -> str | None:
+        if not isinstance(raw, dict) or set(raw) != {"keys"}:
+            return f'keyboard input must be {{"keys": [key names]}}, not {_kind(raw)}'
+        keys = raw["keys"]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            return f"keyboard keys must be a list of key names, not {_kind(keys)}"
+        unknown = sorted(set(keys) - KEY_NAMES)
+        if unknown:
+            return f"unknown key name(s) {unknown} (known: {', '.join(sorted(KEY_NAMES))})"
+        return None
 
 
 # -------------------------------------------------------------------------------------------- axis devices
@@ -202,6 +237,18 @@ class _AxisDevice(Device):
 
     def close(self) -> None:
         self._stop.set()
+
+    @classmethod
+    def check_raw(cls, raw: Any) -> str | None:
+        if not isinstance(raw, dict) or not raw or set(raw) - {"axes", "buttons"}:
+            return f'{cls.name} input must be {{"axes": [numbers], "buttons": [numbers]}}, not {_kind(raw)}'
+        for key, most in (("axes", cls.n_axes), ("buttons", cls.n_buttons)):
+            values = raw.get(key, [])
+            if not isinstance(values, list) or not all(_is_number(v) for v in values):
+                return f"{cls.name} {key} must be a list of numbers, not {_kind(values)}"
+            if len(values) > most:
+                return f"{cls.name} {key}: {len(values)} values, the device has {most}"
+        return None
 
 
 class SpaceMouseDevice(_AxisDevice):
@@ -403,15 +450,18 @@ def interpreter(name: str) -> Device:
 class EventLog:
     """Writes a live session's raw inputs as JSON lines, one line per tick that had input, flushed at once.
 
-    First line: a header (format, version, task, device, sources, rate, first seed, creation time); then
-    ``{"t": tick, "<source>": raw, ...}``; last, ``{"end": tick}`` when the session ended normally (a replay then
-    quits at that tick; without it, right after the last logged tick).
+    First line: a header (format, version, task, device, sources, rate_hz, first seed, environment config, policy,
+    mode, latency_s, creation time); then ``{"t": tick, "<source>": raw, ...}``; ``{"t": tick, "quit": reason}``
+    where the session quit without asking the devices (Ctrl-C, a closed window); last, ``{"end": tick}`` when the
+    log is closed (a replay then quits at that tick; without it, right after the last logged tick).
+    The file is created, never overwritten: FileExistsError if ``path`` exists.
     """
 
     def __init__(self, path: str | os.PathLike, header: dict[str, Any]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "w", encoding="utf-8")
+        self._f = open(self.path, "x", encoding="utf-8")
+        self._last_tick = -1
         self._write({"format": LOG_FORMAT, "version": LOG_VERSION,
                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      **header})
@@ -423,12 +473,19 @@ class EventLog:
     def tick(self, tick: int, raws: dict[str, Any]) -> None:
         if raws and not self._f.closed:
             self._write({"t": int(tick), **raws})
+            self._last_tick = int(tick)
+
+    def quit(self, tick: int, reason: str) -> None:
+        """The session quit at ``tick`` before polling its devices: a replay quits there too, before any input."""
+        if not self._f.closed:
+            self._write({"t": int(tick), "quit": str(reason)})
+            self._last_tick = int(tick)
 
     def close(self, end_tick: int | None = None) -> None:
         if self._f.closed:
             return
         if end_tick is not None:
-            self._write({"end": int(end_tick)})
+            self._write({"end": max(int(end_tick), self._last_tick + 1)})
         self._f.close()
 
 
@@ -456,6 +513,11 @@ class DeviceSet(Device):
             self.log.tick(tick, raws)
         return Command.merge(commands)
 
+    def mark_quit(self, tick: int, reason: str) -> None:
+        """The session quit at ``tick`` without polling (Ctrl-C, closed window): say so in the log."""
+        if self.log is not None:
+            self.log.quit(tick, reason)
+
     def halt(self) -> None:
         for d in self.devices:
             d.halt()
@@ -467,56 +529,160 @@ class DeviceSet(Device):
             self.log.close(end_tick)
 
 
+# What a header may hold: key -> (check, what it must be). Absent keys and null values are allowed.
+_HEADER_FIELDS: dict[str, tuple[Any, str]] = {
+    "task": (lambda v: isinstance(v, str) and bool(v), "a task name"),
+    "device": (lambda v: v in INTERPRETERS, f"one of {sorted(INTERPRETERS)}"),
+    "sources": (lambda v: isinstance(v, list) and bool(v) and all(s in INTERPRETERS for s in v)
+                and len(set(v)) == len(v), f"a list of distinct device names from {sorted(INTERPRETERS)}"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "rate_hz": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "env_config": (lambda v: isinstance(v, dict), "an object"),
+    "policy": (lambda v: isinstance(v, str) and bool(v), "a checkpoint path"),
+    "mode": (lambda v: v in ("sync", "async"), "sync or async"),
+    "latency_s": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "created": (lambda v: isinstance(v, str), "a time stamp"),
+}
+
+
+@dataclass
+class EventLogContents:
+    """A validated event log: its header, inputs by tick, quit ticks (with reasons) and end tick (or None)."""
+
+    header: dict[str, Any]
+    sources: list[str]
+    inputs: dict[int, dict[str, Any]]
+    quits: dict[int, str]
+    end: int | None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_event_log(path: str | os.PathLike) -> EventLogContents:
+    """Read and check a whole event log before anything runs: every failure is a DeviceError saying
+    ``replay log PATH, line N: what is wrong`` (N counts the file's lines as they are, blank ones included)."""
+    path = Path(path)
+
+    def fail(line: int, message: str) -> DeviceError:
+        return DeviceError(f"replay log {path}, line {line}: {message}")
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DeviceError(f"replay log {path} does not exist (record one with record_events=PATH)") from None
+    except OSError as e:
+        raise DeviceError(f"replay log {path} cannot be read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")  # strict: a binary file is refused here, not half-parsed
+    except UnicodeDecodeError as e:
+        raise fail(data.count(b"\n", 0, e.start) + 1,
+                   f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): is it a binary file?") from None
+    header: dict[str, Any] | None = None
+    header_line = 0
+    sources: list[str] = []
+    inputs: dict[int, dict[str, Any]] = {}
+    quits: dict[int, str] = {}
+    end: int | None = None
+    end_line = 0
+    last_t: int | None = None
+    for n, line in enumerate(text.split("\n"), start=1):  # only "\n" ends a line, as for `wc -l` and editors
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line, parse_constant=_reject_constant)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise fail(n, f"not JSON ({getattr(e, 'msg', e)})") from None
+        if header is None:
+            if not isinstance(rec, dict):
+                raise fail(n, f"the header must be a JSON object, not {_kind(rec)}")
+            if rec.get("format") != LOG_FORMAT:
+                raise fail(n, f"not a robolearn teleop event log (its first line should be a header with format "
+                              f"{LOG_FORMAT!r})")
+            version = rec.get("version")
+            if not _is_int(version) or version < 1:
+                raise fail(n, f"the header's version must be a positive integer, not {_kind(version)}")
+            if version > LOG_VERSION:
+                raise fail(n, f"the log has version {version}; this robolearn reads up to {LOG_VERSION}")
+            for key, (ok, what) in _HEADER_FIELDS.items():
+                if rec.get(key) is not None and not ok(rec[key]):
+                    raise fail(n, f"the header's {key} must be {what}, not {_kind(rec[key])}")
+            header, header_line = rec, n
+            sources = list(rec.get("sources") or [rec.get("device") or "keyboard"])
+            continue
+        if not isinstance(rec, dict):
+            raise fail(n, f"a record must be a JSON object, not {_kind(rec)}")
+        if end is not None:
+            raise fail(n, f"a record after the end line (line {end_line})")
+        if "end" in rec:
+            if set(rec) != {"end"}:
+                raise fail(n, f"the end line holds other keys too: {sorted(set(rec) - {'end'})}")
+            if not _is_int(rec["end"]) or rec["end"] < 0:
+                raise fail(n, f"'end' must be a non-negative integer tick, not {_kind(rec['end'])}")
+            if last_t is not None and rec["end"] <= last_t:
+                raise fail(n, f"the end (tick {rec['end']}) is not after the last record (tick {last_t})")
+            end, end_line = int(rec["end"]), n
+            continue
+        if "t" not in rec:
+            raise fail(n, "neither a tick ('t') nor the end ('end')")
+        t = rec["t"]
+        if not _is_int(t) or t < 0:
+            raise fail(n, f"'t' must be a non-negative integer tick, not {_kind(t)}")
+        if last_t is not None and t <= last_t:
+            raise fail(n, f"tick {t} does not come after the previous record's tick {last_t} (each tick has one "
+                          f"record, in increasing order)")
+        last_t = t
+        unknown = set(rec) - {"t", "quit"} - set(sources)
+        if unknown:
+            raise fail(n, f"input from {sorted(unknown)}, which the header's sources {sources} (line "
+                          f"{header_line}) do not list")
+        if "quit" in rec:
+            if not isinstance(rec["quit"], str) or not rec["quit"]:
+                raise fail(n, f"'quit' must be the reason (a non-empty string), not {_kind(rec['quit'])}")
+            quits[t] = rec["quit"]
+        raws = {k: v for k, v in rec.items() if k not in ("t", "quit")}
+        for name, raw in raws.items():
+            problem = INTERPRETERS[name].check_raw(raw)
+            if problem:
+                raise fail(n, problem)
+        if raws:
+            inputs[t] = raws
+    if header is None:
+        raise DeviceError(f"replay log {path} is empty: it should start with a header line (format {LOG_FORMAT!r})")
+    return EventLogContents(header, sources, inputs, quits, end)
+
+
 class ReplayDevice(Device):
     """``replay:FILE``: a recorded session's raw inputs, fed tick by tick to fresh device interpreters.
 
-    After the log's end (its ``end`` line, else the tick after its last input) every poll also says "quit".
+    The whole log is checked when it is opened (:func:`read_event_log`). At a quit record the replay quits before
+    that tick's inputs (the live session never polled them); after the log's end (its ``end`` line, else the tick
+    after its last record) every poll also says "quit".
     """
 
     name = "replay"
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise DeviceError(f"replay log {self.path} does not exist (record one with record_events=PATH)")
-        lines = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        records = []
-        for i, ln in enumerate(lines, start=1):
-            try:
-                records.append(json.loads(ln))
-            except json.JSONDecodeError as e:
-                raise DeviceError(f"replay log {self.path}, line {i}: not JSON ({e.msg})") from None
-        if not records or records[0].get("format") != LOG_FORMAT:
-            raise DeviceError(f"{self.path} is not a robolearn teleop event log (its first line should be a "
-                              f"header with format {LOG_FORMAT!r})")
-        self.header: dict[str, Any] = records[0]
-        if int(self.header.get("version", 0)) > LOG_VERSION:
-            raise DeviceError(f"replay log {self.path} has version {self.header.get('version')}; this robolearn "
-                              f"reads up to {LOG_VERSION}")
-        self.sources: list[str] = list(self.header.get("sources") or [self.header.get("device", "keyboard")])
+        log = read_event_log(self.path)
+        self.header: dict[str, Any] = log.header
+        self.sources: list[str] = log.sources
         self.devices = {name: interpreter(name) for name in self.sources}
-        self.recorded_device = str(self.header.get("device", self.sources[0]))
-        self.by_tick: dict[int, dict[str, Any]] = {}
-        self.end: int | None = None
-        for i, rec in enumerate(records[1:], start=2):
-            if "end" in rec:
-                self.end = int(rec["end"])
-            elif "t" in rec:
-                unknown = set(rec) - {"t"} - set(self.sources)
-                if unknown:
-                    raise DeviceError(f"replay log {self.path} line {i}: input from {sorted(unknown)}, which the "
-                                      f"header's sources {self.sources} do not list")
-                self.by_tick[int(rec["t"])] = {k: v for k, v in rec.items() if k != "t"}
-            else:
-                raise DeviceError(f"replay log {self.path} line {i}: neither a tick ('t') nor the end ('end')")
-        if self.end is None:
-            self.end = max(self.by_tick, default=-1) + 1
+        self.recorded_device = str(self.header.get("device") or self.sources[0])
+        self.by_tick = log.inputs
+        self.quits = log.quits
+        last = max([*log.inputs, *log.quits], default=-1)
+        self.end: int = log.end if log.end is not None else last + 1
         self.quit_reason: str | None = None
 
     def poll(self, tick: int) -> Command:
+        if tick in self.quits:
+            self.quit_reason = self.quits[tick]
+            return Command(events=["quit"])
         raws = self.by_tick.get(tick, {})
         cmd = Command.merge(d.interpret(raws.get(name)) for name, d in self.devices.items())
-        if tick >= (self.end or 0):
+        if tick >= self.end:
             cmd.events.append("quit")
             self.quit_reason = "end of the replay log"
         return cmd

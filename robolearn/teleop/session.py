@@ -22,6 +22,14 @@ Who calls :meth:`tick`:
 
 Nothing here needs a viewer: without one the session runs headless (replays, tests), and the viewer only adds
 the window, the keyboard and the overlay.
+
+Handback (intervention mode): the actions the runner queued were planned before or during the takeover, from
+observations the operator has since changed. So the tick of the handback is still the operator's, and the session
+asks the runner (``on_handback``, :meth:`~robolearn.runtime.runner.Runner.request_replan`) to drop its queue: the
+first policy step after a handback comes from a chunk inferred from the observation after the handback.
+
+Mouse: the viewer's drag-to-perturb writes forces into the simulation's ``xfrc_applied``; the session clears them
+before each step it records, so a recorded episode holds only what the device commanded.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from robolearn.teleop.devices import Command
 from robolearn.teleop.tasks import TaskControl
 
 READY, RECORDING, DONE = "ready", "recording", "done"
@@ -71,6 +80,7 @@ class TeleopSession:
         handles: Callable[[Any], tuple[Any, Any]] | None = None,
         episode_attrs: dict[str, Any] | None = None,
         echo: bool = True,
+        on_handback: Callable[[], None] | None = None,
     ) -> None:
         self.env = env
         self.control = control
@@ -86,6 +96,7 @@ class TeleopSession:
         self._handles = handles
         self.extra_attrs = dict(episode_attrs or {})
         self.echo = echo
+        self.on_handback = on_handback
         self.fps = float(getattr(getattr(env, "unwrapped", env), "fps", control.fps))
         self.next_seed = int(seed)
         self.seed = int(seed)
@@ -104,6 +115,9 @@ class TeleopSession:
         self.failure: BaseException | None = None
         self.interrupt = False  # set from another thread (Ctrl-C while the loop runs on a worker thread)
         self.done_reason = ""
+        self.save_error: str | None = None
+        self.handbacks: list[int] = []  # ticks at which the operator handed control back
+        self._mj_data: Any = None
         self._tick_starts: list[float] = []
         self._tick_work: list[float] = []
         self._clear_buffer()
@@ -129,10 +143,12 @@ class TeleopSession:
         if self.viewer is not None and self._handles is not None:
             self.viewer.reload(*self._handles(self.env))  # a no-op unless the env rebuilt its model
         self.obs, self.info = obs, dict(info)
+        self._mj_data = self._handles(self.env)[1] if self._handles is not None else None
         self.control.reset(obs)
         self.device.halt()
         self.episode_over = False
         self.done_reason = ""
+        self.save_error = None
         self.driver = "policy" if self.policy_mode else "human"
         self._clear_buffer()
         self.state = READY
@@ -202,12 +218,21 @@ class TeleopSession:
                 self._start_recording()
                 self._say(f"recording (scene {self.seed})")
             elif self.state == DONE:
-                self._say("the episode is over: S saves it, Delete discards it")
+                self._say("the episode is over: F8 saves it, Delete discards it")
         elif event == "save":
             if not active:
                 self._say("nothing recorded yet: Enter starts recording")
                 return
-            index = self.save()
+            try:
+                index = self.save()
+            except Exception as e:  # the store refused it (disk full, lost, locked): keep the episode, say why
+                self.save_error = f"{type(e).__name__}: {e}"
+                if self.state == RECORDING:
+                    self.state, self.done_reason = DONE, "save failed"
+                self._say(f"SAVE FAILED, the episode ({self.recorded_steps} steps) is kept: F8 tries again, "
+                          f"Delete discards it. {self.save_error}")
+                return
+            self.save_error = None
             self._say(f"saved episode {index} ({self.recorded_steps} steps, "
                       f"{'success' if self._success else 'no success'})")
             self._end_episode(next_seed=True)
@@ -235,6 +260,10 @@ class TeleopSession:
                 event, "human" if self.driver == "policy" else "policy")
             if want != self.driver:
                 self.driver = want
+                if want == "policy":
+                    self.handbacks.append(self.tick_index)
+                    if self.on_handback is not None:
+                        self.on_handback()
                 self._say("operator drives" if want == "human" else "policy drives")
         elif event == "gripper":
             self.control.toggle_gripper()
@@ -245,23 +274,27 @@ class TeleopSession:
         runner ``truncated`` also means "this episode is over for the session" (saved, discarded, reset, quit)."""
         t0 = time.perf_counter()
         self._tick_starts.append(t0)
-        if self.interrupt and not self.quit:
-            self._quit("interrupted (Ctrl-C)")
+        if not self.quit:
+            # Quit without asking the devices (a replay quits at this tick too, before that tick's inputs).
+            if self.interrupt:
+                self._quit("interrupted (Ctrl-C)")
+            elif self.viewer is not None and not self.viewer.is_running():
+                self._quit("window closed")
+            if self.quit and hasattr(self.device, "mark_quit"):
+                self.device.mark_quit(self.tick_index, self.quit_reason)
         if not self.policy_mode and self.episode_over and not self.quit:
             self.begin_episode()
         if self.driver == "policy":
             self.device.halt()  # motion keys pressed while the policy drives do not pile up for a takeover
-        cmd = self.device.poll(self.tick_index)
-        events = list(cmd.events)
-        if self.viewer is not None and not self.viewer.is_running():
-            self.quit_reason = self.quit_reason or "window closed"
-            events.append("quit")
-        for ev in events:
+        cmd = self.device.poll(self.tick_index) if not self.quit else Command()
+        was_human = self.driver == "human"
+        for ev in cmd.events:
             if self.episode_over and ev != "quit":
                 continue  # the episode ended earlier in this tick; what follows belongs to no episode
             self._handle(ev)
         result: tuple[dict, float, bool, bool, dict] = (self.obs, 0.0, False, True, self.info)
-        human = self.driver == "human"
+        # The tick of a handback is still the operator's: the policy's action for it was planned before.
+        human = self.driver == "human" or was_human
         can_step = not self.episode_over and self.state == RECORDING and (human or policy_action is not None)
         if can_step:
             if human:
@@ -271,6 +304,8 @@ class TeleopSession:
                                  self.control.high).astype(np.float32)
                 self.control.follow(action)
             before = self.obs
+            if self._mj_data is not None:
+                self._mj_data.xfrc_applied[:] = 0.0  # the viewer's mouse perturbation is not the operator's action
             obs, reward, terminated, truncated, info = self.env.step(action)
             for k, v in before.items():
                 self._rows.setdefault(k, []).append(np.array(v))
@@ -286,7 +321,7 @@ class TeleopSession:
                 if self.autosave:
                     self._handle("save")
                 else:
-                    self._say(f"episode over ({self.done_reason}, {self.recorded_steps} steps): S saves, "
+                    self._say(f"episode over ({self.done_reason}, {self.recorded_steps} steps): F8 saves, "
                               f"Delete discards")
         if self.viewer is not None:
             self.viewer.update(self.overlay())
@@ -300,30 +335,32 @@ class TeleopSession:
         if self.state == RECORDING:
             state = "RECORDING"
         elif self.state == DONE:
-            state = f"DONE ({self.done_reason}): S save, Del discard"
+            state = f"DONE ({self.done_reason}): F8 save, Del discard"
         else:
             state = "READY: Enter starts recording"
         n = self.recorded_steps
         driver = self.driver
         if self.policy_mode:
-            driver = "OPERATOR (L hands back)" if self.driver == "human" else "policy (K takes over)"
+            driver = "OPERATOR (F10 hands back)" if self.driver == "human" else "policy (F9 takes over)"
         labels = ["State", "Saved episodes", "Episode length", "Success", "Driver", "Device", "Scene (seed)"]
         values = [state, str(self.saved), f"{n} steps ({n / self.fps:.1f} s)",
                   "yes" if self.info.get("success", False) else "no", driver, self.device_label, str(self.seed)]
         if self.control.has_gripper:
             labels.append("Gripper")
             values.append(self.control.status())
-        keys = [("Enter", "start"), ("S", "save"), ("Del", "discard"), ("R", "reset"), ("Esc", "quit")]
+        keys = [("Enter", "start"), ("F8", "save"), ("Del", "discard"), ("PgDn", "new scene"), ("Esc", "quit")]
         if self.policy_mode:
-            keys += [("K", "take over"), ("L", "hand back")]
+            keys += [("F9", "take over"), ("F10", "hand back")]
         keys.append(("arrows", "move"))
         if self.control.has_vertical:
-            keys.append(("PgUp/PgDn", "up / down"))
+            keys.append(("Home/End", "up / down"))
         keys.append(("Space", "stop"))
         if self.control.has_rotation:
-            keys.append(("Home/End", "yaw"))
+            keys.append(("7/6", "yaw"))
+        if self.control.has_tilt:
+            keys.append(("9/8, F11/F12", "pitch, roll"))
         if self.control.has_gripper:
-            keys.append(("G", "gripper"))
+            keys.append(("Insert", "gripper"))
         texts = [("topleft", "\n".join(labels), "\n".join(values)),
                  ("bottomleft", "\n".join(k for k, _ in keys), "\n".join(v for _, v in keys))]
         if self.message:
@@ -480,8 +517,9 @@ def run_intervention(session: TeleopSession, policy: Any, rate_hz: float, realti
     def loop() -> dict[str, Any]:
         runner = Runner(policy, SessionEnv(session), rate_hz=rate_hz, mode=mode, blend=blend, realtime=realtime,
                         latency_s=latency_s, status=False)
+        session.on_handback = runner.request_replan  # no stale chunk after a handback
         pacer = Pacer(1.0 / rate_hz, realtime)
-        misses = dropped = 0
+        misses = dropped = replans = 0
         latencies: list[float] = []
         while not session.quit:
             if session.episode_over:
@@ -491,14 +529,15 @@ def run_intervention(session: TeleopSession, policy: Any, rate_hz: float, realti
                 if report.get("error"):
                     raise TeleopError(str(report["error"]))
                 misses += int(report.get("deadline_misses") or 0)
+                replans += sum(int(e.get("replans") or 0) for e in report.get("per_episode") or [])
                 dropped += int(report.get("actions_dropped") or 0)
                 if report.get("latency_ms_p50") is not None:
                     latencies.append(float(report["latency_ms_p50"]))
             else:
                 pacer.wait()
                 session.tick()
-        return {**session.summary(), "skipped_ticks": pacer.skipped, "interrupted": False,
-                "deadline_misses": misses, "actions_dropped": dropped,
+        return {**session.summary(), "skipped_ticks": pacer.skipped, "interrupted": False, "mode": mode,
+                "latency_s": latency_s, "deadline_misses": misses, "actions_dropped": dropped, "replans": replans,
                 "latency_ms_p50": round(float(np.median(latencies)), 3) if latencies else None}
 
     return _on_worker_thread(session, loop)

@@ -42,7 +42,8 @@ class TaskControl:
     fps: float
     view: View = field(default_factory=View)
     has_vertical: bool = True
-    has_rotation: bool = False
+    has_rotation: bool = False  # yaw
+    has_tilt: bool = False  # roll and pitch too
     has_gripper: bool = False
     gripper_closed: bool = False
 
@@ -151,7 +152,7 @@ def control_for(task: str, env: Any) -> TaskControl:
         return DeltaPoseYaw(view=View(lookat=(0.0, 0.0, 0.06), distance=0.75, azimuth=90.0, elevation=-35.0),
                             has_rotation=True, **common)
     if (task in ("lift", "can", "square") or task.startswith("robosuite/")) and shape == (7,):
-        return OscPoseGripper(view=ROBOSUITE_VIEW, has_rotation=True, has_gripper=True, **common)
+        return OscPoseGripper(view=ROBOSUITE_VIEW, has_rotation=True, has_tilt=True, has_gripper=True, **common)
     raise ValueError(
         f"teleop has no action mapping for task {task!r} with a {shape} action; supported: push_t, peg_insert, "
         f"lift, can, square and one-arm robosuite/<Env> tasks (7-D OSC_POSE + gripper)")

@@ -207,3 +207,38 @@ def test_realtime_latency_padding_makes_a_fast_policy_slow():
                     max_steps=30).run(episodes=1, seed=0)
     assert report["latency_ms_p50"] >= 115
     assert report["actions_dropped"] > 0  # the first actions of each chunk went stale while it "thought"
+
+
+class _ReplanEnv(TickEnv):
+    """Asks the runner for a replan from inside ``step``, as the teleop session does at a handback."""
+
+    def __init__(self, replan_at: int, **kw) -> None:
+        super().__init__(**kw)
+        self.replan_at = replan_at
+        self.runner: Runner | None = None
+
+    def step(self, action):
+        out = super().step(action)
+        if self.t == self.replan_at:
+            self.runner.request_replan()
+        return out
+
+
+@pytest.mark.parametrize("realtime", [False, True], ids=["virtual", "realtime"])
+def test_request_replan_drops_the_queue_and_acts_on_a_chunk_from_the_next_observation(realtime) -> None:
+    # The request comes during tick 9's step; tick 10 must use a chunk inferred from observation t=10, from its
+    # first executable step (j = n_obs_steps - 1), never a queued action or a chunk that was in flight.
+    env = _ReplanEnv(replan_at=10, max_steps=24)
+    pol = TickPolicy(horizon=10, n_obs_steps=2, n_action_steps=8, sleep_s=0.06 if realtime else 0.0)
+    runner = Runner(pol, env, rate_hz=20 if realtime else 10, mode="async", realtime=realtime,
+                    latency_s=None if realtime else 0.25, status=False)
+    env.runner = runner
+    r = runner.run(episodes=1)
+    assert r["error"] is None and r["per_episode"][0]["replans"] == 1
+    assert (10, 10) in runner.chunk_ticks
+    after = runner.chunk_ticks[runner.chunk_ticks.index((10, 10)):]
+    assert all(obs_tick >= 10 for _, obs_tick in after)  # nothing planned before the request arrived later
+    a = env.actions[10]
+    assert (round(a[0]), round(a[1])) == (10, 1)
+    if not realtime:  # deterministic: the old queue still had actions for tick 10, from an older chunk
+        assert _executed(env) == list(range(24)) and r["deadline_misses"] == 0

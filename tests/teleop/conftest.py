@@ -14,13 +14,14 @@ EXE = str(Path(sys.executable).with_name("robolearn"))
 
 def _write_log(path: Path, ticks: dict[int, list[str]], *, task: str = "push_t", seed: int | None = 3,
               end: int | None = None, device: str = "keyboard", sources: list[str] | None = None,
-              raws: dict[int, dict[str, Any]] | None = None) -> Path:
-    """A replay log as ``record_events=`` writes it: keyboard key names per control tick (and other raw inputs)."""
-    header: dict[str, Any] = {"format": "robolearn-teleop-events", "version": 1, "task": task, "device": device,
-                              "sources": sources or ["keyboard"]}
+              raws: dict[int, dict[str, Any]] | None = None, header: dict[str, Any] | None = None) -> Path:
+    """A replay log as ``record_events=`` writes it: keyboard key names per control tick (and other raw inputs);
+    ``header``: more header fields (policy, mode, latency_s, ...)."""
+    head: dict[str, Any] = {"format": "robolearn-teleop-events", "version": 2, "task": task, "device": device,
+                            "sources": sources or ["keyboard"], **(header or {})}
     if seed is not None:
-        header["seed"] = seed
-    lines = [header]
+        head["seed"] = seed
+    lines = [head]
     for t in sorted(set(ticks) | set(raws or {})):
         rec: dict[str, Any] = {"t": t}
         if t in ticks:

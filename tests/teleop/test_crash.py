@@ -13,7 +13,7 @@ from robolearn.data import EpisodeStore
 
 # Three saved episodes of 5 steps, then a fourth being recorded when the signal comes (the log runs on for
 # minutes at 50 Hz in real time).
-SESSION = {0: ["Enter", "Right"], 5: ["S"], 6: ["Enter", "Up"], 11: ["S"], 12: ["Enter"], 17: ["S"], 18: ["Enter"]}
+SESSION = {0: ["Enter", "Right"], 5: ["F8"], 6: ["Enter", "Up"], 11: ["F8"], 12: ["Enter"], 17: ["F8"], 18: ["Enter"]}
 
 
 def _wait_for_episodes(out, n: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:

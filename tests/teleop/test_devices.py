@@ -25,12 +25,14 @@ from robolearn.teleop.devices import (
     parse_spacemouse_report,
 )
 
-UP, DOWN, RIGHT, SPACE, ENTER, ESCAPE, KEY_S, KEY_G, KEY_A = 265, 264, 262, 32, 257, 256, 83, 71, 65
+# GLFW codes: arrows, Space, Enter, Escape, F8 (save), Insert (gripper); S and G are the viewer's (shadow, fog).
+UP, DOWN, RIGHT, SPACE, ENTER, ESCAPE, F8, INSERT = 265, 264, 262, 32, 257, 256, 297, 260
+KEY_S, KEY_G, KEY_A = 83, 71, 65
 
 
 def test_keyboard_presses_are_a_throttle_and_events():
     kb = KeyboardDevice()
-    for code in (UP, UP, RIGHT, KEY_A, ENTER):  # 'A' is not bound (the viewer uses it): ignored, not logged
+    for code in (UP, UP, RIGHT, KEY_A, KEY_S, ENTER):  # letters are the viewer's: ignored, not logged
         kb.press(code)
     raw = kb.read_raw()
     assert raw == {"keys": ["Up", "Up", "Right", "Enter"]}
@@ -40,12 +42,13 @@ def test_keyboard_presses_are_a_throttle_and_events():
     assert kb.read_raw() is None  # drained
     # Held without new presses; four more Ups saturate at 3 steps; the opposite key takes one away.
     np.testing.assert_allclose(kb.interpret(None).twist[:2], [1 / 3, 2 / 3])
-    cmd = kb.interpret({"keys": ["Up"] * 4 + ["Down", "S", "G"]})
+    cmd = kb.interpret({"keys": ["Up"] * 4 + ["Down", "F8", "Insert"]})
     np.testing.assert_allclose(cmd.twist[:2], [1 / 3, 2 / 3])
     assert cmd.events == ["save", "gripper"]
     assert not kb.interpret({"keys": ["Space"]}).twist.any()
     kb.press(ESCAPE)
     kb.press(KEY_G)
+    kb.press(INSERT)
     assert kb.interpret(kb.read_raw()).events == ["quit", "gripper"]
     kb.interpret({"keys": ["Left"]})
     kb.halt()
@@ -57,7 +60,7 @@ def test_event_log_replays_the_same_commands_tick_by_tick(tmp_path):
     kb = KeyboardDevice()
     live = DeviceSet([kb], EventLog(path, {"task": "push_t", "device": "keyboard", "sources": ["keyboard"],
                                            "seed": 5}))
-    presses = {0: [ENTER, RIGHT], 3: [UP, UP], 4: [SPACE], 7: [KEY_S]}
+    presses = {0: [ENTER, RIGHT], 3: [UP, UP], 4: [SPACE], 7: [F8]}
     commands = []
     for tick in range(9):
         for code in presses.get(tick, []):
@@ -167,3 +170,43 @@ def test_bad_replay_logs(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"format": "robolearn-teleop-events", "version": 1}\nnot json\n')
     with pytest.raises(DeviceError, match="line 2: not JSON"):
         ReplayDevice(tmp_path / "c.jsonl")
+
+
+def test_bound_keys_are_not_the_viewers_shortcuts():
+    import mujoco
+
+    from robolearn.teleop.controls import GLFW_KEYS, KEY_EVENTS, KEY_MOTION, SHARED_WITH_VIEWER, VIEWER_KEYS
+
+    # The viewer's flag shortcuts, read from MuJoCo itself (S shadow, R reflection, K skybox, G fog, L additive...).
+    flags = {ord(row[2].upper()) for row in (*mujoco.mjRNDSTRING, *mujoco.mjVISSTRING) if row[2]}
+    assert {ord(c) for c in "SRKGL"} <= flags
+    assert flags <= set(VIEWER_KEYS), sorted(flags - set(VIEWER_KEYS))
+    clash = {code: GLFW_KEYS[code] for code in set(GLFW_KEYS) & set(VIEWER_KEYS) - SHARED_WITH_VIEWER}
+    assert not clash, f"teleop binds keys MuJoCo's viewer acts on: {clash}"
+    assert {GLFW_KEYS[c] for c in SHARED_WITH_VIEWER} == {"Escape", "Backspace"}
+    # Every bound name does something, and every action has a key.
+    assert set(GLFW_KEYS.values()) == set(KEY_MOTION) | set(KEY_EVENTS) | {"Space"}
+    assert set(KEY_EVENTS.values()) == {"start", "save", "discard", "reset", "takeover", "handback", "gripper",
+                                        "quit"}
+    assert sorted(KEY_MOTION.values()) == [(a, s) for a in range(6) for s in (-1, 1)]
+
+
+def test_an_event_log_never_overwrites_a_file(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("precious\n")
+    with pytest.raises(FileExistsError):
+        EventLog(path, {"task": "push_t"})
+    assert path.read_text() == "precious\n"
+
+
+def test_quit_records_end_a_replay_before_that_ticks_inputs(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path, {"task": "push_t", "device": "keyboard", "sources": ["keyboard"], "seed": 0})
+    log.tick(2, {"keyboard": {"keys": ["Enter"]}})
+    log.quit(5, "window closed")
+    log.close(end_tick=5)  # never before the last record: the end is written as tick 6
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert lines[-2:] == [{"t": 5, "quit": "window closed"}, {"end": 6}]
+    replay = ReplayDevice(path)
+    assert replay.poll(2).events == ["start"] and replay.poll(4).events == []
+    assert replay.poll(5).events == ["quit"] and replay.quit_reason == "window closed"

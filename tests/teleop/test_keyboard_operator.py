@@ -14,16 +14,16 @@ from robolearn.teleop.session import Pacer, TeleopSession
 from robolearn.teleop.tasks import control_for
 
 # GLFW codes of the keys this operator uses.
-CODE = {"Enter": 257, "S": 83, "G": 71, "Space": 32, "Up": 265, "Down": 264, "Right": 262, "Left": 263,
-        "PageUp": 266, "PageDown": 267}
+CODE = {"Enter": 257, "F8": 297, "Insert": 260, "Space": 32, "Up": 265, "Down": 264, "Right": 262, "Left": 263,
+        "Home": 268, "End": 269}
 # (axis of the view-frame twist, key that adds a speed step, key that removes one)
-AXES = [(0, "Right", "Left"), (1, "Up", "Down"), (2, "PageUp", "PageDown")]
+AXES = [(0, "Right", "Left"), (1, "Up", "Down"), (2, "Home", "End")]
 
 
 class KeyOperator:
     """Looks at the scene and presses keys: over the cube, down, close the gripper, up.
 
-    In lift's view (from the front, facing the robot) right is +y, forward (Up) is -x, PageUp is +z.
+    In lift's view (from the front, facing the robot) right is +y, forward (Up) is -x, Home is +z.
     """
 
     def __init__(self, keyboard: KeyboardDevice) -> None:
@@ -64,7 +64,7 @@ class KeyOperator:
             self.throttle(self.levels_for(err_view, 0.004))
             if abs(err_view[2]) < 0.006:
                 self.throttle(np.zeros(3))
-                self.press("G")
+                self.press("Insert")
                 self.phase, self.wait = "grip", 12
         elif self.phase == "grip":
             self.wait -= 1
@@ -72,7 +72,7 @@ class KeyOperator:
                 self.throttle(np.array([0, 0, 2]))
                 self.phase = "up"
         elif self.phase == "up" and success:
-            self.press("S")
+            self.press("F8")
             self.phase = "done"
 
 

@@ -24,8 +24,8 @@ def last_json(text: str) -> dict:
 
 
 # Two saved episodes and a discarded attempt in between (same scene again, so seeds 3 and 4).
-PUSH_T_SESSION = {0: ["Enter", "Right", "Right"], 5: ["Up"], 10: ["S"], 11: ["Enter", "Left"], 15: ["Delete"],
-                  16: ["Enter", "Down"], 20: ["Space"], 25: ["S"]}
+PUSH_T_SESSION = {0: ["Enter", "Right", "Right"], 5: ["Up"], 10: ["F8"], 11: ["Enter", "Left"], 15: ["Delete"],
+                  16: ["Enter", "Down"], 20: ["Space"], 25: ["F8"]}
 
 
 def test_replayed_push_t_session_makes_the_expected_store(tmp_path, capsys, write_log):
@@ -76,7 +76,7 @@ def test_teleop_appends_to_a_scripted_store(tmp_path, capsys, write_log):
     out = tmp_path / "push_t.zarr"
     assert main(["collect", "task=push_t", "episodes=1", f"out={out}", "progress=false"]) == 0
     next_seed = EpisodeStore.open(out).attrs["collect"]["next_seed"]
-    log = write_log(tmp_path / "e.jsonl", {0: ["Enter", "Up"], 4: ["S"]}, seed=None, end=5)
+    log = write_log(tmp_path / "e.jsonl", {0: ["Enter", "Up"], 4: ["F8"]}, seed=None, end=5)
     assert main(["teleop", f"device=replay:{log}", f"out={out}"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["intervention_flag"] is False
@@ -89,7 +89,7 @@ def test_teleop_appends_to_a_scripted_store(tmp_path, capsys, write_log):
 
 def test_replayed_lift_session_drives_the_arm_and_gripper(tmp_path, capsys, write_log):
     # Up is "away from the viewer": the viewer looks at the robot from the front, so that is -x in the world.
-    log = write_log(tmp_path / "lift.jsonl", {0: ["Enter", "Up", "PageDown"], 3: ["G", "Home"], 6: ["S"]},
+    log = write_log(tmp_path / "lift.jsonl", {0: ["Enter", "Up", "End"], 3: ["Insert", "7"], 6: ["F8"]},
                     task="lift", seed=0, end=7)
     out = tmp_path / "lift.zarr"
     assert main(["teleop", f"device=replay:{log}", f"out={out}"]) == 0
@@ -98,8 +98,8 @@ def test_replayed_lift_session_drives_the_arm_and_gripper(tmp_path, capsys, writ
     ep = store.get_episode(0)
     assert store.task == "lift" and store.fps == 20 and ep["action"].shape == (6, 7)
     np.testing.assert_allclose(ep["action"][:, :3], [[-1 / 3, 0.0, -1 / 3]] * 6, atol=1e-6)
-    np.testing.assert_allclose(ep["action"][:, 6], [-1, -1, -1, 1, 1, 1])  # G closes the gripper at tick 3
-    np.testing.assert_allclose(ep["action"][:, 5], [0, 0, 0, 0.1, 0.1, 0.1], atol=1e-6)  # Home: yaw, 1 step of 3
+    np.testing.assert_allclose(ep["action"][:, 6], [-1, -1, -1, 1, 1, 1])  # Insert closes the gripper at tick 3
+    np.testing.assert_allclose(ep["action"][:, 5], [0, 0, 0, 0.1, 0.1, 0.1], atol=1e-6)  # 7: yaw, 1 step of 3
     np.testing.assert_allclose(ep["action"][:, 3:5], 0.0, atol=1e-7)
     assert ep["robot0_eef_pos"][-1][2] < ep["robot0_eef_pos"][0][2]  # the hand went down
 
@@ -109,8 +109,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A push_t store recorded by replaying a log, and a tiny policy trained on it by ``robolearn train``."""
     tmp = tmp_path_factory.mktemp("intervention")
     log = tmp / "demo.jsonl"
-    keys = {0: ["Enter", "Right"], 12: ["S"], 13: ["Enter", "Up"], 25: ["S"], 26: ["Enter", "Left", "Down"],
-            38: ["S"]}
+    keys = {0: ["Enter", "Right"], 12: ["F8"], 13: ["Enter", "Up"], 25: ["F8"], 26: ["Enter", "Left", "Down"],
+            38: ["F8"]}
     header = {"format": "robolearn-teleop-events", "version": 1, "task": "push_t", "device": "keyboard",
               "sources": ["keyboard"], "seed": 0}
     log.write_text("".join(json.dumps(x) + "\n" for x in
@@ -127,22 +127,26 @@ def test_a_policy_trained_on_teleop_data_runs_with_interventions(trained, tmp_pa
     assert EpisodeStore.open(data).n_episodes == 3
     assert (ckpt / "model.safetensors").is_file()  # `robolearn train` took the store, intervention flag and all
     capsys.readouterr()
-    # The policy drives; K at tick 3 (with a Right press) takes over, L at 8 hands back, S at 12 saves.
-    # Then: K at 14, discard at 16 (the same scene again), save after 3 policy steps.
-    log = write_log(tmp_path / "int.jsonl", {3: ["K", "Right"], 8: ["L"], 12: ["S"], 14: ["K"], 16: ["Delete"],
-                                             20: ["S"]}, seed=7, end=21)
+    # The policy drives; F9 at tick 3 (with a Right press) takes over, F10 at 8 hands back (that tick is still the
+    # operator's), F8 at 12 saves. Then: F9 at 14, discard at 16 (the same scene again), save after 3 policy steps.
+    # The log's header says how the live session ran the policy: the replay runs it the same way.
+    log = write_log(tmp_path / "int.jsonl", {3: ["F9", "Right"], 8: ["F10"], 12: ["F8"], 14: ["F9"], 16: ["Delete"],
+                                             20: ["F8"]}, seed=7, end=21,
+                    header={"policy": str(ckpt), "mode": "sync", "latency_s": 0.0, "rate_hz": 10.0})
     out = tmp_path / "dagger.zarr"
     assert main(["teleop", f"device=replay:{log}", f"policy={ckpt}", f"out={out}"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["episodes_saved"] == 2 and summary["episodes_discarded"] == 1 and summary["policy"] == str(ckpt)
+    assert (summary["mode"], summary["latency_s"], summary["rate_hz"], summary["replans"]) == ("sync", 0.0, 10.0, 1)
+    assert summary["deadline_misses"] == 0  # sync with no latency: never waits
     store = EpisodeStore.open(out)
     ep0, ep1 = store.get_episode(0), store.get_episode(1)
-    np.testing.assert_array_equal(ep0["intervention"], [0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(ep0["intervention"], [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0])
     np.testing.assert_array_equal(ep1["intervention"], [0, 0, 0])
     # While the operator drives, the target moves 0.5 cm per tick along +x from where the policy left it.
-    np.testing.assert_allclose(np.diff(ep0["action"][2:8], axis=0), [[0.005, 0.0]] * 5, atol=1e-6)
+    np.testing.assert_allclose(np.diff(ep0["action"][2:9], axis=0), [[0.005, 0.0]] * 6, atol=1e-6)
     a0, a1 = store.all_episode_attrs()
-    assert (a0["source"], a0["policy"], a0["intervention_steps"], a0["seed"]) == ("intervention", str(ckpt), 5, 7)
+    assert (a0["source"], a0["policy"], a0["intervention_steps"], a0["seed"]) == ("intervention", str(ckpt), 6, 7)
     assert (a1["intervention_steps"], a1["seed"]) == (0, 8)  # the discarded try was scene 8; so is the saved one
     # A scripted store has no intervention flag: intervention mode refuses to write into it.
     scripted = tmp_path / "scripted.zarr"

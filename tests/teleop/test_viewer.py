@@ -63,7 +63,7 @@ def test_viewer_on_xvfb_keys_overlay_screenshot_and_clean_exit(tmp_path, robolea
             send_keys(window, "Return", "Left", "Left", display=display.name)
             time.sleep(1.5)  # ~15 ticks at 10 Hz, 2/3 speed to the left: 1 cm per tick
             recording = grab(display.name, (x, y, w, h))
-            send_keys(window, "s", display=display.name)
+            send_keys(window, "F8", display=display.name)
             _wait(lambda: _episodes(out) == 1, 20, "the saved episode")
             close_window(window, display.name)
             stdout, stderr = proc.communicate(timeout=30)
@@ -105,7 +105,10 @@ def test_viewer_on_xvfb_keys_overlay_screenshot_and_clean_exit(tmp_path, robolea
     changed = np.abs(ready[state_line].astype(int) - recording[state_line].astype(int)).max(axis=2) > 30
     assert changed.sum() > 50, "the state line did not change"
 
-    # The event log of the live session, replayed headless, gives the same episode.
+    # The event log of the live session, replayed headless, gives the same episode. The closed window is in it: the
+    # session quit at that tick without polling the keyboard.
+    records = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert records[-2:] == [{"t": summary["ticks"] - 1, "quit": "window closed"}, {"end": summary["ticks"]}]
     store = EpisodeStore.open(out)
     assert store.episode_attrs(0)["device"] == "keyboard" and store.get_episode(0)["intervention"].all()
     actions = store.get_episode(0)["action"]
