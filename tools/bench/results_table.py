@@ -8,6 +8,9 @@ known, so an interrupted run keeps what it finished and ``--resume`` skips those
 
     .venv/bin/python tools/bench/results_table.py --tasks lift peg_insert push_t can \
         --policies diffusion_unet flow_unet diffusion_transformer flow_transformer --steps 1500 --episodes 20
+    # the README's longer-budget cells (one call per task/policy set; --resume keeps adding to one file)
+    .venv/bin/python tools/bench/results_table.py --tasks can --policies flow_transformer diffusion_transformer \
+        --steps 6000 --episodes 50 --runs-dir runs/long --out tools/bench/results/results_table_long.json --resume
 
 Push-T's score is also reported as Diffusion Policy reports it: the mean over episodes of the episode's best
 reward, clip(coverage / 0.95, 0, 1).
