@@ -114,6 +114,7 @@ class EvalConfig:
     run_dir: str | None = None
     device: str = "auto"
     sampler: SamplerOverride = field(default_factory=SamplerOverride)
+    n_action_steps: int | None = None  # override: actions executed per chunk before re-planning
     env: dict[str, Any] = field(default_factory=dict)  # overrides on top of the training data's env config
 
 

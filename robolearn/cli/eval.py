@@ -47,6 +47,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             policy.set_sampler(kind=cfg.sampler.kind, steps=cfg.sampler.steps)
         except ValueError as e:
             raise CLIError(f"sampler: {e}") from None
+    if cfg.n_action_steps is not None:
+        most = policy.horizon - policy.n_obs_steps + 1
+        if not 1 <= int(cfg.n_action_steps) <= most:
+            raise CLIError(f"n_action_steps={cfg.n_action_steps}: this policy's chunks allow 1..{most} "
+                           f"(horizon {policy.horizon}, n_obs_steps {policy.n_obs_steps})")
+        policy.n_action_steps = int(cfg.n_action_steps)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/eval") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(task, env_config, episodes=int(cfg.episodes), num_envs=int(cfg.num_envs),
@@ -59,7 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         evaluator.close()
     summary = {
         "checkpoint": str(ckpt), "task": task, "policy_type": policy.policy_type,
-        "sampler": policy.sampler_config, "seed": int(cfg.seed), **result, "run_dir": str(run_dir),
+        "sampler": policy.sampler_config, "n_action_steps": policy.n_action_steps, "seed": int(cfg.seed), **result, "run_dir": str(run_dir),
     }
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
     print(f"{task}: success rate {summary['success_rate']:.2f} over {summary['episodes']} episodes "

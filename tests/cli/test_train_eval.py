@@ -114,6 +114,11 @@ def test_eval_command(peg_data, tmp_path, capsys):
     per_episode = json.loads((tmp_path / "ev" / "eval" / f"step_{3:07d}.json").read_text())["per_episode"]
     assert len(per_episode) == 3 and all("success" in e and "return" in e for e in per_episode)
     assert Path(s["videos"][0]).exists()
+    assert s["n_action_steps"] == 8  # the checkpoint's own
+    assert main([*argv[:3], "n_action_steps=3", "video=false", f"run_dir={tmp_path / 'ev3'}"]) == 0
+    assert last_json(capsys.readouterr().out)["n_action_steps"] == 3
+    assert main([*argv[:3], "n_action_steps=99"]) == 1
+    assert "n_action_steps=99" in capsys.readouterr().err
     assert main(["eval", f"checkpoint={tmp_path / 'nope'}"]) == 1
     assert "checkpoint folder" in capsys.readouterr().err
     (ckpt / "normalizer.json").unlink()

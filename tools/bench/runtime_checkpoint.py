@@ -87,28 +87,33 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10.0)
     ap.add_argument("--latency", type=float, default=0.25, help="inference padded to at least this (seconds)")
     ap.add_argument("--parallel", type=int, default=1, help="robolearn run processes per mode")
+    ap.add_argument("--modes", nargs="+", default=["offline", "async", "sync"], choices=["offline", "async", "sync"])
     ap.add_argument("--out", type=Path, default=ROOT / "tools/bench/results/runtime_checkpoint.json")
     args = ap.parse_args()
     load = os.getloadavg()
     t0 = time.time()
-    offline = call(["eval", f"checkpoint={args.checkpoint}", f"episodes={args.episodes}", f"seed={args.seed}",
-                    f"num_envs={args.episodes}", "workers=2", "videos=0",
-                    f"run_dir={ROOT / 'runs/bench_runtime/offline'}"])
-    rows = {"offline": {"success_rate": offline["success_rate"], "episodes": offline["episodes"],
-                        "mean_max_reward": offline.get("mean_max_reward")}}
+    rows: dict[str, dict] = {}
+    if "offline" in args.modes:
+        offline = call(["eval", f"checkpoint={args.checkpoint}", f"episodes={args.episodes}", f"seed={args.seed}",
+                        f"num_envs={args.episodes}", "workers=2", "videos=0",
+                        f"run_dir={ROOT / 'runs/bench_runtime/offline'}"])
+        rows["offline"] = {"success_rate": offline["success_rate"], "episodes": offline["episodes"],
+                           "mean_max_reward": offline.get("mean_max_reward")}
     for mode in ("async", "sync"):
-        rows[mode] = run_parallel(args, mode)
+        if mode in args.modes:
+            rows[mode] = run_parallel(args, mode)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_start": load, "loadavg_end": os.getloadavg(),
         "checkpoint": args.checkpoint, "rate_hz": args.rate, "latency_s": args.latency, "seed": args.seed,
         "parallel": args.parallel, "seconds": round(time.time() - t0, 1), **rows,
-        "async_minus_offline": round(rows["async"]["success_rate"] - rows["offline"]["success_rate"], 4),
     }
+    if "async" in rows and "offline" in rows:
+        result["async_minus_offline"] = round(rows["async"]["success_rate"] - rows["offline"]["success_rate"], 4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"{'':8} {'success':>8} {'episodes':>8} {'misses':>7} {'dropped':>8} {'lat p50':>8} {'jitter p99':>10}")
-    for k in ("offline", "async", "sync"):
+    for k in rows:
         r = rows[k]
         print(f"{k:8} {r['success_rate']:>8.2f} {r['episodes']:>8} {r.get('deadline_misses', '-')!s:>7} "
               f"{r.get('actions_dropped', '-')!s:>8} {r.get('latency_ms_p50', '-')!s:>8} "
