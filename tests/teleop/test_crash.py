@@ -34,9 +34,11 @@ def test_killed_or_interrupted_session_keeps_every_saved_episode(tmp_path, sig, 
                                                                  headless_env):
     log = write_log(tmp_path / "events.jsonl", SESSION, seed=0, end=100_000)
     out = tmp_path / "store.zarr"
+    # Ctrl-C must reach teleop even when the tests run as a shell's background job (SIGINT ignored there, and
+    # a child inherits that).
     proc = subprocess.Popen([robolearn_exe, "teleop", f"device=replay:{log}", f"out={out}", "realtime=true",
                              "rate_hz=50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=headless_env)
+                            env=headless_env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_episodes(out, 3, proc)
         time.sleep(0.3)  # into the fourth, unsaved episode
