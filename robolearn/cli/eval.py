@@ -6,27 +6,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from robolearn.cli import CLIError, print_json
 from robolearn.cli.evaluation import Evaluator, pick_device
+from robolearn.cli.runtime import checkpoint_run_config, load_checkpoint
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from robolearn.policies import CheckpointError, load_policy
-
     if not cfg.checkpoint:
         raise CLIError("checkpoint= is required (a checkpoint folder, e.g. runs/train/<run>/checkpoints/latest)")
     ckpt = Path(cfg.checkpoint)
     if cfg.episodes < 1:
         raise CLIError(f"episodes must be >= 1, got {cfg.episodes}")
     device = pick_device(str(cfg.device))
-    try:
-        policy = load_policy(ckpt, map_location=device)
-    except CheckpointError as e:
-        raise CLIError(str(e)) from None
-    run_cfg = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("run") or {}
+    policy = load_checkpoint(ckpt, map_location=device)
+    run_cfg = checkpoint_run_config(ckpt)
     task = run_cfg.get("task")
     if not task:
         raise CLIError(f"{ckpt / 'config.yaml'} does not say which task the policy was trained on ('run.task')")

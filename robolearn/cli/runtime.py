@@ -5,26 +5,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from robolearn.cli import CLIError
 
 
-def _checkpoint_run_config(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / "config.yaml"
-    if not ckpt.is_dir():
-        raise CLIError(f"checkpoint folder {ckpt} does not exist")
-    if not path.is_file():
-        raise CLIError(f"checkpoint {ckpt} has no config.yaml (is it a checkpoint folder?)")
-    return (yaml.safe_load(path.read_text()) or {}).get("run") or {}
+def checkpoint_run_config(ckpt: Path) -> dict[str, Any]:
+    """The training run's ``run`` section of a checkpoint (task, env_config, ...), errors as :class:`CLIError`."""
+    from robolearn.policies import CheckpointError, read_run_config
+
+    try:
+        return read_run_config(ckpt)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
 
 
-def _load(ckpt: Path) -> Any:
+def load_checkpoint(ckpt: Path, **kwargs: Any) -> Any:
+    """:func:`robolearn.policies.load_policy`, errors as :class:`CLIError`."""
     from robolearn.policies import CheckpointError, load_policy
 
     try:
-        return load_policy(ckpt)
+        return load_policy(ckpt, **kwargs)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
 
@@ -43,11 +44,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task = cfg.task
     if cfg.checkpoint:
         ckpt = Path(cfg.checkpoint)
-        run_cfg = _checkpoint_run_config(ckpt)
+        run_cfg = checkpoint_run_config(ckpt)
         task = task or run_cfg.get("task")
         if task == run_cfg.get("task"):
             env_config = dict(run_cfg.get("env_config") or {})
-        policy: Any = _load(ckpt)
+        policy: Any = load_checkpoint(ckpt)
     else:
         if not str(cfg.policy).startswith(("ws://", "wss://")):
             raise CLIError(f"policy= must be a ws:// URL of a policy server, got {cfg.policy!r}")
@@ -79,7 +80,7 @@ def serve(cfg: DictConfig) -> None:
 
     if not cfg.checkpoint:
         raise CLIError("checkpoint= is required (a checkpoint folder)")
-    policy = _load(Path(cfg.checkpoint))
+    policy = load_checkpoint(Path(cfg.checkpoint))
     key_map = {str(k): str(v) for k, v in (OmegaConf.to_container(cfg.key_map) or {}).items()}
     try:
         serve_job(policy, host=str(cfg.host), port=int(cfg.port), token=cfg.token, key_map=key_map or None,

@@ -104,14 +104,14 @@ def _run(cfg: DictConfig, kind: str, arg: str | None, replay: Any, hardware: Any
     policy: Any = None
     policy_label = None
     if cfg.policy:
-        from robolearn.cli.runtime import _checkpoint_run_config, _load
+        from robolearn.cli.runtime import checkpoint_run_config, load_checkpoint
 
         ckpt = Path(cfg.policy)
-        run_cfg = _checkpoint_run_config(ckpt)
+        run_cfg = checkpoint_run_config(ckpt)
         task = task or run_cfg.get("task")
         if task == run_cfg.get("task") and not env_config:
             env_config = dict(run_cfg.get("env_config") or {})
-        policy = _load(ckpt)
+        policy = load_checkpoint(ckpt)
         if hasattr(policy, "eval"):
             policy.eval()
         policy_label = str(ckpt)

@@ -13,7 +13,13 @@ Typical use::
     actions = policy.executable(chunk)                 # the n_action_steps to execute now
 """
 from robolearn.policies.base import ChunkPolicy
-from robolearn.policies.checkpoint import CheckpointError, load_policy, read_checkpoint_config, save_policy
+from robolearn.policies.checkpoint import (
+    CheckpointError,
+    load_policy,
+    read_checkpoint_config,
+    read_run_config,
+    save_policy,
+)
 from robolearn.policies.diffusion import DiffusionPolicy
 from robolearn.policies.factory import POLICY_TYPES, ConfigError, make_policy, resolve_config
 from robolearn.policies.flow import FlowPolicy
@@ -28,6 +34,7 @@ __all__ = [
     "load_policy",
     "make_policy",
     "read_checkpoint_config",
+    "read_run_config",
     "resolve_config",
     "save_policy",
 ]

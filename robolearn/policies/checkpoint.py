@@ -121,8 +121,7 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def read_checkpoint_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The resolved policy config of a checkpoint (``config.yaml``'s ``policy`` section)."""
+def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     folder = _check_folder(folder)
     path = folder / CONFIG
     try:
@@ -131,7 +130,22 @@ def read_checkpoint_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("policy"), dict):
         raise CheckpointError(f"{path} has no 'policy' mapping (is it a robolearn checkpoint?)")
-    return data["policy"]
+    return path, data
+
+
+def read_checkpoint_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The resolved policy config of a checkpoint (``config.yaml``'s ``policy`` section)."""
+    return _read_config(folder)[1]["policy"]
+
+
+def read_run_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """What the training run said about itself (``config.yaml``'s ``run`` section: task, env_config, ...);
+    ``{}`` when the checkpoint was saved without one."""
+    path, data = _read_config(folder)
+    run = data.get("run") or {}
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{path}: 'run' is not a mapping")
+    return run
 
 
 def _check_folder(folder: str | os.PathLike) -> Path:

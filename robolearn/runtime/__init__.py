@@ -2,12 +2,28 @@
 chunk blending, deadline accounting), and a policy server / client speaking openpi's WebSocket protocol.
 
 This room never imports ``sim``: callers hand the runner an environment or a factory of one.
-"""
-from robolearn.runtime.action_queue import ActionQueue
-from robolearn.runtime.client import RemotePolicy, RemotePolicyError
-from robolearn.runtime.protocol import ChunkPredictor, WarmStartPredictor
-from robolearn.runtime.runner import PolicyError, Runner
-from robolearn.runtime.server import PolicyServer
 
-__all__ = ["ActionQueue", "ChunkPredictor", "PolicyError", "PolicyServer", "RemotePolicy", "RemotePolicyError",
-           "Runner", "WarmStartPredictor"]
+The names below load on first use (PEP 562), so light modules such as :mod:`robolearn.runtime.clock` can be
+imported without torch and the server (teleoperation paces its loop with the same clocks).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ActionQueue": "action_queue",
+    "RemotePolicy": "client", "RemotePolicyError": "client",
+    "ChunkPredictor": "protocol", "WarmStartPredictor": "protocol",
+    "PolicyError": "runner", "Runner": "runner",
+    "PolicyServer": "server",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'robolearn.runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"robolearn.runtime.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

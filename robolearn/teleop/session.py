@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from robolearn.runtime.clock import RealClock, VirtualClock
 from robolearn.teleop.devices import Command
 from robolearn.teleop.tasks import TaskControl
 
@@ -409,32 +410,20 @@ class SessionEnv:
 
 
 class Pacer:
-    """Ticks at ``period_s`` on absolute deadlines (``start + k * period``, so lateness does not accumulate), or
-    without waiting when not ``realtime`` (replays). After a stall longer than a period (a slow save, a busy
-    machine) it skips the missed ticks instead of rushing through them.
-
-    Its own few lines rather than :mod:`robolearn.runtime.clock`: importing the runtime package pulls in torch and
-    the policy server (1.3 s), which plain teleoperation does not need.
-    """
+    """Ticks on the runner's clocks (:mod:`robolearn.runtime.clock`: absolute deadlines, so lateness does not
+    accumulate; a virtual clock that never waits when not ``realtime``, for replays). After a stall longer than a
+    period (a slow save, a busy machine) it skips the missed ticks instead of rushing through them."""
 
     def __init__(self, period_s: float, realtime: bool) -> None:
+        self.clock = RealClock(period_s) if realtime else VirtualClock(period_s)
         self.period_s = float(period_s)
-        self.realtime = realtime
         self.k = 0
         self.skipped = 0
-        self._t0: float | None = None
 
     def wait(self) -> None:
-        if not self.realtime:
-            self.k += 1
-            return
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
-        deadline = self._t0 + self.k * self.period_s
-        remaining = deadline - time.perf_counter()
-        if remaining > 0:
-            time.sleep(remaining)
-        late = time.perf_counter() - deadline
+        if self.k == 0:
+            self.clock.start()
+        late = self.clock.wait_tick(self.k)
         if late > self.period_s:
             skip = int(late // self.period_s)
             self.k += skip
