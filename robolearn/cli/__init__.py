@@ -23,7 +23,8 @@ EPILOG = """\
 examples:
   robolearn quickstart
   robolearn collect task=push_t episodes=50 out=data/push_t.zarr
-  robolearn train task=push_t policy=diffusion_unet dataset=data/push_t.zarr
+  robolearn train task=push_t policy=diffusion_unet
+  robolearn train task=can policy=flow_unet --cfg job        # show the composed config, run nothing
   robolearn eval checkpoint=runs/train/<run>/checkpoints/latest episodes=50
   robolearn data info data/push_t.zarr
   robolearn data validate data/push_t.zarr
@@ -167,6 +168,11 @@ def _hydra_job(name: str) -> Callable[[argparse.Namespace], None]:
         from robolearn.cli.config import compose
 
         cfg = compose(name, args.overrides)
+        if getattr(args, "cfg", None):  # as hydra's --cfg job: show the composed config, run nothing
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg), end="")
+            return
         module, _, func = _JOBS[name].partition(":")
         getattr(importlib.import_module(module), func)(cfg)
 
@@ -246,9 +252,14 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "train": (
         "train a chunk policy (diffusion or flow matching) from an episode store",
         "Train a chunk policy from an episode store, with evaluation rollouts in MuJoCo.\n"
-        "policy= picks one of: diffusion_unet, diffusion_transformer, flow_unet, flow_transformer\n"
-        "(configs/policy/*.yaml); any policy.* key can be overridden.",
-        ["robolearn train task=lift policy=diffusion_unet dataset=data/lift.zarr training.steps=5000",
+        "task= picks a file of configs/task/ (push_t, peg_insert, lift, can, square: the simulation task, its\n"
+        "dataset, observation keys, env overrides, evaluation length); a new task is one YAML file there.\n"
+        "policy= picks one of configs/policy/: diffusion_unet, diffusion_transformer, flow_unet,\n"
+        "flow_transformer; any policy.* key can be overridden (defaults: robolearn/policies/config.py).\n"
+        "--cfg job prints the composed config without running.",
+        ["robolearn train task=can policy=flow_unet",
+         "robolearn train task=lift policy=diffusion_unet dataset=data/lift.zarr training.steps=5000",
+         "robolearn train task=push_t policy=flow_unet --cfg job     # the composed config, nothing runs",
          "robolearn train task=push_t policy=flow_unet policy.backbone.preset=dp device=cuda",
          "robolearn train ... run_dir=runs/a resume=true          # continue an interrupted run",
          "torchrun --standalone --nproc_per_node=2 -m robolearn.cli train ...   # data-parallel"],
@@ -309,6 +320,8 @@ def _add_hydra_job(sub: Any, command: str, config: str, help_: str, description:
     p = sub.add_parser(command, help=help_, description=description, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. task=push_t")
+    p.add_argument("--cfg", choices=["job"], default=None,
+                   help="print the composed config (defaults, groups and overrides) and exit without running")
     p.set_defaults(func=_hydra_job(config))
 
 
@@ -318,12 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from robolearn.cli.config import ConfigError
     from robolearn.data.schema import StoreError
+    from robolearn.policies.checkpoint import CheckpointError
+    from robolearn.policies.config import ConfigError
 
     try:
         args.func(args)
-    except (CLIError, StoreError, ConfigError) as e:
+    except (CLIError, StoreError, ConfigError, CheckpointError) as e:
         print(f"robolearn: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

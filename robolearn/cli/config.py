@@ -15,11 +15,10 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from robolearn.policies.config import ConfigError  # the one config error type: the CLI prints it, naming the key
 from robolearn.training.settings import TrainSettings
 
-
-class ConfigError(Exception):
-    """A bad override or config file; the message names the key."""
+__all__ = ["ConfigError", "SCHEMAS", "compose", "config_dir"]
 
 
 @dataclass
@@ -53,7 +52,7 @@ class BenchEnvConfig:
 
 # Keys under these take any name: env overrides go to sim.make (which checks them), policy settings to the
 # policy factory (which checks them and names unknown keys).
-FREE_FORM = ("env.", "policy.", "key_map.")
+FREE_FORM = ("env.", "policy.", "key_map.", "task.env.")
 @dataclass
 class QuickstartConfig:
     task: str = "lift"
@@ -75,8 +74,25 @@ class TrainingConfig(TrainSettings):
 
 
 @dataclass
+class TaskEvalConfig:
+    episodes: int = 20  # evaluation episodes at the end of training (and every training.eval_every steps)
+    max_steps: int | None = None  # evaluation episode length; default: the task's own time limit
+
+
+@dataclass
+class TaskConfig:
+    """One task: a file in configs/task/ (``robolearn train task=<file name>``)."""
+
+    name: str = "push_t"  # the simulation task: push_t | peg_insert | lift | can | square | robosuite/<EnvName>
+    dataset: str | None = None  # default: data/<name>.zarr
+    obs_keys: list[str] | None = None  # default: every observation key of the dataset
+    env: dict[str, Any] = field(default_factory=dict)  # sim.make overrides on top of the dataset's env config
+    eval: TaskEvalConfig = field(default_factory=TaskEvalConfig)
+
+
+@dataclass
 class EvalLoopConfig:
-    episodes: int = 20
+    episodes: int | None = None  # default: the task's eval.episodes
     num_envs: int = 4
     workers: int = 2
     seed: int = 100000
@@ -85,9 +101,9 @@ class EvalLoopConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "push_t"
-    dataset: str | None = None
-    obs_keys: list[str] | None = None
+    task: TaskConfig = field(default_factory=TaskConfig)
+    dataset: str | None = None  # overrides task.dataset
+    obs_keys: list[str] | None = None  # overrides task.obs_keys
     run_dir: str | None = None
     resume: bool = False
     device: str = "auto"
@@ -165,6 +181,9 @@ class TeleopConfig:
     env: dict[str, Any] = field(default_factory=dict)
 
 
+# Config groups (folders of configs/) each command composes from: `train task=can policy=flow_unet`.
+GROUPS: dict[str, set[str]] = {"train": {"task", "policy"}}
+
 SCHEMAS: dict[str, type] = {
     "teleop": TeleopConfig,
     "run": RunConfig, "serve": ServeConfig,
@@ -201,7 +220,7 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
 
     schema = SCHEMAS[name]
     valid = _valid_keys(schema)
-    groups = {"policy"} if name == "train" else set()
+    groups = GROUPS.get(name, set())
     for ov in overrides:
         if ov.split("=", 1)[0] in groups:  # a config group choice: policy=flow_unet
             continue

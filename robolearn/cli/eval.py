@@ -1,4 +1,6 @@
-"""``robolearn eval``: success rate of a checkpoint in its task, with per-episode results and videos."""
+"""``robolearn eval``: success rate of a checkpoint (any registered policy kind) in its task, with per-episode
+results and videos. The same checkpoint, seed and episode count print the same results, whatever ``num_envs``
+and ``workers`` (see :mod:`robolearn.evaluation.rollout`)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from robolearn.cli import CLIError, print_json
 from robolearn.cli.evaluation import Evaluator, pick_device
-from robolearn.cli.runtime import checkpoint_run_config, load_checkpoint
+from robolearn.cli.runtime import checkpoint_run_config, load_checkpoint, probe_task
+from robolearn.policies.config import ConfigError, check_geometry
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -26,44 +29,38 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not task:
         raise CLIError(f"{ckpt / 'config.yaml'} does not say which task the policy was trained on ('run.task')")
     env_config = {**(run_cfg.get("env_config") or {}), **OmegaConf.to_container(cfg.env, resolve=True)}
-    import sim
-
-    try:
-        probe = sim.make(task, **env_config)  # fail fast: a bad env override, observations the policy lacks
-    except (ValueError, TypeError) as e:
-        raise CLIError(f"cannot make task {task!r}: {e}") from None
-    missing = [k for k in policy.obs_keys if k not in probe.observation_space.spaces]
-    probe.close()
-    if missing:
-        raise CLIError(f"task {task} with these env settings does not produce the observation(s) {missing} "
-                       f"the policy needs")
+    probe_task(task, env_config, policy)
     if cfg.sampler.kind is not None or cfg.sampler.steps is not None:
         try:
             policy.set_sampler(kind=cfg.sampler.kind, steps=cfg.sampler.steps)
         except ValueError as e:
             raise CLIError(f"sampler: {e}") from None
-    if cfg.n_action_steps is not None:
-        most = policy.horizon - policy.n_obs_steps + 1
-        if not 1 <= int(cfg.n_action_steps) <= most:
-            raise CLIError(f"n_action_steps={cfg.n_action_steps}: this policy's chunks allow 1..{most} "
-                           f"(horizon {policy.horizon}, n_obs_steps {policy.n_obs_steps})")
-        policy.n_action_steps = int(cfg.n_action_steps)
+    n_action_steps = int(cfg.n_action_steps) if cfg.n_action_steps is not None else int(policy.n_action_steps)
+    try:
+        check_geometry(policy.horizon, policy.n_obs_steps, n_action_steps, where="")
+    except ConfigError as e:
+        raise CLIError(f"n_action_steps={n_action_steps} does not fit this policy's chunks: {e}") from None
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/eval") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(task, env_config, episodes=int(cfg.episodes), num_envs=int(cfg.num_envs),
                           workers=int(cfg.workers), seed=int(cfg.seed), videos=int(cfg.videos) if cfg.video else 0,
-                          run_dir=run_dir, device=device)
+                          run_dir=run_dir, device=device, n_action_steps=n_action_steps)
     try:
-        step = int(json.loads((ckpt / "extra.json").read_text()).get("step", 0)) if (ckpt / "extra.json").exists() else 0
-        result = evaluator(policy, step)
+        result = evaluator(policy, _step(ckpt))
     finally:
         evaluator.close()
     summary = {
-        "checkpoint": str(ckpt), "task": task, "policy_type": policy.policy_type,
-        "sampler": policy.sampler_config, "n_action_steps": policy.n_action_steps, "seed": int(cfg.seed), **result, "run_dir": str(run_dir),
+        "checkpoint": str(ckpt), "task": task, "policy_type": policy.policy_type, "sampler": policy.sampler_config,
+        "n_action_steps": n_action_steps, "seed": int(cfg.seed), **result, "run_dir": str(run_dir),
     }
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
     print(f"{task}: success rate {summary['success_rate']:.2f} over {summary['episodes']} episodes "
           f"(mean return {summary['mean_return']:.3f}); per-episode results in {run_dir / 'eval'}")
     print_json(summary)
     return summary
+
+
+def _step(ckpt: Path) -> int:
+    try:
+        return int(json.loads((ckpt / "extra.json").read_text()).get("step", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0

@@ -1,4 +1,5 @@
-"""Evaluation wiring shared by ``robolearn train`` and ``robolearn eval``: vectorized MuJoCo envs + videos."""
+"""Evaluation wiring shared by ``robolearn train`` and ``robolearn eval``: the task's MuJoCo environments (in
+``sim.vector`` worker processes) handed to the evaluation room, per-episode JSON and videos in the run folder."""
 from __future__ import annotations
 
 import json
@@ -22,17 +23,19 @@ def pick_device(name: str) -> torch.device:
 class Evaluator:
     """Runs evaluation rounds of a policy in ``num_envs`` environments; keeps the environments between rounds.
 
-    Each round writes ``eval/step_XXXXXXX.json`` (per-episode results) and ``videos/step_XXXXXXX_epK.mp4``
-    in the run folder and returns the summary.
+    Episode ``k`` of every round starts from seed ``seed + k`` and draws its noise from ``(seed, k, chunk)``, so a
+    round is repeatable and video ``k`` shows exactly episode ``k``. Each round writes ``eval/step_XXXXXXX.json``
+    (per-episode results) and ``videos/step_XXXXXXX_epK.mp4`` in the run folder and returns the summary.
     """
 
     def __init__(
         self, task: str, env_config: dict[str, Any], *, episodes: int, num_envs: int, workers: int, seed: int,
-        videos: int, run_dir: Path, device: torch.device, progress: bool = True,
+        videos: int, run_dir: Path, device: torch.device, progress: bool = True, n_action_steps: int | None = None,
     ) -> None:
         self.task, self.env_config = task, dict(env_config)
         self.episodes, self.num_envs, self.workers, self.seed = episodes, max(1, num_envs), workers, seed
         self.videos, self.run_dir, self.device, self.progress = videos, Path(run_dir), device, progress
+        self.n_action_steps = n_action_steps
         self._venv: Any = None
 
     def _vector_env(self) -> Any:
@@ -41,37 +44,32 @@ class Evaluator:
 
             n = min(self.num_envs, self.episodes)
             self._venv = make_vector_env(self.task, num_envs=n, num_workers=min(self.workers, n), seed=self.seed,
-                                         **self.env_config)
+                                         autoreset_mode="Disabled", **self.env_config)
         return self._venv
 
     def __call__(self, policy: torch.nn.Module, step: int) -> dict[str, Any]:
         from tqdm import tqdm
 
-        from robolearn.policies.rollout import evaluate, record_video_episode
+        from robolearn.accel import default_kernels, use_kernels
+        from robolearn.evaluation import evaluate
 
         was_training = policy.training
         policy.eval()
+        use_kernels(policy, default_kernels())  # the EMA copy trains on nothing: give it the inference kernels
         bar = tqdm(total=self.episodes, desc=f"eval @{step}", unit="ep", leave=False, disable=not self.progress)
 
         def tick(done: int, total: int) -> None:
             bar.update(done - bar.n)
 
         t0 = time.perf_counter()
-        result = evaluate(policy, self._vector_env(), self.episodes, seed=self.seed, device=self.device,
-                          progress=tick)
-        bar.close()
-        videos: list[dict[str, Any]] = []
-        if self.videos > 0:
-            import sim
-
-            env = sim.make(self.task, **self.env_config)
-            (self.run_dir / "videos").mkdir(parents=True, exist_ok=True)
-            fps = float(getattr(env.unwrapped, "fps", 10))
-            for k in range(self.videos):
-                path = self.run_dir / "videos" / f"step_{step:07d}_ep{k}.mp4"
-                videos.append(record_video_episode(policy, env, self.seed + k, str(path), self.device, fps=fps))
-            env.close()
-        policy.train(was_training)
+        try:
+            result = evaluate(policy, self._vector_env(), range(self.seed, self.seed + self.episodes),
+                              noise_seed=self.seed, n_action_steps=self.n_action_steps, device=self.device,
+                              progress=tick)
+            videos = self._videos(policy, step)
+        finally:
+            bar.close()
+            policy.train(was_training)
         summary = {
             "step": step,
             "success_rate": result["success_rate"],
@@ -86,6 +84,24 @@ class Evaluator:
         (out / f"step_{step:07d}.json").write_text(json.dumps({**result, "videos": videos}, indent=1))
         summary["videos"] = [v["path"] for v in videos]
         return summary
+
+    def _videos(self, policy: torch.nn.Module, step: int) -> list[dict[str, Any]]:
+        """Episodes ``0 .. videos-1`` again, in one rendering environment (the same actions, see the class)."""
+        if self.videos <= 0:
+            return []
+        import sim
+
+        from robolearn.evaluation import record_video
+
+        env = sim.make(self.task, **self.env_config)
+        try:
+            fps = float(getattr(env.unwrapped, "fps", 10))
+            return [record_video(policy, env, self.seed + k, str(self.run_dir / "videos" / f"step_{step:07d}_ep{k}.mp4"),
+                                 episode=k, noise_seed=self.seed, n_action_steps=self.n_action_steps,
+                                 device=self.device, fps=fps)
+                    for k in range(min(self.videos, self.episodes))]
+        finally:
+            env.close()
 
     def close(self) -> None:
         if self._venv is not None:

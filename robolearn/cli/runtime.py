@@ -1,4 +1,5 @@
-"""``robolearn run`` and ``robolearn serve``: the runtime room wired to checkpoints and MuJoCo tasks."""
+"""``robolearn run`` and ``robolearn serve``: the runtime room wired to checkpoints and MuJoCo tasks; and the
+checkpoint helpers every command that runs a policy uses (``eval``, ``run``, ``serve``, ``teleop``)."""
 from __future__ import annotations
 
 import time
@@ -11,7 +12,8 @@ from robolearn.cli import CLIError
 
 
 def checkpoint_run_config(ckpt: Path) -> dict[str, Any]:
-    """The training run's ``run`` section of a checkpoint (task, env_config, ...), errors as :class:`CLIError`."""
+    """The training run's ``run`` section of a checkpoint (task, env_config, ...; a wrapper's over its base's),
+    errors as :class:`CLIError`."""
     from robolearn.policies import CheckpointError, read_run_config
 
     try:
@@ -21,13 +23,35 @@ def checkpoint_run_config(ckpt: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(ckpt: Path, **kwargs: Any) -> Any:
-    """:func:`robolearn.policies.load_policy`, errors as :class:`CLIError`."""
+    """Any registered policy kind, ready for inference (:func:`robolearn.accel.prepare_for_inference`: the fast
+    CPU kernels), in eval mode; errors as :class:`CLIError`."""
+    from robolearn.accel import prepare_for_inference
     from robolearn.policies import CheckpointError, load_policy
 
     try:
-        return load_policy(ckpt, **kwargs)
+        return prepare_for_inference(load_policy(ckpt, **kwargs))
     except CheckpointError as e:
         raise CLIError(str(e)) from None
+
+
+def probe_task(task: str, env_config: dict[str, Any], policy: Any = None) -> None:
+    """Make the task once: a bad name or override, or observations the policy needs and the task lacks, stop
+    the command before any work, naming them."""
+    import sim
+
+    try:
+        env = sim.make(task, **env_config)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"cannot make task {task!r}: {e}") from None
+    try:
+        if policy is not None:
+            have = env.observation_space.spaces
+            missing = [k for k in policy.obs_keys if k not in have]
+            if missing:
+                raise CLIError(f"task {task} with these env settings does not produce the observation(s) {missing} "
+                               f"the policy needs (it produces {sorted(have)})")
+    finally:
+        env.close()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -56,10 +80,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not task:
         raise CLIError("task= is required with a remote policy (the server does not say which task)")
     env_config.update(OmegaConf.to_container(cfg.env, resolve=True) or {})
-    try:
-        sim.make(task, **env_config).close()  # fail fast on a bad task or override
-    except (ValueError, TypeError) as e:
-        raise CLIError(str(e)) from None
+    probe_task(task, env_config)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/run") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         return run_job(

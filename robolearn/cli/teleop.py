@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,21 @@ def _open_store(out: Path, schema: dict[str, KeySpec], policy_mode: bool, **meta
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from robolearn.teleop.devices import DeviceError, ReplayDevice, open_live_device, parse_device
+    t_start = time.perf_counter()
+    kind, arg, replay, use_viewer, realtime = _check_args(cfg)
+    hardware = _open_hardware(kind, arg)
+    try:
+        return _run(cfg, kind, arg, replay, hardware, use_viewer, realtime, t_start)
+    finally:
+        if hardware is not None:
+            hardware.close()
+
+
+def _check_args(cfg: DictConfig) -> tuple[str, str | None, Any, bool, bool]:
+    """What drives, checked first, before anything slow: ``(kind, arg, replay, use_viewer, realtime)``."""
+    from robolearn.teleop.devices import DeviceError, ReplayDevice, parse_device
     from robolearn.teleop.display import DisplayError, check_display
 
-    t_start = time.perf_counter()
-    # ---- what drives: checked first, before anything slow
     try:
         kind, arg = parse_device(str(cfg.device))
         replay = ReplayDevice(arg) if kind == "replay" else None  # type: ignore[arg-type]
@@ -73,32 +84,88 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             check_display()
         except DisplayError as e:
             raise CLIError(str(e)) from None
-    hardware = None
-    if kind in ("spacemouse", "gamepad"):
-        try:
-            hardware = open_live_device(kind, arg)
-        except DeviceError as e:
-            raise CLIError(str(e)) from None
+    return kind, arg, replay, use_viewer, realtime
+
+
+def _open_hardware(kind: str, arg: str | None) -> Any:
+    """The SpaceMouse or gamepad, opened; None for the other devices."""
+    from robolearn.teleop.devices import DeviceError, open_live_device
+
+    if kind not in ("spacemouse", "gamepad"):
+        return None
     try:
-        return _run(cfg, kind, arg, replay, hardware, use_viewer, realtime, t_start)
-    finally:
-        if hardware is not None:
-            hardware.close()
+        return open_live_device(kind, arg)
+    except DeviceError as e:
+        raise CLIError(str(e)) from None
+
+
+@dataclass
+class _InFlight:
+    """One session's pieces as they are built. ``closers`` closes them in order: each new piece goes first (the
+    viewer, then the devices, then the store), the environment last."""
+    cfg: DictConfig
+    kind: str
+    arg: str | None
+    replay: Any
+    hardware: Any
+    use_viewer: bool
+    realtime: bool
+    header: dict[str, Any]
+    task: str
+    policy: Any
+    policy_label: str | None
+    env: Any
+    closers: list[Any]
+    control: Any = None
+    fps: float = 10.0
+    rate_hz: float = 0.0
+    mode: str = "async"
+    latency_s: Any = None
+    full_env_config: dict[str, Any] = field(default_factory=dict)
+    out: Path = field(default_factory=Path)
+    store: Any = None
+    with_flag: bool = True
+    seed: int = 0
+    keyboard: Any = None
+    device: Any = None
+    label: Any = None
+    viewer: Any = None
+    ticks: list[Any] = field(default_factory=list)  # the session, once it exists: the log's end line is its last tick
 
 
 def _run(cfg: DictConfig, kind: str, arg: str | None, replay: Any, hardware: Any, use_viewer: bool, realtime: bool,
          t_start: float) -> dict[str, Any]:
     import sim
 
-    from robolearn.cli.collect import schema_for
-    from robolearn.teleop.devices import DeviceError, DeviceSet, EventLog, KeyboardDevice
-    from robolearn.teleop.display import DisplayError
-    from robolearn.teleop.session import TeleopError, TeleopSession, run_intervention, run_teleop
-    from robolearn.teleop.tasks import control_for
-    from robolearn.teleop.viewer import TeleopViewer, mujoco_handles
-
-    # ---- the task, its environment, and the policy in intervention mode
     header = replay.header if replay is not None else {}
+    task, env_config, policy, policy_label = _resolve_task(cfg, header, arg)
+    try:
+        env = sim.make(task, **env_config)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e).strip("'\"")) from None
+    s = _InFlight(cfg, kind, arg, replay, hardware, use_viewer, realtime, header, task, policy, policy_label, env,
+                  closers=[env.close])
+    try:
+        _settle_control(s, env_config)
+        _open_output(s)
+        _open_devices(s)
+        if policy is not None:
+            _check_policy_fits(s)
+        _open_viewer(s)
+        session, result, store_episodes = _run_session(s)
+    finally:
+        for close in s.closers:  # the viewer first (its thread is joined), the store before the environment
+            try:
+                close()
+            except Exception as e:  # closing must not hide the error that got us here
+                print(f"teleop: while closing: {type(e).__name__}: {e}", file=sys.stderr)
+    return _summarize(s, session, result, store_episodes, t_start)
+
+
+def _resolve_task(cfg: DictConfig, header: dict[str, Any], arg: str | None
+                  ) -> tuple[str, dict[str, Any], Any, str | None]:
+    """The task, its environment's settings, and the policy in intervention mode: ``(task, env_config, policy,
+    policy_label)``."""
     task = cfg.task or header.get("task")
     env_config: dict[str, Any] = dict(header.get("env_config") or {})
     policy: Any = None
@@ -120,123 +187,153 @@ def _run(cfg: DictConfig, kind: str, arg: str | None, replay: Any, hardware: Any
     if header.get("task") and header["task"] != task:
         raise CLIError(f"replay log {arg} was recorded on task {header['task']!r}, not {task!r}")
     env_config.update(OmegaConf.to_container(cfg.env, resolve=True) or {})  # type: ignore[arg-type]
+    return task, env_config, policy, policy_label
+
+
+def _settle_control(s: _InFlight, env_config: dict[str, Any]) -> None:
+    """The task's key mapping and the session's pace (a replay uses the settings it was recorded with, unless told
+    otherwise)."""
+    from robolearn.teleop.tasks import control_for
+
     try:
-        env = sim.make(task, **env_config)
-    except (ValueError, TypeError) as e:
-        raise CLIError(str(e).strip("'\"")) from None
-    closers: list[Any] = [env.close]
+        s.control = control_for(s.task, s.env)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    unwrapped = s.env.unwrapped
+    s.fps = float(getattr(unwrapped, "fps", 10.0))
+    s.rate_hz = float(s.cfg.rate_hz or s.header.get("rate_hz") or s.fps)
+    s.mode = str(s.cfg.mode or s.header.get("mode") or "async")
+    s.latency_s = s.cfg.latency_s if s.cfg.latency_s is not None else s.header.get("latency_s")
+    if s.rate_hz <= 0:
+        raise CLIError(f"rate_hz must be positive, got {s.rate_hz}")
+    s.full_env_config = unwrapped.env_config() if hasattr(unwrapped, "env_config") else dict(env_config)
+
+
+def _open_output(s: _InFlight) -> None:
+    """The store (closed before the environment) and the first episode's seed."""
+    from robolearn.cli.collect import schema_for
+
+    schema = schema_for(s.env)
+    if "intervention" in schema:
+        raise CLIError("the environment has an observation named 'intervention', which teleop reserves")
+    schema["intervention"] = KeySpec((), "bool", "flag")
+    s.out = Path(s.cfg.out or f"data/{s.task}_teleop.zarr")
+    s.store, s.with_flag = _open_store(s.out, schema, s.policy is not None, fps=s.fps, task=s.task,
+                                       env_config=s.full_env_config, attrs={"source": {"kind": "teleop"}})
+    s.closers.insert(0, s.store.close)
+    if s.cfg.seed is not None:
+        s.seed = int(s.cfg.seed)
+    elif s.replay is not None and "seed" in s.header:
+        s.seed = int(s.header["seed"])
+    else:
+        used = [int((s.store.attrs.get(k) or {}).get("next_seed", 0)) for k in ("collect", "teleop")]
+        s.seed = max(used)
+
+
+def _open_devices(s: _InFlight) -> None:
+    """What drives the session: the replay, or the keyboard (after the SpaceMouse or gamepad) with the event log."""
+    from robolearn.teleop.devices import DeviceSet, KeyboardDevice
+
+    if s.replay is not None:
+        device: Any = s.replay
+        s.label = s.replay.recorded_device
+    else:
+        s.keyboard = KeyboardDevice()
+        devices = [s.keyboard] if s.hardware is None else [s.hardware, s.keyboard]
+        device = DeviceSet(devices, _open_event_log(s, devices))
+        s.label = s.kind
+    s.device = device
+    ticks = s.ticks
+    s.closers.insert(0, lambda: device.close(ticks[0].tick_index if ticks else 0))
+
+
+def _open_event_log(s: _InFlight, devices: list[Any]) -> Any:
+    """The ``record_events=`` log of a live session, or None."""
+    from robolearn.teleop.devices import EventLog
+
+    if not s.cfg.record_events:
+        return None
     try:
-        try:
-            control = control_for(task, env)
-        except ValueError as e:
-            raise CLIError(str(e)) from None
-        unwrapped = env.unwrapped
-        fps = float(getattr(unwrapped, "fps", 10.0))
-        # A replay uses the settings it was recorded with, unless told otherwise.
-        rate_hz = float(cfg.rate_hz or header.get("rate_hz") or fps)
-        mode = str(cfg.mode or header.get("mode") or "async")
-        latency_s = cfg.latency_s if cfg.latency_s is not None else header.get("latency_s")
-        if rate_hz <= 0:
-            raise CLIError(f"rate_hz must be positive, got {rate_hz}")
-        full_env_config = unwrapped.env_config() if hasattr(unwrapped, "env_config") else dict(env_config)
+        return EventLog(s.cfg.record_events, {
+            "task": s.task, "device": s.kind, "sources": [d.name for d in devices], "rate_hz": s.rate_hz,
+            "seed": s.seed, "env_config": s.full_env_config, "policy": s.policy_label,
+            **({"mode": s.mode, "latency_s": s.latency_s} if s.policy is not None else {})})
+    except FileExistsError:
+        raise CLIError(f"record_events={s.cfg.record_events} already exists; an event log is never "
+                       f"overwritten: give a new file name") from None
+    except OSError as e:
+        raise CLIError(f"cannot write the event log record_events={s.cfg.record_events}: "
+                       f"{e.strerror or e}") from None
 
-        # ---- the store
-        schema = schema_for(env)
-        if "intervention" in schema:
-            raise CLIError("the environment has an observation named 'intervention', which teleop reserves")
-        schema["intervention"] = KeySpec((), "bool", "flag")
-        out = Path(cfg.out or f"data/{task}_teleop.zarr")
-        store, with_flag = _open_store(out, schema, policy is not None, fps=fps, task=task,
-                                       env_config=full_env_config, attrs={"source": {"kind": "teleop"}})
-        closers.insert(0, store.close)
-        if cfg.seed is not None:
-            seed = int(cfg.seed)
-        elif replay is not None and "seed" in header:
-            seed = int(header["seed"])
+
+def _check_policy_fits(s: _InFlight) -> None:
+    """The policy's action size matches the task's, and it runs on the first observation (the warm-up)."""
+    from robolearn.teleop.session import warm_up
+
+    want = int(np.prod(s.env.action_space.shape))
+    if int(s.policy.action_dim) != want:
+        raise CLIError(f"policy checkpoint {s.policy_label} predicts {s.policy.action_dim}-D actions; task {s.task} "
+                       f"takes {want}-D actions")
+    try:
+        warm_up(s.policy, s.env.reset(seed=s.seed)[0])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # RuntimeError: torch, on a shape mismatch
+        raise CLIError(f"policy checkpoint {s.policy_label} does not fit task {s.task}: {e}") from None
+
+
+def _open_viewer(s: _InFlight) -> None:
+    """The window (closed first, once it exists), when the session has one."""
+    from robolearn.teleop.display import DisplayError
+    from robolearn.teleop.viewer import TeleopViewer, mujoco_handles
+
+    if not s.use_viewer:
+        return
+    model, data = mujoco_handles(s.env)
+    keyboard = s.keyboard
+    s.viewer = TeleopViewer(model, data, keyboard.press if keyboard is not None else (lambda key: None),
+                            s.control.view)
+    s.closers.insert(0, s.viewer.close)
+    try:
+        s.viewer.open()
+    except DisplayError as e:
+        raise CLIError(str(e)) from None
+
+
+def _run_session(s: _InFlight) -> tuple[Any, dict[str, Any], int]:
+    """Run the session to its end: ``(session, result, store_episodes)``."""
+    from robolearn.teleop.devices import DeviceError
+    from robolearn.teleop.session import TeleopError, TeleopSession, run_intervention, run_teleop
+    from robolearn.teleop.viewer import mujoco_handles
+
+    extra = {"replayed_from": str(s.arg)} if s.replay is not None else {}
+    session = TeleopSession(
+        s.env, s.control, s.device, s.store, device_label=s.label, seed=s.seed, policy_label=s.policy_label,
+        record_intervention=s.with_flag, autosave=bool(s.cfg.autosave), max_episodes=s.cfg.episodes,
+        viewer=s.viewer, handles=mujoco_handles, episode_attrs=extra)
+    s.ticks.append(session)
+    mode_text = f"policy {s.policy_label} drives ({s.mode}), F9 takes over, F10 hands back" if s.policy is not None \
+        else "Enter starts recording, F8 saves, Delete discards, Escape quits"
+    print(f"teleop: {s.task} at {s.rate_hz:g} Hz with {s.label}{' (replay)' if s.replay else ''} -> {s.out}; "
+          f"{mode_text}", file=sys.stderr, flush=True)
+    try:
+        if s.policy is None:
+            result = run_teleop(session, s.rate_hz, s.realtime)
         else:
-            used = [int((store.attrs.get(k) or {}).get("next_seed", 0)) for k in ("collect", "teleop")]
-            seed = max(used)
+            result = run_intervention(session, s.policy, s.rate_hz, s.realtime, mode=s.mode, latency_s=s.latency_s)
+    except (TeleopError, DeviceError) as e:  # e.g. a SpaceMouse or gamepad unplugged mid-session
+        raise CLIError(f"{e} ({session.saved} saved episodes are kept in {s.out})") from None
+    return session, result, s.store.n_episodes
 
-        # ---- the devices
-        keyboard: KeyboardDevice | None = None
-        if replay is not None:
-            device: Any = replay
-            label = replay.recorded_device
-        else:
-            keyboard = KeyboardDevice()
-            devices = [keyboard] if hardware is None else [hardware, keyboard]
-            log = None
-            if cfg.record_events:
-                try:
-                    log = EventLog(cfg.record_events, {
-                        "task": task, "device": kind, "sources": [d.name for d in devices], "rate_hz": rate_hz,
-                        "seed": seed, "env_config": full_env_config, "policy": policy_label,
-                        **({"mode": mode, "latency_s": latency_s} if policy is not None else {})})
-                except FileExistsError:
-                    raise CLIError(f"record_events={cfg.record_events} already exists; an event log is never "
-                                   f"overwritten: give a new file name") from None
-                except OSError as e:
-                    raise CLIError(f"cannot write the event log record_events={cfg.record_events}: "
-                                   f"{e.strerror or e}") from None
-            device = DeviceSet(devices, log)
-            label = kind
-        ticks: list[Any] = []  # the session, once it exists: the log's end line is its last tick
-        closers.insert(0, lambda: device.close(ticks[0].tick_index if ticks else 0))
 
-        if policy is not None:
-            from robolearn.teleop.session import warm_up
-
-            want = int(np.prod(env.action_space.shape))
-            if int(policy.action_dim) != want:
-                raise CLIError(f"policy checkpoint {policy_label} predicts {policy.action_dim}-D actions; task {task} "
-                               f"takes {want}-D actions")
-            try:
-                warm_up(policy, env.reset(seed=seed)[0])
-            except (KeyError, ValueError, TypeError, RuntimeError) as e:  # RuntimeError: torch, on a shape mismatch
-                raise CLIError(f"policy checkpoint {policy_label} does not fit task {task}: {e}") from None
-
-        # ---- the window
-        viewer = None
-        if use_viewer:
-            model, data = mujoco_handles(env)
-            viewer = TeleopViewer(model, data, keyboard.press if keyboard is not None else (lambda key: None),
-                                  control.view)
-            closers.insert(0, viewer.close)
-            try:
-                viewer.open()
-            except DisplayError as e:
-                raise CLIError(str(e)) from None
-        extra = {"replayed_from": str(arg)} if replay is not None else {}
-        session = TeleopSession(
-            env, control, device, store, device_label=label, seed=seed, policy_label=policy_label,
-            record_intervention=with_flag, autosave=bool(cfg.autosave), max_episodes=cfg.episodes, viewer=viewer,
-            handles=mujoco_handles, episode_attrs=extra)
-        ticks.append(session)
-        mode_text = f"policy {policy_label} drives ({mode}), F9 takes over, F10 hands back" if policy is not None \
-            else "Enter starts recording, F8 saves, Delete discards, Escape quits"
-        print(f"teleop: {task} at {rate_hz:g} Hz with {label}{' (replay)' if replay else ''} -> {out}; "
-              f"{mode_text}", file=sys.stderr, flush=True)
-        try:
-            if policy is None:
-                result = run_teleop(session, rate_hz, realtime)
-            else:
-                result = run_intervention(session, policy, rate_hz, realtime, mode=mode, latency_s=latency_s)
-        except (TeleopError, DeviceError) as e:  # e.g. a SpaceMouse or gamepad unplugged mid-session
-            raise CLIError(f"{e} ({session.saved} saved episodes are kept in {out})") from None
-        store_episodes = store.n_episodes
-    finally:
-        for close in closers:  # the viewer first (its thread is joined), the store before the environment
-            try:
-                close()
-            except Exception as e:  # closing must not hide the error that got us here
-                print(f"teleop: while closing: {type(e).__name__}: {e}", file=sys.stderr)
+def _summarize(s: _InFlight, session: Any, result: dict[str, Any], store_episodes: int,
+               t_start: float) -> dict[str, Any]:
+    """The run's summary, printed as JSON (and a line for the operator on stderr)."""
     summary = {
-        "task": task, "out": str(out), "device": label, "replay": replay is not None, "policy": policy_label,
-        "intervention_flag": with_flag, **result, "store_episodes": store_episodes, "rate_hz": rate_hz,
-        "realtime": realtime, "viewer": use_viewer, "events_log": cfg.record_events,
+        "task": s.task, "out": str(s.out), "device": s.label, "replay": s.replay is not None,
+        "policy": s.policy_label, "intervention_flag": s.with_flag, **result, "store_episodes": store_episodes,
+        "rate_hz": s.rate_hz, "realtime": s.realtime, "viewer": s.use_viewer, "events_log": s.cfg.record_events,
         "seconds": round(time.perf_counter() - t_start, 2),
     }
-    print(f"{session.saved} episode(s) saved to {out} ({store_episodes} in the store); quit: {session.quit_reason}",
+    print(f"{session.saved} episode(s) saved to {s.out} ({store_episodes} in the store); quit: {session.quit_reason}",
           file=sys.stderr)
     print_json(summary)
     return summary

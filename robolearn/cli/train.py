@@ -1,5 +1,8 @@
 """``robolearn train``: a chunk policy from an episode store, evaluated in the task's MuJoCo environment.
 
+``task=`` picks a file of ``configs/task/`` (the simulation task, its dataset, observation keys, environment
+overrides and evaluation length) and ``policy=`` one of ``configs/policy/``: N tasks and M policies cost N + M files.
+
 Everything that can be wrong with the inputs is checked before the first training step: the dataset opens and
 validates, its task and observation keys match the environment, the policy config builds, and a resumed run
 uses the policy it was started with.
@@ -13,6 +16,7 @@ import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,116 +67,154 @@ def check_dataset_matches_env(store: Any, env: Any, obs_keys: list[str], task: s
                        f"{tuple(env.action_space.shape)}")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+@dataclass
+class _Data:
+    """The dataset, checked against the task."""
+
+    store: Any
+    path: Path
+    obs_keys: list[str]
+    env_config: dict[str, Any]
+
+
+def _open_dataset(cfg: DictConfig) -> _Data:
     import sim
 
-    from robolearn.data import EpisodeStore, SequenceDataset, StoreError
-    from robolearn.policies import CheckpointError, ConfigError, make_policy, read_checkpoint_config
-    from robolearn.training import TrainSettings, Trainer
+    from robolearn.data import EpisodeStore
 
-    device = pick_device(str(cfg.device))
-    distributed, rank, device = _init_distributed(device)
-    policy_cfg: dict[str, Any] = OmegaConf.to_container(cfg.policy, resolve=True)  # type: ignore[assignment]
-    policy_name = str(policy_cfg.pop("name", policy_cfg.get("type", "policy")))
-
-    # ---- the dataset, and that it belongs to this task
-    dataset_path = Path(cfg.dataset or f"data/{cfg.task}.zarr")
-    if not dataset_path.exists():
-        raise CLIError(f"dataset {dataset_path} does not exist; make one with: robolearn collect task={cfg.task} "
-                       f"episodes=200 out={dataset_path}")
-    store = EpisodeStore.open(dataset_path)
-    if store.task and store.task != cfg.task:
-        raise CLIError(f"dataset {dataset_path} was recorded for task {store.task!r}, not {cfg.task!r}")
-    obs_keys = list(cfg.obs_keys) if cfg.obs_keys else [k for k, s in store.schema.items() if s.role == "obs"]
-    env_config = store.env_config
+    task = str(cfg.task.name)
+    path = Path(cfg.dataset or cfg.task.dataset or f"data/{task}.zarr")
+    if not path.exists():
+        raise CLIError(f"dataset {path} does not exist; make one with: robolearn collect task={task} "
+                       f"episodes=200 out={path}")
+    store = EpisodeStore.open(path)
+    if store.task and store.task != task:
+        raise CLIError(f"dataset {path} was recorded for task {store.task!r}, not {task!r}")
+    chosen = cfg.obs_keys or cfg.task.obs_keys
+    obs_keys = list(chosen) if chosen else [k for k, s in store.schema.items() if s.role == "obs"]
+    env_config = {**store.env_config, **(OmegaConf.to_container(cfg.task.env, resolve=True) or {})}
     try:
-        probe = sim.make(cfg.task, **env_config)
+        probe = sim.make(task, **env_config)
     except (ValueError, TypeError) as e:
-        raise CLIError(f"cannot make task {cfg.task!r} with the dataset's env config: {e}") from None
-    check_dataset_matches_env(store, probe, obs_keys, cfg.task)
-    probe.close()
+        raise CLIError(f"cannot make task {task!r} with the dataset's env config: {e}") from None
+    try:
+        check_dataset_matches_env(store, probe, obs_keys, task)
+    finally:
+        probe.close()
+    return _Data(store, path, obs_keys, env_config)
 
-    # ---- the run folder; a resumed run keeps the policy it was started with
+
+def _run_dir(cfg: DictConfig, policy_name: str, distributed: bool) -> Path:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/train") / (
-        f"{cfg.task}-{policy_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if distributed:
+        f"{cfg.task.name}-{policy_name}-{time.strftime('%Y%m%d-%H%M%S')}".replace("/", "_"))
+    if distributed:  # every rank writes to rank 0's folder
         holder = [str(run_dir)]
         torch.distributed.broadcast_object_list(holder, src=0)
         run_dir = Path(holder[0])
-    resume_from: dict[str, Any] | None = None
     if cfg.resume:
-        latest = run_dir / "checkpoints" / "latest"
         if not cfg.run_dir:
             raise CLIError("resume=true needs run_dir=<the run to continue>")
-        if not latest.exists():
-            raise CLIError(f"cannot resume: no checkpoint at {latest}")
-        try:
-            saved = read_checkpoint_config(latest.resolve())
-        except CheckpointError as e:
-            raise CLIError(str(e)) from None
-        if saved.get("type") != policy_cfg.get("type"):
-            raise CLIError(f"cannot resume {run_dir} with a {policy_cfg.get('type')!r} policy: its checkpoint "
-                           f"holds a {saved.get('type')!r} policy (pass the policy it was started with)")
-        resume_from = saved
+        if not (run_dir / "checkpoints" / "latest").exists():
+            raise CLIError(f"cannot resume: no checkpoint at {run_dir / 'checkpoints' / 'latest'}")
     elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise CLIError(f"run folder {run_dir} already holds checkpoints; pass resume=true to continue it, or "
                        f"another run_dir")
+    return run_dir
 
-    # ---- the policy
-    policy_cfg["obs"] = {k: list(store.schema[k].shape) for k in obs_keys}
-    policy_cfg["action_dim"] = int(store.schema["action"].shape[0])
-    stats = store.stats()
+
+def _build_policy(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str, data: _Data,
+                  run_dir: Path) -> Any:
+    """The policy of the config and the dataset's statistics; a resumed run must describe the same policy."""
+    from robolearn.policies import CheckpointError, ConfigError, make_policy, read_checkpoint_config, resolve_config
+
+    policy_cfg["obs"] = {k: list(data.store.schema[k].shape) for k in data.obs_keys}
+    policy_cfg["action_dim"] = int(data.store.schema["action"].shape[0])
+    stats = data.store.stats()
     try:
         torch.manual_seed(int(cfg.training.seed))
         policy = make_policy(policy_cfg, stats)
     except (ConfigError, KeyError, ValueError) as e:
         raise CLIError(f"policy {policy_name}: {e}") from None
-    if resume_from is not None:
-        from robolearn.policies.factory import resolve_config
-
+    if cfg.resume:
+        try:
+            saved = read_checkpoint_config((run_dir / "checkpoints" / "latest").resolve())
+        except CheckpointError as e:
+            raise CLIError(str(e)) from None
+        if saved.get("type") != policy.policy_type:
+            raise CLIError(f"cannot resume {run_dir} with a {policy.policy_type!r} policy: its checkpoint "
+                           f"holds a {saved.get('type')!r} policy (pass the policy it was started with)")
         now = resolve_config(policy_cfg, stats)
-        saved_cfg = {k: v for k, v in resume_from.items() if k != "sampler"}
-        differ = sorted(k for k in set(now) | set(saved_cfg) if k != "sampler" and now.get(k) != saved_cfg.get(k))
+        differ = sorted(k for k in set(now) | set(saved) if k != "sampler" and now.get(k) != saved.get(k))
         if differ:
             raise CLIError(f"cannot resume {run_dir}: the policy config differs from its checkpoint in "
                            f"{', '.join(differ)} (resume with the settings the run was started with)")
-    n_params = sum(p.numel() for p in policy.parameters())
+    return policy
 
-    t = cfg.training
-    data_kw = dict(horizon=policy.horizon, n_obs_steps=policy.n_obs_steps, n_action_steps=policy.n_action_steps,
-                   obs_keys=obs_keys, val_ratio=float(t.val_ratio), seed=int(t.seed))
-    if not 0.0 <= float(t.val_ratio) < 1.0:
-        raise CLIError(f"training.val_ratio must be in [0, 1), got {t.val_ratio}")
-    train_ds = SequenceDataset(store, split="train", **data_kw)
-    val_ds = train_ds.split("val")
-    t_plain: dict[str, Any] = OmegaConf.to_container(t)  # type: ignore[assignment]
-    settings = TrainSettings(**{f.name: t_plain[f.name] for f in dataclasses.fields(TrainSettings)})
+
+def _train_settings(t: DictConfig) -> Any:
+    from robolearn.training import TrainSettings
+
+    plain: dict[str, Any] = OmegaConf.to_container(t)  # type: ignore[assignment]
+    settings = TrainSettings(**{f.name: plain[f.name] for f in dataclasses.fields(TrainSettings)})
     settings.betas = tuple(settings.betas)  # type: ignore[assignment]
     try:
         settings.check()
     except ValueError as e:
         raise CLIError(str(e)) from None
+    if not 0.0 <= float(t.val_ratio) < 1.0:
+        raise CLIError(f"training.val_ratio must be in [0, 1), got {t.val_ratio}")
+    return settings
+
+
+def _evaluator(cfg: DictConfig, data: _Data, run_dir: Path, device: torch.device) -> Evaluator | None:
+    e, task_eval = cfg.eval, cfg.task.eval
+    episodes = int(e.episodes if e.episodes is not None else task_eval.episodes)
+    if episodes <= 0:
+        return None
+    env_config = dict(data.env_config)
+    if task_eval.max_steps is not None:
+        env_config["max_episode_steps"] = int(task_eval.max_steps)
+    return Evaluator(str(cfg.task.name), env_config, episodes=episodes, num_envs=int(e.num_envs),
+                     workers=int(e.workers), seed=int(e.seed), videos=int(e.videos), run_dir=run_dir, device=device,
+                     progress=bool(cfg.training.progress))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from robolearn.data import SequenceDataset, StoreError
+    from robolearn.policies import CheckpointError
+    from robolearn.training import Trainer
+
+    device = pick_device(str(cfg.device))
+    distributed, rank, device = _init_distributed(device)
+    policy_cfg: dict[str, Any] = OmegaConf.to_container(cfg.policy, resolve=True)  # type: ignore[assignment]
+    policy_name = str(policy_cfg.pop("name", policy_cfg.get("type", "policy")))
+    data = _open_dataset(cfg)
+    run_dir = _run_dir(cfg, policy_name, distributed)
+    policy = _build_policy(cfg, policy_cfg, policy_name, data, run_dir)
+    t = cfg.training
+    settings = _train_settings(t)
+    train_ds = SequenceDataset(data.store, split="train", horizon=policy.horizon, n_obs_steps=policy.n_obs_steps,
+                               n_action_steps=policy.n_action_steps, obs_keys=data.obs_keys,
+                               val_ratio=float(t.val_ratio), seed=int(t.seed))
+    val_ds = train_ds.split("val")
     if len(train_ds) == 0:
         raise CLIError(f"no training windows: {len(train_ds.episodes)} training episodes after holding out "
-                       f"training.val_ratio={t.val_ratio} of {store.n_episodes}")
+                       f"training.val_ratio={t.val_ratio} of {data.store.n_episodes}")
     run_config = {
-        "task": cfg.task, "dataset": str(dataset_path), "env_config": env_config, "obs_keys": obs_keys,
-        "policy_name": policy_name, "policy": policy.config, "training": OmegaConf.to_container(t),
-        "eval": OmegaConf.to_container(cfg.eval), "device": str(device),
+        "task": str(cfg.task.name), "task_config": OmegaConf.to_container(cfg.task), "dataset": str(data.path),
+        "env_config": data.env_config, "obs_keys": data.obs_keys, "policy_name": policy_name,
+        "policy": policy.config, "training": OmegaConf.to_container(t), "eval": OmegaConf.to_container(cfg.eval),
+        "device": str(device),
     }
-    main_rank = rank == 0
-    if main_rank:
+    n_params = sum(p.numel() for p in policy.parameters())
+    evaluator = None
+    if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-        print(f"training {policy_name} ({n_params / 1e6:.2f}M parameters) on {dataset_path}: "
+        print(f"training {policy_name} ({n_params / 1e6:.2f}M parameters) on {data.path}: "
               f"{len(train_ds.episodes)} train / {len(val_ds.episodes)} val episodes, {len(train_ds):,} windows; "
               f"run folder {run_dir}")
-    evaluator = None
-    if main_rank and int(cfg.eval.episodes) > 0:
-        e = cfg.eval
-        evaluator = Evaluator(cfg.task, env_config, episodes=int(e.episodes), num_envs=int(e.num_envs),
-                              workers=int(e.workers), seed=int(e.seed), videos=int(e.videos), run_dir=run_dir,
-                              device=device, progress=bool(t.progress))
+        evaluator = _evaluator(cfg, data, run_dir, device)
     trainer = Trainer(policy, train_ds, settings, run_dir, run_config, val_dataset=val_ds, evaluate=evaluator,
                       device=device)
     try:
@@ -184,13 +226,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             evaluator.close()
         if distributed:
             torch.distributed.destroy_process_group()
-    if not main_rank:
+    if rank != 0:
         return out
-    metrics = trainer.metrics()
-    losses = [m["loss"] for m in metrics if "loss" in m]
+    return _summarize(cfg, trainer, out, policy_name, run_dir, n_params)
+
+
+def _summarize(cfg: DictConfig, trainer: Any, out: dict[str, Any], policy_name: str, run_dir: Path,
+               n_params: int) -> dict[str, Any]:
+    losses = [m["loss"] for m in trainer.metrics() if "loss" in m]
     ev = out.get("eval") or {}
     summary = {
-        "task": cfg.task,
+        "task": str(cfg.task.name),
         "policy": policy_name,
         "run_dir": str(run_dir),
         "checkpoint": out["checkpoint"],

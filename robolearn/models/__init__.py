@@ -1,6 +1,8 @@
 """Denoiser backbones and observation encoders (torch only).
 
-Every backbone has the same call: ``backbone(x: (B, T, A), t: (B,) float, cond) -> (B, T, A)``, plus
+Every backbone has the same call: ``backbone(x: (B, T, A), t: (B,) float, cond, step=None) -> (B, T, A)``
+(``step`` tells a call where it sits in a sampling run, see :class:`robolearn.policies.base.DenoiseStep`; plain
+backbones ignore it), plus
 ``backbone.prepare(cond)`` that precomputes the observation-dependent part once per action chunk (pass its
 result as ``cond`` at each denoising step).
 """

@@ -237,7 +237,10 @@ class TransformerDenoiser(nn.Module):
         """Final adaLN LayerNorm and projection back to action space."""
         return self.out_proj(_modulate(self.final_norm(h), ctx.final_mod[:, 0], ctx.final_mod[:, 1]))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | TransformerCond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | TransformerCond,
+                step: Any = None) -> torch.Tensor:
+        """``step``: where this call sits in a sampling run (the policies' denoising loop passes it; plain
+        forward ignores it, a block-caching wrapper decides from it which branches to recompute)."""
         ctx = self.begin(x, t, cond)
         h = ctx.x
         for blk, bc in zip(self.blocks, ctx.block_ctx):

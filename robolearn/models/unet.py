@@ -17,10 +17,14 @@ denoiser calls, and the observation does not change between them):
   blocks' FiLM parameters instead of one per block.
 - A horizon that is not a multiple of 2^(levels-1) is padded (edge-replicated) inside and cropped back,
   instead of failing on mismatched skip connections.
+- Convolutions are computed as one matrix product each (:class:`GemmConv1d`, :class:`GemmUpsample1d`): same
+  parameters and state_dict as ``nn.Conv1d``/``nn.ConvTranspose1d``, about 2x faster at these shapes.
+
+These are plain modules (what training runs); :func:`robolearn.accel.use_kernels` can swap their kernels at
+inference (oneDNN's inner product, or PyTorch's stock convolutions for comparisons) without touching weights.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,31 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from robolearn.models.embeddings import TimestepMLP
-
-# oneDNN's fp32 inner product (the op inductor emits for frozen CPU linears) streams a large weight matrix
-# about twice as fast as F.linear's MKL sgemm when only 4-16 rows multiply it -- the shape of every
-# convolution here at batch 1: one (1024 x 5120) weight with 4 rows took 1.04 ms vs 2.03 ms, cache-cold,
-# 2 threads on the development machine. Used only without autograd, on CPU float32; everything else (and
-# ROBOLEARN_FAST_LINEAR=0, for comparisons) takes F.linear. Results agree to float rounding.
-_ONEDNN_LINEAR = (
-    os.environ.get("ROBOLEARN_FAST_LINEAR", "1") != "0"
-    and torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-)
-
-
-def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for 2-D ``x``; oneDNN's inner product at inference on CPU float32 (see above)."""
-    if (
-        _ONEDNN_LINEAR
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.dim() == 2
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Diffusion Policy's CNN: ~64M parameters for obs_dim 20 x 2 obs steps, action dim 2.
@@ -70,8 +49,7 @@ class GemmConv1d(nn.Conv1d):
 
     For the short sequences of an action chunk (T = 16 down to 4) PyTorch's CPU convolution falls back to
     its im2col path, which measured about 2x slower here than unfolding ourselves and calling ``F.linear``
-    on the (out, in * k) view of the weight (1024 -> 1024 channels, k=5, T=4: 6.9 ms vs 3.3 ms, one thread);
-    at inference :func:`fast_linear` halves that again.
+    on the (out, in * k) view of the weight (1024 -> 1024 channels, k=5, T=4: 6.9 ms vs 3.3 ms, one thread).
     Only zero padding, no dilation, no groups: what the U-Net uses.
     """
 
@@ -83,7 +61,7 @@ class GemmConv1d(nn.Conv1d):
         cols = x.unfold(2, k, s)  # (B, C, T_out, k): element [b, c, t, j] = x[b, c, t*s + j]
         T_out = cols.shape[2]
         cols = cols.permute(0, 2, 1, 3).reshape(B * T_out, C * k)
-        y = fast_linear(cols, self.weight.view(self.out_channels, C * k), self.bias)
+        y = F.linear(cols, self.weight.view(self.out_channels, C * k), self.bias)
         return y.view(B, T_out, self.out_channels).transpose(1, 2)
 
 
@@ -230,10 +208,12 @@ class ConditionalUnet1D(nn.Module):
             raise ValueError(f"unet expects a global condition of shape (B, {self.cond_dim}), got {got}")
         return UNetCond(self.film_obs(self.act(cond)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | UNetCond | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | UNetCond | None,
+                step: Any = None) -> torch.Tensor:
+        """``step``: where this call sits in a sampling run (the policies' denoising loop passes it; ignored)."""
         prepared = self.prepare(cond)
         # obs half (precomputed, bias included) + step half, for all blocks in one product
-        film = prepared.obs_film + fast_linear(self.act(self.step_encoder(t)), self.film_time.weight)
+        film = prepared.obs_film + self.film_time(self.act(self.step_encoder(t)))
         params = iter(f.unsqueeze(-1) for f in torch.split(film, self._film_sizes, dim=1))
 
         T = x.shape[1]

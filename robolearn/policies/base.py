@@ -4,74 +4,112 @@ A chunk policy maps an observation history ``{key: (B, n_obs_steps, ...)}`` to a
 ``(B, horizon, action_dim)`` in the environment's (unnormalized) units. Normalization lives inside the policy
 (``policy.normalizer``, a buffer-holding module saved with the weights), so callers always speak raw units.
 
-Determinism: the chunk is a deterministic function of the observation and the initial noise ``noise`` (shape
-:meth:`ChunkPolicy.noise_shape`, standard normal, in the *normalized* action space) when the sampler is
-deterministic — DDIM with eta 0 or the flow ODE. Latent-noise steering (DSRL, Wagenmaker et al. 2025) treats
-the policy as exactly such a function of its noise. DDPM draws fresh noise at every step; given ``noise`` it
-draws it from a fixed-seed generator so that it too is repeatable.
+Determinism: given the initial noise ``noise`` (shape :meth:`ChunkPolicy.noise_shape`, standard normal, in the
+*normalized* action space) the chunk is a deterministic function of the observation and the noise, for every
+sampler. DDIM (eta 0) and the flow ODE are smooth functions of the noise -- what latent-noise steering (DSRL,
+Wagenmaker et al. 2025) needs. DDPM draws fresh noise at every step; given ``noise`` it draws it from a
+generator seeded by a hash of that noise, so it is repeatable but not smooth in it.
+
+The one denoising loop (:meth:`ChunkPolicy.denoise`): every sampler -- DDPM/DDIM, Euler/midpoint, and the warm
+starts -- is a small generator that yields ``(x, t)`` for each backbone call it wants and receives the backbone's
+output. The loop makes the calls, and tells each one where it is: ``backbone(x, t, cond, step=DenoiseStep(...))``
+with the call's index within the run and the run's length (a midpoint step is two calls). Plain backbones ignore
+``step``; a caching wrapper (BAC) decides from it what to recompute.
 
 Executable part: following Diffusion Policy (Chi et al. 2023, Sec. 3.1 "closed-loop action-sequence
 prediction"), the chunk's step ``n_obs_steps - 1`` is aligned with the latest observation; the first
 ``n_obs_steps - 1`` steps are the (already executed) past, and the robot executes ``n_action_steps`` actions
-from the current step: ``chunk[:, n_obs_steps-1 : n_obs_steps-1+n_action_steps]`` (:meth:`executable`).
+from the current step (:func:`robolearn.policies.executor.executable`).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from robolearn.data.normalizer import Normalizer
+from robolearn.policies.config import ChunkPolicyConfig, check_geometry
+
+#: A sampler: yields ``(x, t)`` per backbone call (t a 0-d tensor, the backbone's timestep), receives the
+#: backbone's float32 output, returns the final normalized chunk.
+Solver = Generator[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DenoiseStep:
+    """Where one backbone call sits in a sampling run.
+
+    ``index`` counts backbone calls from 0 to ``total - 1`` within this run. A warm start runs only the tail of
+    its sampler's schedule: ``offset`` is the number of calls it skipped, so ``offset + index`` is the call's
+    position in the full schedule of ``offset + total`` calls. ``sampler`` names the schedule ("ddim-10",
+    "midpoint-4"): a per-step cache calibrated for one schedule can refuse another.
+    """
+
+    index: int
+    total: int
+    sampler: str
+    offset: int = 0
+
+    @property
+    def schedule_index(self) -> int:
+        return self.offset + self.index
 
 
 class ChunkPolicy(nn.Module, ABC):
     """Abstract chunk policy: an observation encoder, a denoiser backbone and a normalizer.
 
-    Subclasses implement :meth:`sample` (normalized condition + initial noise -> normalized chunk),
-    :meth:`loss` (training objective in normalized space) and :meth:`set_sampler`.
-
-    Attributes:
-        horizon, n_obs_steps, n_action_steps, action_dim: chunk geometry.
-        obs_shapes: per-step shape of each observation key (``obs_keys`` is their order).
-        action_key: the store key the actions come from (its normalizer entry).
-        config: the resolved plain-dict configuration this policy was built from (what checkpoints save).
+    Subclasses implement :meth:`solver` (the sampler as a generator), :meth:`warm_solver`, :meth:`loss`, and
+    set ``config_class``. ``cfg`` is the typed config (:mod:`robolearn.policies.config`); ``config`` its plain
+    dict with the current sampler (what checkpoints save).
     """
 
     policy_type: ClassVar[str] = "abstract"
+    config_class: ClassVar[type[ChunkPolicyConfig]] = ChunkPolicyConfig
+    #: samplers that draw fresh noise at every step (not smooth functions of the initial noise)
+    stochastic_samplers: ClassVar[tuple[str, ...]] = ()
+    wraps_base: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        *,
-        obs_encoder: nn.Module,
-        backbone: nn.Module,
-        normalizer: Normalizer,
-        horizon: int,
-        n_obs_steps: int,
-        n_action_steps: int,
-        action_dim: int,
-        obs_shapes: Mapping[str, tuple[int, ...]],
-        action_key: str = "action",
-        config: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, cfg: ChunkPolicyConfig, *, obs_encoder: nn.Module, backbone: nn.Module,
+                 normalizer: Normalizer) -> None:
         super().__init__()
-        if not 1 <= n_obs_steps <= horizon:
-            raise ValueError(f"n_obs_steps must be in [1, horizon={horizon}], got {n_obs_steps}")
-        if not 1 <= n_action_steps <= horizon - n_obs_steps + 1:
-            raise ValueError(
-                f"n_action_steps must be in [1, horizon - n_obs_steps + 1 = {horizon - n_obs_steps + 1}], "
-                f"got {n_action_steps}"
-            )
+        check_geometry(cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps)
+        self.cfg = cfg
         self.obs_encoder = obs_encoder
         self.backbone = backbone
         self.normalizer = normalizer
-        self.horizon, self.n_obs_steps, self.n_action_steps = int(horizon), int(n_obs_steps), int(n_action_steps)
-        self.action_dim = int(action_dim)
-        self.obs_shapes = {k: tuple(int(s) for s in v) for k, v in obs_shapes.items()}
-        self.action_key = action_key
-        self.config: dict[str, Any] = dict(config or {})
+        self.horizon, self.n_obs_steps = int(cfg.horizon), int(cfg.n_obs_steps)
+        self.n_action_steps = int(cfg.n_action_steps)
+        self.action_dim = int(cfg.action_dim)  # type: ignore[arg-type]
+        self.obs_shapes = {k: tuple(int(s) for s in v) for k, v in cfg.obs.items()}
+        self.action_key = cfg.action_key
+        self.checkpoint_path: str | None = None  # the folder it was loaded from (wrappers name it as their base)
+        self.checkpoint_digest: str | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The fully explicit plain config, current sampler included (what checkpoints save)."""
+        return self.cfg.to_dict()
+
+    # ------------------------------------------------------------------ checkpoints (see .registry)
+    def checkpoint_config(self) -> dict[str, Any]:
+        return self.config
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.load_state_dict(dict(state), strict=True)
+
+    @classmethod
+    def from_checkpoint(cls, config: Mapping[str, Any], *, normalizer: Normalizer | None = None, base: Any = None
+                        ) -> "ChunkPolicy":
+        from robolearn.policies.factory import make_policy
+
+        return make_policy(config, normalizer=normalizer)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -95,12 +133,13 @@ class ChunkPolicy(nn.Module, ABC):
 
     def executable(self, chunk: torch.Tensor) -> torch.Tensor:
         """The actions to execute now: ``chunk[:, n_obs_steps-1 : n_obs_steps-1+n_action_steps]``."""
-        start = self.n_obs_steps - 1
-        return chunk[:, start : start + self.n_action_steps]
+        from robolearn.policies.executor import executable
+
+        return executable(chunk, self.n_obs_steps, self.n_action_steps)
 
     def reset(self) -> None:
         """Start of an episode. The policies here keep no per-episode state (observation history and the
-        action queue belong to the caller), so this does nothing; stateful wrappers override it."""
+        action queue belong to the executor), so this does nothing; stateful wrappers override it."""
 
     # ------------------------------------------------------------------ observations
     def _to_device(self, x: Any) -> torch.Tensor:
@@ -127,30 +166,71 @@ class ChunkPolicy(nn.Module, ABC):
         """Raw observation history -> the backbone's condition ((B, C) or tokens (B, N, D))."""
         return self.obs_encoder(self.normalize_obs(obs))
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ the denoising loop
     @property
     def backbone_dtype(self) -> torch.dtype:
         for p in self.backbone.parameters():
             return p.dtype
         return torch.float32
 
-    def set_inference_dtype(self, dtype: torch.dtype | str) -> None:
-        """Cast the denoiser backbone (only) to ``dtype`` ("bfloat16"/"float32") for faster sampling.
-
-        Batch-1 denoising on a CPU is bound by reading the weights (64M float32 parameters = 256 MB per call),
-        so bfloat16 weights roughly halve a call where the CPU has native bf16 matrix products (AVX512-BF16,
-        AMX). The observation encoder, normalizer and sampler arithmetic stay float32; the sampler casts the
-        noisy chunk to the backbone's dtype and its output back. Lossy and meant for deployment: save
-        checkpoints before casting, and training refuses a non-float32 backbone.
-        """
-        if isinstance(dtype, str):
-            dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                     "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[dtype]
-        self.backbone.to(dtype)
-
     def _prepare(self, cond: torch.Tensor) -> Any:
         """The backbone's per-chunk precomputation, in the backbone's dtype."""
         return self.backbone.prepare(cond.to(self.backbone_dtype))
+
+    def denoise(self, prepared: Any, solver: Solver, *, total: int, sampler: str, offset: int = 0) -> torch.Tensor:
+        """Run ``solver`` to the end, making each backbone call it asks for (see the module docstring).
+
+        The backbone sees the noisy chunk in its own dtype (a bf16 backbone for inference) and its output comes
+        back as float32, so sampler arithmetic stays float32.
+        """
+        dtype = self.backbone_dtype
+        request = next(solver)
+        index = 0
+        while True:
+            x, t = request
+            step = DenoiseStep(index, total, sampler, offset)
+            out = self.backbone(x.to(dtype), t.expand(x.shape[0]), prepared, step=step).float()
+            index += 1
+            try:
+                request = solver.send(out)
+            except StopIteration as finished:
+                if index != total:
+                    raise RuntimeError(f"{type(self).__name__}'s {sampler} sampler made {index} backbone calls, "
+                                       f"announced {total}") from None
+                return finished.value
+
+    @abstractmethod
+    def solver(self, noise: torch.Tensor, kind: str, steps: int, generator: torch.Generator | None
+               ) -> tuple[Solver, int]:
+        """The sampler ``kind`` with ``steps`` steps from the initial noise: the generator and its call count."""
+
+    @abstractmethod
+    def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int]:
+        """The last ``steps`` steps of the configured sampler, started from ``guess`` (normalized) noised with
+        ``noise``: the generator, its call count and the calls it skips (RTI-DP's warm start)."""
+
+    # ------------------------------------------------------------------ sampler selection
+    def set_sampler(self, kind: str | None = None, steps: int | None = None) -> None:
+        """Change the default sampler and/or its number of steps (``robolearn eval sampler.steps=K``); a bad name
+        or count raises :class:`~robolearn.policies.config.ConfigError` naming it."""
+        kind = self.cfg.sampler.kind if kind is None else kind
+        steps = self.cfg.sampler.steps if steps is None else int(steps)
+        self.cfg.check_sampler(kind, steps)
+        self.cfg.sampler.kind, self.cfg.sampler.steps = kind, steps
+
+    @property
+    def sampler_config(self) -> dict[str, Any]:
+        """The current default sampler, e.g. ``{"kind": "ddim", "steps": 10}``."""
+        return {"kind": self.cfg.sampler.kind, "steps": self.cfg.sampler.steps}
+
+    # ------------------------------------------------------------------ inference
+    def _check_noise(self, noise: torch.Tensor | None, B: int, generator: torch.Generator | None
+                     ) -> tuple[torch.Tensor, bool]:
+        if noise is None:
+            return self.make_noise(B, generator), False
+        if tuple(noise.shape) != self.noise_shape(B):
+            raise ValueError(f"noise must have shape {self.noise_shape(B)}, got {tuple(noise.shape)}")
+        return noise.to(self.device, torch.float32), True
 
     def predict_action(
         self,
@@ -168,18 +248,16 @@ class ChunkPolicy(nn.Module, ABC):
         Runs under ``torch.inference_mode``. Call ``policy.eval()`` before rolling out: in training mode
         the image encoder random-crops, which makes the chunk depend on more than the noise.
         """
+        kind = self.cfg.sampler.kind if sampler is None else sampler
+        n = self.cfg.sampler.steps if steps is None else int(steps)
+        self.cfg.check_sampler(kind, n)
         with torch.inference_mode():
             cond = self.encode_obs(obs_history)
-            B = cond.shape[0]
-            if noise is None:
-                noise = self.make_noise(B, generator)
-                seeded = False
-            else:
-                if tuple(noise.shape) != self.noise_shape(B):
-                    raise ValueError(f"noise must have shape {self.noise_shape(B)}, got {tuple(noise.shape)}")
-                noise = noise.to(self.device, torch.float32)
-                seeded = True
-            chunk = self.sample(cond, noise, sampler=sampler, steps=steps, generator=generator, seeded=seeded)
+            noise, given = self._check_noise(noise, cond.shape[0], generator)
+            if generator is None and given and kind in self.stochastic_samplers:
+                generator = self.noise_generator(noise)
+            solver, total = self.solver(noise, kind, n, generator)
+            chunk = self.denoise(self._prepare(cond), solver, total=total, sampler=f"{kind}-{n}")
             chunk = self.normalizer.unnormalize(self.action_key, chunk)
         return chunk.clone()  # a normal tensor (inference tensors refuse later autograd / in-place use)
 
@@ -207,37 +285,19 @@ class ChunkPolicy(nn.Module, ABC):
             shift = max(0, min(int(shift), self.horizon - 1))
             shifted = torch.cat([prev[:, shift:], prev[:, -1:].expand(B, shift, self.action_dim)], dim=1)
             guess = self.normalizer.normalize(self.action_key, shifted)
-            if noise is not None and tuple(noise.shape) != self.noise_shape(B):
-                raise ValueError(f"noise must have shape {self.noise_shape(B)}, got {tuple(noise.shape)}")
-            noise = self.make_noise(B, generator) if noise is None else noise.to(self.device, torch.float32)
-            chunk = self.sample_warm(cond, guess, noise, int(steps))
+            noise, _ = self._check_noise(noise, B, generator)
+            solver, total, offset = self.warm_solver(guess, noise, int(steps))
+            name = f"{self.cfg.sampler.kind}-{self.cfg.sampler.steps}"
+            chunk = self.denoise(self._prepare(cond), solver, total=total, sampler=name, offset=offset)
             chunk = self.normalizer.unnormalize(self.action_key, chunk)
         return chunk.clone()
 
-    def sample_warm(self, cond: torch.Tensor, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no warm-started sampler")
-
-    @abstractmethod
-    def sample(
-        self,
-        cond: torch.Tensor,
-        noise: torch.Tensor,
-        *,
-        sampler: str | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        seeded: bool = False,
-    ) -> torch.Tensor:
-        """Normalized chunk from the encoded condition and initial noise (no grad handling here)."""
-
-    @abstractmethod
-    def set_sampler(self, kind: str | None = None, steps: int | None = None) -> None:
-        """Change the default sampler and/or its number of steps (e.g. ``robolearn eval sampler.steps=K``)."""
-
-    @property
-    @abstractmethod
-    def sampler_config(self) -> dict[str, Any]:
-        """The current default sampler, e.g. ``{"kind": "ddim", "steps": 10}``."""
+    def noise_generator(self, noise: torch.Tensor) -> torch.Generator:
+        """A CPU generator seeded by the content of ``noise``: what a stochastic sampler (DDPM) draws its
+        per-step noise from when the initial noise is given, so that the chunk is a function of the noise."""
+        digest = np.frombuffer(noise.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), np.uint32)
+        seed = np.random.SeedSequence(digest.tolist()[:4096] + [int(digest.size)]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -1,20 +1,28 @@
-"""Checkpoint folders: safetensors weights, YAML config, JSON normalizer and version — no pickle.
+"""Checkpoint folders for every registered policy kind: safetensors weights, YAML config, JSON normalizer and
+version -- no pickle.
 
 Layout of a checkpoint folder::
 
-    model.safetensors   weights for inference (the EMA weights when given), normalizer buffers included
-    config.yaml         {"policy": resolved policy config (what load_policy rebuilds from), "run": caller's config}
-    normalizer.json     Normalizer.to_dict(): human-readable statistics (also in the weights)
-    version.json        {"robolearn": version, "format": FORMAT_VERSION, "policy_type": ...}
+    model.safetensors   weights for inference (the EMA weights when given); a wrapper's own weights only
+    config.yaml         {"policy": the kind's config (what loading rebuilds from), "run": the caller's config,
+                         "base": {"path", "sha256"} for a wrapper: its base checkpoint, relative to this folder}
+    normalizer.json     Normalizer.to_dict(): human-readable statistics (base families; also in the weights)
+    version.json        {"robolearn": version, "format": FORMAT_VERSION, "policy_type": ..., "module": ...}
     extra.json          the caller's ``extra`` metadata (step, epoch, metrics), when given
-    ...                 anything ``write_extra(tmp_folder)`` puts there (e.g. the lead's train_state.pt)
+    ...                 anything ``write_extra(tmp_folder)`` puts there (e.g. the trainer's train_state.pt)
 
 The folder is written under a temporary sibling name and renamed into place, so a crash leaves either the
 old checkpoint or the new one, never half of one. Overwriting an existing checkpoint moves the old one aside
 first and deletes it only after the new one is in place.
+
+A wrapper names its base by path and content: the SHA-256 of the base folder's weights, config, normalizer and
+version files (:func:`checkpoint_digest`). A base that was deleted, moved or retrained since is refused when
+the wrapper loads, with both paths in the message. Checkpoints written before the registry (format 1 without
+``module``) load unchanged: their ``policy_type`` is one of the base families.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,21 +37,24 @@ from safetensors.torch import load_file, save_file
 
 import robolearn
 from robolearn.data.normalizer import Normalizer
-from robolearn.policies.base import ChunkPolicy
-from robolearn.policies.factory import ConfigError, make_policy
+from robolearn.policies.config import ConfigError
+from robolearn.policies.registry import policy_class
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, NORMALIZER, VERSION, EXTRA = (
     "model.safetensors", "config.yaml", "normalizer.json", "version.json", "extra.json"
 )
+_DIGESTED = (WEIGHTS, CONFIG, NORMALIZER, VERSION)
+_MAX_DEPTH = 8  # wrappers of wrappers of ...
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message names the folder, file or key at fault."""
 
 
+# ---------------------------------------------------------------------------------------------- saving
 def save_policy(
-    policy: ChunkPolicy,
+    policy: Any,
     folder: str | os.PathLike,
     config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -51,32 +62,35 @@ def save_policy(
     ema_state_dict: Mapping[str, torch.Tensor] | None = None,
     write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``policy`` as a checkpoint folder at ``folder`` (atomically) and return its path.
+    """Write ``policy`` (any registered kind) as a checkpoint folder at ``folder`` (atomically); return its path.
 
     ``config``: the caller's full run config, saved under ``run`` for provenance (load ignores it).
     ``extra``: JSON-able metadata. ``ema_state_dict``: weights to save instead of ``policy``'s own (an EMA
     copy of the same architecture). ``write_extra(tmp)``: writes more files into the folder before the rename.
+    A wrapper's base must have been loaded from (or saved as) a checkpoint folder that is unchanged since.
     """
     folder = Path(folder)
-    state = _unwrap_ema(ema_state_dict) if ema_state_dict is not None else policy.state_dict()
-    own = policy.state_dict()
+    own = policy.checkpoint_state()
+    state = _unwrap_ema(ema_state_dict) if ema_state_dict is not None else own
     if set(state) != set(own):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise CheckpointError(f"ema_state_dict does not match the policy: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-    policy_cfg = dict(policy.config)
-    policy_cfg["sampler"] = dict(policy.sampler_config)
+    doc: dict[str, Any] = {"policy": dict(policy.checkpoint_config()), "run": _jsonable(dict(config or {}))}
+    if getattr(policy, "wraps_base", False):
+        doc["base"] = _base_reference(policy.base, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"policy_type": policy.policy_type})
         with open(tmp / CONFIG, "w") as f:
-            yaml.safe_dump({"policy": policy_cfg, "run": _jsonable(dict(config or {}))}, f, sort_keys=False)
-        (tmp / NORMALIZER).write_text(json.dumps(policy.normalizer.to_dict(), indent=1))
-        version = {"robolearn": robolearn.__version__, "format": FORMAT_VERSION, "policy_type": policy.policy_type}
+            yaml.safe_dump(doc, f, sort_keys=False)
+        if not getattr(policy, "wraps_base", False):
+            (tmp / NORMALIZER).write_text(json.dumps(policy.normalizer.to_dict(), indent=1))
+        version = {"robolearn": robolearn.__version__, "format": FORMAT_VERSION, "policy_type": policy.policy_type,
+                   "module": type(policy).__module__}
         (tmp / VERSION).write_text(json.dumps(version, indent=1))
         if extra is not None:
             (tmp / EXTRA).write_text(json.dumps(_jsonable(dict(extra)), indent=1))
@@ -96,6 +110,37 @@ def save_policy(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _base_reference(base: Any, folder: Path) -> dict[str, Any]:
+    where = getattr(base, "checkpoint_path", None)
+    if not where:
+        raise CheckpointError(f"cannot save {folder}: its base policy was not loaded from a checkpoint folder "
+                              f"(save the base with save_policy and load it with load_policy first)")
+    base_folder = Path(where)
+    if not base_folder.is_dir():
+        raise CheckpointError(f"cannot save {folder}: its base checkpoint {base_folder} no longer exists")
+    digest = checkpoint_digest(base_folder)
+    loaded = getattr(base, "checkpoint_digest", None)
+    if loaded is not None and loaded != digest:
+        raise CheckpointError(f"cannot save {folder}: its base checkpoint {base_folder} changed on disk after it "
+                              f"was loaded (reload it)")
+    rel = os.path.relpath(base_folder.resolve(), folder.resolve())
+    return {"path": rel, "abs_path": str(base_folder.resolve()), "sha256": digest}
+
+
+def checkpoint_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 over the files that define a checkpoint's policy (weights, config, normalizer, version)."""
+    h = hashlib.sha256()
+    for name in _DIGESTED:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        h.update(name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _unwrap_ema(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,9 +166,14 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+# ---------------------------------------------------------------------------------------------- reading
 def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    folder = _check_folder(folder)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
     path = folder / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {folder} is missing {CONFIG}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -134,45 +184,68 @@ def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
 
 
 def read_checkpoint_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The resolved policy config of a checkpoint (``config.yaml``'s ``policy`` section)."""
+    """The policy config of a checkpoint (``config.yaml``'s ``policy`` section)."""
     return _read_config(folder)[1]["policy"]
 
 
 def read_run_config(folder: str | os.PathLike) -> dict[str, Any]:
     """What the training run said about itself (``config.yaml``'s ``run`` section: task, env_config, ...);
+    a wrapper's own entries over its base's (so a residual over a push_t policy is a push_t policy);
     ``{}`` when the checkpoint was saved without one."""
     path, data = _read_config(folder)
     run = data.get("run") or {}
     if not isinstance(run, dict):
         raise CheckpointError(f"{path}: 'run' is not a mapping")
+    if isinstance(data.get("base"), dict):
+        base = _resolve_base(Path(folder), data["base"], check_digest=False)
+        run = {**read_run_config(base), **run}
     return run
 
 
-def _check_folder(folder: str | os.PathLike) -> Path:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    for name in (WEIGHTS, CONFIG, NORMALIZER, VERSION):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"checkpoint {folder} is missing {name}")
-    return folder
-
-
-def load_policy(
-    folder: str | os.PathLike, expected_type: str | None = None, *, map_location: str | torch.device = "cpu"
-) -> ChunkPolicy:
-    """Rebuild a policy from a checkpoint folder and load its weights (in eval mode).
-
-    ``expected_type`` ("diffusion" | "flow"): refuse a checkpoint of another policy type.
-    """
-    folder = _check_folder(folder)
+def _read_version(folder: Path) -> dict[str, Any]:
     try:
         version = json.loads((folder / VERSION).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{folder / VERSION} is not valid JSON: {e}") from None
     if not isinstance(version, dict) or version.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{folder / VERSION}: checkpoint format {version!r} is not {FORMAT_VERSION}")
-    cfg = read_checkpoint_config(folder)
+    return version
+
+
+def _resolve_base(folder: Path, ref: Any, *, check_digest: bool = True) -> Path:
+    where = folder / CONFIG
+    if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not isinstance(ref.get("sha256"), str):
+        raise CheckpointError(f"{where}: 'base' must hold the base checkpoint's 'path' and 'sha256'")
+    base = (folder / ref["path"]).resolve()
+    if not base.is_dir() and isinstance(ref.get("abs_path"), str) and Path(ref["abs_path"]).is_dir():
+        base = Path(ref["abs_path"])  # the wrapper was moved, its base was not
+    if not base.is_dir():
+        raise CheckpointError(f"checkpoint {folder} wraps the base checkpoint {base}, which does not exist "
+                              f"(deleted or moved? the wrapper needs it)")
+    if check_digest:
+        digest = checkpoint_digest(base)
+        if digest != ref["sha256"]:
+            raise CheckpointError(f"checkpoint {folder} was made over base checkpoint {base} with content "
+                                  f"{ref['sha256'][:12]}, but {base} now holds {digest[:12]}: the base changed "
+                                  f"(retrained or replaced) since the wrapper was saved")
+    return base
+
+
+def load_policy(
+    folder: str | os.PathLike, expected_type: str | None = None, *, map_location: str | torch.device = "cpu",
+    _depth: int = 0,
+) -> Any:
+    """Load any registered kind of policy from a checkpoint folder (in eval mode); a wrapper loads its base too.
+
+    ``expected_type``: refuse a checkpoint of another policy type (e.g. ``"diffusion"``).
+    """
+    folder = Path(folder)
+    path, doc = _read_config(folder)
+    for name in (WEIGHTS, VERSION):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"checkpoint {folder} is missing {name}")
+    version = _read_version(folder)
+    cfg = doc["policy"]
     ptype = cfg.get("type")
     if ptype != version.get("policy_type"):
         raise CheckpointError(f"{folder}: config.yaml says policy type {ptype!r} but version.json says "
@@ -180,18 +253,42 @@ def load_policy(
     if expected_type is not None and ptype != expected_type:
         raise CheckpointError(f"checkpoint {folder} holds a {ptype!r} policy, expected {expected_type!r}")
     try:
-        normalizer = Normalizer.from_dict(json.loads((folder / NORMALIZER).read_text()))
-    except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{folder / NORMALIZER} is not a valid normalizer: {e}") from None
+        cls = policy_class(str(ptype), version.get("module"))
+    except KeyError as e:
+        raise CheckpointError(f"{folder}: {e.args[0]}") from None
+    base = normalizer = None
+    if getattr(cls, "wraps_base", False):
+        if _depth >= _MAX_DEPTH:
+            raise CheckpointError(f"{folder}: wrappers nest deeper than {_MAX_DEPTH} (a cycle of base paths?)")
+        base = load_policy(_resolve_base(folder, doc.get("base")), map_location=map_location, _depth=_depth + 1)
+    else:
+        normalizer = _read_normalizer(folder)
     try:
-        policy = make_policy(cfg, normalizer=normalizer)
+        policy = cls.from_checkpoint(cfg, normalizer=normalizer, base=base)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / CONFIG}: cannot build the policy: {e}") from None
+        raise CheckpointError(f"{path}: cannot build the policy: {e}") from None
+    _load_weights(policy, folder, map_location)
+    policy.checkpoint_path = str(folder.resolve())
+    policy.checkpoint_digest = checkpoint_digest(folder)
+    return policy.to(map_location).eval()
+
+
+def _read_normalizer(folder: Path) -> Normalizer:
+    path = folder / NORMALIZER
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {folder} is missing {NORMALIZER}")
+    try:
+        return Normalizer.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a valid normalizer: {e}") from None
+
+
+def _load_weights(policy: Any, folder: Path, map_location: str | torch.device) -> None:
     try:
         state = load_file(str(folder / WEIGHTS), device=str(map_location))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{folder / WEIGHTS} cannot be read: {e}") from None
-    own = policy.state_dict()
+    own = policy.checkpoint_state()
     for k in set(own) - set(state):  # checkpoints written before the normalizer held constant dimensions
         if k.startswith("normalizer.") and k.endswith("__hold"):
             state[k] = own[k]
@@ -205,5 +302,4 @@ def load_policy(
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{folder / WEIGHTS}: key {k!r} has shape {tuple(state[k].shape)}, "
                                   f"the config builds {tuple(v.shape)}")
-    policy.load_state_dict(state, strict=True)
-    return policy.to(map_location).eval()
+    policy.load_checkpoint_state(state)

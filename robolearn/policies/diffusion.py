@@ -21,73 +21,43 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from robolearn.policies.base import ChunkPolicy
+from robolearn.policies.base import ChunkPolicy, Solver
+from robolearn.policies.config import DiffusionConfig
+from robolearn.policies.registry import register_policy
 
-SAMPLERS = ("ddim", "ddpm")
 
-
+@register_policy("diffusion")
 class DiffusionPolicy(ChunkPolicy):
     """Chunk policy whose backbone predicts the noise (or the clean chunk) of a diffused action chunk.
 
-    Args (besides :class:`ChunkPolicy`'s):
-        num_train_timesteps, beta_schedule, prediction_type, clip_sample: the DDPM training config.
-        sampler: default sampler, ``"ddim"`` (deterministic) or ``"ddpm"``.
-        num_inference_steps: default number of sampling steps (1..num_train_timesteps).
-        ddpm_seed: seed of the per-step DDPM noise when ``predict_action`` is given its initial noise.
+    Settings (``cfg.diffusion``, :class:`~robolearn.policies.config.DiffusionSettings`): the DDPM training
+    config; ``ddpm_seed`` is mixed into DDPM's per-step noise when ``predict_action`` is given its initial noise.
     """
 
-    policy_type = "diffusion"
+    config_class = DiffusionConfig
+    stochastic_samplers = ("ddpm",)
 
-    def __init__(
-        self,
-        *,
-        num_train_timesteps: int = 100,
-        beta_schedule: str = "squaredcos_cap_v2",
-        prediction_type: str = "epsilon",
-        clip_sample: bool = True,
-        sampler: str = "ddim",
-        num_inference_steps: int = 10,
-        ddpm_seed: int = 0,
-        **base: Any,
-    ) -> None:
-        super().__init__(**base)
-        if prediction_type not in ("epsilon", "sample"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'sample', got {prediction_type!r}")
+    def __init__(self, cfg: DiffusionConfig, **parts: Any) -> None:
+        super().__init__(cfg, **parts)
+        d = cfg.diffusion
         self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps,
-            beta_schedule=beta_schedule,
-            prediction_type=prediction_type,
-            clip_sample=clip_sample,
+            num_train_timesteps=d.num_train_timesteps,
+            beta_schedule=d.beta_schedule,
+            prediction_type=d.prediction_type,
+            clip_sample=bool(d.clip_sample),
             clip_sample_range=1.0,
             variance_type="fixed_small",
         )
-        self.num_train_timesteps = num_train_timesteps
-        self.prediction_type = prediction_type
-        self.ddpm_seed = ddpm_seed
+        self.num_train_timesteps = d.num_train_timesteps
+        self.prediction_type = d.prediction_type
         self._samplers: dict[tuple[str, int], tuple[Any, list[int]]] = {}
-        self._kind, self._steps = "ddim", num_inference_steps
-        self.set_sampler(sampler, num_inference_steps)
-
-    # ------------------------------------------------------------------ sampler selection
-    def set_sampler(self, kind: str | None = None, steps: int | None = None) -> None:
-        kind = self._kind if kind is None else kind
-        steps = self._steps if steps is None else int(steps)
-        self._scheduler(kind, steps)  # validates
-        self._kind, self._steps = kind, steps
-
-    @property
-    def sampler_config(self) -> dict[str, Any]:
-        return {"kind": self._kind, "steps": self._steps}
 
     def _scheduler(self, kind: str, steps: int) -> tuple[Any, list[int]]:
         """A scheduler with its timesteps set, cached per (kind, steps): ``set_timesteps`` and the config
         copy are not free and the sampling loop should only pay for ``step()``."""
         key = (kind, steps)
         if key not in self._samplers:
-            if kind not in SAMPLERS:
-                raise ValueError(f"unknown diffusion sampler {kind!r}; choose one of {SAMPLERS}")
-            if not 1 <= steps <= self.num_train_timesteps:
-                raise ValueError(f"sampler steps must be in [1, {self.num_train_timesteps}], got {steps}")
+            self.cfg.check_sampler(kind, steps)
             if kind == "ddim":
                 sched = DDIMScheduler.from_config(self.noise_scheduler.config, set_alpha_to_one=True, steps_offset=0)
             else:
@@ -97,48 +67,31 @@ class DiffusionPolicy(ChunkPolicy):
         return self._samplers[key]
 
     # ------------------------------------------------------------------ sampling
-    def sample(
-        self,
-        cond: torch.Tensor,
-        noise: torch.Tensor,
-        *,
-        sampler: str | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        seeded: bool = False,
-    ) -> torch.Tensor:
-        kind = self._kind if sampler is None else sampler
-        sched, timesteps = self._scheduler(kind, self._steps if steps is None else int(steps))
-        B = noise.shape[0]
-        prepared = self._prepare(cond)  # observation work once per chunk, not per step
-        dtype = self.backbone_dtype
-        t_all = torch.tensor(timesteps, dtype=torch.float32, device=noise.device)
+    def solver(self, noise: torch.Tensor, kind: str, steps: int, generator: torch.Generator | None
+               ) -> tuple[Solver, int]:
+        sched, timesteps = self._scheduler(kind, steps)
         step_kw: dict[str, Any] = {"return_dict": False}
         if kind == "ddim":
             step_kw["eta"] = 0.0
         elif generator is not None:
             step_kw["generator"] = generator
-        elif seeded:  # DDPM's per-step noise made a function of the initial noise (repeatable)
-            step_kw["generator"] = torch.Generator().manual_seed(self.ddpm_seed)
-        x = noise
-        for i, t in enumerate(timesteps):
-            out = self.backbone(x.to(dtype), t_all[i].expand(B), prepared).float()
-            x = sched.step(out, t, x, **step_kw)[0]
-        return x
+        return self._steps(sched, timesteps, noise, step_kw), len(timesteps)
 
-    def sample_warm(self, cond: torch.Tensor, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int]:
         """Noise the guessed chunk to the DDIM timestep ``steps`` from the end of the configured schedule and
         run only those last steps (RTI-DP's warm start; deterministic given ``noise``)."""
-        sched, timesteps = self._scheduler("ddim", self._steps)
+        sched, timesteps = self._scheduler("ddim", self.cfg.sampler.steps)
         k = max(1, min(int(steps), len(timesteps)))
         tail = timesteps[-k:]
-        B = noise.shape[0]
-        x = self.noise_scheduler.add_noise(guess, noise, torch.full((B,), tail[0], dtype=torch.long))
-        prepared = self._prepare(cond)
-        dtype = self.backbone_dtype
-        for t in tail:
-            out = self.backbone(x.to(dtype), torch.full((B,), float(t), device=x.device), prepared).float()
-            x = sched.step(out, t, x, eta=0.0, return_dict=False)[0]
+        x = self.noise_scheduler.add_noise(guess, noise, torch.full((noise.shape[0],), tail[0], dtype=torch.long))
+        return self._steps(sched, tail, x, {"return_dict": False, "eta": 0.0}), k, len(timesteps) - k
+
+    @staticmethod
+    def _steps(sched: Any, timesteps: list[int], x: torch.Tensor, step_kw: dict[str, Any]) -> Solver:
+        t_all = torch.tensor(timesteps, dtype=torch.float32, device=x.device)
+        for i, t in enumerate(timesteps):
+            out = yield x, t_all[i]
+            x = sched.step(out, t, x, **step_kw)[0]
         return x
 
     # ------------------------------------------------------------------ training

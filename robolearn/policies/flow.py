@@ -27,110 +27,59 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from robolearn.policies.base import ChunkPolicy
+from robolearn.policies.base import ChunkPolicy, Solver
+from robolearn.policies.config import FlowConfig
+from robolearn.policies.registry import register_policy
 
-INTEGRATORS = ("euler", "midpoint")
-TIME_SAMPLINGS = ("uniform", "logit_normal", "beta")
 
-
+@register_policy("flow")
 class FlowPolicy(ChunkPolicy):
     """Chunk policy whose backbone predicts the velocity of a straight noise-to-action path.
 
-    Args (besides :class:`ChunkPolicy`'s):
-        integrator: default ODE integrator, ``"euler"`` (1 backbone call per step) or ``"midpoint"`` (2).
-        num_steps: default number of integration steps (>= 1; 1..10 is the useful range).
-        time_sampling: ``"uniform"``, ``"logit_normal"`` or ``"beta"`` (pi0's).
-        logit_mean, logit_std: logit-normal parameters.
-        beta_alpha, beta_beta, beta_s: pi0's Beta schedule parameters (1.5, 1, 0.999).
-        time_scale: factor between t in [0, 1] and the timestep the backbone embeds.
-        clip_sample: clip the final chunk to [-1, 1] (the range of min-max normalized actions).
+    Settings (``cfg.flow``, :class:`~robolearn.policies.config.FlowSettings`): the training-time schedule
+    (``uniform``, ``logit_normal`` or pi0's ``beta``), ``time_scale`` between t in [0, 1] and the timestep the
+    backbone embeds, ``clip_sample`` (clip the final chunk to [-1, 1]). Samplers: ``euler`` (one backbone call
+    per step) and ``midpoint`` (two).
     """
 
-    policy_type = "flow"
+    config_class = FlowConfig
 
-    def __init__(
-        self,
-        *,
-        integrator: str = "euler",
-        num_steps: int = 10,
-        time_sampling: str = "beta",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        beta_alpha: float = 1.5,
-        beta_beta: float = 1.0,
-        beta_s: float = 0.999,
-        time_scale: float = 100.0,
-        clip_sample: bool = True,
-        **base: Any,
-    ) -> None:
-        super().__init__(**base)
-        if time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}")
-        self.time_sampling = time_sampling
-        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
-        self.beta_alpha, self.beta_beta, self.beta_s = float(beta_alpha), float(beta_beta), float(beta_s)
-        self.time_scale = float(time_scale)
-        self.clip_sample = bool(clip_sample)
-        self._kind, self._steps = "euler", int(num_steps)
-        self.set_sampler(integrator, num_steps)
-
-    # ------------------------------------------------------------------ sampler selection
-    def set_sampler(self, kind: str | None = None, steps: int | None = None) -> None:
-        kind = self._kind if kind is None else kind
-        steps = self._steps if steps is None else int(steps)
-        self._check(kind, steps)
-        self._kind, self._steps = kind, steps
-
-    @staticmethod
-    def _check(kind: str, steps: int) -> None:
-        if kind not in INTEGRATORS:
-            raise ValueError(f"unknown flow integrator {kind!r}; choose one of {INTEGRATORS}")
-        if steps < 1:
-            raise ValueError(f"flow steps must be >= 1, got {steps}")
-
-    @property
-    def sampler_config(self) -> dict[str, Any]:
-        return {"kind": self._kind, "steps": self._steps}
+    def __init__(self, cfg: FlowConfig, **parts: Any) -> None:
+        super().__init__(cfg, **parts)
+        f = cfg.flow
+        self.time_sampling = f.time_sampling
+        self.logit_mean, self.logit_std = float(f.logit_mean), float(f.logit_std)
+        self.beta_alpha, self.beta_beta, self.beta_s = float(f.beta_alpha), float(f.beta_beta), float(f.beta_s)
+        self.time_scale = float(f.time_scale)
+        self.clip_sample = bool(f.clip_sample)
 
     # ------------------------------------------------------------------ sampling
-    def sample(
-        self,
-        cond: torch.Tensor,
-        noise: torch.Tensor,
-        *,
-        sampler: str | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        seeded: bool = False,
-    ) -> torch.Tensor:
-        kind = self._kind if sampler is None else sampler
-        n = self._steps if steps is None else int(steps)
-        self._check(kind, n)
-        return self._integrate(noise, self._prepare(cond), kind, n, first=0)
+    def solver(self, noise: torch.Tensor, kind: str, steps: int, generator: torch.Generator | None
+               ) -> tuple[Solver, int]:
+        calls = steps * (2 if kind == "midpoint" else 1)
+        return self._integrate(noise, kind, steps, first=0), calls
 
-    def sample_warm(self, cond: torch.Tensor, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int]:
         """Start on the straight path at t0 = 1 - steps/n, between the noise and the guessed chunk, and
         integrate only the last ``steps`` of the configured ``n`` steps (RTI-DP's warm start, for flows)."""
-        n = self._steps
+        kind, n = self.cfg.sampler.kind, self.cfg.sampler.steps
         k = max(1, min(int(steps), n))
         t0 = 1.0 - k / n
         x = (1.0 - t0) * noise + t0 * guess
-        return self._integrate(x, self._prepare(cond), self._kind, n, first=n - k)
+        per = 2 if kind == "midpoint" else 1
+        return self._integrate(x, kind, n, first=n - k), k * per, (n - k) * per
 
-    def _integrate(self, x: torch.Tensor, prepared: Any, kind: str, n: int, first: int) -> torch.Tensor:
+    def _integrate(self, x: torch.Tensor, kind: str, n: int, first: int) -> Solver:
         """Euler or midpoint steps ``first .. n-1`` of an ``n``-step integration from t=0 (noise) to t=1."""
-        noise = x
-        B = x.shape[0]
-        dtype = self.backbone_dtype
         dt = 1.0 / n
         # backbone timesteps for every evaluation, computed once (t and, for midpoint, t + dt/2)
-        grid = torch.arange(n, dtype=torch.float32, device=noise.device) * dt
-        t_start = (grid * self.time_scale)
-        t_mid = ((grid + 0.5 * dt) * self.time_scale)
+        grid = torch.arange(n, dtype=torch.float32, device=x.device) * dt
+        t_start = grid * self.time_scale
+        t_mid = (grid + 0.5 * dt) * self.time_scale
         for i in range(first, n):
-            v = self.backbone(x.to(dtype), t_start[i].expand(B), prepared).float()
+            v = yield x, t_start[i]
             if kind == "midpoint":
-                v = self.backbone((x + (0.5 * dt) * v).to(dtype), t_mid[i].expand(B), prepared).float()
+                v = yield x + (0.5 * dt) * v, t_mid[i]
             x = x + dt * v
         return x.clamp(-1.0, 1.0) if self.clip_sample else x
 

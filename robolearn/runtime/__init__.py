@@ -14,16 +14,19 @@ from typing import Any
 _WHERE = {
     "ActionQueue": "action_queue",
     "RemotePolicy": "client", "RemotePolicyError": "client",
-    "ChunkPredictor": "protocol", "WarmStartPredictor": "protocol",
     "PolicyError": "runner", "Runner": "runner",
     "PolicyServer": "server",
 }
-__all__ = sorted(_WHERE)
+_FROM_POLICIES = ("ChunkPredictor", "WarmStartPredictor")
+__all__ = sorted([*_WHERE, *_FROM_POLICIES])
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
+    if name not in _WHERE and name not in _FROM_POLICIES:
         raise AttributeError(f"module 'robolearn.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"robolearn.runtime.{_WHERE[name]}"), name)
+    if name in _FROM_POLICIES:  # the one protocol lives with the executor
+        value = getattr(importlib.import_module("robolearn.policies.executor"), name)
+    else:
+        value = getattr(importlib.import_module(f"robolearn.runtime.{_WHERE[name]}"), name)
     globals()[name] = value
     return value

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from robolearn.runtime.protocol import ChunkPredictor
+from robolearn.policies.executor import ChunkPredictor
 from robolearn.runtime.runner import Runner, summary_line
 from robolearn.runtime.server import PolicyServer
 

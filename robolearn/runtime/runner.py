@@ -50,6 +50,14 @@ and any inference in flight: at the next tick a chunk is inferred from that tick
 episode's first chunk (the environment is not stepped meanwhile, and the real clock restarts from that tick), and
 its first action is executed at that very tick. So no action planned before the request is executed after it.
 
+Execution core
+--------------
+The observation history, the chunk's executable slice, the noise of every chunk and the correction hook are the
+:class:`~robolearn.policies.executor.ChunkExecutor`'s (one environment): chunk ``c`` of episode ``i`` of a run seeded
+``seed`` draws the noise of ``(seed, i, c)``, as evaluation does, so ``realtime=False latency_s=0`` reproduces
+``robolearn eval``'s episodes. A ``corrector`` (e.g. a residual policy) changes each action after it leaves the queue
+and before the environment steps; its time is reported as ``corrector_ms_*`` and counted in the tick's work.
+
 Failures
 --------
 A policy exception stops the run at once: no action from the failed inference is sent, and with ``on_error="hold"``
@@ -72,10 +80,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from robolearn.policies.executor import ChunkExecutor, ChunkPredictor, ChunkRequest, Corrector
 from robolearn.runtime.action_queue import BLENDS, ActionQueue, ticks_for
 from robolearn.runtime.clock import RealClock, VirtualClock
-from robolearn.runtime.history import ObsHistory
-from robolearn.runtime.protocol import ChunkPredictor, check_policy, executable_start
 from robolearn.runtime.stats import StatusLine, percentile_ms
 
 MODES = ("sync", "async")
@@ -89,9 +96,7 @@ class PolicyError(RuntimeError):
 class _Job:
     seq: int
     obs_tick: int
-    batch: dict[str, torch.Tensor]
-    prev_chunk: torch.Tensor | None = None
-    shift: int = 0
+    request: ChunkRequest
 
 
 @dataclass
@@ -186,8 +191,9 @@ class Runner:
         status_stream: Any = None,
         spin_s: float = 0.001,
         switch_interval_s: float | None = 0.0005,
+        corrector: Corrector | None = None,
     ) -> None:
-        check_policy(policy)
+        self.executor = ChunkExecutor(policy, 1, corrector=corrector)  # checks the policy's members and geometry
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if blend not in BLENDS:
@@ -218,11 +224,10 @@ class Runner:
         self.status = StatusLine(status, status_stream)
         self.clock = RealClock(self.period_s, spin_s) if self.realtime else VirtualClock(self.period_s)
         self.queue = ActionQueue("none" if blend == "warmstart" else blend, ensemble_m)
-        self.history = ObsHistory(list(policy.obs_keys), int(policy.n_obs_steps), getattr(policy, "obs_shapes", None))
-        self._start = executable_start(policy)
-        self._n_exec = int(policy.n_action_steps)
+        self.history = self.executor.histories[0]
         self._recent_lat: collections.deque[float] = collections.deque(maxlen=max(1, latency_window))
         self._latencies: list[float] = []
+        self._corrector_s: list[float] = []
         self._seq = 0
         self._prev: _Result | None = None
         self._step_est = 0.0
@@ -250,24 +255,15 @@ class Runner:
         return chunk
 
     def _predict(self, job: _Job) -> np.ndarray:
-        if job.prev_chunk is not None:
-            chunk = self.policy.predict_action_warm(job.batch, job.prev_chunk, job.shift, self.warm_steps)
-        else:
-            chunk = self.policy.predict_action(job.batch)
-        chunk = chunk.detach().cpu().numpy() if torch.is_tensor(chunk) else np.asarray(chunk)
-        want = (1, int(self.policy.horizon), int(self.policy.action_dim))
-        if chunk.shape != want:
-            raise ValueError(f"{type(self.policy).__name__}.predict_action returned shape {chunk.shape}, "
-                             f"expected {want}")
-        return chunk[0]
+        return self.executor.compute(job.request)[0]
 
     def _make_job(self, tick: int) -> _Job:
+        """Snapshot the history and draw the chunk's noise now, in the control loop's thread."""
         self._seq += 1
-        job = _Job(self._seq, tick, self.history.batch())
+        warm = None
         if self.blend == "warmstart" and self._prev is not None and self._prev.chunk is not None:
-            job.prev_chunk = torch.from_numpy(self._prev.chunk.copy())[None]
-            job.shift = tick - self._prev.obs_tick
-        return job
+            warm = (torch.from_numpy(self._prev.chunk.copy())[None], tick - self._prev.obs_tick, self.warm_steps)
+        return _Job(self._seq, tick, self.executor.request([0], warm=warm))
 
     def _simulated_latency(self, measured: float) -> float:
         return measured if self.latency_s is None else float(self.latency_s)
@@ -306,6 +302,7 @@ class Runner:
         old_switch = sys.getswitchinterval()
         if self.realtime and self.switch_interval_s:
             sys.setswitchinterval(self.switch_interval_s)
+        self.executor.seed = int(seed)
         done: list[_Episode] = []
         error: str | None = None
         interrupted = False
@@ -353,8 +350,7 @@ class Runner:
     def _episode_loop(self, ep: _Episode, worker: _Worker | None, time_left: float | None) -> None:
         obs, info = self.env.reset(seed=ep.seed)
         self.policy.reset()
-        self.history.reset()
-        self.history.push(obs)
+        self.executor.reset_env(0, obs, episode=ep.index)
         self.queue.clear()
         self._prev = None
         self._replan = False
@@ -382,36 +378,13 @@ class Runner:
                 self._replan = False
                 self._replan_now(ep, worker, pending, k)
                 pending = None
-            # Take a finished chunk first (its actions may cover this tick), then decide whether to start the
-            # next inference; a chunk started now may still serve this tick (sync waits for it; in virtual time
-            # a zero-latency chunk is ready at once).
-            for _ in range(2):
-                if pending is not None:
-                    res = self._collect(pending, worker, k)
-                    if res is not None:
-                        pending = None
-                        base = res.obs_tick if self.drop_stale else k
-                        self._take(res, ep, now_tick=k, base_tick=base)
-                if pending is not None or not self._should_trigger(k):
-                    break
-                ep.inferences += 1
-                self._last_trigger = k
-                if worker is None:
-                    pending = self._run_inline(k)
-                else:
-                    pending = self._make_job(k)
-                    worker.submit(pending)
-            action = self.queue.pop(k)
-            if action is None:
-                ep.misses += 1
-                action = last_action
-            if action is None:  # cannot happen after the first chunk; guard anyway
-                raise RuntimeError("no action available at the first tick")
-            last_action = action
+            pending = self._infer_for_tick(ep, worker, pending, k)
+            last_action = self._action_for_tick(ep, k, last_action)
+            action = last_action
             t_step = time.perf_counter()
             obs, reward, terminated, truncated, info = self.env.step(action)
             self._step_est = 0.8 * self._step_est + 0.2 * (time.perf_counter() - t_step)
-            self.history.push(obs)
+            self.executor.observe_env(0, obs)
             k += 1
             ep.steps = k
             ep.ret += float(reward)
@@ -422,6 +395,44 @@ class Runner:
                 break
         if pending is not None and worker is not None:
             self._drain(worker)
+
+    def _infer_for_tick(self, ep: _Episode, worker: _Worker | None, pending: _Result | _Job | None,
+                        k: int) -> _Result | _Job | None:
+        """Take a finished chunk first (its actions may cover this tick), then decide whether to start the next
+        inference; a chunk started now may still serve this tick (sync waits for it; in virtual time a
+        zero-latency chunk is ready at once). Returns the inference still pending."""
+        for _ in range(2):
+            if pending is not None:
+                res = self._collect(pending, worker, k)
+                if res is not None:
+                    pending = None
+                    base = res.obs_tick if self.drop_stale else k
+                    self._take(res, ep, now_tick=k, base_tick=base)
+            if pending is not None or not self._should_trigger(k):
+                break
+            ep.inferences += 1
+            self._last_trigger = k
+            if worker is None:
+                pending = self._run_inline(k)
+            else:
+                pending = self._make_job(k)
+                worker.submit(pending)
+        return pending
+
+    def _action_for_tick(self, ep: _Episode, k: int, last_action: np.ndarray | None) -> np.ndarray:
+        """The queue's action for tick ``k``, through the corrector; none queued: a deadline miss, and the last
+        action (as sent) holds."""
+        action = self.queue.pop(k)
+        if action is None:
+            ep.misses += 1
+            action = last_action
+        elif self.executor.corrector is not None:
+            t_fix = time.perf_counter()
+            action = self.executor.correct([0], action[None])[0]
+            self._corrector_s.append(time.perf_counter() - t_fix)
+        if action is None:  # cannot happen after the first chunk; guard anyway
+            raise RuntimeError("no action available at the first tick")
+        return action
 
     def _replan_now(self, ep: _Episode, worker: _Worker | None, pending: _Result | _Job | None, k: int) -> None:
         if isinstance(pending, _Job) and worker is not None:
@@ -476,7 +487,7 @@ class Runner:
         self._record_latency(res.latency_s)
         self._prev = res
         self.chunk_ticks.append((now_tick, res.obs_tick))
-        executable = res.chunk[self._start:self._start + self._n_exec]
+        executable = self.executor.executable(res.chunk[None])[0]
         dropped, replaced = self.queue.add(executable, first_tick=base_tick, now_tick=now_tick)
         ep.dropped += dropped
         ep.replaced += replaced
@@ -531,6 +542,8 @@ class Runner:
             "latency_ms_p99": percentile_ms(self._latencies, 99),
             "latency_ms_max": percentile_ms(self._latencies, 100),
             "latency_source": "measured" if self.realtime or self.latency_s is None else "given",
+            "corrector_ms_p50": percentile_ms(self._corrector_s, 50) if self._corrector_s else None,
+            "corrector_ms_p99": percentile_ms(self._corrector_s, 99) if self._corrector_s else None,
             "jitter_ms_p50": percentile_ms(lateness, 50),
             "jitter_ms_p99": percentile_ms(lateness, 99),
             "jitter_ms_max": percentile_ms(lateness, 100),

@@ -56,8 +56,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from robolearn.runtime import msgpack_numpy
-from robolearn.runtime.history import ObsHistory
-from robolearn.runtime.protocol import ChunkPredictor, check_policy, executable_start
+from robolearn.policies.executor import ChunkPredictor, ObsHistory, check_policy, executable_start
 
 log = logging.getLogger("robolearn.runtime.server")
 

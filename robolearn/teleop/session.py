@@ -434,12 +434,12 @@ class Pacer:
 def warm_up(policy: Any, obs: dict[str, np.ndarray]) -> float:
     """One inference on ``obs`` before the session starts, so that the first chunk of the first episode is not
     also torch's first call (seconds on a CPU, during which the window would not move). Returns seconds."""
-    from robolearn.runtime.history import ObsHistory
+    from robolearn.policies.executor import ChunkExecutor
 
-    history = ObsHistory(list(policy.obs_keys), int(policy.n_obs_steps), getattr(policy, "obs_shapes", None))
-    history.push(obs)
+    executor = ChunkExecutor(policy, 1)
+    executor.reset_env(0, obs)
     t0 = time.perf_counter()
-    policy.predict_action(history.batch())
+    executor.compute(executor.request([0]))
     policy.reset()
     return time.perf_counter() - t0
 

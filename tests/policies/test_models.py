@@ -1,4 +1,6 @@
-"""Backbones and observation encoders: shapes, parameter-count presets, fast-path equivalence, branches."""
+"""Backbones and observation encoders: shapes, parameter-count presets, GEMM-form equivalence, branches.
+
+The inference kernels (oneDNN) are tested with robolearn.accel, in tests/accel/test_kernels.py."""
 from __future__ import annotations
 
 import pytest
@@ -61,25 +63,6 @@ def test_gemm_conv_equals_torch_conv(c_in: int, c_out: int, k: int, stride: int,
     assert torch.allclose(y, ref, atol=1e-5)
     y.square().sum().backward()  # differentiable for training
     assert x.grad is not None and m.weight.grad is not None
-
-
-def test_inference_linear_path_matches_training_path() -> None:
-    """Without autograd the U-Net's convolutions take oneDNN's inner product (fast_linear); it must give the
-    training path's numbers, and the training path must still be differentiable."""
-    from robolearn.models import unet
-
-    torch.manual_seed(0)
-    m = ConditionalUnet1D(2, 12, down_dims=(32, 64, 128), kernel_size=5, n_groups=8, step_embed_dim=32)
-    x, t, c = torch.randn(2, 16, 2), torch.tensor([3.0, 40.0]), torch.randn(2, 12)
-    with torch.inference_mode():
-        fast = m(x, t, c)
-    slow = m(x, t, c)  # grad enabled: F.linear
-    assert slow.requires_grad
-    assert torch.allclose(fast, slow.detach(), atol=1e-4), (fast - slow).abs().max()
-    if unet._ONEDNN_LINEAR:  # the op itself, on a conv-shaped product (4 rows x 640), agrees with F.linear
-        cols, w = torch.randn(4, 640), torch.randn(128, 640)
-        with torch.no_grad():
-            assert torch.allclose(unet.fast_linear(cols, w), F.linear(cols, w), atol=1e-3)
 
 
 @pytest.mark.parametrize("T", [4, 5, 8])

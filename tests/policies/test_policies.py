@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from robolearn.accel import set_inference_dtype
 from robolearn.data import EpisodeStore, KeySpec, SequenceDataset
 from robolearn.policies import (
     CheckpointError,
@@ -330,7 +331,7 @@ def test_bfloat16_inference_backbone(store: EpisodeStore, dataset: SequenceDatas
     obs = obs_batch(dataset)
     noise = torch.randn(policy.noise_shape(3))
     ref = policy.predict_action(obs, noise, steps=4)
-    policy.set_inference_dtype("bf16")
+    set_inference_dtype(policy, "bf16")
     assert policy.backbone_dtype == torch.bfloat16
     assert policy.normalizer.params("action")[0].dtype == torch.float32  # only the backbone is cast
     a = policy.predict_action(obs, noise, steps=4)

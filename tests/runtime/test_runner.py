@@ -100,7 +100,7 @@ class _WarmTickPolicy(TickPolicy):
         super().__init__(**kw)
         self.warm_calls: list[tuple[int, int, float]] = []
 
-    def predict_action_warm(self, obs_history, prev_chunk, shift, steps):
+    def predict_action_warm(self, obs_history, prev_chunk, shift, steps, noise=None):
         assert prev_chunk.shape == (1, self.horizon, self.action_dim)
         self.warm_calls.append((int(shift), int(steps), float(prev_chunk[0, self.n_obs_steps - 1, 0])))
         return self.predict_action(obs_history)
@@ -242,3 +242,22 @@ def test_request_replan_drops_the_queue_and_acts_on_a_chunk_from_the_next_observ
     assert (round(a[0]), round(a[1])) == (10, 1)
     if not realtime:  # deterministic: the old queue still had actions for tick 10, from an older chunk
         assert _executed(env) == list(range(24)) and r["deadline_misses"] == 0
+
+
+def test_corrector_changes_each_queued_action_once_and_is_timed() -> None:
+    """The executor's correction hook (residual RL's place): every action the queue gives is corrected once; a
+    held action (deadline miss) is sent as it was, not corrected again."""
+    seen: list[float] = []
+
+    def corrector(newest, base, ids):
+        seen.append(float(newest["t"][0, 0]))
+        out = base.copy()
+        out[:, 2] += 1000.0
+        return out
+
+    env, pol = TickEnv(max_steps=20), TickPolicy(horizon=8, n_obs_steps=2, n_action_steps=6)
+    r = Runner(pol, env, mode="sync", realtime=False, latency_s=0.25, status=False, corrector=corrector).run()
+    assert [a[2] for a in env.actions] == [1000.0] * 20  # held ticks included, never 2000
+    assert r["deadline_misses"] > 0 and len(seen) == 20 - r["deadline_misses"]
+    assert seen[:3] == [0.0, 1.0, 2.0]  # it saw the observation of the tick it corrected
+    assert r["corrector_ms_p50"] is not None and r["corrector_ms_p99"] >= r["corrector_ms_p50"]

@@ -1,4 +1,4 @@
-"""Vectorized environments (in-process and subprocess), env benchmark, and mp4 writing."""
+"""Vectorized environments (in-process and subprocess) and the env benchmark (videos: tests/evaluation)."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import sim  # noqa: E402
 from sim.bench import bench_env  # noqa: E402
 from sim.vector import make_vector_env  # noqa: E402
-from sim.video import record_episode, write_video  # noqa: E402
 
 
 class CountEnv(gym.Env):
@@ -46,12 +45,15 @@ def test_in_process_vector_env_autoresets_on_the_same_step():
         obs, rew, term, trunc, infos = venv.step(np.ones((3, 2)))
         assert obs["t"][:, 0].tolist() == [1, 1, 1] and rew.tolist() == [2.0] * 3 and not term.any()
         obs, rew, term, trunc, infos = venv.step(np.ones((3, 2)))
-        assert term.all() and infos["success"].all() and infos["_final_obs"].all()
+        assert term.all() and infos["_final_obs"].all() and infos["_final_info"].all()
+        assert infos["final_info"]["success"].all()  # the finished step's info (gymnasium's layout)
+        assert not infos["success"].any() and infos["_success"].all()  # top level: the reset's info
         assert obs["t"][:, 0].tolist() == [0, 0, 0]  # already the next episode's first observation
         assert [f["t"][0] for f in infos["final_obs"]] == [2, 2, 2]
         assert infos["episode_return"].tolist() == [4.0] * 3 and infos["episode_length"].tolist() == [2] * 3
+        assert infos["_episode_return"].all() and infos["_episode_length"].all()
         obs, rew, term, trunc, infos = venv.step(np.zeros((3, 2)))
-        assert obs["t"][:, 0].tolist() == [1, 1, 1] and not infos["_final_obs"].any()
+        assert obs["t"][:, 0].tolist() == [1, 1, 1] and "final_obs" not in infos and "episode_return" not in infos
         with pytest.raises(ValueError, match="rows"):
             venv.step(np.zeros((2, 2)))
     finally:
@@ -71,10 +73,11 @@ def test_subprocess_vector_env_matches_single_env_and_reports_dead_worker():
         actions = np.zeros((3, 7))
         for _ in range(2):
             _, _, term, trunc, infos = venv.step(actions)
-            assert not trunc.any() and not infos["_final_obs"].any()
+            assert not trunc.any() and "final_obs" not in infos
         obs, _, term, trunc, infos = venv.step(actions)
         assert trunc.all() and infos["_final_obs"].all() and infos["episode_length"].tolist() == [3, 3, 3]
         assert set(infos["final_obs"][0]) == set(obs)
+        assert infos["_final_info"].all() and infos["final_info"]["_success"].all()
         assert venv.call("fps") == [20, 20, 20]
         os.kill(venv._procs[1].pid, signal.SIGKILL)
         t0 = time.time()
@@ -100,30 +103,7 @@ def test_worker_exception_comes_back_with_traceback():
         venv.close()
 
 
-def test_write_video_pads_and_reads_back(tmp_path):
-    import imageio.v3 as iio
-
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 255, (50, 70, 3), dtype=np.uint8) for _ in range(12)]
-    path = write_video(frames, tmp_path / "sub" / "noise.mp4", fps=10)
-    back = iio.imread(path)
-    assert back.shape == (12, 64, 80, 3)  # padded up to multiples of 16
-    with pytest.raises(ValueError, match="no frames"):
-        write_video([], tmp_path / "empty.mp4")
-
-
-def test_record_episode_with_expert_and_bench(tmp_path):
-    import imageio.v3 as iio
-
-    env = sim.make("lift", render_size=64)
-    try:
-        result = record_episode(env, sim.make_expert("lift"), tmp_path / "lift.mp4", seed=0)
-        assert result["success"] and result["frames"] == result["steps"] + 1
-        back = iio.imread(result["path"])
-        assert back.shape == (result["steps"] + 1, 64, 64, 3)
-        assert np.abs(back[0].astype(int) - back[-1].astype(int)).mean() > 1  # the scene changed
-    finally:
-        env.close()
+def test_bench_env_reports_both_speeds():
     stats = bench_env("lift", steps=100, seed=0)
     assert stats["task"] == "lift" and stats["steps"] == 100
     assert stats["steps_per_s"] > 0 and stats["raw_steps_per_s"] > 0 and "overhead_pct" in stats

@@ -12,8 +12,12 @@ flow Euler 10/4/1 steps):
 - training samples/s: one AdamW step at batch 64 through ``compute_loss`` (forward, backward, step);
 - the same-run baseline for the target row (diffusion U-Net, DDIM-10, float32): the same model and weights
   computed with PyTorch's own ``Conv1d``/``ConvTranspose1d``/``F.linear`` kernels -- the path Diffusion
-  Policy's model code takes -- so the speed-up is measured on the same machine in the same minute
-  (``--no-baseline`` skips it).
+  Policy's model code takes, ``robolearn.accel.use_kernels(policy, "stock")`` -- so the speed-up is measured
+  on the same machine in the same minute (``--no-baseline`` skips it).
+
+robolearn's rows run the policy as the CLI does, through ``robolearn.accel.prepare_for_inference`` (oneDNN
+kernels; ``ROBOLEARN_FAST_LINEAR=0`` in the environment: the plain GEMM kernels), with the bfloat16 rows'
+backbone cast by ``robolearn.accel.set_inference_dtype``.
 
 Observations are Push-T-like: a 20-d state, 2 observation steps, 2-d actions, horizon 16, 8 action steps.
 
@@ -42,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable from a 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from robolearn.accel import kernels_in_use, prepare_for_inference, set_inference_dtype, use_kernels  # noqa: E402
 from robolearn.policies import ChunkPolicy, make_policy  # noqa: E402
 
 POLICIES = {
@@ -79,20 +84,14 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
 
 
 @contextmanager
-def torch_kernels() -> Iterator[None]:
-    """Run the U-Net on PyTorch's stock convolution and linear kernels (Diffusion Policy's path)."""
-    from torch import nn
-
-    from robolearn.models import unet
-
-    saved = unet.GemmConv1d.forward, unet.GemmUpsample1d.forward, unet._ONEDNN_LINEAR
-    unet.GemmConv1d.forward = nn.Conv1d.forward  # type: ignore[method-assign]
-    unet.GemmUpsample1d.forward = nn.ConvTranspose1d.forward  # type: ignore[method-assign]
-    unet._ONEDNN_LINEAR = False
+def torch_kernels(policy: ChunkPolicy) -> Iterator[None]:
+    """Run the policy's U-Net on PyTorch's stock convolution and linear kernels (Diffusion Policy's path)."""
+    before = kernels_in_use(policy)
+    use_kernels(policy, "stock")
     try:
         yield
     finally:
-        unet.GemmConv1d.forward, unet.GemmUpsample1d.forward, unet._ONEDNN_LINEAR = saved
+        use_kernels(policy, before or "gemm")
 
 
 def build(name: str, args: argparse.Namespace, device: torch.device) -> ChunkPolicy:
@@ -116,7 +115,7 @@ def bench_policy(name: str, args: argparse.Namespace, device: torch.device) -> l
     rows: list[dict[str, Any]] = []
     for dtype in args.dtypes:
         rows.extend(bench_sampling(policy, name, n_params, dtype, args, device))
-    policy.set_inference_dtype("float32")
+    set_inference_dtype(policy, "float32")
     rows.extend(bench_training(policy, name, rows, args, device))
     return rows
 
@@ -125,7 +124,7 @@ def bench_sampling(policy: ChunkPolicy, name: str, n_params: int, dtype: str, ar
                    device: torch.device) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     policy.eval()
-    policy.set_inference_dtype(dtype)
+    prepare_for_inference(policy, dtype=dtype)
     obs = {"state": torch.randn(1, 2, args.obs_dim, device=device)}
     noise = torch.randn(policy.noise_shape(1), device=device)
 
@@ -146,7 +145,7 @@ def bench_sampling(policy: ChunkPolicy, name: str, n_params: int, dtype: str, ar
         rows.append(row)
         if (args.baseline and name == "diffusion_unet" and dtype == "float32" and kind == "ddim"
                 and device.type == "cpu"):
-            with torch_kernels(), torch.inference_mode():
+            with torch_kernels(policy), torch.inference_mode():
                 bcall = timed(lambda: policy.backbone(x, t, cond), device, args.repeats * 3, 3)
                 b = timed(lambda: policy.predict_action(obs, noise, sampler=kind, steps=steps), device, reps, 1)
             rows.append({**row, "kernels": "torch (baseline)", "chunk_ms": b["median_ms"],
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
     p.add_argument("--dtypes", nargs="*", default=["float32"], choices=["float32", "bfloat16"],
-                   help="backbone dtypes to time sampling with (bfloat16: policy.set_inference_dtype)")
+                   help="backbone dtypes to time sampling with (bfloat16: robolearn.accel.set_inference_dtype)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the same-run baseline (the diffusion U-Net's DDIM-10 chunk on PyTorch's stock "
                         "Conv1d/ConvTranspose1d/F.linear kernels, the path Diffusion Policy's code takes)")

@@ -1,4 +1,4 @@
-"""mp4 writing for rollouts: H.264 in yuv420p so that browsers and slide decks play it.
+"""The project's one mp4 writer: H.264 in yuv420p, so that browsers and slide decks play it.
 
 yuv420p needs even sizes and H.264 encoders prefer multiples of 16; imageio would rescale (and warn) otherwise.
 Frames are padded at the bottom/right with their edge pixels instead, so nothing is resampled.
@@ -29,7 +29,9 @@ def _pad(frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
-class _Writer:
+class VideoWriter:
+    """``append(frame)`` RGB uint8 frames, then ``close()``; parent folders are created."""
+
     def __init__(self, path: str | os.PathLike, fps: float) -> None:
         import imageio.v2 as imageio
 
@@ -50,6 +52,12 @@ class _Writer:
     def close(self) -> None:
         self._w.close()
 
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 def write_video(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: float = 20) -> str:
     """Write RGB uint8 frames to an mp4 at ``path`` (parents created); returns the path."""
@@ -57,19 +65,16 @@ def write_video(frames: Iterable[np.ndarray], path: str | os.PathLike, fps: floa
     first = next(it, None)
     if first is None:
         raise ValueError("write_video got no frames")
-    writer = _Writer(path, fps)
-    try:
+    with VideoWriter(path, fps) as writer:
         writer.append(first)
         for f in it:
             writer.append(f)
-    finally:
-        writer.close()
     return writer.path
 
 
 def record_episode(
     env: Any,
-    policy_fn: Callable[[Any], np.ndarray] | Any,
+    actor: Callable[[Any], np.ndarray] | Any,
     path: str | os.PathLike,
     seed: int | None = None,
     max_steps: int | None = None,
@@ -77,24 +82,23 @@ def record_episode(
 ) -> dict[str, Any]:
     """Roll out one episode from ``env.reset(seed=seed)``, render every state, write an mp4.
 
-    ``policy_fn`` is ``obs -> action``, or an expert-like object with ``reset(env)`` and ``act(obs)`` (reset after
-    the environment). The video has ``steps + 1`` frames (the initial state and one per step). ``fps`` defaults to
-    ``env.unwrapped.fps`` (real time). Returns ``{"success", "steps", "path", "frames", "return"}``.
+    ``actor`` is ``obs -> action``, or an object with ``reset(env)`` and ``act(obs)`` (a scripted expert, or
+    :class:`robolearn.evaluation.rollout.PolicyActor`), reset after the environment. The video has ``steps + 1``
+    frames (the initial state and one per step). ``fps`` defaults to ``env.unwrapped.fps`` (real time).
+    Returns ``{"success", "steps", "path", "frames", "return"}``.
     """
-    if hasattr(policy_fn, "act") and hasattr(policy_fn, "reset"):
-        expert = policy_fn
-        act: Callable[[Any], np.ndarray] = expert.act
+    if hasattr(actor, "act") and hasattr(actor, "reset"):
+        stateful, act = actor, actor.act
     else:
-        expert, act = None, policy_fn
-    base = env.unwrapped
+        stateful, act = None, actor
+    base = getattr(env, "unwrapped", env)
     fps = fps or getattr(base, "fps", 20)
     limit = max_steps if max_steps is not None else getattr(base, "max_episode_steps", None)
     obs, info = env.reset(seed=seed)
-    if expert is not None:
-        expert.reset(env)
-    writer = _Writer(path, fps)
+    if stateful is not None:
+        stateful.reset(env)
     success, steps, ret = bool(info.get("success", False)), 0, 0.0
-    try:
+    with VideoWriter(path, fps) as writer:
         writer.append(env.render())
         while limit is None or steps < limit:
             obs, reward, terminated, truncated, info = env.step(act(obs))
@@ -104,6 +108,4 @@ def record_episode(
             writer.append(env.render())
             if terminated or truncated:
                 break
-    finally:
-        writer.close()
-    return {"success": success, "steps": steps, "path": writer.path, "frames": writer.count, "return": ret}
+    return {"success": success, "steps": steps, "path": writer.path, "frames": writer.count, "return": round(ret, 4)}
