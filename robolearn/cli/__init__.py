@@ -168,13 +168,16 @@ def _hydra_job(name: str) -> Callable[[argparse.Namespace], None]:
         from robolearn.cli.config import compose
 
         cfg = compose(name, args.overrides)
+        module_name, _, func = _JOBS[name].partition(":")
+        module = importlib.import_module(module_name)
         if getattr(args, "cfg", None):  # as hydra's --cfg job: show the composed config, run nothing
             from omegaconf import OmegaConf
 
+            if hasattr(module, "check_config"):  # what can be checked without the data
+                module.check_config(cfg)
             print(OmegaConf.to_yaml(cfg), end="")
             return
-        module, _, func = _JOBS[name].partition(":")
-        getattr(importlib.import_module(module), func)(cfg)
+        getattr(module, func)(cfg)
 
     return run
 

@@ -51,7 +51,7 @@ class BenchEnvConfig:
 
 
 # Keys under these take any name: env overrides go to sim.make (which checks them), policy settings to the
-# policy factory (which checks them and names unknown keys).
+# typed policy config (robolearn/policies/config.py, which checks them and names unknown keys).
 FREE_FORM = ("env.", "policy.", "key_map.", "task.env.")
 @dataclass
 class QuickstartConfig:
@@ -233,11 +233,15 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"unknown config key {key!r} for {name}{hint}; valid keys: {', '.join(valid)}")
     # Free-form dicts (environment overrides) take new keys without hydra's '+' prefix.
     overrides = [f"++{ov}" if ov.split("=", 1)[0].startswith(FREE_FORM) else ov for ov in overrides]
-    for ov in overrides:
+    for j, ov in enumerate(overrides):
         key, _, value = ov.partition("=")
         if key in groups and not (config_dir() / key / f"{value}.yaml").exists():
+            if key == "task" and value.startswith("robosuite/"):  # any robosuite environment, without a file
+                overrides[j] = f"task.name={value}"
+                continue
             choices = sorted(p.stem for p in (config_dir() / key).glob("*.yaml"))
-            raise ConfigError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+            raise ConfigError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}"
+                              + (" (or robosuite/<EnvName>)" if key == "task" else ""))
     cdir = config_dir()
     if not (cdir / f"{name}.yaml").exists():
         raise ConfigError(f"config file {cdir / (name + '.yaml')} is missing (set ROBOLEARN_CONFIG_DIR?)")

@@ -50,12 +50,14 @@ class Evaluator:
     def __call__(self, policy: torch.nn.Module, step: int) -> dict[str, Any]:
         from tqdm import tqdm
 
-        from robolearn.accel import default_kernels, use_kernels
+        from robolearn.accel import default_kernels, kernels_in_use, use_kernels
         from robolearn.evaluation import evaluate
 
         was_training = policy.training
         policy.eval()
-        use_kernels(policy, default_kernels())  # the EMA copy trains on nothing: give it the inference kernels
+        kernels = kernels_in_use(policy)
+        if kernels == "gemm":  # the training path (train's EMA copy): the inference kernels while evaluating
+            use_kernels(policy, default_kernels())
         bar = tqdm(total=self.episodes, desc=f"eval @{step}", unit="ep", leave=False, disable=not self.progress)
 
         def tick(done: int, total: int) -> None:
@@ -69,6 +71,8 @@ class Evaluator:
             videos = self._videos(policy, step)
         finally:
             bar.close()
+            if kernels == "gemm":
+                use_kernels(policy, "gemm")
             policy.train(was_training)
         summary = {
             "step": step,

@@ -133,7 +133,7 @@ def _build_policy(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str,
     try:
         torch.manual_seed(int(cfg.training.seed))
         policy = make_policy(policy_cfg, stats)
-    except (ConfigError, KeyError, ValueError) as e:
+    except (ConfigError, KeyError, ValueError, TypeError) as e:
         raise CLIError(f"policy {policy_name}: {e}") from None
     if cfg.resume:
         try:
@@ -179,15 +179,30 @@ def _evaluator(cfg: DictConfig, data: _Data, run_dir: Path, device: torch.device
                      progress=bool(cfg.training.progress))
 
 
+def check_config(cfg: DictConfig) -> tuple[dict[str, Any], str]:
+    """Check what needs no data -- the policy section (geometry, sampler, family settings) with a stand-in
+    observation -- so a bad value is named before the dataset is opened (and by ``--cfg job``). Returns the
+    policy config without its preset ``name``, and that name."""
+    from robolearn.policies import ConfigError, policy_config
+
+    policy_cfg: dict[str, Any] = OmegaConf.to_container(cfg.policy, resolve=True)  # type: ignore[assignment]
+    policy_name = str(policy_cfg.pop("name", policy_cfg.get("type", "policy")))
+    probe = {**policy_cfg, "obs": {"probe": [1]}, "action_dim": 1}
+    try:
+        policy_config(probe)
+    except ConfigError as e:
+        raise CLIError(f"policy {policy_name}: {e}") from None
+    return policy_cfg, policy_name
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     from robolearn.data import SequenceDataset, StoreError
     from robolearn.policies import CheckpointError
     from robolearn.training import Trainer
 
+    policy_cfg, policy_name = check_config(cfg)
     device = pick_device(str(cfg.device))
     distributed, rank, device = _init_distributed(device)
-    policy_cfg: dict[str, Any] = OmegaConf.to_container(cfg.policy, resolve=True)  # type: ignore[assignment]
-    policy_name = str(policy_cfg.pop("name", policy_cfg.get("type", "policy")))
     data = _open_dataset(cfg)
     run_dir = _run_dir(cfg, policy_name, distributed)
     policy = _build_policy(cfg, policy_cfg, policy_name, data, run_dir)

@@ -140,6 +140,17 @@ def evaluate(
     if not seeds:
         raise ValueError("evaluate needs at least one seed")
     venv = as_vector_env(envs)
+    try:
+        return _evaluate(policy, venv, seeds, noise_seed, n_action_steps, device, batch_invariant, corrector,
+                         progress, keep_steps)
+    finally:
+        if venv is not envs:  # made here from a factory: closed here
+            venv.close()
+
+
+def _evaluate(policy: Any, venv: Any, seeds: list[int], noise_seed: int | None, n_action_steps: int | None,
+              device: Any, batch_invariant: bool, corrector: Corrector | None,
+              progress: Callable[[int, int], None] | None, keep_steps: bool) -> dict[str, Any]:
     mode = _autoreset_mode(venv)
     n_envs = int(venv.num_envs)
     executor = ChunkExecutor(policy, n_envs, seed=seeds[0] if noise_seed is None else noise_seed,

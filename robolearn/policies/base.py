@@ -7,8 +7,9 @@ A chunk policy maps an observation history ``{key: (B, n_obs_steps, ...)}`` to a
 Determinism: given the initial noise ``noise`` (shape :meth:`ChunkPolicy.noise_shape`, standard normal, in the
 *normalized* action space) the chunk is a deterministic function of the observation and the noise, for every
 sampler. DDIM (eta 0) and the flow ODE are smooth functions of the noise -- what latent-noise steering (DSRL,
-Wagenmaker et al. 2025) needs. DDPM draws fresh noise at every step; given ``noise`` it draws it from a
-generator seeded by a hash of that noise, so it is repeatable but not smooth in it.
+Wagenmaker et al. 2025) needs. DDPM draws fresh noise at every step; given ``noise`` it draws each row's from a
+generator seeded by that row's noise (and ``ddpm_seed``), so it is repeatable and independent of the rest of the
+batch, but not smooth in the noise.
 
 The one denoising loop (:meth:`ChunkPolicy.denoise`): every sampler -- DDPM/DDIM, Euler/midpoint, and the warm
 starts -- is a small generator that yields ``(x, t)`` for each backbone call it wants and receives the backbone's
@@ -87,7 +88,7 @@ class ChunkPolicy(nn.Module, ABC):
         self.obs_shapes = {k: tuple(int(s) for s in v) for k, v in cfg.obs.items()}
         self.action_key = cfg.action_key
         self.checkpoint_path: str | None = None  # the folder it was loaded from (wrappers name it as their base)
-        self.checkpoint_digest: str | None = None
+        self.checkpoint_stamp: list[tuple[str, int, int]] | None = None  # see checkpoint._stamp
 
     @property
     def config(self) -> dict[str, Any]:
@@ -200,14 +201,14 @@ class ChunkPolicy(nn.Module, ABC):
                 return finished.value
 
     @abstractmethod
-    def solver(self, noise: torch.Tensor, kind: str, steps: int, generator: torch.Generator | None
-               ) -> tuple[Solver, int]:
+    def solver(self, noise: torch.Tensor, kind: str, steps: int, generator: Any) -> tuple[Solver, int]:
         """The sampler ``kind`` with ``steps`` steps from the initial noise: the generator and its call count."""
 
     @abstractmethod
-    def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int]:
-        """The last ``steps`` steps of the configured sampler, started from ``guess`` (normalized) noised with
-        ``noise``: the generator, its call count and the calls it skips (RTI-DP's warm start)."""
+    def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int, str]:
+        """The last ``steps`` steps of the configured schedule, started from ``guess`` (normalized) noised with
+        ``noise``: the generator, its call count, the calls it skips, and the schedule's name (RTI-DP's warm
+        start)."""
 
     # ------------------------------------------------------------------ sampler selection
     def set_sampler(self, kind: str | None = None, steps: int | None = None) -> None:
@@ -286,18 +287,22 @@ class ChunkPolicy(nn.Module, ABC):
             shifted = torch.cat([prev[:, shift:], prev[:, -1:].expand(B, shift, self.action_dim)], dim=1)
             guess = self.normalizer.normalize(self.action_key, shifted)
             noise, _ = self._check_noise(noise, B, generator)
-            solver, total, offset = self.warm_solver(guess, noise, int(steps))
-            name = f"{self.cfg.sampler.kind}-{self.cfg.sampler.steps}"
+            solver, total, offset, name = self.warm_solver(guess, noise, int(steps))
             chunk = self.denoise(self._prepare(cond), solver, total=total, sampler=name, offset=offset)
             chunk = self.normalizer.unnormalize(self.action_key, chunk)
         return chunk.clone()
 
-    def noise_generator(self, noise: torch.Tensor) -> torch.Generator:
-        """A CPU generator seeded by the content of ``noise``: what a stochastic sampler (DDPM) draws its
-        per-step noise from when the initial noise is given, so that the chunk is a function of the noise."""
-        digest = np.frombuffer(noise.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), np.uint32)
-        seed = np.random.SeedSequence(digest.tolist()[:4096] + [int(digest.size)]).generate_state(1, np.uint64)[0]
-        return torch.Generator().manual_seed(int(seed))
+    def noise_generator(self, noise: torch.Tensor, salt: int = 0) -> list[torch.Generator]:
+        """One CPU generator per batch row, seeded by that row's initial noise (and ``salt``): what a stochastic
+        sampler (DDPM) draws its per-step noise from when the initial noise is given, so that each chunk is a
+        function of its own noise alone, whatever else shares the batch."""
+        rows = noise.detach().to("cpu", torch.float32).contiguous().reshape(noise.shape[0], -1).numpy()
+        gens = []
+        for row in rows:
+            words = np.frombuffer(row.tobytes(), np.uint32).tolist()
+            seed = np.random.SeedSequence([int(salt) % 2**32, *words]).generate_state(1, np.uint64)[0]
+            gens.append(torch.Generator().manual_seed(int(seed)))
+        return gens
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:

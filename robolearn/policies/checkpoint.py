@@ -120,13 +120,23 @@ def _base_reference(base: Any, folder: Path) -> dict[str, Any]:
     base_folder = Path(where)
     if not base_folder.is_dir():
         raise CheckpointError(f"cannot save {folder}: its base checkpoint {base_folder} no longer exists")
-    digest = checkpoint_digest(base_folder)
-    loaded = getattr(base, "checkpoint_digest", None)
-    if loaded is not None and loaded != digest:
+    loaded = getattr(base, "checkpoint_stamp", None)
+    if loaded is not None and loaded != _stamp(base_folder):
         raise CheckpointError(f"cannot save {folder}: its base checkpoint {base_folder} changed on disk after it "
                               f"was loaded (reload it)")
+    digest = checkpoint_digest(base_folder)
     rel = os.path.relpath(base_folder.resolve(), folder.resolve())
-    return {"path": rel, "abs_path": str(base_folder.resolve()), "sha256": digest}
+    return {"path": rel, "sha256": digest}
+
+
+def _stamp(folder: Path) -> list[tuple[str, int, int]]:
+    """Size and modification time of the digested files: a cheap "changed since loading?" (the digest itself
+    reads every byte of the weights, so it is computed only when a wrapper is saved or loaded)."""
+    out = []
+    for name in _DIGESTED:
+        st = (folder / name).stat() if (folder / name).is_file() else None
+        out.append((name, st.st_size if st else -1, st.st_mtime_ns if st else -1))
+    return out
 
 
 def checkpoint_digest(folder: str | os.PathLike) -> str:
@@ -188,7 +198,7 @@ def read_checkpoint_config(folder: str | os.PathLike) -> dict[str, Any]:
     return _read_config(folder)[1]["policy"]
 
 
-def read_run_config(folder: str | os.PathLike) -> dict[str, Any]:
+def read_run_config(folder: str | os.PathLike, _depth: int = 0) -> dict[str, Any]:
     """What the training run said about itself (``config.yaml``'s ``run`` section: task, env_config, ...);
     a wrapper's own entries over its base's (so a residual over a push_t policy is a push_t policy);
     ``{}`` when the checkpoint was saved without one."""
@@ -196,9 +206,11 @@ def read_run_config(folder: str | os.PathLike) -> dict[str, Any]:
     run = data.get("run") or {}
     if not isinstance(run, dict):
         raise CheckpointError(f"{path}: 'run' is not a mapping")
-    if isinstance(data.get("base"), dict):
+    if data.get("base") is not None:
+        if _depth >= _MAX_DEPTH:
+            raise CheckpointError(f"{folder}: wrappers nest deeper than {_MAX_DEPTH} (a cycle of base paths?)")
         base = _resolve_base(Path(folder), data["base"], check_digest=False)
-        run = {**read_run_config(base), **run}
+        run = {**read_run_config(base, _depth + 1), **run}
     return run
 
 
@@ -217,8 +229,8 @@ def _resolve_base(folder: Path, ref: Any, *, check_digest: bool = True) -> Path:
     if not isinstance(ref, dict) or not isinstance(ref.get("path"), str) or not isinstance(ref.get("sha256"), str):
         raise CheckpointError(f"{where}: 'base' must hold the base checkpoint's 'path' and 'sha256'")
     base = (folder / ref["path"]).resolve()
-    if not base.is_dir() and isinstance(ref.get("abs_path"), str) and Path(ref["abs_path"]).is_dir():
-        base = Path(ref["abs_path"])  # the wrapper was moved, its base was not
+    if base == folder.resolve():
+        raise CheckpointError(f"{where}: the base of checkpoint {folder} is the checkpoint itself")
     if not base.is_dir():
         raise CheckpointError(f"checkpoint {folder} wraps the base checkpoint {base}, which does not exist "
                               f"(deleted or moved? the wrapper needs it)")
@@ -269,7 +281,7 @@ def load_policy(
         raise CheckpointError(f"{path}: cannot build the policy: {e}") from None
     _load_weights(policy, folder, map_location)
     policy.checkpoint_path = str(folder.resolve())
-    policy.checkpoint_digest = checkpoint_digest(folder)
+    policy.checkpoint_stamp = _stamp(folder)
     return policy.to(map_location).eval()
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -62,16 +64,67 @@ def plain(x: Any) -> Any:
     return x
 
 
-def _fill(cls: type, given: Mapping[str, Any] | None, where: str) -> Any:
-    """A dataclass from a mapping, refusing unknown keys (with a 'did you mean')."""
-    given = dict(given or {})
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as the annotated type ``tp``, or a ConfigError naming ``key``: YAML and command-line overrides
+    arrive as whatever their text parsed to (``policy.horizon=16.7`` is a float, ``=abc`` a string)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    bad = ConfigError(f"{key} must be {names.get(tp, _type_name(tp))}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def _fill(cls: type, given: Any, where: str) -> Any:
+    """A dataclass from a mapping, refusing unknown keys (with a 'did you mean') and ill-typed values."""
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{where} must be a mapping of settings, got {given!r}")
+    given = dict(given)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(given) - set(names))
     if unknown:
         close = difflib.get_close_matches(unknown[0], names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown key(s) {unknown} in {where}{hint}; known: {sorted(names)}")
-    return cls(**given)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in given.items()})
 
 
 def _choice(value: Any, choices: tuple[str, ...], key: str) -> None:
@@ -173,14 +226,19 @@ class ChunkPolicyConfig:
         if "encoder" in cfg:
             cfg["encoder"] = _fill(EncoderConfig, cfg["encoder"], "policy.encoder")
         if "sampler" in cfg:
-            cfg["sampler"] = _fill(SamplerConfig, {**dataclasses.asdict(cls.default_sampler()), **(cfg["sampler"] or {})},
+            given = cfg["sampler"] or {}
+            if not isinstance(given, Mapping):
+                raise ConfigError(f"policy.sampler must be a mapping like {{kind: ddim, steps: 10}}, got {given!r}")
+            cfg["sampler"] = _fill(SamplerConfig, {**dataclasses.asdict(cls.default_sampler()), **given},
                                    "policy.sampler")
         if section in cfg:
             cfg[section] = _fill(cls.settings_class, cfg[section], f"policy.{section}")
-        try:
-            out = cls(**cfg)
-        except TypeError as e:
-            raise ConfigError(f"policy config: {e}") from None
+        hints = typing.get_type_hints(cls)
+        for key in ("horizon", "n_obs_steps", "n_action_steps", "image_keys", "action_key", "action_dim",
+                    "normalization", "backbone"):
+            if key in cfg:
+                cfg[key] = _coerce(cfg[key], hints[key], f"policy.{key}")
+        out = cls(**cfg)
         out._derive(stats)
         out.validate()
         return out

@@ -31,7 +31,8 @@ class DiffusionPolicy(ChunkPolicy):
     """Chunk policy whose backbone predicts the noise (or the clean chunk) of a diffused action chunk.
 
     Settings (``cfg.diffusion``, :class:`~robolearn.policies.config.DiffusionSettings`): the DDPM training
-    config; ``ddpm_seed`` is mixed into DDPM's per-step noise when ``predict_action`` is given its initial noise.
+    config; ``ddpm_seed`` is mixed into DDPM's per-step noise when ``predict_action`` is given its initial noise (each
+    row's generator is seeded by that row's noise and ``ddpm_seed``).
     """
 
     config_class = DiffusionConfig
@@ -67,8 +68,10 @@ class DiffusionPolicy(ChunkPolicy):
         return self._samplers[key]
 
     # ------------------------------------------------------------------ sampling
-    def solver(self, noise: torch.Tensor, kind: str, steps: int, generator: torch.Generator | None
-               ) -> tuple[Solver, int]:
+    def noise_generator(self, noise: torch.Tensor, salt: int = 0) -> list[torch.Generator]:
+        return super().noise_generator(noise, salt=self.cfg.diffusion.ddpm_seed + salt)
+
+    def solver(self, noise: torch.Tensor, kind: str, steps: int, generator: Any) -> tuple[Solver, int]:
         sched, timesteps = self._scheduler(kind, steps)
         step_kw: dict[str, Any] = {"return_dict": False}
         if kind == "ddim":
@@ -77,14 +80,16 @@ class DiffusionPolicy(ChunkPolicy):
             step_kw["generator"] = generator
         return self._steps(sched, timesteps, noise, step_kw), len(timesteps)
 
-    def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int]:
-        """Noise the guessed chunk to the DDIM timestep ``steps`` from the end of the configured schedule and
-        run only those last steps (RTI-DP's warm start; deterministic given ``noise``)."""
+    def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int, str]:
+        """Noise the guessed chunk to the DDIM timestep ``steps`` from the end of the configured schedule (DDIM
+        with the configured step count, whatever the default sampler) and run only those last steps (RTI-DP's
+        warm start; deterministic given ``noise``)."""
         sched, timesteps = self._scheduler("ddim", self.cfg.sampler.steps)
         k = max(1, min(int(steps), len(timesteps)))
         tail = timesteps[-k:]
         x = self.noise_scheduler.add_noise(guess, noise, torch.full((noise.shape[0],), tail[0], dtype=torch.long))
-        return self._steps(sched, tail, x, {"return_dict": False, "eta": 0.0}), k, len(timesteps) - k
+        name = f"ddim-{self.cfg.sampler.steps}"
+        return self._steps(sched, tail, x, {"return_dict": False, "eta": 0.0}), k, len(timesteps) - k, name
 
     @staticmethod
     def _steps(sched: Any, timesteps: list[int], x: torch.Tensor, step_kw: dict[str, Any]) -> Solver:

@@ -21,12 +21,16 @@ which environment ran the episode. The runner and the fine-tuning code use the s
 
 Correction hook: ``corrector(obs, base_actions, env_ids) -> actions`` runs between "the base action for this step
 is known" and "the environment steps" (a residual policy adds its correction there). ``obs`` holds each listed
-environment's newest observation, ``base_actions`` their base actions ``(n, action_dim)``.
+environment's newest observation (every key the environment gave, not only the policy's), ``base_actions`` their
+base actions ``(n, action_dim)``.
+
+Episodes: ``policy.reset()`` is called when every environment resets at once (the protocol's ``reset`` has no
+environment argument); the policies and wrappers here keep no per-episode state, so nothing else depends on it.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -182,7 +186,27 @@ class ChunkRequest:
     episodes: list[int]
     chunks: list[int]
     warm: tuple[torch.Tensor, int, int] | None = None  # (prev_chunk, shift, steps)
-    info: dict[str, Any] = field(default_factory=dict)
+
+
+def takes_noise(method: Any) -> bool:
+    """Whether a ``predict_action_warm`` accepts ``noise`` (policies written to the first runtime protocol take
+    ``(obs_history, prev_chunk, shift, steps)`` only)."""
+    import inspect
+
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "noise" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def check_chunk(out: Any, policy: Any, batch: int) -> np.ndarray:
+    """A policy's output as a float32 ``(batch, horizon, action_dim)`` array, or an error naming the shape."""
+    chunk = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out, dtype=np.float32)
+    want = (batch, int(policy.horizon), int(policy.action_dim))
+    if chunk.shape != want:
+        raise ValueError(f"{type(policy).__name__}.predict_action returned shape {chunk.shape}, expected {want}")
+    return chunk
 
 
 class ChunkExecutor:
@@ -217,7 +241,10 @@ class ChunkExecutor:
         self.chunk_count = np.zeros(self.num_envs, dtype=np.int64)
         self._next_episode = 0
         self.inference_s = 0.0
-        self.inference_calls = 0
+        self.inference_calls = 0  # policy calls (one per environment with batch_invariant)
+        warm = getattr(policy, "predict_action_warm", None)
+        self._warm_takes_noise = callable(warm) and takes_noise(warm)
+        self._latest: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
 
     # ------------------------------------------------------------------ episodes and observations
     def _ids(self, env_ids: Sequence[int] | np.ndarray | None) -> list[int]:
@@ -243,6 +270,7 @@ class ChunkExecutor:
             episode = self._next_episode
         self._next_episode = max(self._next_episode, int(episode) + 1)
         self.histories[i].reset(obs)
+        self._latest[i] = dict(obs)
         self.queues[i].clear()
         self.episode[i] = int(episode)
         self.chunk_count[i] = 0
@@ -255,11 +283,14 @@ class ChunkExecutor:
     def observe_env(self, i: int, obs: Mapping[str, Any]) -> None:
         """Push the next observation of environment ``i`` (unbatched)."""
         self.histories[i].push(obs)
+        self._latest[i] = dict(obs)
 
     def newest(self, env_ids: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        """The newest observation of each listed environment, batched ``{key: (n, ...)}``."""
-        frames = [self.histories[i].newest() for i in self._ids(env_ids)]
-        return {k: np.stack([f[k] for f in frames]) for k in frames[0]}
+        """The newest observation of each listed environment, batched ``{key: (n, ...)}``: every key the
+        environment gave (a corrector may look at more than the policy does)."""
+        frames = [self._latest[i] for i in self._ids(env_ids)]
+        keys = [k for k in frames[0] if all(k in f for f in frames)]
+        return {k: np.stack([np.asarray(f[k]) for f in frames]) for k in keys}
 
     def clear_queue(self, env_ids: Sequence[int] | None = None) -> None:
         """Drop queued actions (the next step re-plans), e.g. after an operator took over."""
@@ -290,27 +321,23 @@ class ChunkExecutor:
             parts = [self._call({k: v[j:j + 1] for k, v in req.obs.items()}, req.noise[j:j + 1], req.warm, j)
                      for j in range(len(req.env_ids))]
             chunk = np.concatenate(parts)
+            self.inference_calls += len(parts)
         else:
             chunk = self._call(req.obs, req.noise, req.warm, None)
+            self.inference_calls += 1
         self.inference_s += time.perf_counter() - t0
-        self.inference_calls += 1
         return chunk
 
     def _call(self, obs: dict[str, torch.Tensor], noise: torch.Tensor, warm: tuple[torch.Tensor, int, int] | None,
               row: int | None) -> np.ndarray:
-        B = noise.shape[0]
         if warm is None:
             out = self.policy.predict_action(obs, noise)
         else:
             prev, shift, steps = warm
             prev = prev if row is None else prev[row:row + 1]
-            out = self.policy.predict_action_warm(obs, prev, shift, steps, noise)
-        chunk = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out, dtype=np.float32)
-        want = (B, self.horizon, self.action_dim)
-        if chunk.shape != want:
-            raise ValueError(f"{type(self.policy).__name__}.predict_action returned shape {chunk.shape}, "
-                             f"expected {want}")
-        return chunk
+            extra = (noise,) if self._warm_takes_noise else ()
+            out = self.policy.predict_action_warm(obs, prev, shift, steps, *extra)
+        return check_chunk(out, self.policy, noise.shape[0])
 
     def executable(self, chunk: np.ndarray) -> np.ndarray:
         """The executable slice of chunks ``(n, horizon, A)`` with this executor's ``n_action_steps``."""

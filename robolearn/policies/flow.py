@@ -54,12 +54,11 @@ class FlowPolicy(ChunkPolicy):
         self.clip_sample = bool(f.clip_sample)
 
     # ------------------------------------------------------------------ sampling
-    def solver(self, noise: torch.Tensor, kind: str, steps: int, generator: torch.Generator | None
-               ) -> tuple[Solver, int]:
+    def solver(self, noise: torch.Tensor, kind: str, steps: int, generator: Any) -> tuple[Solver, int]:
         calls = steps * (2 if kind == "midpoint" else 1)
         return self._integrate(noise, kind, steps, first=0), calls
 
-    def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int]:
+    def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int, str]:
         """Start on the straight path at t0 = 1 - steps/n, between the noise and the guessed chunk, and
         integrate only the last ``steps`` of the configured ``n`` steps (RTI-DP's warm start, for flows)."""
         kind, n = self.cfg.sampler.kind, self.cfg.sampler.steps
@@ -67,7 +66,7 @@ class FlowPolicy(ChunkPolicy):
         t0 = 1.0 - k / n
         x = (1.0 - t0) * noise + t0 * guess
         per = 2 if kind == "midpoint" else 1
-        return self._integrate(x, kind, n, first=n - k), k * per, (n - k) * per
+        return self._integrate(x, kind, n, first=n - k), k * per, (n - k) * per, f"{kind}-{n}"
 
     def _integrate(self, x: torch.Tensor, kind: str, n: int, first: int) -> Solver:
         """Euler or midpoint steps ``first .. n-1`` of an ``n``-step integration from t=0 (noise) to t=1."""

@@ -60,10 +60,3 @@ def _import_builtins() -> None:
     """The base families register themselves on import."""
     import robolearn.policies.diffusion  # noqa: F401
     import robolearn.policies.flow  # noqa: F401
-
-
-def describe(policy: Any) -> str:
-    """``"residual over diffusion"``-style label of a (possibly wrapped) policy."""
-    base = getattr(policy, "base", None)
-    name = getattr(policy, "policy_type", type(policy).__name__)
-    return name if base is None else f"{name} over {describe(base)}"

@@ -40,7 +40,7 @@ class PolicyWrapper(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.checkpoint_path: str | None = None
-        self.checkpoint_digest: str | None = None
+        self.checkpoint_stamp: list[tuple[str, int, int]] | None = None  # see checkpoint._stamp
 
     # ------------------------------------------------------------------ the base's geometry
     @property

@@ -15,8 +15,9 @@ from robolearn.runtime.server import PolicyServer
 
 
 def resolve_policy(policy: ChunkPredictor | str, token: str | None = None) -> ChunkPredictor:
-    """A policy object as is; ``"ws://host:port"`` as a :class:`RemotePolicy`; a folder via
-    ``robolearn.policies.checkpoint.load_policy`` (imported lazily: the runtime does not need the models)."""
+    """A policy object as is; ``"ws://host:port"`` as a :class:`RemotePolicy`. Checkpoint folders are loaded by
+    the caller (the CLI's ``load_checkpoint``: ``load_policy`` plus the inference kernels), so there is one
+    loader."""
     if not isinstance(policy, (str, os.PathLike)):
         return policy
     text = str(policy)
@@ -24,12 +25,8 @@ def resolve_policy(policy: ChunkPredictor | str, token: str | None = None) -> Ch
         from robolearn.runtime.client import RemotePolicy
 
         return RemotePolicy(text, token=token)
-    from robolearn.policies.checkpoint import load_policy  # lazy: only when serving/running a checkpoint
-
-    loaded = load_policy(text)
-    if hasattr(loaded, "eval"):
-        loaded.eval()
-    return loaded
+    raise TypeError(f"policy {text!r} is neither a policy object nor a ws:// URL; load a checkpoint folder with "
+                    f"robolearn.cli.runtime.load_checkpoint (or robolearn.policies.load_policy) first")
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:

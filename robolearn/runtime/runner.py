@@ -29,7 +29,7 @@ charged for it.
 
 Blending (see :mod:`action_queue`): ``none`` newest chunk wins; ``ensemble`` ACT's temporal ensembling
 (``ensemble_m``), which needs overlapping chunks, so a new inference also starts every ``ensemble_every`` ticks (1:
-ACT's query-every-step; in async mode as soon as the previous one is done if it took longer); ``warmstart`` RTI-DP: the policy's ``predict_action_warm(obs, prev_chunk, shift, steps)`` starts
+ACT's query-every-step; in async mode as soon as the previous one is done if it took longer); ``warmstart`` RTI-DP: the policy's ``predict_action_warm(obs, prev_chunk, shift, steps[, noise])`` starts
 from the previous chunk shifted by the ticks elapsed since its observation and runs the last ``warm_steps``
 denoising steps (the newest chunk then wins as in ``none``).
 
@@ -56,7 +56,8 @@ The observation history, the chunk's executable slice, the noise of every chunk 
 :class:`~robolearn.policies.executor.ChunkExecutor`'s (one environment): chunk ``c`` of episode ``i`` of a run seeded
 ``seed`` draws the noise of ``(seed, i, c)``, as evaluation does, so ``realtime=False latency_s=0`` reproduces
 ``robolearn eval``'s episodes. A ``corrector`` (e.g. a residual policy) changes each action after it leaves the queue
-and before the environment steps; its time is reported as ``corrector_ms_*`` and counted in the tick's work.
+and before the environment steps; its time is reported beside the inference latency as ``corrector_ms_*`` and
+counted in the tick's work (the step-time estimate that sync mode keeps clear of each deadline).
 
 Failures
 --------
@@ -200,7 +201,7 @@ class Runner:
             raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
         if blend == "warmstart" and not callable(getattr(policy, "predict_action_warm", None)):
             raise TypeError(
-                f"blend='warmstart' needs a policy with predict_action_warm(obs_history, prev_chunk, shift, steps); "
+                f"blend='warmstart' needs a policy with predict_action_warm(obs_history, prev_chunk, shift, steps[, noise]); "
                 f"{type(policy).__name__} has none (use blend='none' or 'ensemble')")
         if on_error not in ("hold", "zero"):
             raise ValueError(f"on_error must be 'hold' or 'zero', got {on_error!r}")
@@ -228,6 +229,7 @@ class Runner:
         self._recent_lat: collections.deque[float] = collections.deque(maxlen=max(1, latency_window))
         self._latencies: list[float] = []
         self._corrector_s: list[float] = []
+        self._tick_corrector_s = 0.0
         self._seq = 0
         self._prev: _Result | None = None
         self._step_est = 0.0
@@ -383,7 +385,9 @@ class Runner:
             action = last_action
             t_step = time.perf_counter()
             obs, reward, terminated, truncated, info = self.env.step(action)
-            self._step_est = 0.8 * self._step_est + 0.2 * (time.perf_counter() - t_step)
+            # the tick's own work (correction + step): sync mode stops waiting for a chunk this long before a deadline
+            work = time.perf_counter() - t_step + self._tick_corrector_s
+            self._step_est = 0.8 * self._step_est + 0.2 * work
             self.executor.observe_env(0, obs)
             k += 1
             ep.steps = k
@@ -423,13 +427,15 @@ class Runner:
         """The queue's action for tick ``k``, through the corrector; none queued: a deadline miss, and the last
         action (as sent) holds."""
         action = self.queue.pop(k)
+        self._tick_corrector_s = 0.0
         if action is None:
             ep.misses += 1
             action = last_action
         elif self.executor.corrector is not None:
             t_fix = time.perf_counter()
             action = self.executor.correct([0], action[None])[0]
-            self._corrector_s.append(time.perf_counter() - t_fix)
+            self._tick_corrector_s = time.perf_counter() - t_fix
+            self._corrector_s.append(self._tick_corrector_s)
         if action is None:  # cannot happen after the first chunk; guard anyway
             raise RuntimeError("no action available at the first tick")
         return action

@@ -56,7 +56,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from robolearn.runtime import msgpack_numpy
-from robolearn.policies.executor import ChunkPredictor, ObsHistory, check_policy, executable_start
+from robolearn.policies.executor import ChunkPredictor, ObsHistory, check_chunk, check_policy, executable_start
 
 log = logging.getLogger("robolearn.runtime.server")
 
@@ -324,8 +324,4 @@ class PolicyServer:
         if reset:
             self.policy.reset()
         out = self.policy.predict_action(batch) if noise is None else self.policy.predict_action(batch, noise)
-        arr = out.detach().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
-        want = (1, int(self.policy.horizon), int(self.policy.action_dim))
-        if arr.shape != want:
-            raise ValueError(f"predict_action returned shape {arr.shape}, expected {want}")
-        return arr[0], t0, time.perf_counter() - t0
+        return check_chunk(out, self.policy, 1)[0], t0, time.perf_counter() - t0

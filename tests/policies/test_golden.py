@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 sys.path.insert(0, str(FIXTURES))
@@ -36,6 +37,9 @@ def test_old_checkpoint_chunks_and_warm_starts_are_unchanged(name: str) -> None:
     for s in (steps, 3):
         got = policy.predict_action(obs, noise, sampler=kind, steps=s).numpy()
         np.testing.assert_allclose(got, GOLDEN[f"{name}/chunk_{kind}{s}"], rtol=0, atol=1e-6)
+    other = {"diffusion": ("ddpm", 5), "flow": ("midpoint", 3)}[policy.policy_type]
+    got = policy.predict_action(obs, noise, sampler=other[0], steps=other[1], generator=torch.Generator().manual_seed(11))
+    np.testing.assert_allclose(got.numpy(), GOLDEN[f"{name}/chunk_other"], rtol=0, atol=1e-6)
     prev = policy.predict_action(obs, noise)
     warm = policy.predict_action_warm(obs, prev, 3, 2, noise).numpy()
     np.testing.assert_allclose(warm, GOLDEN[f"{name}/warm"], rtol=0, atol=1e-6)

@@ -1,5 +1,5 @@
 """The one denoising loop (every backbone call told its step), typed configs, and the policy registry with a
-wrapper kind defined in the tests (``tests/wrapper_policies.py``)."""
+wrapper kind defined in the tests (``tests/plugins/wrapper_policies.py``)."""
 from __future__ import annotations
 
 import json
@@ -106,6 +106,11 @@ def test_ddpm_given_noise_is_repeatable_and_varies_with_the_noise() -> None:
     assert torch.equal(policy.predict_action(OBS, n1), policy.predict_action(OBS, n1))
     assert not torch.equal(policy.predict_action(OBS, n1), policy.predict_action(OBS, n2))
     assert policy.stochastic_samplers == ("ddpm",)
+    # each row's step noise comes from its own noise: a row computed alone is the row computed in a batch
+    alone = policy.predict_action({"state": OBS["state"][1:]}, n1[1:])
+    assert torch.allclose(alone[0], policy.predict_action(OBS, n1)[1], atol=1e-4)
+    salted = build("diffusion", sampler={"kind": "ddpm", "steps": 20}, diffusion={"ddpm_seed": 5})
+    assert not torch.equal(salted.predict_action(OBS, n1), policy.predict_action(OBS, n1))  # ddpm_seed counts
 
 
 def test_config_defaults_live_in_the_dataclass_and_errors_name_the_key() -> None:
@@ -182,6 +187,16 @@ def test_unknown_kinds_and_unsaved_bases_are_clear_errors(base_ckpt: Path, tmp_p
     with pytest.raises(CheckpointError, match="'nope' is registered by module 'no_such_module', which cannot be "
                                               "imported"):
         load_policy(folder)
+    cyc_a = save_policy(OffsetPolicy(load_policy(base_ckpt)), tmp_path / "cyc_a")
+    cyc_b = save_policy(OffsetPolicy(load_policy(base_ckpt)), tmp_path / "cyc_b")
+    for one, other in ((cyc_a, "../cyc_b"), (cyc_b, "../cyc_a")):  # each names the other as its base
+        (one / "config.yaml").write_text((one / "config.yaml").read_text().replace("../base", other))
+    for reader in (read_run_config, load_policy):
+        with pytest.raises(CheckpointError, match="nest deeper|changed"):
+            reader(cyc_a)
+    (cyc_a / "config.yaml").write_text((cyc_a / "config.yaml").read_text().replace("../cyc_b", "."))
+    with pytest.raises(CheckpointError, match="is the checkpoint itself"):
+        read_run_config(cyc_a)
 
 
 def test_eval_cli_runs_a_wrapper_checkpoint(tmp_path: Path) -> None:
@@ -198,6 +213,12 @@ def test_eval_cli_runs_a_wrapper_checkpoint(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["policy_type"] == "test_offset" and summary["episodes"] == 2 and summary["task"] == "push_t"
+    run = [exe, "run", f"checkpoint={folder}", "realtime=false", "latency_s=0", "status=false",
+           "env.max_episode_steps=20", f"run_dir={tmp_path / 'r'}"]
+    out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["ticks"] == 20 and report["policy"] == "OffsetPolicy" and report["error"] is None
     shutil.rmtree(base)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr

@@ -100,7 +100,7 @@ class _WarmTickPolicy(TickPolicy):
         super().__init__(**kw)
         self.warm_calls: list[tuple[int, int, float]] = []
 
-    def predict_action_warm(self, obs_history, prev_chunk, shift, steps, noise=None):
+    def predict_action_warm(self, obs_history, prev_chunk, shift, steps):
         assert prev_chunk.shape == (1, self.horizon, self.action_dim)
         self.warm_calls.append((int(shift), int(steps), float(prev_chunk[0, self.n_obs_steps - 1, 0])))
         return self.predict_action(obs_history)

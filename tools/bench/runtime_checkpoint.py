@@ -3,8 +3,8 @@
 keeps every deadline and the success of offline evaluation; sync shows the misses.
 
 All three measurements are made in this one run on the same seeds (``--seed``, ``--seed + 1``, ...):
-  offline  ``robolearn eval``  (one vectorized environment per episode, so episode k starts from seed + k
-           exactly as the runner's episode k does; no clock: the simulation waits for the policy)
+  offline  ``robolearn eval``  (episode k starts from seed + k and draws the noise of (seed, k, chunk) exactly as
+           the runner's episode k does, for any number of environments; no clock: the simulation waits)
   async    ``robolearn run mode=async realtime=true latency_s=0.25``
   sync     ``robolearn run mode=sync  realtime=true latency_s=0.25``
 
