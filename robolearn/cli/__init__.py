@@ -11,8 +11,10 @@ Every command that computes a result prints a one-line JSON summary as its last 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -89,9 +91,20 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _print_leftovers(path: Path) -> list[str]:
+    """What killed drops and merges left beside a store: stale copies are removed, backups described."""
+    from robolearn.data.store import clean_leftovers
+
+    notes = clean_leftovers(path)
+    for note in notes:
+        print(f"note: {note}")
+    return notes
+
+
 def cmd_data_info(args: argparse.Namespace) -> None:
     from robolearn.data import EpisodeStore
 
+    _print_leftovers(args.path)
     store = EpisodeStore.open(args.path, validate=False)
     lengths = store.episode_lengths
     size = store.size_bytes()
@@ -123,6 +136,7 @@ def cmd_data_info(args: argparse.Namespace) -> None:
     for k, s in store.schema.items():
         kind = "image" if s.is_image else ""
         print(f"  {k:<{width}}  {s.dtype:<8} {str(s.shape):<14} {s.role:<7} {kind}".rstrip())
+    store.check_chunks()  # cheap (no data read): a missing chunk file must not pass for zeros
     if args.json:
         print_json(summary)
 
@@ -130,8 +144,10 @@ def cmd_data_info(args: argparse.Namespace) -> None:
 def cmd_data_validate(args: argparse.Namespace) -> None:
     from robolearn.data import EpisodeStore
 
+    notes = _print_leftovers(args.path)
     store = EpisodeStore.open(args.path, validate=False)
-    report = store.validate(check_values=True)
+    report = store.validate(check_values=True, read_all=True)  # every chunk decoded, not only looked for
+    report["notes"] = notes
     extra = ""
     if report["uncommitted_rows"] or report["uncommitted_episode_ends"]:
         extra = (
@@ -146,7 +162,10 @@ def cmd_data_drop(args: argparse.Namespace) -> None:
     from robolearn.data import EpisodeStore
 
     episodes = _parse_episode_list(args.episodes)
-    with EpisodeStore.open(args.path, mode="a") as store:
+    # Opened without the chunk check: dropping the episodes that lie in a missing chunk file is a repair (the
+    # drop refuses to keep any episode that touches one; episode_ends must be intact to open at all).
+    with EpisodeStore.open(args.path, mode="a", validate=False) as store:
+        store.validate(check_values=False, check_chunks=False)
         before = store.n_episodes
         store.drop_episodes(episodes)
         after = store.n_episodes
@@ -340,13 +359,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that went away (`| head`) is a BrokenPipeError here
+    except BrokenPipeError:
+        # As the Python docs say: point stdout at devnull so the flush at exit cannot fail again; no message.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (CLIError, StoreError, ConfigError, CheckpointError) as e:
         print(f"robolearn: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in _FILE_SYSTEM_ERRNOS:
+            raise
+        print(f"robolearn: error: {_file_system_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("robolearn: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+# What the file system can refuse any command (a full disk, a read-only mount): one line, not a traceback.
+_FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _file_system_error(e: OSError) -> str:
+    where = f" writing {e.filename}" if e.filename else ""
+    todo = {errno.ENOSPC: "free some space and run it again", errno.EDQUOT: "free some space and run it again",
+            errno.EROFS: "write to a writable place", errno.EACCES: "check the permissions",
+            errno.EPERM: "check the permissions"}.get(e.errno or 0, "")
+    return f"{(e.strerror or str(e)).lower()}{where}" + (f": {todo}" if todo else "")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ the rollouts in flight. Re-running it appends to the same store, continuing afte
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -116,16 +118,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     state = dict(store.attrs.get("collect") or {})
     first_seed = max(int(cfg.seed), int(state.get("next_seed", cfg.seed)))
     max_attempts = int(cfg.max_attempts) if cfg.max_attempts is not None else 4 * int(cfg.episodes) + 10
-    start_episodes = store.n_episodes
+    start_episodes, start_steps = store.n_episodes, store.n_steps
 
     def seeds() -> Iterator[int]:
         yield from range(first_seed, first_seed + max_attempts)
 
     kept = attempts = successes = 0
-    steps = 0
     t0 = time.perf_counter()
     bar = tqdm(total=int(cfg.episodes), desc=f"collect {cfg.task}", unit="ep", disable=not cfg.progress)
     interrupted = False
+    failure: OSError | None = None
     try:
         for seed, episode, success in _results(cfg, seeds(), env_overrides):
             attempts += 1
@@ -137,34 +139,49 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 store.update_attrs({"collect": dict(state)})
                 store.append_episode(episode)
                 kept += 1
-                steps += len(episode["action"])
                 bar.update(1)
             bar.set_postfix(success=f"{successes / attempts:.2f}", attempts=attempts)
             if kept >= cfg.episodes:
                 break
     except KeyboardInterrupt:
         interrupted = True
+    except OSError as e:  # a full disk, ...: every episode committed before it is safe, and is reported
+        failure = e
     finally:
         bar.close()
-        total_episodes = store.n_episodes
+        # What the store holds, read back from it: an error after an episode's commit point still counts it.
+        with contextlib.suppress(Exception):
+            store.refresh()
+        total_episodes, total_steps = store.n_episodes, store.n_steps
         store.close()
+    added = total_episodes - start_episodes
     summary = {
         "task": cfg.task,
         "out": str(out),
-        "episodes": kept,
+        "episodes": added,
         "store_episodes": total_episodes,
         "previous_episodes": start_episodes,
-        "steps": steps,
+        "steps": total_steps - start_steps,
         "attempts": attempts,
         "success_rate": round(successes / attempts, 4) if attempts else 0.0,
         "seconds": round(time.perf_counter() - t0, 2),
         "interrupted": interrupted,
     }
-    if kept < cfg.episodes and not interrupted:
+    if failure is not None:
+        where = f" ({failure.filename})" if failure.filename else ""
+        summary["error"] = f"{(failure.strerror or str(failure)).lower()}{where}"
+        print(f"{added} episodes ({summary['steps']} steps) added to {out}; it now holds {total_episodes}")
+        print_json(summary)
+        todo = "free some space, then" if failure.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that, then"
+        raise CLIError(
+            f"collect stopped: {summary['error']} while writing {out}. The store is valid and holds "
+            f"{total_episodes} episodes, {added} of them added by this run; {todo} run the same command again "
+            f"to continue")
+    if added < cfg.episodes and not interrupted:
         print(
-            f"warning: only {kept} of {cfg.episodes} episodes kept after {attempts} attempts "
+            f"warning: only {added} of {cfg.episodes} episodes kept after {attempts} attempts "
             f"(raise max_attempts=, or keep_failures=true)"
         )
-    print(f"{kept} episodes ({steps} steps) added to {out}; it now holds {total_episodes}")
+    print(f"{added} episodes ({summary['steps']} steps) added to {out}; it now holds {total_episodes}")
     print_json(summary)
     return summary

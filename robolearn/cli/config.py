@@ -150,6 +150,7 @@ class RunConfig:
     token: str | None = None  # for a policy server that wants one
     run_dir: str | None = None  # default: runs/run/<task>-<date>-<time>
     status: bool = True  # live status line
+    max_nonfinite_chunks: int = 3  # stop (exit 1) after this many action chunks holding NaN/inf (none is executed)
     env: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,6 +160,8 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     token: str | None = None  # clients must send "Authorization: Api-Key <token>"
+    allow_unauthenticated: bool = False  # serve beyond loopback without a token (refused otherwise)
+    max_pending: int = 4  # requests one connection may have unanswered; more are answered with an error
     max_message_mb: float = 16.0
     key_map: dict[str, Any] = field(default_factory=dict)  # client observation name -> policy's name
 

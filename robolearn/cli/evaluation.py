@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from robolearn.policies.executor import NonFiniteObservationError
 
 
 def pick_device(name: str) -> torch.device:
@@ -26,6 +29,12 @@ class Evaluator:
     Episode ``k`` of every round starts from seed ``seed + k`` and draws its noise from ``(seed, k, chunk)``, so a
     round is repeatable and video ``k`` shows exactly episode ``k``. Each round writes ``eval/step_XXXXXXX.json``
     (per-episode results) and ``videos/step_XXXXXXX_epK.mp4`` in the run folder and returns the summary.
+
+    Non-finite actions: an episode whose policy returned a chunk holding NaN or inf ends there as a failure
+    (nothing of that chunk is executed, see :mod:`robolearn.evaluation.rollout`); the summary counts them in
+    ``nonfinite_chunks`` and a ``warning:`` line on stderr says so (``robolearn train`` and ``robolearn eval`` both
+    evaluate through here). An observation holding NaN or inf stops the round with a :class:`CLIError` naming the
+    key.
     """
 
     def __init__(
@@ -69,6 +78,10 @@ class Evaluator:
                               noise_seed=self.seed, n_action_steps=self.n_action_steps, device=self.device,
                               progress=tick)
             videos = self._videos(policy, step)
+        except NonFiniteObservationError as e:
+            from robolearn.cli import CLIError
+
+            raise CLIError(f"evaluation @{step} in task {self.task}: {e}") from None
         finally:
             bar.close()
             if kernels == "gemm":
@@ -82,7 +95,14 @@ class Evaluator:
             "mean_length": result["mean_length"],
             "episodes": result["episodes"],
             "eval_s": round(time.perf_counter() - t0, 2),
+            "nonfinite_chunks": result["nonfinite_chunks"],
         }
+        if result["nonfinite_chunks"]:
+            hit = sum(1 for r in result["per_episode"] if r.get("nonfinite_chunks"))
+            print(f"warning: eval @{step}: the policy returned {result['nonfinite_chunks']} non-finite action "
+                  f"chunk(s) (NaN or inf); {hit} of {result['episodes']} episode(s) ended there as failures (none "
+                  f"of those actions was executed): check the weights and the observations' scale",
+                  file=sys.stderr, flush=True)
         out = self.run_dir / "eval"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"step_{step:07d}.json").write_text(json.dumps({**result, "videos": videos}, indent=1))

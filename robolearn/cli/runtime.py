@@ -35,8 +35,9 @@ def load_checkpoint(ckpt: Path, **kwargs: Any) -> Any:
 
 
 def probe_task(task: str, env_config: dict[str, Any], policy: Any = None) -> None:
-    """Make the task once: a bad name or override, or observations the policy needs and the task lacks, stop
-    the command before any work, naming them."""
+    """Make the task once: a bad name or override, or a policy that does not fit the task -- observations it needs
+    and the task lacks (or gives in another shape), or another action size -- stop the command before any work,
+    naming them."""
     import sim
 
     try:
@@ -45,16 +46,49 @@ def probe_task(task: str, env_config: dict[str, Any], policy: Any = None) -> Non
         raise CLIError(f"cannot make task {task!r}: {e}") from None
     try:
         if policy is not None:
-            have = env.observation_space.spaces
-            missing = [k for k in policy.obs_keys if k not in have]
-            if missing:
-                raise CLIError(f"task {task} with these env settings does not produce the observation(s) {missing} "
-                               f"the policy needs (it produces {sorted(have)})")
+            check_fit(task, env, policy)
     finally:
         env.close()
 
 
+def check_fit(task: str, env: Any, policy: Any) -> None:
+    """The policy's observation keys (and shapes, when it says them) and action size against ``env``'s spaces."""
+    import numpy as np
+
+    have = env.observation_space.spaces
+    name = type(policy).__name__
+    missing = [k for k in policy.obs_keys if k not in have]
+    if missing:
+        raise CLIError(f"task {task} with these env settings does not produce the observation(s) {missing} "
+                       f"the policy ({name}) needs (it produces {sorted(have)}): a checkpoint of another task?")
+    shapes = getattr(policy, "obs_shapes", None) or {}
+    wrong = {k: (tuple(shapes[k]), tuple(have[k].shape)) for k in policy.obs_keys
+             if k in shapes and have[k].shape is not None and tuple(int(d) for d in shapes[k]) != tuple(have[k].shape)}
+    if wrong:
+        raise CLIError(f"task {task} gives observation(s) of other shapes than the policy ({name}) takes: "
+                       + ", ".join(f"{k}: policy {p}, task {t}" for k, (p, t) in wrong.items()))
+    space = getattr(env, "action_space", None)
+    shape = getattr(space, "shape", None)
+    if shape is not None and int(np.prod(shape)) != int(policy.action_dim):
+        raise CLIError(f"task {task} takes actions of size {int(np.prod(shape))} (shape {tuple(shape)}), but the "
+                       f"policy ({name}) outputs actions of size {int(policy.action_dim)}: a checkpoint of another "
+                       f"task?")
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    from robolearn.runtime.runner import check_settings
+
+    try:
+        check_settings(rate_hz=cfg.rate_hz, latency_s=cfg.latency_s, episodes=cfg.episodes, duration_s=cfg.duration_s,
+                       max_nonfinite_chunks=cfg.max_nonfinite_chunks)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Checks everything it can before the first tick (settings, the checkpoint or server, and that the policy
+    fits the task); the run itself writes report.json and prints its summary last; a run that stopped on an
+    error (a policy exception, too many non-finite chunks, a non-finite observation) exits 1 after that."""
     import sim
     from robolearn.runtime.jobs import run_job
 
@@ -64,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError(f"mode must be sync or async, not {cfg.mode!r}")
     if cfg.blend not in ("none", "ensemble", "warmstart"):
         raise CLIError(f"blend must be none, ensemble or warmstart, not {cfg.blend!r}")
+    _check_numbers(cfg)
     env_config: dict[str, Any] = {}
     task = cfg.task
     if cfg.checkpoint:
@@ -72,39 +107,67 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         task = task or run_cfg.get("task")
         if task == run_cfg.get("task"):
             env_config = dict(run_cfg.get("env_config") or {})
-        policy: Any = load_checkpoint(ckpt)
-    else:
-        if not str(cfg.policy).startswith(("ws://", "wss://")):
-            raise CLIError(f"policy= must be a ws:// URL of a policy server, got {cfg.policy!r}")
-        policy = str(cfg.policy)
+    elif not str(cfg.policy).startswith(("ws://", "wss://")):
+        raise CLIError(f"policy= must be a ws:// URL of a policy server, got {cfg.policy!r}")
     if not task:
         raise CLIError("task= is required with a remote policy (the server does not say which task)")
     env_config.update(OmegaConf.to_container(cfg.env, resolve=True) or {})
-    probe_task(task, env_config)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/run") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
     try:
-        return run_job(
-            policy, lambda: sim.make(task, **env_config), run_dir=run_dir, episodes=cfg.episodes,
-            duration_s=cfg.duration_s, seed=int(cfg.seed), token=cfg.token, rate_hz=cfg.rate_hz, mode=cfg.mode,
-            blend=cfg.blend, realtime=bool(cfg.realtime), latency_s=cfg.latency_s, status=bool(cfg.status),
-        )
-    except (PermissionError, ConnectionError, OSError) as e:
-        if not cfg.policy:
-            raise
-        raise CLIError(f"policy server {cfg.policy}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise CLIError(str(e)) from None
+        probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/run") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            report = run_job(
+                policy, lambda: sim.make(task, **env_config), run_dir=run_dir, episodes=cfg.episodes,
+                duration_s=cfg.duration_s, seed=int(cfg.seed), token=cfg.token, rate_hz=cfg.rate_hz, mode=cfg.mode,
+                blend=cfg.blend, realtime=bool(cfg.realtime), latency_s=cfg.latency_s, status=bool(cfg.status),
+                max_nonfinite_chunks=int(cfg.max_nonfinite_chunks), print_error=False,
+            )
+        except (PermissionError, ConnectionError, OSError) as e:
+            if not cfg.policy:
+                raise
+            raise CLIError(f"policy server {cfg.policy}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise CLIError(str(e)) from None
+    finally:
+        if not cfg.checkpoint:
+            policy.close()
+    if report.get("error"):
+        raise CLIError(f"run failed: {report['error']} (report: {report.get('report_path', run_dir)})")
+    return report
+
+
+def _connect(url: str, token: str | None) -> Any:
+    """The policy server as a :class:`RemotePolicy` (its metadata says its keys and sizes), errors as CLIError."""
+    from websockets.exceptions import WebSocketException
+
+    from robolearn.runtime.client import RemotePolicy, RemotePolicyError
+
+    try:
+        return RemotePolicy(url, token=token)
+    except (OSError, RemotePolicyError, WebSocketException) as e:
+        raise CLIError(f"policy server {url}: {e}") from None
 
 
 def serve(cfg: DictConfig) -> None:
     from robolearn.runtime.jobs import serve_job
+    from robolearn.runtime.server import is_loopback
 
     if not cfg.checkpoint:
         raise CLIError("checkpoint= is required (a checkpoint folder)")
+    if not cfg.token and not is_loopback(str(cfg.host)) and not cfg.allow_unauthenticated:
+        raise CLIError(f"refusing to serve on host={cfg.host} (beyond loopback) without a token: anyone who can "
+                       f"reach the port could run the policy. Set token=<secret> (clients send 'Authorization: "
+                       f"Api-Key <secret>'), or allow_unauthenticated=true to serve openly anyway")
+    if int(cfg.max_pending) < 1:
+        raise CLIError(f"max_pending must be >= 1, got {cfg.max_pending}")
     policy = load_checkpoint(Path(cfg.checkpoint))
     key_map = {str(k): str(v) for k, v in (OmegaConf.to_container(cfg.key_map) or {}).items()}
     try:
         serve_job(policy, host=str(cfg.host), port=int(cfg.port), token=cfg.token, key_map=key_map or None,
-                  max_message_bytes=int(float(cfg.max_message_mb) * 2**20))
+                  max_message_bytes=int(float(cfg.max_message_mb) * 2**20),
+                  allow_unauthenticated=bool(cfg.allow_unauthenticated), max_pending=int(cfg.max_pending))
     except OSError as e:
         raise CLIError(f"cannot serve on {cfg.host}:{cfg.port}: {e}") from None
+    except ValueError as e:
+        raise CLIError(str(e)) from None

@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _check_args(cfg: DictConfig) -> tuple[str, str | None, Any, bool, bool]:
     """What drives, checked first, before anything slow: ``(kind, arg, replay, use_viewer, realtime)``."""
-    from robolearn.teleop.devices import DeviceError, ReplayDevice, parse_device
+    from robolearn.teleop.devices import MAX_RATE_HZ, MIN_RATE_HZ, DeviceError, ReplayDevice, parse_device
     from robolearn.teleop.display import DisplayError, check_display
 
     try:
@@ -63,6 +63,8 @@ def _check_args(cfg: DictConfig) -> tuple[str, str | None, Any, bool, bool]:
         raise CLIError(str(e)) from None
     if cfg.mode is not None and cfg.mode not in ("sync", "async"):
         raise CLIError(f"mode must be sync or async, not {cfg.mode!r}")
+    if cfg.rate_hz is not None and not MIN_RATE_HZ <= float(cfg.rate_hz) <= MAX_RATE_HZ:  # NaN fails too
+        raise CLIError(f"rate_hz must be in [{MIN_RATE_HZ:g}, {MAX_RATE_HZ:g}] Hz, got {float(cfg.rate_hz):g}")
     if cfg.episodes is not None and cfg.episodes < 1:
         raise CLIError(f"episodes must be >= 1 (or null for no limit), got {cfg.episodes}")
     if replay is not None and cfg.record_events:
@@ -193,6 +195,7 @@ def _resolve_task(cfg: DictConfig, header: dict[str, Any], arg: str | None
 def _settle_control(s: _InFlight, env_config: dict[str, Any]) -> None:
     """The task's key mapping and the session's pace (a replay uses the settings it was recorded with, unless told
     otherwise)."""
+    from robolearn.teleop.devices import MAX_RATE_HZ, MIN_RATE_HZ
     from robolearn.teleop.tasks import control_for
 
     try:
@@ -204,8 +207,8 @@ def _settle_control(s: _InFlight, env_config: dict[str, Any]) -> None:
     s.rate_hz = float(s.cfg.rate_hz or s.header.get("rate_hz") or s.fps)
     s.mode = str(s.cfg.mode or s.header.get("mode") or "async")
     s.latency_s = s.cfg.latency_s if s.cfg.latency_s is not None else s.header.get("latency_s")
-    if s.rate_hz <= 0:
-        raise CLIError(f"rate_hz must be positive, got {s.rate_hz}")
+    if not MIN_RATE_HZ <= s.rate_hz <= MAX_RATE_HZ:  # NaN fails too
+        raise CLIError(f"rate_hz must be in [{MIN_RATE_HZ:g}, {MAX_RATE_HZ:g}] Hz, got {s.rate_hz:g}")
     s.full_env_config = unwrapped.env_config() if hasattr(unwrapped, "env_config") else dict(env_config)
 
 

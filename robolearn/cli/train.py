@@ -3,9 +3,14 @@
 ``task=`` picks a file of ``configs/task/`` (the simulation task, its dataset, observation keys, environment
 overrides and evaluation length) and ``policy=`` one of ``configs/policy/``: N tasks and M policies cost N + M files.
 
-Everything that can be wrong with the inputs is checked before the first training step: the dataset opens and
-validates, its task and observation keys match the environment, the policy config builds, and a resumed run
-uses the policy it was started with.
+Everything that can be wrong with the inputs is checked before the first training step: the dataset opens,
+validates and holds episodes, its task and observation keys match the environment, the policy config builds, and
+a resumed run uses the policy it was started with.
+
+A run folder is first made whole again after a killed run (:func:`robolearn.training.trainer.recover_checkpoints`:
+what dead checkpoint writers left is deleted, ``latest`` repaired). ``resume=true`` on a run killed before its
+first complete checkpoint starts it from step 0 (saying so): there is nothing to lose, and a job that always
+passes ``resume=true`` restarts cleanly. A run folder that holds a complete checkpoint is never started over.
 
 Multi-GPU / multi-node: launch with ``torchrun --nproc_per_node=N -m robolearn.cli train ...``; the process
 group comes from torchrun's environment (NCCL on GPUs, gloo on CPUs).
@@ -15,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +96,9 @@ def _open_dataset(cfg: DictConfig) -> _Data:
     store = EpisodeStore.open(path)
     if store.task and store.task != task:
         raise CLIError(f"dataset {path} was recorded for task {store.task!r}, not {task!r}")
+    if store.n_episodes == 0:
+        raise CLIError(f"dataset {path} holds no episodes; record some with: robolearn collect task={task} "
+                       f"episodes=200 out={path} (or by hand: robolearn teleop task={task} out={path})")
     chosen = cfg.obs_keys or cfg.task.obs_keys
     obs_keys = list(chosen) if chosen else [k for k, s in store.schema.items() if s.role == "obs"]
     env_config = {**store.env_config, **(OmegaConf.to_container(cfg.task.env, resolve=True) or {})}
@@ -104,26 +113,61 @@ def _open_dataset(cfg: DictConfig) -> _Data:
     return _Data(store, path, obs_keys, env_config)
 
 
-def _run_dir(cfg: DictConfig, policy_name: str, distributed: bool) -> Path:
+def _run_dir(cfg: DictConfig, policy_name: str, distributed: bool, rank: int) -> tuple[Path, bool]:
+    """The run folder (rank 0's) and whether training resumes from its ``latest`` checkpoint."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/train") / (
         f"{cfg.task.name}-{policy_name}-{time.strftime('%Y%m%d-%H%M%S')}".replace("/", "_"))
     if distributed:  # every rank writes to rank 0's folder
         holder = [str(run_dir)]
         torch.distributed.broadcast_object_list(holder, src=0)
         run_dir = Path(holder[0])
-    if cfg.resume:
-        if not cfg.run_dir:
-            raise CLIError("resume=true needs run_dir=<the run to continue>")
-        if not (run_dir / "checkpoints" / "latest").exists():
-            raise CLIError(f"cannot resume: no checkpoint at {run_dir / 'checkpoints' / 'latest'}")
-    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+    if cfg.resume and not cfg.run_dir:
+        raise CLIError("resume=true needs run_dir=<the run to continue>")
+    verdict: dict[str, Any] = {"resume": bool(cfg.resume), "error": None}
+    if rank == 0:  # rank 0 alone repairs the folder; the others learn its verdict
+        try:
+            verdict["resume"] = _check_run_dir(run_dir, bool(cfg.resume))
+        except CLIError as e:
+            verdict["error"] = str(e)
+    if distributed:
+        holder = [verdict]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        verdict = holder[0]
+    if verdict["error"]:
+        raise CLIError(verdict["error"])
+    return run_dir, bool(verdict["resume"])
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> bool:
+    """Repair the run folder after a killed run; refuse to start over a complete checkpoint; say whether to
+    resume (``resume=true`` on a run with no complete checkpoint starts from step 0)."""
+    from robolearn.policies import CheckpointError
+    from robolearn.training.trainer import complete_checkpoints, recover_checkpoints
+
+    root = run_dir / "checkpoints"
+    try:
+        done = recover_checkpoints(root)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    for line in done:
+        print(f"train: {root}: {line}", file=sys.stderr)
+    latest = root / "latest"
+    if resume:
+        if latest.exists():
+            return True
+        if (run_dir / "config.yaml").is_file() and not complete_checkpoints(root):
+            print(f"train: resume=true: {run_dir} has no complete checkpoint (the run stopped before its first one "
+                  f"was written), so it starts from step 0", file=sys.stderr)
+            return False
+        raise CLIError(f"cannot resume: no checkpoint at {latest}")
+    if latest.exists() or complete_checkpoints(root):
         raise CLIError(f"run folder {run_dir} already holds checkpoints; pass resume=true to continue it, or "
                        f"another run_dir")
-    return run_dir
+    return False
 
 
 def _build_policy(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str, data: _Data,
-                  run_dir: Path) -> Any:
+                  run_dir: Path, resume: bool) -> Any:
     """The policy of the config and the dataset's statistics; a resumed run must describe the same policy."""
     from robolearn.policies import CheckpointError, ConfigError, make_policy, read_checkpoint_config, resolve_config
 
@@ -135,7 +179,7 @@ def _build_policy(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str,
         policy = make_policy(policy_cfg, stats)
     except (ConfigError, KeyError, ValueError, TypeError) as e:
         raise CLIError(f"policy {policy_name}: {e}") from None
-    if cfg.resume:
+    if resume:
         try:
             saved = read_checkpoint_config((run_dir / "checkpoints" / "latest").resolve())
         except CheckpointError as e:
@@ -204,8 +248,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(str(cfg.device))
     distributed, rank, device = _init_distributed(device)
     data = _open_dataset(cfg)
-    run_dir = _run_dir(cfg, policy_name, distributed)
-    policy = _build_policy(cfg, policy_cfg, policy_name, data, run_dir)
+    run_dir, resume = _run_dir(cfg, policy_name, distributed, rank)
+    policy = _build_policy(cfg, policy_cfg, policy_name, data, run_dir, resume)
     t = cfg.training
     settings = _train_settings(t)
     train_ds = SequenceDataset(data.store, split="train", horizon=policy.horizon, n_obs_steps=policy.n_obs_steps,
@@ -233,7 +277,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = Trainer(policy, train_ds, settings, run_dir, run_config, val_dataset=val_ds, evaluate=evaluator,
                       device=device)
     try:
-        out = trainer.fit(resume=bool(cfg.resume))
+        out = trainer.fit(resume=resume)
     except (StoreError, CheckpointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     finally:

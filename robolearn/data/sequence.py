@@ -164,11 +164,12 @@ class SequenceDataset(torch.utils.data.Dataset):
         src = self._data[key]
         if isinstance(src, np.ndarray):
             return src[rows]
-        # Streaming: each window's rows are one contiguous zarr slice, edges repeated after reading.
+        # Streaming: each window's rows are one contiguous slice, edges repeated after reading (read through the
+        # store, so a missing or damaged chunk file is a StoreError naming it, never zeros or a codec error).
         out = []
         for r in rows:
             lo, hi = int(r.min()), int(r.max()) + 1
-            out.append(np.asarray(src[lo:hi])[r - lo])
+            out.append(np.asarray(self.store.read_rows(key, lo, hi, array=src))[r - lo])
         return np.stack(out)
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:

@@ -17,17 +17,62 @@ committed end (ignored by readers, trimmed when the store is next opened for app
 are written before ``episode_ends`` grows too, so a killed writer can leave an entry past the last committed
 episode: readers ignore it and the next append overwrites it.
 
+Every chunk is written, even one that holds only the fill value (zarr 3 would skip it), so a chunk file that
+should exist and does not is damage, never "zeros": given an array's chunk grid and the committed row count,
+validation knows which files must exist (``<array>/c/<i>/<j>`` in zarr 3, ``<array>/<i>.<j>`` in zarr 2) and
+names the one that is missing; reading one that is missing or does not decode is a :class:`StoreError` naming
+the file. (A zarr-3 store written before robolearn wrote every chunk -- no ``every_chunk`` mark in its root
+attributes -- may lack data chunks that held only zeros: there, absent data chunks still read as zeros, and only
+``episode_ends`` is checked. Dropping or merging such a store writes a new, marked one.) Zarr-3 stores also keep a crc32c checksum with every chunk, so a truncated, garbage or
+bit-flipped chunk fails to decode instead of reading as wrong numbers; zarr-2 stores have none, and
+``validate(read_all=True)`` (``robolearn data validate``) compares each blosc chunk's length with its header.
+The one legitimate hole: an append that grows ``episode_ends`` into a chunk that does not exist yet
+(the first append to a store, then every 65,536 episodes) records ``growing_ends`` (from, to) in the meta
+attributes first and clears it after the commit, so an ends chunk missing past ``from`` is provably an append
+that did not finish. Any other missing ends chunk means the episode boundaries are lost: the store is neither
+read nor trimmed nor written until the file is restored. Trimming removes only rows past the last committed end
+of an intact ``episode_ends``.
+
 One writer at a time: opening for append takes an exclusive ``flock`` on ``<root>/.robolearn.lock``; the
 kernel releases it when the writer dies, however it dies. Readers take no lock and never block.
+
+Drop and merge never modify a store in place. Beside a store ``NAME`` they use, in this order:
+
+1. ``.NAME.drop-<hex>`` / ``.NAME.merge-<hex>``: the new store, written with its own writer lock held;
+2. rename ``NAME`` -> ``.NAME.drop-backup`` (merge with overwrite: ``.NAME.merge-backup``), the old store
+   with its lock still held by the writer;
+3. rename the new store -> ``NAME``;
+4. rename the backup -> ``.NAME.drop-old-<hex>`` (``merge-old``), then delete that.
+
+(A merge into a new ``NAME`` has only steps 1 and 3.)
+
+A writer killed at any point leaves one of these states; the next command resolves it like this:
+
+- a hidden copy (``.NAME.drop-<hex>``, complete or not) beside the untouched ``NAME``: the operation did not
+  happen. The copy is a stale temporary: removed when ``NAME`` is next opened for writing (and by
+  ``robolearn data info`` / ``validate``, which say so), once its lock is free -- never while its writer lives.
+  The same for ``.NAME.*-old-<hex>`` (an old copy half deleted after the operation completed) and
+  ``.NAME.overwrite-old-<hex>`` (a store being replaced by ``create(overwrite=True)``).
+- a backup and no ``NAME`` (killed between the renames): the operation did not happen. A writer opening or
+  creating ``NAME`` renames the backup back, only when its lock is free (the operation's writer is dead) and
+  it is a complete store; the hidden copy is then stale and removed. Readers say to rename it back.
+- ``NAME`` and a backup (killed between steps 3 and 4, or a store made at ``NAME`` by hand or by an older
+  robolearn while the backup was waiting): which one the user wants cannot be proven, so every writer refuses,
+  naming both with their episode counts and the renames that keep either. Readers read ``NAME``. No code path
+  deletes a backup it did not just create.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
+import math
 import os
+import re
 import shutil
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -51,6 +96,11 @@ LOCK_NAME = ".robolearn.lock"
 ENDS_CHUNK = 65536
 CHUNK_BYTES = 2 * 1024 * 1024  # time chunks of low-dim keys: about 2 MB uncompressed (1-4 MB asked)
 _COPY_BLOCK_BYTES = 64 * 1024 * 1024
+_WRITE_ALL_CHUNKS = {"write_empty_chunks": True}
+# A hidden folder whose lock file does not exist (yet, or any more) is taken as stale only this long after its
+# last change: create() makes the folder a moment before its lock.
+_STALE_WITHOUT_LOCK_S = 60.0
+_OPS = ("drop", "merge")
 
 # The lock file sits in the store root; zarr warns about unknown files when it lists the root.
 warnings.filterwarnings("ignore", message=r"Object at \.robolearn\.lock is not recognized")
@@ -68,9 +118,13 @@ def _compressor(spec: KeySpec, zarr_format: int) -> Any:
         import numcodecs
 
         return numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
-    from zarr.codecs import BloscCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle" if not spec.is_image else "noshuffle")
+    # The checksum makes every chunk self-verifying: a truncated, garbage or bit-flipped file fails to decode
+    # (a StoreError naming it) instead of reading as wrong numbers -- blosc alone decodes a truncated
+    # incompressible chunk without complaint.
+    return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle" if not spec.is_image else "noshuffle"),
+            Crc32cCodec())
 
 
 class _Welford:
@@ -139,7 +193,7 @@ class EpisodeStore:
         if not schema:
             raise StoreError(f"cannot create {path}: the schema has no keys")
         root_attrs = {
-            "robolearn": {"version": __version__, "schema": schema_to_json(schema)},
+            "robolearn": {"version": __version__, "schema": schema_to_json(schema), "every_chunk": True},
             "fps": fps,
             "task": task,
             "env_config": dict(env_config or {}),
@@ -149,12 +203,19 @@ class EpisodeStore:
             json.dumps(root_attrs)
         except TypeError as e:
             raise StoreError(f"cannot create {path}: its attributes are not JSON-serializable ({e})") from None
+        clean_leftovers(path)
+        _release_lock(_resolve_backups(path, write=True))  # a backup put back is a store that exists now
         if path.exists() or path.is_symlink():
             if not overwrite:
                 raise StoreError(f"cannot create {path}: it already exists (open it, or pass overwrite=True)")
             _remove_store(path)
-        path.mkdir(parents=True)
-        lock_fd = _acquire_lock(path)
+        try:
+            path.mkdir(parents=True)
+            lock_fd = _acquire_lock(path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            raise _os_store_error(f"cannot create {path}", e) from e
         try:
             root = zarr.open_group(str(path), mode="a", zarr_format=zarr_format)  # "w" would delete the lock
             data = root.create_group("data")
@@ -174,9 +235,11 @@ class EpisodeStore:
                 compressors=_compressor(KeySpec((), "int64", "other"), zarr_format),
             )
             root.attrs.update(root_attrs)
-        except BaseException:
+        except BaseException as e:
             _release_lock(lock_fd)
             shutil.rmtree(path, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise _os_store_error(f"cannot create {path}", e) from e
             raise
         return cls(path, root, writable=True, lock_fd=lock_fd)
 
@@ -185,23 +248,28 @@ class EpisodeStore:
         """Open a store: ``mode="r"`` to read (never blocks), ``"a"`` to append/drop (takes the writer lock).
 
         Stores written by diffusion_policy (zarr format 2, no robolearn schema) open too; their schema is
-        inferred from the arrays and the key names.
+        inferred from the arrays and the key names. Opening for writing first deals with what a killed drop or
+        merge left beside the store (see the module docstring).
         """
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', not {mode!r}")
         path = Path(path)
-        if not path.exists():
-            backup = _backup_path(path)
-            if backup.exists():
-                raise StoreError(
-                    f"no store at {path}, but {backup} exists: an interrupted drop left the original there; "
-                    f"rename it back to {path.name}"
-                )
-            raise StoreError(f"no store at {path}")
-        if not path.is_dir() or not ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
-            raise StoreError(f"{path} is not a zarr store (no zarr.json or .zgroup in it)")
-        lock_fd = _acquire_lock(path) if mode == "a" else None
+        lock_fd = None
+        if mode == "a":
+            clean_leftovers(path)
+            lock_fd = _resolve_backups(path, write=True)
+        return cls._open(path, mode, validate, lock_fd)
+
+    @classmethod
+    def _open(cls, path: Path, mode: str, validate: bool, lock_fd: int | None) -> "EpisodeStore":
         try:
+            if not path.exists():
+                _resolve_backups(path, write=False)  # says what a killed drop left in its place, if anything
+                raise StoreError(f"no store at {path}")
+            if not path.is_dir() or not ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
+                raise StoreError(f"{path} is not a zarr store (no zarr.json or .zgroup in it)")
+            if mode == "a" and lock_fd is None:
+                lock_fd = _acquire_lock(path)
             try:
                 root = zarr.open_group(str(path), mode="r+" if mode == "a" else "r")
                 for name in ("data", "meta"):
@@ -212,8 +280,8 @@ class EpisodeStore:
                 store = cls(path, root, writable=mode == "a", lock_fd=lock_fd)
             except StoreError:
                 raise
-            except Exception as e:  # corrupt metadata JSON, unreadable chunks, ...
-                raise StoreError(f"cannot read store {path}: {type(e).__name__}: {e}") from e
+            except Exception as e:  # corrupt metadata JSON, ...
+                raise _explain(path, e) from e
             if validate:
                 # Opened to write (drop, append), a store with a NaN action must still open: dropping the bad
                 # episode is how it gets fixed.
@@ -231,9 +299,11 @@ class EpisodeStore:
     ) -> "EpisodeStore":
         """Open ``path`` for append if it exists (schemas must match), else create it: resumable collection."""
         path = Path(path)
-        if not path.exists():
+        clean_leftovers(path)
+        lock_fd = _resolve_backups(path, write=True)
+        if lock_fd is None and not path.exists():
             return cls.create(path, schema, **create_kwargs)
-        store = cls.open(path, mode="a")
+        store = cls._open(path, "a", True, lock_fd)
         diff = schema_mismatch(store.schema, schema)
         fps = create_kwargs.get("fps")
         if diff is None and fps is not None and store.fps is not None and float(fps) != float(store.fps):
@@ -317,7 +387,25 @@ class EpisodeStore:
         """The raw zarr array behind ``key`` (it may hold orphan rows past :attr:`n_steps`)."""
         if key not in self.schema:
             raise KeyError(f"no key {key!r} in store {self.path}; keys: {', '.join(self.schema)}")
-        return self._root["data"][key]
+        try:
+            arr = self._root["data"][key]
+        except Exception as e:  # its zarr.json cut short, ...
+            raise _explain(self.path, e) from e
+        return arr.with_config(_WRITE_ALL_CHUNKS)
+
+    def read_rows(self, key: str, start: int, stop: int, *, array: zarr.Array | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of ``key``; a chunk file that is missing or does not decode is a StoreError naming
+        it (zarr alone would read a missing chunk as zeros). ``array``: ``self.array(key)`` fetched once before,
+        for callers that read many small slices (streaming windows)."""
+        return self._read(array if array is not None else self.array(key), start, stop)
+
+    def check_chunks(self) -> None:
+        """Raise a StoreError naming the first chunk file that committed rows need and that does not exist."""
+        for key in self.schema:
+            arr = self.array(key)
+            missing = next(self._missing_chunks(arr, 0, min(self.n_steps, int(arr.shape[0]))), None)
+            if missing is not None:
+                raise self._missing_error(arr, *missing)
 
     def episode_slice(self, index: int) -> slice:
         n = self.n_episodes
@@ -329,7 +417,7 @@ class EpisodeStore:
 
     def get_episode(self, index: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         sl = self.episode_slice(index)
-        return {k: self.array(k)[sl] for k in (keys or self.schema)}
+        return {k: self.read_rows(k, sl.start, sl.stop) for k in (keys or self.schema)}
 
     def iter_episodes(self, keys: Iterable[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
         for i in range(self.n_episodes):
@@ -352,7 +440,7 @@ class EpisodeStore:
     def load(self, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Committed rows of ``keys`` (default all) as numpy arrays in memory."""
         n = self.n_steps
-        return {k: self.array(k)[:n] for k in (keys or self.schema)}
+        return {k: self.read_rows(k, 0, n) for k in (keys or self.schema)}
 
     def refresh(self) -> None:
         """Re-read ``episode_ends``: a reader sees episodes a concurrent writer committed since it opened."""
@@ -397,6 +485,17 @@ class EpisodeStore:
         lengths = [len(next(iter(ep.values()))) for ep in checked]
         n0, e0 = self.n_steps, self.n_episodes
         total = int(sum(lengths))
+        # Never write into a chunk whose file is missing: zarr would merge the new rows into zeros and the hole
+        # in the committed rows before them would be filled with zeros for good.
+        for key in self.schema:
+            arr = self.array(key)
+            hole = next(self._missing_chunks(arr, n0 - n0 % _grid(arr)[0], min(n0, int(arr.shape[0]))), None)
+            if hole is not None:
+                raise self._missing_error(arr, *hole)
+        ends = self._ends_array()
+        g = _grid(ends)[0]
+        e1 = e0 + len(episodes)
+        grows = math.ceil(e1 / g) > math.ceil(e0 / g)  # episode_ends needs a chunk file that does not exist yet
         new_stats: dict[str, Any] = {}
         for key, spec in self.schema.items():
             block = np.concatenate([ep[key] for ep in checked]) if len(checked) > 1 else checked[0][key]
@@ -404,24 +503,36 @@ class EpisodeStore:
             arr.resize((n0 + total, *spec.shape))
             arr[n0 : n0 + total] = block
             new_stats[key] = _Welford.of(block, _stat_axes(spec))
-        self._write_episode_attrs(e0, attrs, len(episodes))
-        ends = self._ends_array()
+        before = self._episode_attrs_entries(e0, attrs, len(episodes))
+        if grows:
+            before["growing_ends"] = {"from": e0, "to": e1}
+        if before:
+            self._root["meta"].attrs.update(before)
         new_ends = n0 + np.cumsum(lengths, dtype=np.int64)
-        ends.resize((e0 + len(episodes),))
+        ends.resize((e1,))
         # The commit point: these episodes exist from here on. Written chunk by chunk, in order, so a crash
         # can only leave an unwritten tail (never a hole in the middle).
-        chunk = int(ends.chunks[0])
         start = e0
-        while start < e0 + len(episodes):
-            stop = min(e0 + len(episodes), (start // chunk + 1) * chunk)
+        while start < e1:
+            stop = min(e1, (start // g + 1) * g)
             ends[start:stop] = new_ends[start - e0 : stop - e0]
             start = stop
         self._ends = np.concatenate([self._ends, new_ends])
-        self._merge_cached_stats(new_stats, previous_steps=n0)
-        return list(range(e0, e0 + len(episodes)))
+        # After the commit: an error here (a full disk) leaves the episodes committed, the cache stale (it is
+        # recomputed when found stale) and at worst a growing_ends record that the next writer clears.
+        after: dict[str, Any] = {}
+        merged = self._merged_stats(new_stats, previous_steps=n0)
+        if merged is not None:
+            after["stats"] = merged
+        if grows:
+            after["growing_ends"] = None
+        if after:
+            self._root["meta"].attrs.update(after)
+        return list(range(e0, e1))
 
     def drop_episodes(self, indices: Iterable[int]) -> None:
-        """Remove episodes. The store is rewritten beside itself and swapped in, so a crash keeps the original."""
+        """Remove episodes. The store is rewritten beside itself and swapped in, so a crash keeps the original
+        (the states a killed drop can leave and how each is resolved: see the module docstring)."""
         self._require_writable("drop episodes from")
         n = self.n_episodes
         drop = sorted(set(int(i) for i in indices))
@@ -430,43 +541,100 @@ class EpisodeStore:
             raise StoreError(f"cannot drop episodes {bad} from {self.path}: it holds episodes 0..{n - 1}")
         if not drop:
             return
-        keep = [i for i in range(n) if i not in set(drop)]
-        tmp = self.path.with_name(f".{self.path.name}.drop-{uuid.uuid4().hex[:8]}")
-        out = EpisodeStore.create(
-            tmp, self.schema, fps=self.fps, task=self.task, env_config=self.env_config,
-            attrs={k: v for k, v in self.attrs.items() if k not in ("robolearn", "fps", "task", "env_config")},
-            zarr_format=self.zarr_format,
-        )
+        dropped = set(drop)
+        keep = [i for i in range(n) if i not in dropped]
+        self._check_kept(keep, drop)
+        _refuse_beside_backup(self.path)
+        tmp = _hidden_path(self.path, "drop")
+        try:
+            out = EpisodeStore.create(
+                tmp, self.schema, fps=self.fps, task=self.task, env_config=self.env_config,
+                attrs={k: v for k, v in self.attrs.items() if k not in ("robolearn", "fps", "task", "env_config")},
+                zarr_format=self.zarr_format,
+            )
+        except StoreError as e:
+            if isinstance(e.__cause__, OSError):
+                raise self._copy_failed(e.__cause__) from None
+            raise
         try:
             _copy_episodes(self, out, keep)
-        except BaseException:
+        except BaseException as e:
             out.close()
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise self._copy_failed(e) from None
             raise
-        # Swap: the new directory carries its own (held) lock; the old one is released after.
-        backup = _backup_path(self.path)
-        if backup.exists():  # left by a drop killed while deleting the old copy: the swap had completed
-            shutil.rmtree(backup)
+        # Swap: the new directory carries its own (held) lock; the old one is released once it is deleted.
         try:
-            os.rename(self.path, backup)
+            trash = _swap_in(self.path, tmp, "drop")
         except BaseException:
             out.close()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        os.rename(tmp, self.path)
         old_fd, self._lock_fd, out._lock_fd = self._lock_fd, out._lock_fd, None
-        _release_lock(old_fd)
         self._root = zarr.open_group(str(self.path), mode="r+")
         self._ends = self._read_ends()
-        shutil.rmtree(backup, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
+        _release_lock(old_fd)
+
+    def _copy_failed(self, e: OSError) -> StoreError:
+        e.filename = None  # a file of the hidden copy, which is gone: not one the user can act on
+        return _os_store_error(
+            f"cannot drop episodes from {self.path} ({self.path} is unchanged, nothing was left beside it): "
+            f"writing its new copy failed", e)
+
+    def _check_kept(self, keep: list[int], drop: list[int]) -> None:
+        """Refuse a drop that would leave a bad episode behind: name the episodes, not the hidden copy."""
+        p = self.path
+        nonfinite = self._nonfinite_episodes()
+        left = [e for e in keep if e in nonfinite]
+        if left:
+            if len(left) == 1:
+                raise StoreError(
+                    f"cannot drop episodes from {p}: episode {left[0]} still has NaN or inf in "
+                    f"{nonfinite[left[0]]!r} after dropping {drop}; drop it too")
+            keys = sorted({nonfinite[e] for e in left})
+            raise StoreError(
+                f"cannot drop episodes from {p}: episodes {_ranges(left)} still have NaN or inf in "
+                f"{', '.join(repr(k) for k in keys)} after dropping {drop}; drop them too")
+        kept = set(keep)
+        for key in self.schema:
+            arr = self.array(key)
+            for i, f in self._missing_chunks(arr, 0, min(self.n_steps, int(arr.shape[0]))):
+                lo, hi = self._chunk_rows(arr, i)
+                hit = [e for e in self._episodes_in(lo, hi) if e in kept]
+                if hit:
+                    one = len(hit) == 1
+                    raise StoreError(
+                        f"cannot drop episodes from {p}: {'episode' if one else 'episodes'} {_ranges(hit)} would "
+                        f"stay, but {'it lies' if one else 'they lie'} partly in {arr.path} chunk "
+                        f"{f.relative_to(p / arr.path).as_posix()}, whose file {f} is missing; drop "
+                        f"{'it' if one else 'them'} too, or restore the file from a copy of the store")
+
+    def _nonfinite_episodes(self) -> dict[int, str]:
+        """Committed episodes with NaN or inf in a float action or reward key -> the first such key."""
+        out: dict[int, str] = {}
+        for key, spec in self.schema.items():
+            if spec.role not in ("action", "reward") or np.dtype(spec.dtype).kind != "f" or not self.n_steps:
+                continue
+            values = self.read_rows(key, 0, self.n_steps)
+            rows = np.nonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0]
+            for e in np.unique(np.searchsorted(self._ends, rows, side="right")):
+                out.setdefault(int(e), key)
+        return out
 
     # ------------------------------------------------------------------ statistics
     def stats(self, refresh: bool = False) -> dict[str, dict[str, np.ndarray]]:
         """Per-key min, max, mean, std (per dimension; per channel for images) over all committed steps.
 
         Cached in ``meta`` attributes, updated on append, recomputed when stale (after a drop, a crash
-        between commit and cache update, or a store written by another tool).
+        between commit and cache update, or a store written by another tool). A store without episodes has
+        no statistics: StoreError.
         """
+        if not self.n_steps:
+            raise StoreError(
+                f"{self.path} holds no episodes: there are no statistics to compute (collect, record or merge "
+                f"episodes into it first)")
         cached = self._root["meta"].attrs.get("stats")
         fresh = (
             not refresh
@@ -480,7 +648,7 @@ class EpisodeStore:
         else:
             raw = {key: self._scan_stats(key) for key in self.schema}
             if self.writable:
-                self._write_stats(raw)
+                self._root["meta"].attrs["stats"] = self._stats_entry(raw)
         return {k: _finish_stats(v) for k, v in raw.items()}
 
     def _scan_stats(self, key: str) -> dict[str, Any]:
@@ -489,37 +657,50 @@ class EpisodeStore:
         step = max(1, _COPY_BLOCK_BYTES // max(1, spec.bytes_per_step))
         acc: dict[str, Any] = {}
         for start in range(0, self.n_steps, step):
-            acc = _Welford.merge(acc, _Welford.of(arr[start : min(self.n_steps, start + step)], _stat_axes(spec)))
+            block = self._read(arr, start, min(self.n_steps, start + step))
+            acc = _Welford.merge(acc, _Welford.of(block, _stat_axes(spec)))
         return acc
 
-    def _merge_cached_stats(self, new: dict[str, Any], previous_steps: int) -> None:
+    def _merged_stats(self, new: dict[str, Any], previous_steps: int) -> dict[str, Any] | None:
+        """The cache entry after an append, or None when the cache was stale already (recomputed on demand)."""
         cached = self._root["meta"].attrs.get("stats")
         if previous_steps == 0:
             base: dict[str, Any] = {k: {} for k in self.schema}
         elif isinstance(cached, dict) and cached.get("n_steps") == previous_steps:
             base = {k: {f: np.asarray(v) for f, v in d.items()} for k, d in cached["keys"].items()}
         else:
-            return  # stale already: recomputed on the next stats() call
-        self._write_stats({k: _Welford.merge(base.get(k, {}), new[k]) for k in self.schema})
+            return None
+        return self._stats_entry({k: _Welford.merge(base.get(k, {}), new[k]) for k in self.schema})
 
-    def _write_stats(self, raw: dict[str, dict[str, Any]]) -> None:
-        self._root["meta"].attrs["stats"] = {
+    def _stats_entry(self, raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {
             "n_steps": self.n_steps,
             "n_episodes": self.n_episodes,
             "keys": {k: {f: np.asarray(v).tolist() for f, v in d.items()} for k, d in raw.items()},
         }
 
     # ------------------------------------------------------------------ validation
-    def validate(self, check_values: bool = True) -> dict[str, Any]:
+    def validate(self, check_values: bool = True, *, check_chunks: bool = True,
+                 read_all: bool = False) -> dict[str, Any]:
         """Check the store's structure (and, with ``check_values``, NaN/inf in actions and rewards).
 
-        Raises :class:`StoreError` naming the key and episode at the first problem; returns a report.
+        ``check_chunks``: every chunk file the committed rows need exists (cheap: no data is read).
+        ``read_all``: also decode every committed chunk of every key (``robolearn data validate`` does).
+        Raises :class:`StoreError` naming the key, episode or file at the first problem; returns a report.
         """
+        try:
+            return self._validate(check_values, check_chunks, read_all)
+        except StoreError:
+            raise
+        except Exception as e:  # metadata cut short, ...
+            raise _explain(self.path, e) from e
+
+    def _validate(self, check_values: bool, check_chunks: bool, read_all: bool) -> dict[str, Any]:
         p = self.path
-        raw = self._ends_array()[:]
+        ends_arr = self._ends_array()
         committed = self._ends
-        if raw.dtype.kind not in "iu":
-            raise StoreError(f"{p}: meta/episode_ends has dtype {raw.dtype}, expected int64")
+        if ends_arr.dtype.kind not in "iu":
+            raise StoreError(f"{p}: meta/episode_ends has dtype {ends_arr.dtype}, expected int64")
         if len(committed):
             if committed[0] <= 0:
                 raise StoreError(f"{p}: episode 0 has length {committed[0]} (meta/episode_ends[0] must be > 0)")
@@ -554,11 +735,13 @@ class EpisodeStore:
                 )
             if rows > self.n_steps:
                 orphans[key] = rows - self.n_steps
+        if check_chunks:
+            self.check_chunks()
         if check_values:
             for key, spec in self.schema.items():
                 if spec.role not in ("action", "reward") or np.dtype(spec.dtype).kind != "f":
                     continue
-                values = self.array(key)[: self.n_steps]
+                values = self.read_rows(key, 0, self.n_steps)
                 if not len(values):  # an empty store (a scalar key's (0,) cannot reshape to (0, -1))
                     continue
                 finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
@@ -569,12 +752,19 @@ class EpisodeStore:
                     raise StoreError(
                         f"{p}: key {key!r} has NaN or inf in episode {ep} (step {row - start})"
                     )
+        if read_all:
+            for key, spec in self.schema.items():
+                arr = self.array(key)
+                self._check_blosc_lengths(arr, 0, self.n_steps)
+                step = max(1, _COPY_BLOCK_BYTES // max(1, spec.bytes_per_step))
+                for start in range(0, self.n_steps, step):
+                    self._read(arr, start, min(self.n_steps, start + step))
         return {
             "path": str(p),
             "episodes": self.n_episodes,
             "steps": self.n_steps,
             "uncommitted_rows": orphans,
-            "uncommitted_episode_ends": int(len(raw) - len(committed)),
+            "uncommitted_episode_ends": int(ends_arr.shape[0] - len(committed)),
             "ok": True,
         }
 
@@ -583,26 +773,41 @@ class EpisodeStore:
         entries = self._root["meta"].attrs.get("episode_attrs")
         return list(entries) if isinstance(entries, list) else []
 
-    def _write_episode_attrs(self, first: int, attrs: list[dict[str, Any]] | None, count: int) -> None:
+    def _episode_attrs_entries(self, first: int, attrs: list[dict[str, Any]] | None, count: int) -> dict[str, Any]:
         """Entries for episodes ``first..first+count-1``, written before they are committed (see module docstring).
 
         Stores that never got attrs keep no list at all (scripted collection pays nothing); once one episode has
         attrs, episodes appended without get ``{}``. An entry left past ``first`` by a killed or failed append
-        is replaced here, never inherited by the new episode.
+        is replaced here, never inherited by the new episode. Returns the meta attributes to update.
         """
         entries = self._raw_episode_attrs()
         if attrs is None and len(entries) <= first:
-            return
+            return {}
         entries = entries[:first] + [{}] * max(0, first - len(entries))
         entries += attrs if attrs is not None else [{}] * count
-        self._root["meta"].attrs["episode_attrs"] = entries
+        return {"episode_attrs": entries}
 
     def _ends_array(self) -> zarr.Array:
-        return self._root["meta"]["episode_ends"]
+        try:
+            arr = self._root["meta"]["episode_ends"]
+        except Exception as e:  # its zarr.json cut short, ...
+            raise _explain(self.path, e) from e
+        return arr.with_config(_WRITE_ALL_CHUNKS)
 
     def _read_ends(self) -> np.ndarray:
-        arr = self._ends_array()
-        raw = np.asarray(arr[:], dtype=np.int64)
+        for attempt in range(3):
+            arr = self._ends_array()
+            n_alloc = int(arr.shape[0])
+            missing = list(self._missing_chunks(arr, 0, n_alloc))
+            if missing and not self._growing_hole(arr, [i for i, _ in missing]):
+                if attempt < 2 and any(f.exists() for _, f in missing):
+                    continue  # a writer committing right now wrote it (and cleared its record) as we looked
+                raise self._missing_error(arr, *missing[0])
+            try:
+                raw = np.asarray(arr[:], dtype=np.int64)
+            except Exception as e:
+                raise self._unreadable_error(arr, 0, n_alloc, e) from e
+            break
         # An end that was allocated but never written (writer killed between resize and write) reads as the fill
         # value: -1 in robolearn's stores, often 0 in others. A trailing run of such non-increasing entries is
         # an append that did not finish, not corruption.
@@ -612,6 +817,138 @@ class EpisodeStore:
         while n and raw[n - 1] == fill and (n == 1 or raw[n - 1] <= raw[n - 2]):
             n -= 1
         return raw[:n]
+
+    def _growing_hole(self, ends: zarr.Array, missing: list[int]) -> bool:
+        """Whether the missing chunks of episode_ends are provably an append that grew it and did not finish:
+        trailing, past the ``from`` its ``growing_ends`` record names, within that append's ``to``."""
+        g = _grid(ends)[0]
+        n_alloc = int(ends.shape[0])
+        if missing != list(range(missing[0], math.ceil(n_alloc / g))):
+            return False  # a hole with written chunks after it: writes go in order, so this is damage
+        try:
+            growing = self._root["meta"].attrs.get("growing_ends")  # read after the shape: see _read_ends
+            start, stop = int(growing["from"]), int(growing["to"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return 0 <= start <= missing[0] * g and n_alloc <= stop
+
+    # ------------------------------------------------------------------ chunk files
+    @property
+    def every_chunk_written(self) -> bool:
+        """Whether an absent chunk file is damage: stores created since robolearn writes every chunk (marked
+        ``every_chunk`` in the root attributes) and zarr-2 stores (zarr-python 2 writes empty chunks). A zarr-3
+        store from an older robolearn skipped chunks holding only the fill value (an all-False flag, an all-zero
+        reward), so its absent data chunks read as that value, as they always did; ``validate`` counts them."""
+        info = self._root.attrs.get("robolearn")
+        return self.zarr_format == 2 or (isinstance(info, dict) and bool(info.get("every_chunk")))
+
+    def _missing_chunks(self, arr: zarr.Array, lo: int, hi: int) -> Iterator[tuple[int, Path]]:
+        """(time-chunk index, file) of each chunk file that rows ``lo:hi`` of ``arr`` need and that is absent
+        (data chunks of a store older than :attr:`every_chunk_written`: none, they are the fill value)."""
+        if arr.path != "meta/episode_ends" and not self.every_chunk_written:
+            return
+        exists = os.path.exists
+        for coords, f in self._chunk_files(arr, lo, hi, as_str=True):
+            if not exists(f):
+                yield coords[0], Path(f)
+
+    def _chunk_files(self, arr: zarr.Array, lo: int, hi: int,
+                     as_str: bool = False) -> Iterator[tuple[tuple[int, ...], Any]]:
+        """(chunk coordinates, file) of every chunk file rows ``lo:hi`` of ``arr`` need (one per frame for
+        images: kept cheap, about 5 us each)."""
+        grid = _grid(arr)
+        hi = min(hi, int(arr.shape[0]))
+        if hi <= lo:
+            return
+        others = [range(math.ceil(int(s) / int(c))) for s, c in zip(arr.shape[1:], grid[1:])]
+        folder = os.path.join(str(self.path), arr.path, "")
+        encode = arr.metadata.encode_chunk_key
+        for i in range(lo // grid[0], math.ceil(hi / grid[0])):
+            for rest in itertools.product(*others):
+                coords = (i, *rest)
+                f = folder + encode(coords)
+                yield coords, (f if as_str else Path(f))
+
+    def _chunk_rows(self, arr: zarr.Array, i: int) -> tuple[int, int]:
+        g = _grid(arr)[0]
+        return i * g, min((i + 1) * g, int(arr.shape[0]))
+
+    def _episodes_in(self, lo: int, hi: int) -> list[int]:
+        """Committed episodes with rows in ``lo:hi``."""
+        hi = min(hi, self.n_steps)
+        if hi <= lo:
+            return []
+        first = int(np.searchsorted(self._ends, lo, side="right"))
+        last = int(np.searchsorted(self._ends, hi - 1, side="right"))
+        return list(range(first, min(last, self.n_episodes - 1) + 1))
+
+    def _where(self, arr: zarr.Array, i: int, f: Path) -> tuple[str, str]:
+        """(what the chunk holds, what to do about it) for an error message."""
+        lo, hi = self._chunk_rows(arr, i)
+        if arr.path == "meta/episode_ends":
+            return (_span("episode", lo, hi),
+                    "Where those episodes end is lost, so robolearn will neither read nor change this store (an "
+                    "append would take its rows for an unfinished episode and trim them). Restore the file from "
+                    "a copy of the store")
+        eps = self._episodes_in(lo, hi)
+        held = _span("row", lo, hi) + (f", {_episodes_text(eps)}" if eps else ", no committed episode")
+        todo = "Restore the file from a copy of the store"
+        if eps:
+            todo += (f", or drop {_episodes_text(eps)} (robolearn data drop {self.path} --episodes "
+                     f"{_ranges(eps)})")
+        return held, todo
+
+    def _missing_error(self, arr: zarr.Array, i: int, f: Path) -> StoreError:
+        held, todo = self._where(arr, i, f)
+        key = f.relative_to(self.path / arr.path).as_posix()
+        return StoreError(f"{self.path}: {arr.path} chunk {key} ({held}) is missing: there is no file {f}. {todo}")
+
+    def _unreadable_error(self, arr: zarr.Array, lo: int, hi: int, error: Exception) -> StoreError:
+        """Find the chunk of rows ``lo:hi`` that does not decode and name its file."""
+        grid = _grid(arr)
+        for coords, f in self._chunk_files(arr, lo, hi):
+            key = f.relative_to(self.path / arr.path).as_posix()
+            try:
+                arr[tuple(slice(c * g, (c + 1) * g) for c, g in zip(coords, grid))]
+            except Exception as e:
+                held, todo = self._where(arr, coords[0], f)
+                return StoreError(
+                    f"{self.path}: the file {f} cannot be read ({type(e).__name__}: {e}): {arr.path} chunk {key} "
+                    f"({held}) is damaged. {todo}")
+        return _explain(self.path, error)
+
+    def _check_blosc_lengths(self, arr: zarr.Array, lo: int, hi: int) -> None:
+        """Chunks whose last codec is blosc (no checksum after it: zarr 2 stores, zarr 3 stores written before
+        robolearn added one) must be as long as their blosc header says: blosc itself decodes a truncated
+        incompressible chunk without complaint."""
+        codecs = list(getattr(arr, "compressors", ()) or ())
+        if not codecs or getattr(codecs[-1], "codec_id", type(codecs[-1]).__name__.lower()) not in (
+                "blosc", "blosccodec"):
+            return
+        for coords, f in self._chunk_files(arr, lo, hi):
+            try:
+                with open(f, "rb") as fh:
+                    header = fh.read(16)
+                size = f.stat().st_size
+            except FileNotFoundError:
+                continue  # the existence check names it
+            if len(header) < 16 or int.from_bytes(header[12:16], "little") != size:
+                held, todo = self._where(arr, coords[0], f)
+                key = f.relative_to(self.path / arr.path).as_posix()
+                said = int.from_bytes(header[12:16], "little") if len(header) == 16 else "16 or more"
+                raise StoreError(
+                    f"{self.path}: the file {f} cannot be read (it is {size} bytes, its blosc header says {said}): "
+                    f"{arr.path} chunk {key} ({held}) is damaged. {todo}")
+
+    def _read(self, arr: zarr.Array, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of ``arr``, refusing to read a missing chunk as zeros and naming one that does not decode."""
+        hole = next(self._missing_chunks(arr, lo, hi), None)
+        if hole is not None:
+            raise self._missing_error(arr, *hole)
+        try:
+            return arr[lo:hi]
+        except Exception as e:
+            raise self._unreadable_error(arr, lo, hi, e) from e
 
     def _read_schema(self) -> Schema:
         info = self._root.attrs.get("robolearn")
@@ -680,6 +1017,8 @@ class EpisodeStore:
         entries = self._raw_episode_attrs()
         if len(entries) > self.n_episodes:
             self._root["meta"].attrs["episode_attrs"] = entries[: self.n_episodes]
+        if self._root["meta"].attrs.get("growing_ends") is not None:  # its append is trimmed or committed
+            self._root["meta"].attrs["growing_ends"] = None
         for partial in self.path.rglob("*.partial"):
             partial.unlink(missing_ok=True)
 
@@ -697,21 +1036,288 @@ def _finish_stats(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
+def _grid(arr: zarr.Array) -> tuple[int, ...]:
+    """The grid of chunk files (shards when the array is sharded)."""
+    return tuple(int(c) for c in (arr.shards or arr.chunks))
+
+
+def _span(what: str, lo: int, hi: int) -> str:
+    return f"{what} {lo}" if hi - lo == 1 else f"{what}s {lo}-{hi - 1}"
+
+
+def _episodes_text(eps: Sequence[int]) -> str:
+    return f"episode {eps[0]}" if len(eps) == 1 else f"episodes {eps[0]}-{eps[-1]}"
+
+
+def _ranges(indices: Iterable[int]) -> str:
+    """``[3, 5, 6, 7]`` -> ``"3,5-7"`` (what ``robolearn data drop --episodes`` takes)."""
+    out: list[str] = []
+    for _, run in itertools.groupby(enumerate(sorted(indices)), key=lambda t: t[1] - t[0]):
+        vals = [v for _, v in run]
+        out.append(str(vals[0]) if len(vals) == 1 else f"{vals[0]}-{vals[-1]}")
+    return ",".join(out)
+
+
+_METADATA_FILES = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
+
+
+def _broken_metadata(path: Path) -> tuple[Path, Exception] | None:
+    """The first metadata file of the store (root, groups, arrays) that is not valid JSON."""
+    folders = [path]
+    for group in ("data", "meta"):
+        g = path / group
+        if g.is_dir():
+            folders += [g, *sorted(p for p in g.iterdir() if p.is_dir())]
+    for folder in folders:
+        for name in _METADATA_FILES:
+            f = folder / name
+            if f.is_file():
+                try:
+                    json.loads(f.read_bytes())
+                except (ValueError, UnicodeDecodeError) as e:
+                    return f, e
+    return None
+
+
+def _explain(path: Path, error: Exception) -> StoreError:
+    """A StoreError for an exception zarr raised while reading ``path``: names the damaged file when it can."""
+    broken = _broken_metadata(path)
+    if broken is not None:
+        f, e = broken
+        return StoreError(
+            f"cannot read store {path}: its metadata file {f} is damaged ({type(e).__name__}: {e}); restore that "
+            f"file from a copy of the store")
+    return StoreError(f"cannot read store {path}: {type(error).__name__}: {error}")
+
+
+_FS_ADVICE = {
+    errno.ENOSPC: "free some space and run it again",
+    errno.EDQUOT: "free some space (a disk quota is full) and run it again",
+    errno.EFBIG: "the file system refused a file that large",
+    errno.EROFS: "it can still be read; to change it, copy it to a writable place",
+    errno.EACCES: "it can still be read if you may read it; to change it, copy it to a place you may write",
+    errno.EPERM: "it can still be read if you may read it; to change it, copy it to a place you may write",
+}
+
+
+def _os_store_error(what: str, e: OSError) -> StoreError:
+    """``what``: <the error> (<the file>); <what to do>."""
+    where = f" ({e.filename})" if e.filename else ""
+    advice = _FS_ADVICE.get(e.errno or 0)
+    reason = {errno.EROFS: "it is on a read-only file system"}.get(e.errno or 0, (e.strerror or str(e)).lower())
+    return StoreError(f"{what}: {reason}{where}" + (f"; {advice}" if advice else ""))
+
+
+# ------------------------------------------------------------------------------------- beside the store
+def _backup_path(path: Path, op: str = "drop") -> Path:
+    return path.with_name(f".{path.name}.{op}-backup")
+
+
+def _hidden_path(path: Path, op: str, old: bool = False) -> Path:
+    return path.with_name(f".{path.name}.{op}-{'old-' if old else ''}{uuid.uuid4().hex[:8]}")
+
+
+def _hidden_pattern(path: Path) -> re.Pattern[str]:
+    return re.compile(r"^\." + re.escape(path.name) + r"\.(?P<op>drop|merge|overwrite)-(?P<old>old-)?[0-9a-f]{8}$")
+
+
+def _lock_if_free(folder: Path) -> int | None:
+    """Take ``folder``'s writer lock if nobody holds it (None if somebody does); never creates the lock file
+    (FileNotFoundError when there is none)."""
+    fd = os.open(folder / LOCK_NAME, os.O_RDONLY)  # flock needs no write access: works on read-only mounts
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def _holder(folder: Path) -> str:
+    with contextlib.suppress(OSError):
+        text = (folder / LOCK_NAME).read_text(errors="replace").strip()
+        if text:
+            return text
+    return "another process"
+
+
+def _episode_count(path: Path) -> str:
+    with contextlib.suppress(Exception):
+        n = EpisodeStore._open(path, "r", False, None).n_episodes
+        return f"{n} episode{'s' if n != 1 else ''}"
+    return "an unreadable store"
+
+
+def clean_leftovers(path: str | os.PathLike) -> list[str]:
+    """Remove the hidden copies dead drops and merges left beside ``path`` and describe what is there.
+
+    A hidden copy (``.NAME.drop-<hex>``, ``.NAME.merge-<hex>``, ``.NAME.*-old-<hex>``) is removed only when its
+    writer lock is free (its writer is dead) -- or, having no lock file, when it has not changed for a minute.
+    Backups (``.NAME.drop-backup``, ``.NAME.merge-backup``) are never removed: they are described. Returns one
+    line per finding, for ``robolearn data info`` and ``validate`` to print.
+    """
+    path = Path(path)
+    notes: list[str] = []
+    pattern = _hidden_pattern(path)
+    try:
+        beside = sorted(path.parent.iterdir())
+    except OSError:
+        return notes
+    for entry in beside:
+        m = pattern.match(entry.name)
+        if not m or entry.is_symlink() or not entry.is_dir():
+            continue
+        op = m["op"]
+        what = (f"the old copy of {path.name} that a finished {op} was deleting" if m["old"]
+                else f"a copy that a {op} of {path.name} was writing")
+        try:
+            fd = _lock_if_free(entry)
+        except FileNotFoundError:
+            fd = None
+            with contextlib.suppress(OSError):
+                if time.time() - entry.stat().st_mtime > _STALE_WITHOUT_LOCK_S:
+                    fd = -1  # stale, no lock to hold
+        except OSError:
+            continue
+        else:
+            if fd is None:
+                notes.append(f"{entry.name} is {what}: it is at work now (left alone)")
+                continue
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            if fd >= 0:
+                _release_lock(fd)
+        if entry.exists():
+            notes.append(f"{entry.name} is {what} and was killed; it could not be removed (remove it by hand)")
+        else:
+            notes.append(f"removed {entry.name}: {what}, killed before it finished")
+    if path.exists():
+        for op in _OPS:
+            backup = _backup_path(path, op)
+            if backup.exists():
+                notes.append(_both_exist(path, backup, op))
+    return notes
+
+
+def _both_exist(path: Path, backup: Path, op: str) -> str:
+    return (
+        f"{path} and {backup} both exist: a {op} was interrupted after putting its result in place (or a store "
+        f"was made at {path.name} while the backup waited). {path.name} holds {_episode_count(path)}; "
+        f"{backup.name} holds {_episode_count(backup)}, the store before the {op}. robolearn writes to neither "
+        f"until one is chosen: to keep {path.name}, delete {backup.name}; to go back to the backup, rename "
+        f"{path.name} to another name, then rename {backup.name} to {path.name}"
+    )
+
+
+def _refuse_beside_backup(path: Path) -> None:
+    for op in _OPS:
+        backup = _backup_path(path, op)
+        if backup.exists() or backup.is_symlink():
+            raise StoreError(_both_exist(path, backup, op))
+
+
+def _resolve_backups(path: Path, *, write: bool) -> int | None:
+    """Deal with the backup a killed drop or merge left beside ``path`` (see the module docstring).
+
+    Writers (``write=True``): with ``path`` present and a backup beside it, refuse; with no ``path`` and one
+    backup whose lock is free and which is a complete store, rename it back to ``path`` and return its lock,
+    held (the caller goes on as ``path``'s writer); otherwise refuse. Readers: with no ``path``, say what to
+    rename. Returns None when nothing was put back.
+    """
+    backups = [(op, _backup_path(path, op)) for op in _OPS]
+    backups = [(op, b) for op, b in backups if b.exists() or b.is_symlink()]
+    if not backups:
+        return None
+    present = path.exists() or path.is_symlink()
+    if present and not write:
+        return None  # readers read the store; they never block
+    for op, backup in backups:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fd = _lock_if_free(backup)
+            if fd is None:
+                raise StoreError(
+                    f"a {op} of {path} is in progress ({_holder(backup)} holds {backup.name}); try again when it "
+                    f"has finished")
+            _release_lock(fd)
+    if present:
+        if write:
+            _refuse_beside_backup(path)
+        return None
+    if len(backups) > 1:
+        raise StoreError(
+            f"no store at {path}, but both {backups[0][1]} and {backups[1][1]} exist: interrupted operations "
+            f"left two earlier versions of it; rename the one you want back to {path.name}")
+    op, backup = backups[0]
+    if not write:
+        raise StoreError(
+            f"no store at {path}, but {backup} exists: an interrupted {op} left the original there; rename it back "
+            f"to {path.name} (robolearn does so when it next opens {path.name} for writing)")
+    try:
+        fd = _acquire_lock(backup)
+    except StoreError as e:
+        if e.__cause__ is not None:  # a read-only file system, ...: not somebody holding it
+            raise
+        raise StoreError(
+            f"a {op} of {path} is in progress ({_holder(backup)} holds {backup.name}); try again when it has "
+            f"finished") from None
+    try:
+        try:
+            EpisodeStore._open(backup, "r", False, None).validate(check_values=False)
+        except StoreError as e:
+            raise StoreError(
+                f"no store at {path}, and {backup}, which an interrupted {op} left, is not a complete store "
+                f"({e}); inspect it, and rename it back to {path.name} if it is what you want") from None
+        try:
+            os.rename(backup, path)  # atomic: the store is back, and this process holds its writer lock
+        except OSError as e:  # something appeared at path meanwhile
+            raise StoreError(f"cannot rename {backup} back to {path.name}: {e.strerror or e}") from None
+    except BaseException:
+        _release_lock(fd)
+        raise
+    return fd
+
+
+def _swap_in(path: Path, new: Path, op: str) -> Path:
+    """Steps 2-4 of the module docstring: ``path`` -> backup, ``new`` -> ``path``, backup -> a hidden old copy,
+    which is returned for the caller to delete. Undone if the second rename fails."""
+    backup = _backup_path(path, op)
+    os.rename(path, backup)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(backup, path)
+        raise
+    old = _hidden_path(path, op, old=True)
+    os.rename(backup, old)
+    return old
+
+
 def _remove_store(path: Path) -> None:
-    """Delete an existing store for ``overwrite=True``: only a zarr store, and only if no writer holds it."""
+    """Delete an existing store for ``overwrite=True``: only a zarr store, and only if no writer holds it. It is
+    renamed aside first, so a kill part-way leaves a recognisable old copy, never a half-deleted store."""
     if path.is_symlink() or not path.is_dir() or not ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
         raise StoreError(f"cannot overwrite {path}: it is not an episode store (refusing to delete it)")
     fd = _acquire_lock(path)  # raises if a writer holds it
-    _release_lock(fd)
-    shutil.rmtree(path)
-
-
-def _backup_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.drop-backup")
+    try:
+        old = _hidden_path(path, "overwrite", old=True)
+        os.rename(path, old)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        _release_lock(fd)
 
 
 def _acquire_lock(path: Path) -> int:
-    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise _os_store_error(f"cannot open {path} for writing", e) from e
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -723,8 +1329,11 @@ def _acquire_lock(path: Path) -> int:
                 f"(readers can still open it with mode='r')"
             ) from None
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    except OSError:
+        pass  # who holds the lock is only for messages; a full disk must not stop a writer from opening
     return fd
 
 
@@ -778,23 +1387,50 @@ def merge_stores(
         src, dst_abs = s.path.resolve(), outp.resolve()
         if dst_abs == src or dst_abs in src.parents or src in dst_abs.parents:
             raise StoreError(f"cannot merge into {outp}: it is, contains or lies inside the source {s.path}")
-    if outp.exists() and not overwrite:
-        raise StoreError(f"cannot create {outp}: it already exists (pass overwrite=True to replace it)")
-    # Written under a temporary name and renamed: a failed merge never leaves a store that looks complete.
-    tmp = outp.with_name(f".{outp.name}.merge-{uuid.uuid4().hex[:8]}")
-    dst = EpisodeStore.create(
-        tmp, first.schema, fps=first.fps, task=first.task, env_config=first.env_config,
-        attrs={"merged_from": [str(s.path) for s in stores]}, zarr_format=zarr_format,
-    )
+    clean_leftovers(outp)
+    old_fd = _resolve_backups(outp, write=True)  # a backup put back is the store at outp again
+    exists = outp.exists() or outp.is_symlink()
     try:
+        if exists and not overwrite:
+            raise StoreError(f"cannot create {outp}: it already exists (pass overwrite=True to replace it)")
+        if exists and old_fd is None:
+            if outp.is_symlink() or not outp.is_dir() or not (
+                    (outp / "zarr.json").exists() or (outp / ".zgroup").exists()):
+                raise StoreError(f"cannot overwrite {outp}: it is not an episode store (refusing to delete it)")
+            old_fd = _acquire_lock(outp)  # held through the swap: nobody writes to what is being replaced
+    except BaseException:
+        _release_lock(old_fd)
+        raise
+    # Written under a hidden name, its own lock held, and renamed: a failed or killed merge never leaves a store
+    # that looks complete, and never a half-replaced one (the states: see the module docstring).
+    tmp = _hidden_path(outp, "merge")
+    dst = None
+    try:
+        dst = EpisodeStore.create(
+            tmp, first.schema, fps=first.fps, task=first.task, env_config=first.env_config,
+            attrs={"merged_from": [str(s.path) for s in stores]}, zarr_format=zarr_format,
+        )
         for s in stores:
             _copy_episodes(s, dst, range(s.n_episodes))
-    except BaseException:
-        dst.close()
+        if exists:
+            trash = _swap_in(outp, tmp, "merge")
+        else:
+            os.rename(tmp, outp)
+            trash = None
+    except BaseException as e:
+        if dst is not None:
+            dst.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        _release_lock(old_fd)
+        unchanged = f"{outp} is unchanged" if exists else f"nothing was written at {outp}"
+        cause = e if isinstance(e, OSError) else e.__cause__ if isinstance(e, StoreError) else None
+        if isinstance(cause, OSError):
+            cause.filename = None  # a file of the hidden copy, which is gone
+            raise _os_store_error(f"cannot merge into {outp} ({unchanged}): writing the merged store failed",
+                                  cause) from None
         raise
-    dst.close()
-    if outp.exists():
-        _remove_store(outp)
-    os.rename(tmp, outp)
-    return EpisodeStore.open(outp, mode="a")
+    lock_fd, dst._lock_fd = dst._lock_fd, None  # the new store's lock is outp's lock now
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    _release_lock(old_fd)
+    return EpisodeStore._open(outp, "a", False, lock_fd)

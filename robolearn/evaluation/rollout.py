@@ -15,6 +15,12 @@ Environments: any vector environment with gymnasium 1.x's ``VectorEnv`` contract
 gymnasium's own ``SyncVectorEnv``/``AsyncVectorEnv``), in same-step or disabled autoreset mode: a finished
 environment is reset (``reset(seed=[...], options={"reset_mask": mask})``) with its next episode's seed. A
 zero-argument factory of one environment works too (it runs in this process).
+
+Non-finite actions: a chunk holding NaN or inf is never executed (the executor refuses it, see
+:mod:`robolearn.policies.executor`); the episode it was drawn for ends there, as a failure, with
+``nonfinite_chunks: 1`` in its result (the step it was due at is not counted), and the summary counts such chunks
+in ``nonfinite_chunks``. An observation holding NaN or inf raises
+:class:`~robolearn.policies.executor.NonFiniteObservationError`, naming the key.
 """
 from __future__ import annotations
 
@@ -63,13 +69,16 @@ class _Episode:
     def __init__(self, index: int, seed: int, env: int) -> None:
         self.index, self.seed, self.env = index, seed, env
         self.ret, self.best, self.length, self.success = 0.0, -np.inf, 0, False
+        self.nonfinite = 0
         self.actions: list[np.ndarray] = []
         self.rewards: list[float] = []
 
     def result(self, terminated: bool, keep_steps: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"episode": self.index, "seed": self.seed, "env": self.env, "success": self.success,
-                               "return": round(self.ret, 4), "max_reward": round(float(self.best), 4),
-                               "length": self.length, "terminated": terminated}
+                               "return": round(self.ret, 4),
+                               # an episode ended before its first step (a refused first chunk): 0, as its return
+                               "max_reward": round(float(self.best), 4) if self.length else 0.0,
+                               "length": self.length, "terminated": terminated, "nonfinite_chunks": self.nonfinite}
         if keep_steps:
             out["actions"] = np.stack(self.actions) if self.actions else np.zeros((0,))
             out["rewards"] = np.asarray(self.rewards)
@@ -163,11 +172,26 @@ def _evaluate(policy: Any, venv: Any, seeds: list[int], noise_seed: int | None, 
     shape = venv.single_action_space.shape
     t0 = time.perf_counter()
     while len(plan.results) < len(seeds):
-        actions = executor.act(plan.active)
+        active = plan.active
+        actions = executor.act(active)
+        # An episode whose new chunk was refused (NaN/inf) ends before this step, as a failure; its environment
+        # steps the held action (finite) like an idle one, and is reset below.
+        aborted = set(executor.refused)
         obs, rew, term, trunc, infos = venv.step(actions.reshape((n_envs, *shape)))
         done = np.asarray(term) | np.asarray(trunc)
         restart: dict[int, int | None] = {}
-        for i in map(int, np.flatnonzero(plan.active)):
+        for i in sorted(aborted):
+            ep = plan.running[i]
+            assert ep is not None
+            ep.nonfinite = int(executor.episode_nonfinite[i])
+            seed = plan.finish(i, False)
+            if seed is not None or mode == "Disabled":
+                restart[i] = seed
+            if progress:
+                progress(len(plan.results), len(seeds))
+        for i in map(int, np.flatnonzero(active)):
+            if i in aborted:
+                continue
             finished_here = bool(done[i]) and mode == "SameStep"
             success = bool(_info(infos, "success", i, finished_here, False))
             plan.record(i, actions[i], float(rew[i]), success)
@@ -211,6 +235,7 @@ def summarize(results: list[dict[str, Any]], wall_s: float, executor: ChunkExecu
         "mean_max_reward": mean("max_reward"),
         "mean_length": mean("length", 2),
         "inference_ms_mean": round(1000 * executor.inference_s / max(calls, 1), 2) if executor else None,
+        "nonfinite_chunks": int(sum(r.get("nonfinite_chunks", 0) for r in results)),
         "wall_s": round(wall_s, 2),
         "per_episode": results,
     }

@@ -11,9 +11,17 @@ Layout of a checkpoint folder::
     extra.json          the caller's ``extra`` metadata (step, epoch, metrics), when given
     ...                 anything ``write_extra(tmp_folder)`` puts there (e.g. the trainer's train_state.pt)
 
-The folder is written under a temporary sibling name and renamed into place, so a crash leaves either the
-old checkpoint or the new one, never half of one. Overwriting an existing checkpoint moves the old one aside
-first and deletes it only after the new one is in place.
+The folder is written under a temporary sibling name (``.NAME.tmp-<hex>``) and renamed into place, so a crash
+leaves either the old checkpoint or the new one, never half of one. Overwriting an existing checkpoint moves the
+old one aside first (``.NAME.old-<hex>``) and deletes it only after the new one is in place; removing one
+(:func:`remove_checkpoint`) renames it to ``.NAME.del-<hex>`` before deleting it.
+
+A writer holds a shared ``flock`` on the parent folder itself while it writes (no lock file; the kernel drops the
+lock when the process dies, SIGKILL included). :func:`clean_stale_writes` takes it exclusively, without waiting:
+when it gets it, no writer is alive there, so every hidden folder of those three kinds was left by a killed one --
+a temporary is deleted; a moved-aside checkpoint whose name is free is renamed back (the overwrite never
+finished), otherwise deleted. A complete checkpoint is never deleted. Every :func:`save_policy` first does this
+for its folder; on a file system that cannot lock directories nothing is cleaned.
 
 A wrapper names its base by path and content: the SHA-256 of the base folder's weights, config, normalizer and
 version files (:func:`checkpoint_digest`). A base that was deleted, moved or retrained since is refused when
@@ -22,13 +30,16 @@ the wrapper loads, with both paths in the message. Checkpoints written before th
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import yaml
@@ -81,35 +92,126 @@ def save_policy(
     if getattr(policy, "wraps_base", False):
         doc["base"] = _base_reference(policy.base, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"policy_type": policy.policy_type})
-        with open(tmp / CONFIG, "w") as f:
-            yaml.safe_dump(doc, f, sort_keys=False)
-        if not getattr(policy, "wraps_base", False):
-            (tmp / NORMALIZER).write_text(json.dumps(policy.normalizer.to_dict(), indent=1))
-        version = {"robolearn": robolearn.__version__, "format": FORMAT_VERSION, "policy_type": policy.policy_type,
-                   "module": type(policy).__module__}
-        (tmp / VERSION).write_text(json.dumps(version, indent=1))
-        if extra is not None:
-            (tmp / EXTRA).write_text(json.dumps(_jsonable(dict(extra)), indent=1))
-        if write_extra is not None:
-            write_extra(tmp)
-        for p in tmp.iterdir():  # contents durable before the rename makes them visible
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    clean_stale_writes(folder.parent)  # what writers killed here left: before this write, never during it
+    with writing_checkpoints(folder.parent):
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"policy_type": policy.policy_type})
+            with open(tmp / CONFIG, "w") as f:
+                yaml.safe_dump(doc, f, sort_keys=False)
+            if not getattr(policy, "wraps_base", False):
+                (tmp / NORMALIZER).write_text(json.dumps(policy.normalizer.to_dict(), indent=1))
+            version = {"robolearn": robolearn.__version__, "format": FORMAT_VERSION,
+                       "policy_type": policy.policy_type, "module": type(policy).__module__}
+            (tmp / VERSION).write_text(json.dumps(version, indent=1))
+            if extra is not None:
+                (tmp / EXTRA).write_text(json.dumps(_jsonable(dict(extra)), indent=1))
+            if write_extra is not None:
+                write_extra(tmp)
+            for p in tmp.iterdir():  # contents durable before the rename makes them visible
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+            old = None
+            if folder.exists():
+                old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
+
+
+# ------------------------------------------------------------------------------------- writers, live and dead
+_LEFT_BEHIND = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-[0-9a-f]{8}$")
+
+
+@contextlib.contextmanager
+def _flock(folder: Path, operation: int) -> Iterator[bool | None]:
+    """``flock`` on the folder itself, released on leaving (or by the kernel when the process dies). Yields True
+    when held, False when another process holds a conflicting lock (a ``LOCK_NB`` request), None when the folder
+    cannot be locked (a file system without ``flock`` on directories): then nothing is held."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, operation)
+            held: bool | None = True
+        except BlockingIOError:
+            held = False
+        except OSError:
+            held = None
+        yield held
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def writing_checkpoints(parent: str | os.PathLike) -> Iterator[None]:
+    """Hold while writing, moving or removing checkpoints in ``parent``: a shared lock on the folder, which tells
+    :func:`clean_stale_writes` that a writer is alive there. Any number of writers may hold it at once."""
+    with _flock(Path(parent), fcntl.LOCK_SH):
+        yield
+
+
+@contextlib.contextmanager
+def no_checkpoint_writers(parent: str | os.PathLike) -> Iterator[bool | None]:
+    """Hold ``parent`` so that no checkpoint write starts there, if no writer is at work now (no waiting). Yields
+    True when held, False when a live writer is at work, None when the file system cannot lock the folder."""
+    with _flock(Path(parent), fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
+        yield held
+
+
+def clean_stale_writes(parent: str | os.PathLike, *, held: bool = False) -> list[str] | None:
+    """Undo what checkpoint writers killed in ``parent`` left there: delete their temporary folders
+    (``.NAME.tmp-<hex>``) and interrupted removals (``.NAME.del-<hex>``); rename a moved-aside checkpoint
+    (``.NAME.old-<hex>``) back to NAME when NAME is free (its overwrite never finished), else delete it.
+
+    Returns what was done, one line each; None, touching nothing, when a writer is alive in ``parent`` or the
+    folder cannot be locked. ``held``: the caller already holds :func:`no_checkpoint_writers` on ``parent``.
+    """
+    parent = Path(parent)
+    if not held:
+        if not parent.is_dir():
+            return []
+        with no_checkpoint_writers(parent) as free:
+            return clean_stale_writes(parent, held=True) if free else None
+    try:
+        entries = sorted(os.listdir(parent))
+    except FileNotFoundError:
+        return []
+    done: list[str] = []
+    for entry in entries:
+        m = _LEFT_BEHIND.match(entry)
+        path = parent / entry
+        if m is None or path.is_symlink() or not path.is_dir():
+            continue
+        name, kind = m["name"], m["kind"]
+        if kind == "old" and not os.path.lexists(parent / name):
+            os.rename(path, parent / name)
+            done.append(f"restored the checkpoint {name} from {entry} (a killed overwrite had moved it aside)")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        done.append({"tmp": f"removed the unfinished checkpoint write {entry}",
+                     "old": f"removed {entry}, the previous {name} (its overwrite was killed after replacing it)",
+                     "del": f"removed {entry} (a removal of the checkpoint {name} that was killed)"}[kind])
+    return done
+
+
+def remove_checkpoint(folder: str | os.PathLike) -> None:
+    """Delete a checkpoint folder all at once: renamed to ``.NAME.del-<hex>`` and then deleted, so a kill in
+    between leaves a hidden folder (which :func:`clean_stale_writes` removes), never a part of one under NAME."""
+    folder = Path(folder)
+    with writing_checkpoints(folder.parent):
+        trash = folder.parent / f".{folder.name}.del-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _base_reference(base: Any, folder: Path) -> dict[str, Any]:
@@ -185,7 +287,16 @@ def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {folder} is missing {CONFIG}")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): is it a "
+                              f"binary file?") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("policy"), dict):
@@ -314,4 +425,11 @@ def _load_weights(policy: Any, folder: Path, map_location: str | torch.device) -
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{folder / WEIGHTS}: key {k!r} has shape {tuple(state[k].shape)}, "
                                   f"the config builds {tuple(v.shape)}")
+    for k in own:  # in the model's order: the message names the first tensor that is not finite
+        t = state[k]
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            counts = ((int(torch.isnan(t).sum()), "NaN"), (int(torch.isinf(t).sum()), "inf"))
+            what = " and ".join(f"{n} {kind} value{'s' if n != 1 else ''}" for n, kind in counts if n)
+            raise CheckpointError(f"{folder / WEIGHTS}: tensor {k!r} holds {what} (of {t.numel()}): the weights "
+                                  f"are not finite (did training diverge before this checkpoint was saved?)")
     policy.load_checkpoint_state(state)

@@ -24,6 +24,14 @@ is known" and "the environment steps" (a residual policy adds its correction the
 environment's newest observation (every key the environment gave, not only the policy's), ``base_actions`` their
 base actions ``(n, action_dim)``.
 
+Non-finite numbers: an observation holding NaN or inf is refused (:class:`NonFiniteObservationError`, naming the
+key); a chunk holding NaN or inf anywhere (e.g. NaN weights, or a huge observation that overflowed in
+normalization) is never queued or executed: :meth:`ChunkExecutor.screen` counts it (``nonfinite_chunks``, and per
+environment for its episode) and :meth:`ChunkExecutor.act` holds that environment's last action instead (zeros
+when its episode has sent none yet) and lists it in ``refused``, so the caller decides what the episode becomes
+(evaluation ends it as a failure; the runner holds, retries and stops after ``max_nonfinite_chunks``). A corrector
+that returns NaN or inf raises :class:`NonFiniteChunkError`.
+
 Episodes: ``policy.reset()`` is called when every environment resets at once (the protocol's ``reset`` has no
 environment argument); the policies and wrappers here keep no per-episode state, so nothing else depends on it.
 """
@@ -39,6 +47,31 @@ import torch
 from robolearn.policies.config import ConfigError, check_geometry
 
 Corrector = Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray], np.ndarray]
+
+# How a refused chunk's error message starts (the policy server sends it as ``"error: non-finite action chunk..."``,
+# and the client turns that back into :class:`NonFiniteChunkError`).
+NONFINITE_CHUNK = "non-finite action chunk"
+
+
+class NonFiniteObservationError(ValueError):
+    """An observation holds NaN or inf (the message names the key)."""
+
+
+class NonFiniteChunkError(ValueError):
+    """A policy (or corrector) produced NaN or inf actions; nothing of them may be executed."""
+
+
+def check_finite_obs(key: str, a: np.ndarray) -> None:
+    """Refuse a float observation holding NaN or inf, naming its key."""
+    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+        bad = " and ".join(name for name, test in (("NaN", np.isnan), ("inf", np.isinf)) if test(a).any())
+        raise NonFiniteObservationError(f"observation {key!r} is not finite (holds {bad}): refused")
+
+
+def finite_rows(chunk: np.ndarray) -> np.ndarray:
+    """Which chunks of a batch ``(n, horizon, A)`` hold only finite numbers."""
+    c = np.asarray(chunk)
+    return np.isfinite(c.reshape(c.shape[0], -1)).all(axis=1)
 
 
 @runtime_checkable
@@ -139,6 +172,7 @@ class ObsHistory:
                 want = self._frames[-1][k].shape
             if want is not None and a.shape != tuple(want):
                 raise ValueError(f"observation {k!r} must have shape {tuple(want)}, got {a.shape}")
+            check_finite_obs(k, a)
             frame[k] = a
         return frame
 
@@ -245,6 +279,10 @@ class ChunkExecutor:
         warm = getattr(policy, "predict_action_warm", None)
         self._warm_takes_noise = callable(warm) and takes_noise(warm)
         self._latest: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        self.nonfinite_chunks = 0  # chunks refused for NaN/inf, in all environments since construction
+        self.episode_nonfinite = np.zeros(self.num_envs, dtype=np.int64)  # ... in each environment's episode
+        self.refused: list[int] = []  # environments whose new chunk the last act() refused (they held)
+        self._last_sent: list[np.ndarray | None] = [None] * self.num_envs
 
     # ------------------------------------------------------------------ episodes and observations
     def _ids(self, env_ids: Sequence[int] | np.ndarray | None) -> list[int]:
@@ -274,6 +312,8 @@ class ChunkExecutor:
         self.queues[i].clear()
         self.episode[i] = int(episode)
         self.chunk_count[i] = 0
+        self.episode_nonfinite[i] = 0
+        self._last_sent[i] = None
 
     def observe(self, obs: Mapping[str, np.ndarray], env_ids: Sequence[int] | None = None) -> None:
         """Push the next observation of each listed environment (batched, row ``j`` for ``env_ids[j]``)."""
@@ -343,12 +383,27 @@ class ChunkExecutor:
         """The executable slice of chunks ``(n, horizon, A)`` with this executor's ``n_action_steps``."""
         return executable(chunk, self.n_obs_steps, self.n_action_steps)
 
-    def plan(self, env_ids: Sequence[int]) -> np.ndarray:
-        """Infer new chunks for the listed environments and queue their executable actions; returns the chunks."""
-        chunk = self.compute(self.request(env_ids))
+    def screen(self, chunk: np.ndarray, env_ids: Sequence[int]) -> np.ndarray:
+        """Which of the chunks ``(n, horizon, A)`` (row ``j`` for ``env_ids[j]``) may be executed: those holding
+        only finite numbers. The others are counted (``nonfinite_chunks``, ``episode_nonfinite``)."""
+        ok = finite_rows(chunk)
         for j, i in enumerate(self._ids(env_ids)):
+            if not ok[j]:
+                self.nonfinite_chunks += 1
+                self.episode_nonfinite[i] += 1
+        return ok
+
+    def plan(self, env_ids: Sequence[int]) -> np.ndarray:
+        """Infer new chunks for the listed environments and queue their executable actions; returns the chunks.
+        A chunk with NaN or inf is counted and not queued (see :meth:`screen`): that environment's queue stays
+        empty."""
+        ids = self._ids(env_ids)
+        chunk = self.compute(self.request(ids))
+        ok = self.screen(chunk, ids)
+        for j, i in enumerate(ids):
             self.queues[i].clear()
-            self.queues[i].extend(self.executable(chunk)[j])
+            if ok[j]:
+                self.queues[i].extend(self.executable(chunk)[j])
         return chunk
 
     # ------------------------------------------------------------------ stepping
@@ -360,19 +415,31 @@ class ChunkExecutor:
         out = np.asarray(self.corrector(self.newest(ids), base, ids), dtype=base.dtype)
         if out.shape != base.shape:
             raise ValueError(f"the corrector returned actions of shape {out.shape}, expected {base.shape}")
+        if not np.isfinite(out).all():
+            bad = [int(i) for i, row in zip(ids, out.reshape(len(ids), -1)) if not np.isfinite(row).all()]
+            raise NonFiniteChunkError(f"the corrector returned non-finite actions (NaN/inf) for environment(s) {bad}")
         return out
 
     def act(self, active: np.ndarray | Sequence[bool] | None = None) -> np.ndarray:
         """The next action of every environment ``(num_envs, action_dim)``: environments whose queue ran out get
         new chunks first (one inference for all of them), then the corrector sees the base actions. Inactive
-        environments (``active[i]`` false) get zeros and draw nothing."""
+        environments (``active[i]`` false) get zeros and draw nothing. An environment whose new chunk was refused
+        (NaN/inf) holds its last action (zeros if its episode sent none yet), uncorrected, and is listed in
+        ``refused``."""
         mask = np.ones(self.num_envs, bool) if active is None else np.asarray(active, bool)
         need = [i for i in range(self.num_envs) if mask[i] and not self.queues[i]]
         if need:
             self.plan(need)
-        ids = np.flatnonzero(mask)
+        self.refused = [i for i in need if not self.queues[i]]
+        ids = np.asarray([i for i in np.flatnonzero(mask) if i not in self.refused], dtype=np.int64)
         actions = np.zeros((self.num_envs, self.action_dim), dtype=np.float32)
         if len(ids):
             base = np.stack([self.queues[i].popleft() for i in ids]).astype(np.float32)
             actions[ids] = self.correct(ids, base)
+        for i in self.refused:
+            held = self._last_sent[i]
+            if held is not None:
+                actions[i] = held
+        for i in np.flatnonzero(mask):
+            self._last_sent[i] = actions[i].copy()
         return actions

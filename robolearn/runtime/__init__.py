@@ -13,8 +13,8 @@ from typing import Any
 
 _WHERE = {
     "ActionQueue": "action_queue",
-    "RemotePolicy": "client", "RemotePolicyError": "client",
-    "PolicyError": "runner", "Runner": "runner",
+    "RemotePolicy": "client", "RemotePolicyError": "client", "RemoteNonFiniteChunkError": "client",
+    "PolicyError": "runner", "NonFiniteActionsError": "runner", "Runner": "runner",
     "PolicyServer": "server",
 }
 _FROM_POLICIES = ("ChunkPredictor", "WarmStartPredictor")

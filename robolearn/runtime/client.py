@@ -3,7 +3,9 @@ the same metadata): a :class:`ChunkPredictor`, so the runner drives a remote pol
 
 It sends the runner's whole observation history with ``"history": True`` (the server's per-connection buffer is
 not used), ``"reset": True`` on the first request after :meth:`reset`, and rebuilds the ``(B, horizon, A)`` chunk
-from the reply's ``chunk`` (one request per batch element).
+from the reply's ``chunk`` (one request per batch element). An error reply raises :class:`RemotePolicyError`; the
+server's refusal of a non-finite chunk raises :class:`RemoteNonFiniteChunkError` (also a
+:class:`~robolearn.policies.executor.NonFiniteChunkError`, which the runner counts instead of stopping at once).
 """
 from __future__ import annotations
 
@@ -15,11 +17,16 @@ import torch
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from robolearn.policies.executor import NONFINITE_CHUNK, NonFiniteChunkError
 from robolearn.runtime import msgpack_numpy
 
 
 class RemotePolicyError(RuntimeError):
     """The server answered a request with an error (a text frame)."""
+
+
+class RemoteNonFiniteChunkError(RemotePolicyError, NonFiniteChunkError):
+    """The server refused to send a chunk holding NaN or inf; the runner counts it as a non-finite chunk."""
 
 
 class RemotePolicy:
@@ -77,6 +84,8 @@ class RemotePolicy:
                 self._ws.send(msgpack_numpy.packb(req))
                 reply = self._ws.recv(timeout=self.timeout)
                 if isinstance(reply, str):
+                    if reply.startswith(f"error: {NONFINITE_CHUNK}"):
+                        raise RemoteNonFiniteChunkError(f"policy server {self.url}: {reply}")
                     raise RemotePolicyError(f"policy server {self.url}: {reply}")
                 self._reset_next = False
                 msg = msgpack_numpy.unpackb(reply)

@@ -39,11 +39,16 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
 
 def run_job(policy: ChunkPredictor | str, env_factory: Callable[[], Any], *, run_dir: str | Path | None = None,
             episodes: int | None = 1, duration_s: float | None = None, seed: int = 0, token: str | None = None,
-            print_summary: bool = True, **settings: Any) -> dict[str, Any]:
+            print_summary: bool = True, print_error: bool = True, **settings: Any) -> dict[str, Any]:
     """Run the policy on a fresh environment; write ``run_dir/report.json``; print the summary JSON last.
 
-    ``settings`` go to :class:`Runner` (rate_hz, mode, blend, realtime, latency_s, ...). Always returns the report,
-    also after Ctrl-C or a policy error (then ``report["error"]`` / ``report["interrupted"]`` say so)."""
+    ``settings`` go to :class:`Runner` (rate_hz, mode, blend, realtime, latency_s, max_nonfinite_chunks, ...); they
+    and ``episodes``/``duration_s`` are checked (ValueError naming the key) before the environment is made. Always
+    returns the report, also after Ctrl-C or a policy error (then ``report["error"]`` / ``report["interrupted"]``
+    say so; ``print_error`` also prints the error on stderr)."""
+    from robolearn.runtime.runner import check_settings
+
+    check_settings(episodes=episodes, duration_s=duration_s)
     pol = resolve_policy(policy, token)
     env = env_factory()
     try:
@@ -58,7 +63,7 @@ def run_job(policy: ChunkPredictor | str, env_factory: Callable[[], Any], *, run
         path = Path(run_dir) / "report.json"
         write_json_atomic(path, report)
         report["report_path"] = str(path)
-    if report.get("error"):
+    if report.get("error") and print_error:
         print(f"runner stopped: {report['error']}", file=sys.stderr)
     if print_summary:
         print(json.dumps(summary_line(report), default=str), flush=True)
@@ -67,7 +72,14 @@ def run_job(policy: ChunkPredictor | str, env_factory: Callable[[], Any], *, run
 
 def serve_job(policy: ChunkPredictor | str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
               key_map: Mapping[str, str] | None = None, **server_settings: Any) -> None:
-    """Serve until Ctrl-C; prints where it listens (stderr) and, at the end, a one-line JSON summary (stdout)."""
+    """Serve until Ctrl-C; prints where it listens (stderr) and, at the end, a one-line JSON summary (stdout).
+    The server's warnings (serving without a token beyond loopback, policy errors, non-finite chunks) go to stderr
+    unless logging was configured already."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="robolearn serve: %(levelname)s: %(message)s")
     pol = resolve_policy(policy)
     server = PolicyServer(pol, host=host, port=port, token=token, key_map=key_map, **server_settings)
 
@@ -76,4 +88,6 @@ def serve_job(policy: ChunkPredictor | str, host: str = "127.0.0.1", port: int =
               f"obs keys {s.client_keys}; Ctrl-C stops", file=sys.stderr, flush=True)
 
     server.serve_forever(on_ready=ready)
-    print(json.dumps({"served": server.requests_served, "errors": server.errors_sent, "url": server.url}), flush=True)
+    print(json.dumps({"served": server.requests_served, "errors": server.errors_sent,
+                      "nonfinite_chunks": server.nonfinite_chunks, "dropped": server.requests_dropped,
+                      "url": server.url}), flush=True)

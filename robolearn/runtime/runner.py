@@ -61,6 +61,16 @@ counted in the tick's work (the step-time estimate that sync mode keeps clear of
 
 Failures
 --------
+Non-finite numbers: an observation (from ``reset`` or ``step``) holding NaN or inf stops the run before anything is
+computed from it, naming the key (``error``; the episode's ``status`` is ``"error"``). A chunk holding NaN or inf
+anywhere (NaN weights; an observation so large that normalization overflowed) is never queued or executed: the
+executor's :meth:`~robolearn.policies.executor.ChunkExecutor.screen` refuses it, the runner counts it
+(``nonfinite_chunks``, per episode and in total), keeps executing what is queued from earlier chunks or, when
+nothing is, holds the last action (a deadline miss) and starts a new inference at once. An episode's first chunk
+(and a replan's) is retried inline before anything is sent. After ``max_nonfinite_chunks`` refused chunks in a
+run (default 3) the run stops as below, with ``status: "nonfinite_actions"``. A remote policy whose server refused
+a non-finite chunk counts the same way.
+
 A policy exception stops the run at once: no action from the failed inference is sent, and with ``on_error="hold"``
 (default) nothing more is sent, so the last commanded action stays in force (for the position targets these tasks
 use, that stops the robot); ``on_error="zero"`` sends one all-zero action first (for velocity-controlled robots).
@@ -81,7 +91,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from robolearn.policies.executor import ChunkExecutor, ChunkPredictor, ChunkRequest, Corrector
+from robolearn.policies.executor import (ChunkExecutor, ChunkPredictor, ChunkRequest, Corrector, NonFiniteChunkError,
+                                         NonFiniteObservationError)
 from robolearn.runtime.action_queue import BLENDS, ActionQueue, ticks_for
 from robolearn.runtime.clock import RealClock, VirtualClock
 from robolearn.runtime.stats import StatusLine, percentile_ms
@@ -91,6 +102,42 @@ MODES = ("sync", "async")
 
 class PolicyError(RuntimeError):
     """The policy raised during inference; the runner stopped safely."""
+
+
+class NonFiniteActionsError(PolicyError):
+    """The policy returned ``max_nonfinite_chunks`` chunks holding NaN or inf; the runner stopped safely."""
+
+
+def _number(name: str, value: Any, *, integer: bool = False, minimum: float = 0.0, strict: bool = False,
+            what: str = "") -> None:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if ok and integer:
+        ok = float(value) == int(value)
+    if ok:
+        v = float(value)
+        ok = math.isfinite(v) and (v > minimum if strict else v >= minimum)
+    if not ok:
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        kind = "a whole number" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind} {bound}{what}, got {value!r}")
+
+
+def check_settings(*, rate_hz: Any = None, latency_s: Any = None, episodes: Any = None, duration_s: Any = None,
+                   max_nonfinite_chunks: Any = None, max_steps: Any = None) -> None:
+    """Refuse numbers that make no sense, with a ValueError naming the key (``None``: not given, always fine).
+    :class:`Runner` and ``robolearn run`` both call it, so both say the same."""
+    if rate_hz is not None:
+        _number("rate_hz", rate_hz, strict=True, what=" (control ticks per second; null: the task's own)")
+    if latency_s is not None:
+        _number("latency_s", latency_s, what=" (seconds; 0 is the offline, no-latency baseline)")
+    if episodes is not None:
+        _number("episodes", episodes, integer=True, minimum=1, what=" (null with duration_s: as many as fit)")
+    if duration_s is not None:
+        _number("duration_s", duration_s, strict=True, what=" (seconds of control time)")
+    if max_nonfinite_chunks is not None:
+        _number("max_nonfinite_chunks", max_nonfinite_chunks, integer=True, minimum=1)
+    if max_steps is not None:
+        _number("max_steps", max_steps, integer=True, minimum=1)
 
 
 @dataclass
@@ -122,6 +169,7 @@ class _Episode:
     replaced: int = 0
     inferences: int = 0
     replans: int = 0
+    nonfinite: int = 0
     status: str = "running"
     wall_s: float = 0.0
     lateness_s: list[float] = field(default_factory=list)
@@ -130,7 +178,7 @@ class _Episode:
         return {"episode": self.index, "seed": self.seed, "steps": self.steps, "success": self.success,
                 "return": round(self.ret, 6), "deadline_misses": self.misses, "actions_dropped": self.dropped,
                 "actions_replaced": self.replaced, "inferences": self.inferences, "replans": self.replans,
-                "status": self.status, "wall_s": round(self.wall_s, 4)}
+                "nonfinite_chunks": self.nonfinite, "status": self.status, "wall_s": round(self.wall_s, 4)}
 
 
 class _Worker:
@@ -167,7 +215,8 @@ class Runner:
     """Runs ``policy`` on ``env`` (an environment, or a zero-argument factory of one) at ``rate_hz``.
 
     See the module docstring for the timing model. ``max_steps`` caps an episode (the env's own time limit applies
-    too). ``status`` shows a live line on stderr.
+    too). ``status`` shows a live line on stderr. ``max_nonfinite_chunks``: refused (NaN/inf) chunks after which
+    the run stops (see "Failures").
     """
 
     def __init__(
@@ -193,7 +242,10 @@ class Runner:
         spin_s: float = 0.001,
         switch_interval_s: float | None = 0.0005,
         corrector: Corrector | None = None,
+        max_nonfinite_chunks: int = 3,
     ) -> None:
+        check_settings(rate_hz=rate_hz, latency_s=latency_s, max_nonfinite_chunks=max_nonfinite_chunks,
+                       max_steps=max_steps)
         self.executor = ChunkExecutor(policy, 1, corrector=corrector)  # checks the policy's members and geometry
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -211,8 +263,7 @@ class Runner:
         self.env = env
         if rate_hz is None:
             rate_hz = float(getattr(getattr(env, "unwrapped", env), "fps", 10.0))
-        if rate_hz <= 0:
-            raise ValueError(f"rate_hz must be positive, got {rate_hz}")
+            check_settings(rate_hz=rate_hz)
         self.rate_hz = float(rate_hz)
         self.period_s = 1.0 / self.rate_hz
         self.mode, self.blend, self.realtime = mode, blend, bool(realtime)
@@ -222,6 +273,8 @@ class Runner:
         self.trigger_margin = float(trigger_margin)
         self.max_steps = max_steps
         self.on_error = on_error
+        self.max_nonfinite_chunks = int(max_nonfinite_chunks)
+        self._nonfinite_total = 0
         self.status = StatusLine(status, status_stream)
         self.clock = RealClock(self.period_s, spin_s) if self.realtime else VirtualClock(self.period_s)
         self.queue = ActionQueue("none" if blend == "warmstart" else blend, ensemble_m)
@@ -296,8 +349,10 @@ class Runner:
     def run(self, episodes: int | None = 1, duration_s: float | None = None, seed: int = 0) -> dict[str, Any]:
         """Run ``episodes`` episodes (seeds ``seed, seed+1, ...``), or as many as fit in ``duration_s`` of control
         time when ``episodes`` is None; both given: whichever ends first. Returns the report dict."""
+        check_settings(episodes=episodes, duration_s=duration_s)
         if episodes is None and duration_s is None:
             episodes = 1
+        self._nonfinite_total = 0
         worker = _Worker(self._infer) if self.realtime else None
         # A Python-heavy inference thread holds the GIL for up to sys.getswitchinterval() (5 ms by default) before
         # the woken control loop gets it back: shorten that while running in real time (restored afterwards).
@@ -331,6 +386,10 @@ class Runner:
                 done[-1].status = "interrupted"
         except PolicyError as exc:
             error = str(exc)
+        except NonFiniteObservationError as exc:  # from env.reset / env.step: nothing was computed from it
+            error = f"runner stopped: environment {type(self.env).__name__}: {exc}"
+            if done and done[-1].status == "running":
+                done[-1].status = "error"
         except Exception as exc:  # the env (or our own bug): still stop safely and report
             error = f"runner stopped: {type(exc).__name__}: {exc}"
             if done and done[-1].status == "running":
@@ -360,10 +419,7 @@ class Runner:
         self.clock.start()
         ep.success = bool(info.get("success", False))
         # The robot is at rest until its first chunk exists: compute it before the clock starts.
-        ep.inferences += 1
-        self._last_trigger = 0
-        first = self._run_inline(0)
-        self._take(first, ep, now_tick=0, base_tick=0)
+        self._first_chunk(ep, 0)
         self.clock.start()
         pending: _Result | _Job | None = None
         last_action: np.ndarray | None = None
@@ -445,12 +501,18 @@ class Runner:
             self._drain(worker)  # one inference at a time; what it returns was planned before the request
         self.queue.clear()
         self._prev = None
-        ep.inferences += 1
         ep.replans += 1
-        self._last_trigger = k
-        res = self._run_inline(k)
-        self._take(res, ep, now_tick=k, base_tick=k)
+        self._first_chunk(ep, k)
         self.clock.rebase(k)
+
+    def _first_chunk(self, ep: _Episode, k: int) -> None:
+        """Infer inline from tick ``k``'s observation until a chunk is taken (a refused, non-finite one is retried:
+        nothing is sent meanwhile; the limit on refused chunks ends the loop)."""
+        while True:
+            ep.inferences += 1
+            self._last_trigger = k
+            if self._take(self._run_inline(k), ep, now_tick=k, base_tick=k):
+                return
 
     def _should_trigger(self, k: int) -> bool:
         remaining = self.queue.remaining(k)
@@ -486,20 +548,49 @@ class Runner:
         except queue.Empty:
             pass
 
-    def _take(self, res: _Result, ep: _Episode, now_tick: int, base_tick: int) -> None:
-        if res.error is not None:
+    def _take(self, res: _Result, ep: _Episode, now_tick: int, base_tick: int) -> bool:
+        """Queue a finished chunk's actions; False when it was refused (non-finite, counted)."""
+        if res.error is not None and not isinstance(res.error, NonFiniteChunkError):
             self._stop_on_error(ep, res.error)
-        assert res.chunk is not None
         self._record_latency(res.latency_s)
+        if res.error is not None:  # a remote policy: its server refused a non-finite chunk
+            self.executor.nonfinite_chunks += 1
+            self.executor.episode_nonfinite[0] += 1
+            self._refused(ep, res)
+            return False
+        assert res.chunk is not None
+        if not self.executor.screen(res.chunk[None], [0])[0]:
+            self._refused(ep, res)
+            return False
         self._prev = res
         self.chunk_ticks.append((now_tick, res.obs_tick))
         executable = self.executor.executable(res.chunk[None])[0]
         dropped, replaced = self.queue.add(executable, first_tick=base_tick, now_tick=now_tick)
         ep.dropped += dropped
         ep.replaced += replaced
+        return True
+
+    def _refused(self, ep: _Episode, res: _Result) -> None:
+        ep.nonfinite += 1
+        self._nonfinite_total += 1
+        if self._nonfinite_total >= self.max_nonfinite_chunks:
+            self._stop(ep, "nonfinite_actions", NonFiniteActionsError(
+                f"policy {type(self.policy).__name__} returned {self._nonfinite_total} non-finite action chunks "
+                f"(NaN or inf; max_nonfinite_chunks={self.max_nonfinite_chunks}; the last from the observation of tick "
+                f"{res.obs_tick}, episode {ep.index}); none of their actions was executed; stopped, "
+                f"{'holding the last action' if self.on_error == 'hold' else 'sent zero action'}"))
 
     def _stop_on_error(self, ep: _Episode, exc: BaseException) -> None:
-        ep.status = "policy_error"
+        try:
+            self._stop(ep, "policy_error", PolicyError(
+                f"policy {type(self.policy).__name__} raised {type(exc).__name__}: {exc} (episode {ep.index}, "
+                f"tick {ep.steps}); stopped, "
+                f"{'holding the last action' if self.on_error == 'hold' else 'sent zero action'}"))
+        except PolicyError as err:
+            raise err from exc
+
+    def _stop(self, ep: _Episode, status: str, err: PolicyError) -> None:
+        ep.status = status
         if self.on_error == "zero" and ep.steps > 0:
             try:
                 space = getattr(self.env, "action_space", None)
@@ -507,10 +598,7 @@ class Runner:
                 self.env.step(np.zeros(shape, dtype=np.float32))
             except Exception:  # the env may be what failed; the error to report is the policy's
                 pass
-        raise PolicyError(
-            f"policy {type(self.policy).__name__} raised {type(exc).__name__}: {exc} (episode {ep.index}, "
-            f"tick {ep.steps}); stopped, {'holding the last action' if self.on_error == 'hold' else 'sent zero action'}"
-        ) from exc
+        raise err
 
     def _show(self, ep: _Episode, k: int) -> None:
         if not self.status.enabled:
@@ -543,6 +631,7 @@ class Runner:
             "actions_dropped": sum(e.dropped for e in eps),
             "actions_replaced": sum(e.replaced for e in eps),
             "inferences": sum(e.inferences for e in eps),
+            "nonfinite_chunks": sum(e.nonfinite for e in eps),
             "ticks": ticks,
             "latency_ms_p50": percentile_ms(self._latencies, 50),
             "latency_ms_p99": percentile_ms(self._latencies, 99),

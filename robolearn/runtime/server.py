@@ -21,6 +21,8 @@ Requests
   connection's history buffer is then bypassed (robolearn's :class:`~robolearn.runtime.client.RemotePolicy` does
   this, since the runner keeps its own history).
 - ``"noise"``: optional initial noise ``(horizon, A)`` or ``(1, horizon, A)`` passed to ``predict_action``.
+- Numbers must be finite: an observation (or ``noise``) holding NaN or inf is answered ``"error: observation 'key'
+  is not finite ..."`` (``noise`` likewise) and does not enter the connection's history.
 
 Replies
 -------
@@ -29,23 +31,37 @@ Replies
 is the executable part -- what an openpi client, which executes ``actions[:k]``, expects. ``chunk``: the full
 ``(horizon, A)`` chunk (Diffusion Policy's convention). ``action_start``, ``n_action_steps``, and ``server_timing``
 (``infer_ms``: the policy call; ``queue_ms``: waiting for the inference worker; ``total_ms``: receipt to reply).
+A chunk holding NaN or inf anywhere (NaN weights; an observation so large that normalization overflowed) is never
+sent: the reply is the text frame ``"error: non-finite action chunk ..."`` (the request is undone, as for any
+policy error) and ``nonfinite_chunks`` counts it.
 
 Serving
 -------
-Loopback only unless ``host`` says otherwise. Inference runs on ONE worker thread: requests from all connections are
-queued in arrival order and never run concurrently (policies are not assumed thread-safe), while the event loop
-keeps reading, answering errors and pings. ``max_message_bytes`` bounds a request: larger ones (up to twice that)
-get an error reply; beyond that websockets closes that connection (code 1009) without reading the rest. A client
-that disconnects mid-request costs nothing but the inference already queued.
+Loopback only unless ``host`` says otherwise. A ``host`` beyond loopback (``0.0.0.0``, a LAN address, a name other
+than ``localhost``) needs a ``token``, or ``allow_unauthenticated=True`` (then a warning is logged). More than one
+``Authorization`` header is answered HTTP 400.
+
+Inference runs on ONE worker thread (policies are not assumed thread-safe). Each connection has a reader that
+keeps reading (so a close is seen at once) and serves its own requests one after another, in order: at most one
+request per connection waits for the worker, so the worker's first-come queue takes the connections in turn and
+no client can starve the others. A connection may have ``max_pending`` requests read but not yet answered; a
+request beyond that is answered (in order) ``"error: ... at most N requests in flight ..."`` without inference.
+When a connection closes, its requests that have not started inference are dropped (``requests_dropped``):
+abandoned requests cost nothing but an inference that had already started. ``max_message_bytes`` bounds a request:
+larger ones (up to twice that) get an error reply; beyond that websockets closes that connection (code 1009)
+without reading the rest.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hmac
+import ipaddress
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Mapping
 
@@ -56,7 +72,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from robolearn.runtime import msgpack_numpy
-from robolearn.policies.executor import ChunkPredictor, ObsHistory, check_chunk, check_policy, executable_start
+from robolearn.policies.executor import (NONFINITE_CHUNK, ChunkPredictor, NonFiniteChunkError, ObsHistory,
+                                         check_chunk, check_finite_obs, check_policy, executable_start)
 
 log = logging.getLogger("robolearn.runtime.server")
 
@@ -65,6 +82,34 @@ RESERVED_KEYS = ("reset", "history", "noise")
 
 class RequestError(ValueError):
     """A request the server cannot serve; its message goes back to the client as a text frame."""
+
+
+class _Dropped(Exception):
+    """The request's connection closed before its inference started."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` stays on this machine (``localhost``, 127.0.0.0/8, ::1). Any other name or
+    address, and the empty host (every interface), is beyond loopback."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class _Connection:
+    """One client's requests: read by the reader task, served in order by the handler."""
+
+    inbox: collections.deque = field(default_factory=collections.deque)  # (t_recv, message) or _REFUSED
+    pending: int = 0  # requests read and not yet answered (refused ones not counted)
+    closed: bool = False  # read by the inference thread too (a plain bool: no lock needed to read it)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+_REFUSED = object()
 
 
 class PolicyServer:
@@ -77,11 +122,25 @@ class PolicyServer:
         key_map: Mapping[str, str] | None = None,
         max_message_bytes: int = 16 * 2**20,
         obs_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        *,
+        allow_unauthenticated: bool = False,
+        max_pending: int = 4,
     ) -> None:
         check_policy(policy)
         self.policy = policy
         self.host, self.port = host, int(port)
         self.token = token or None
+        if self.token is None and not is_loopback(host):
+            if not allow_unauthenticated:
+                raise ValueError(
+                    f"refusing to serve on {host!r} (beyond loopback) without a token: anyone who can reach the port "
+                    f"could run the policy. Set a token (clients send 'Authorization: Api-Key <token>'), or "
+                    f"allow_unauthenticated=true to serve openly anyway")
+            log.warning("serving on %r without a token (allow_unauthenticated): anyone who can reach this port can "
+                        "run the policy", host)
+        if int(max_pending) < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.max_pending = int(max_pending)
         self.max_message_bytes = int(max_message_bytes)
         policy_keys = list(policy.obs_keys)
         self.key_map = dict(key_map or {})
@@ -103,6 +162,9 @@ class PolicyServer:
         self._error: BaseException | None = None
         self.requests_served = 0
         self.errors_sent = 0
+        # counted in the event loop's thread only
+        self.nonfinite_chunks = 0  # chunks not sent because they held NaN or inf
+        self.requests_dropped = 0  # requests whose connection closed before their inference started
 
     # ------------------------------------------------------------------ metadata
     def metadata(self) -> dict[str, Any]:
@@ -122,6 +184,7 @@ class PolicyServer:
             "n_action_steps": int(p.n_action_steps),
             "action_start": self.start_index,
             "max_message_bytes": self.max_message_bytes,
+            "max_pending": self.max_pending,
             "auth": self.token is not None,
         }
 
@@ -203,20 +266,66 @@ class PolicyServer:
     def _authorize(self, connection: ServerConnection, request: Request) -> Response | None:
         if self.token is None:
             return None
-        got = request.headers.get("Authorization", "")
+        values = request.headers.get_all("Authorization")
+        if len(values) > 1:
+            return connection.respond(HTTPStatus.BAD_REQUEST,
+                                      f"{len(values)} Authorization headers: send exactly one, "
+                                      f"'Authorization: Api-Key <token>'\n")
+        got = values[0] if values else ""
         if hmac.compare_digest(got.encode(), f"Api-Key {self.token}".encode()):
             return None
         return connection.respond(HTTPStatus.UNAUTHORIZED,
                                   "missing or wrong API key: send the header 'Authorization: Api-Key <token>'\n")
 
+    async def _read(self, ws: ServerConnection, conn: _Connection) -> None:
+        """Read every message as it arrives (so a close is seen at once), queueing at most ``max_pending``."""
+        try:
+            async for message in ws:
+                if conn.pending >= self.max_pending:
+                    conn.inbox.append(_REFUSED)  # answered in order, without inference; the bytes are not kept
+                else:
+                    conn.pending += 1
+                    conn.inbox.append((time.perf_counter(), message))
+                conn.wake.set()
+        except ConnectionClosed:
+            pass
+        finally:
+            conn.closed = True
+            conn.wake.set()
+
     async def _handler(self, ws: ServerConnection) -> None:
         history = ObsHistory(list(self.policy.obs_keys), self.n_obs, self.obs_shapes)
+        conn = _Connection()
+        reader: asyncio.Task | None = None
         try:
             await ws.send(msgpack_numpy.packb(self.metadata()))
-            async for message in ws:
-                t_recv = time.perf_counter()
+            reader = asyncio.create_task(self._read(ws, conn))
+            while True:
+                if not conn.inbox and not conn.closed:
+                    conn.wake.clear()
+                    await conn.wake.wait()
+                    continue
+                if conn.closed:  # the client went away: what it left unanswered is dropped, uncomputed
+                    self.requests_dropped += sum(item is not _REFUSED for item in conn.inbox)
+                    return
+                item = conn.inbox.popleft()
+                if item is _REFUSED:
+                    self.errors_sent += 1
+                    await ws.send(f"error: at most {self.max_pending} requests in flight per connection (this "
+                                  f"server's max_pending); this one was not computed: wait for the replies")
+                    continue
+                t_recv, message = item
                 try:
-                    reply = await self._serve_one(message, history, t_recv)
+                    reply = await self._serve_one(message, history, t_recv, conn)
+                except _Dropped:
+                    self.requests_dropped += 1
+                    return
+                except NonFiniteChunkError as exc:
+                    self.errors_sent += 1
+                    self.nonfinite_chunks += 1
+                    log.warning("%s", exc)
+                    await ws.send(f"error: {exc}")
+                    continue
                 except RequestError as exc:
                     self.errors_sent += 1
                     await ws.send(f"error: {exc}")
@@ -226,10 +335,15 @@ class PolicyServer:
                     log.warning("policy raised while serving a request", exc_info=True)
                     await ws.send(f"error: policy {type(self.policy).__name__} raised {type(exc).__name__}: {exc}")
                     continue
+                finally:
+                    conn.pending -= 1
                 await ws.send(reply)
                 self.requests_served += 1
         except ConnectionClosed:
             pass  # the client went away (possibly mid-request): nothing to clean up but this handler
+        finally:
+            if reader is not None:
+                reader.cancel()
 
     def _parse(self, message: Any) -> dict[str, Any]:
         if isinstance(message, str):
@@ -250,7 +364,7 @@ class PolicyServer:
             out[key] = v
         return out
 
-    async def _serve_one(self, message: Any, history: ObsHistory, t_recv: float) -> bytes:
+    async def _serve_one(self, message: Any, history: ObsHistory, t_recv: float, conn: _Connection) -> bytes:
         req = self._parse(message)
         missing = [c for c in self.client_keys if c not in req]
         if missing:
@@ -273,11 +387,19 @@ class PolicyServer:
                 history.restore(saved)
                 raise RequestError(str(exc).strip('"')) from None
             batch = history.batch()
-        loop = asyncio.get_running_loop()
         t_submit = time.perf_counter()
         assert self._executor is not None
+        job = self._executor.submit(self._predict, batch, noise, reset, conn)
         try:
-            chunk, t_start, infer_s = await loop.run_in_executor(self._executor, self._predict, batch, noise, reset)
+            done = asyncio.wrap_future(job)
+            closed = asyncio.ensure_future(self._closed(conn))
+            try:
+                await asyncio.wait({done, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+            if not done.done() and job.cancel():  # closed before its turn: never computed
+                raise _Dropped()
+            chunk, t_start, infer_s = await done
         except BaseException:
             if saved is not None:
                 history.restore(saved)
@@ -296,6 +418,12 @@ class PolicyServer:
         }
         return msgpack_numpy.packb(reply)
 
+    @staticmethod
+    async def _closed(conn: _Connection) -> None:
+        while not conn.closed:
+            conn.wake.clear()
+            await conn.wake.wait()
+
     def _noise(self, raw: Any) -> torch.Tensor | None:
         if raw is None:
             return None
@@ -303,6 +431,8 @@ class PolicyServer:
         if not isinstance(raw, np.ndarray) or raw.dtype.kind != "f" or tuple(raw.shape[-2:]) != want \
                 or raw.ndim not in (2, 3) or (raw.ndim == 3 and raw.shape[0] != 1):
             raise RequestError(f"noise must be a float array of shape {want} or (1, {want[0]}, {want[1]})")
+        if not np.isfinite(raw).all():
+            raise RequestError("noise is not finite (holds NaN or inf): refused")
         return torch.from_numpy(np.array(raw, dtype=np.float32)).reshape(1, *want)
 
     def _history_batch(self, obs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -315,13 +445,26 @@ class PolicyServer:
             if (want is not None and a.shape != want) or a.ndim < 1 or a.shape[0] != self.n_obs:
                 raise RequestError(f"observation {k!r} with history=True must have shape "
                                    f"{want or (self.n_obs, '...')}, got {a.shape}")
+            try:
+                check_finite_obs(k, a)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
             batch[k] = torch.from_numpy(a)[None]
         return batch
 
-    def _predict(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None,
-                 reset: bool) -> tuple[np.ndarray, float, float]:
+    def _predict(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None, reset: bool,
+                 conn: _Connection | None = None) -> tuple[np.ndarray, float, float]:
+        if conn is not None and conn.closed:  # went away while this waited for the worker: skip it
+            raise _Dropped()
         t0 = time.perf_counter()
         if reset:
             self.policy.reset()
         out = self.policy.predict_action(batch) if noise is None else self.policy.predict_action(batch, noise)
-        return check_chunk(out, self.policy, 1)[0], t0, time.perf_counter() - t0
+        chunk = check_chunk(out, self.policy, 1)[0]
+        if not np.isfinite(chunk).all():
+            what = " and ".join(n for n, bad in (("NaN", np.isnan(chunk).any()), ("inf", np.isinf(chunk).any()))
+                                if bad)
+            raise NonFiniteChunkError(f"{NONFINITE_CHUNK}: policy {type(self.policy).__name__} returned {what} for "
+                                      f"this observation; nothing was sent (check its weights and the observation's "
+                                      f"scale)")
+        return chunk, t0, time.perf_counter() - t0

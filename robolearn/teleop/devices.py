@@ -50,6 +50,10 @@ EVENTS = ("start", "save", "discard", "reset", "takeover", "handback", "driver",
 AXES = ("right", "forward", "up", "roll", "pitch", "yaw")
 LOG_FORMAT = "robolearn-teleop-events"
 LOG_VERSION = 2  # 2: quit records ({"t": N, "quit": reason}); mode and latency_s in the header
+# Bounds no real session reaches, checked with the rest of a replay log (a tick of 10^12 would replay for months):
+MAX_TICK = 10**8  # ticks (and the end tick) are below it: 116 days at 10 Hz, almost 3 hours at the top rate
+MAX_SEED = 2**32 - 1
+MIN_RATE_HZ, MAX_RATE_HZ = 0.01, 10000.0
 
 
 class DeviceError(Exception):
@@ -535,8 +539,9 @@ _HEADER_FIELDS: dict[str, tuple[Any, str]] = {
     "device": (lambda v: v in INTERPRETERS, f"one of {sorted(INTERPRETERS)}"),
     "sources": (lambda v: isinstance(v, list) and bool(v) and all(s in INTERPRETERS for s in v)
                 and len(set(v)) == len(v), f"a list of distinct device names from {sorted(INTERPRETERS)}"),
-    "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-    "rate_hz": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    "rate_hz": (lambda v: _is_number(v) and MIN_RATE_HZ <= v <= MAX_RATE_HZ,
+                f"a number in [{MIN_RATE_HZ:g}, {MAX_RATE_HZ:g}] (Hz)"),
     "env_config": (lambda v: isinstance(v, dict), "an object"),
     "policy": (lambda v: isinstance(v, str) and bool(v), "a checkpoint path"),
     "mode": (lambda v: v in ("sync", "async"), "sync or async"),
@@ -562,7 +567,9 @@ def _reject_constant(name: str) -> Any:
 
 def read_event_log(path: str | os.PathLike) -> EventLogContents:
     """Read and check a whole event log before anything runs: every failure is a DeviceError saying
-    ``replay log PATH, line N: what is wrong`` (N counts the file's lines as they are, blank ones included)."""
+    ``replay log PATH, line N: what is wrong`` (N counts the file's lines as they are, blank ones included).
+    Ticks and the end tick are below ``MAX_TICK``, the seed in [0, ``MAX_SEED``], ``rate_hz`` in
+    [``MIN_RATE_HZ``, ``MAX_RATE_HZ``]: a log beyond them was not written by a real session."""
     path = Path(path)
 
     def fail(line: int, message: str) -> DeviceError:
@@ -618,8 +625,8 @@ def read_event_log(path: str | os.PathLike) -> EventLogContents:
         if "end" in rec:
             if set(rec) != {"end"}:
                 raise fail(n, f"the end line holds other keys too: {sorted(set(rec) - {'end'})}")
-            if not _is_int(rec["end"]) or rec["end"] < 0:
-                raise fail(n, f"'end' must be a non-negative integer tick, not {_kind(rec['end'])}")
+            if not _is_int(rec["end"]) or not 0 <= rec["end"] < MAX_TICK:
+                raise fail(n, f"'end' must be a non-negative integer tick below {MAX_TICK}, not {_kind(rec['end'])}")
             if last_t is not None and rec["end"] <= last_t:
                 raise fail(n, f"the end (tick {rec['end']}) is not after the last record (tick {last_t})")
             end, end_line = int(rec["end"]), n
@@ -627,8 +634,8 @@ def read_event_log(path: str | os.PathLike) -> EventLogContents:
         if "t" not in rec:
             raise fail(n, "neither a tick ('t') nor the end ('end')")
         t = rec["t"]
-        if not _is_int(t) or t < 0:
-            raise fail(n, f"'t' must be a non-negative integer tick, not {_kind(t)}")
+        if not _is_int(t) or not 0 <= t < MAX_TICK:
+            raise fail(n, f"'t' must be a non-negative integer tick below {MAX_TICK}, not {_kind(t)}")
         if last_t is not None and t <= last_t:
             raise fail(n, f"tick {t} does not come after the previous record's tick {last_t} (each tick has one "
                           f"record, in increasing order)")

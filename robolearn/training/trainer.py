@@ -16,6 +16,12 @@ Run folder::
     videos/                evaluation videos
     result.json
 
+Checkpoints are written whole or not at all (:func:`robolearn.policies.checkpoint.save_policy`); only the newest
+``keep_checkpoints`` are kept (never the one ``latest`` names), pruned after each save and when a run ends, a
+resumed one included. A run killed mid-write is made whole again before it resumes or starts over
+(:func:`recover_checkpoints`): the dead writer's hidden folders go, and ``latest`` is pointed at the newest
+checkpoint when the kill came before it switched.
+
 Distributed (``torchrun``): every rank trains on its own batches; gradients are averaged by DDP; rank 0 alone
 keeps the EMA, writes checkpoints, metrics and runs evaluations.
 """
@@ -24,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +43,51 @@ from robolearn.training.ema import EMA
 from robolearn.training.settings import TrainSettings, cosine_with_warmup
 
 TRAIN_STATE = "train_state.pt"
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """A run's checkpoint folders, oldest first (each ``step_*`` folder was renamed into place whole)."""
+    return sorted(p for p in Path(root).glob("step_*") if p.is_dir() and not p.is_symlink())
+
+
+def _switch_latest(root: Path, name: str) -> None:
+    link, tmp_link = root / "latest", root / ".latest.tmp"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    tmp_link.symlink_to(name)
+    os.replace(tmp_link, link)  # atomic switch of "latest"
+
+
+def recover_checkpoints(root: str | os.PathLike) -> list[str]:
+    """Make a run's ``checkpoints`` folder whole after a killed run, before it resumes or starts over: delete what
+    dead checkpoint writers left (:func:`~robolearn.policies.checkpoint.clean_stale_writes`, which also puts back
+    a checkpoint an overwrite had moved aside) and the temporary ``latest`` link; point a missing or dangling
+    ``latest`` at the newest checkpoint that can be resumed. Returns what was done, one line each.
+
+    Raises CheckpointError when another process is writing checkpoints there now (the run is still training).
+    """
+    from robolearn.policies.checkpoint import CheckpointError, clean_stale_writes, no_checkpoint_writers
+
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    with no_checkpoint_writers(root) as free:
+        if free is False:
+            raise CheckpointError(f"checkpoints are being written in {root} by another process right now (is this "
+                                  f"run still training?)")
+        done: list[str] = []
+        if free:  # nothing is cleaned where the file system cannot tell a live writer from a dead one
+            done += clean_stale_writes(root, held=True) or []
+            if (root / ".latest.tmp").is_symlink():
+                (root / ".latest.tmp").unlink()
+        latest = root / "latest"
+        if not latest.exists():
+            resumable = [p for p in complete_checkpoints(root) if (p / TRAIN_STATE).is_file()]
+            if resumable:
+                _switch_latest(root, resumable[-1].name)
+                done.append(f"pointed latest at {resumable[-1].name}, the newest checkpoint (the run was killed "
+                            f"before it switched)")
+    return done
 
 
 class _Loss(nn.Module):
@@ -116,7 +166,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Policy checkpoint (EMA weights) plus training state, written beside its name and renamed into it."""
-        from robolearn.policies.checkpoint import save_policy
+        from robolearn.policies.checkpoint import save_policy, writing_checkpoints
 
         name = f"step_{self.step:07d}"
         final = self.ckpt_root / name
@@ -128,19 +178,26 @@ class Trainer:
             "ema_step": self.ema.step,
             "settings": asdict(self.s),
         }
-        # One atomic write: save_policy renames the folder into place only after train_state.pt is in it.
-        save_policy(self.ema.model, final, config=self.config, extra={"step": self.step},
-                    write_extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE))
-        link = self.ckpt_root / "latest"
-        tmp_link = self.ckpt_root / ".latest.tmp"
-        if tmp_link.is_symlink() or tmp_link.exists():
-            tmp_link.unlink()
-        tmp_link.symlink_to(name)
-        os.replace(tmp_link, link)  # atomic switch of "latest"
-        steps = sorted(p for p in self.ckpt_root.glob("step_*") if p.is_dir())
-        for old in steps[: max(0, len(steps) - self.s.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        with writing_checkpoints(self.ckpt_root):  # a live writer: nobody cleans up after it meanwhile
+            # One atomic write: save_policy renames the folder into place only after train_state.pt is in it.
+            save_policy(self.ema.model, final, config=self.config, extra={"step": self.step},
+                        write_extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE))
+            _switch_latest(self.ckpt_root, name)
+            self.prune_checkpoints()
         return final
+
+    def prune_checkpoints(self) -> None:
+        """Keep the newest ``keep_checkpoints`` checkpoint folders, and always the one ``latest`` names."""
+        from robolearn.policies.checkpoint import remove_checkpoint, writing_checkpoints
+
+        latest = self.ckpt_root / "latest"
+        current = latest.resolve() if latest.exists() else None
+        with writing_checkpoints(self.ckpt_root):
+            steps = complete_checkpoints(self.ckpt_root)
+            for old in steps[: max(0, len(steps) - self.s.keep_checkpoints)]:
+                if old.resolve() != current:
+                    remove_checkpoint(old)
 
     def load_checkpoint(self, folder: Path) -> None:
         from robolearn.policies.checkpoint import load_policy
@@ -206,6 +263,9 @@ class Trainer:
         from tqdm import tqdm
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            recover_checkpoints(self.ckpt_root)
+        self._barrier()
         latest = self.ckpt_root / "latest"
         if resume:
             if not latest.exists():
@@ -266,8 +326,11 @@ class Trainer:
                 v = self.validation_loss()
                 if v is not None:
                     self._log({"step": self.step, "val_loss": v})
-            ckpt = self.save_checkpoint() if not (self.ckpt_root / f"step_{self.step:07d}").exists() else \
-                self.ckpt_root / f"step_{self.step:07d}"
+            ckpt = self.ckpt_root / f"step_{self.step:07d}"
+            if ckpt.exists():  # resumed at a step that has its checkpoint: keep_checkpoints still holds
+                self.prune_checkpoints()
+            else:
+                self.save_checkpoint()
             if finished and self.evaluate_fn:
                 last_eval = self._evaluate()
             self.plot()

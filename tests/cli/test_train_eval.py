@@ -126,6 +126,30 @@ def test_eval_command(peg_data, tmp_path, capsys):
     assert "is missing normalizer.json" in capsys.readouterr().err
 
 
+def test_eval_of_a_binary_config_is_one_error_line(peg_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(peg_data, run, "training.steps=1", "eval.episodes=0") == 0
+    capsys.readouterr()
+    ckpt = run / "checkpoints" / "latest"
+    (ckpt / "config.yaml").write_bytes(bytes([0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0xFF]))
+    assert main(["eval", f"checkpoint={ckpt}", "episodes=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"robolearn: error: {ckpt / 'config.yaml'} is not UTF-8 text") and err.count("\n") == 1
+
+
+def test_train_on_an_empty_store_says_it_is_empty(peg_data, tmp_path, capsys):
+    from robolearn.data import EpisodeStore
+
+    full = EpisodeStore.open(peg_data)
+    empty = tmp_path / "empty.zarr"
+    EpisodeStore.create(empty, full.schema, fps=full.fps, task=full.task, env_config=full.env_config).close()
+    assert train(empty, tmp_path / "run", "training.steps=1", "eval.episodes=0") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"robolearn: error: dataset {empty} holds no episodes; record some with: robolearn collect "
+                          f"task=peg_insert episodes=200 out={empty}"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_ddp_two_gloo_processes(peg_data, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

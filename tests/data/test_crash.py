@@ -1,6 +1,7 @@
 """A writer SIGKILLed mid-episode loses only that episode: the store opens, validates and takes appends."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -119,3 +120,39 @@ def test_sigkill_at_a_random_moment(tmp_path):
     n = store.n_episodes
     assert n >= 5
     _check_survivor(path, [50 + i % 7 for i in range(n)])
+
+
+# Dies by SIGKILL inside the real EpisodeStore.append_episodes, just before its first write to episode_ends:
+# the ends array has grown into a chunk that does not exist yet (the first append to an empty store).
+FIRST_APPEND = textwrap.dedent(
+    """
+    import os, signal, sys
+    import zarr
+    sys.path.insert(0, {tests!r})
+    from datagen import SCHEMA, make_episode
+    from robolearn.data import EpisodeStore
+
+    store = EpisodeStore.create(sys.argv[1], SCHEMA, fps=10, task="crash")
+    real = zarr.Array.__setitem__
+    def setitem(self, sel, value):
+        if self.path == "meta/episode_ends":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, sel, value)
+    zarr.Array.__setitem__ = setitem
+    store.append_episode(make_episode(4, seed=0))
+    """
+)
+
+
+def test_sigkill_in_the_first_append_before_its_end_lands(tmp_path):
+    """The one legitimate missing chunk of episode_ends: an append grew it into a new chunk and died."""
+    path = tmp_path / "first.zarr"
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_APPEND.format(tests=str(TESTS)), str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ends = path / "meta" / "episode_ends"
+    assert not (ends / "c" / "0").exists() and json.loads((ends / "zarr.json").read_text())["shape"] == [1]
+    report = EpisodeStore.open(path).validate()
+    assert report["episodes"] == 0 and report["uncommitted_rows"]
+    _check_survivor(path, [])

@@ -40,7 +40,8 @@ def test_layout_is_diffusion_policy_replay_buffer(store_factory, tmp_path):
     assert root["data"]["state"].shape == (15, 3)
     # Images: uint8, one frame per chunk, compressed. Low-dim: time chunks of about 2 MB.
     img = root["data"]["image"]
-    assert img.dtype == np.uint8 and img.chunks == (1, 12, 12, 3) and len(img.compressors) == 1
+    assert img.dtype == np.uint8 and img.chunks == (1, 12, 12, 3)
+    assert [type(c).__name__ for c in img.compressors] == ["BloscCodec", "Crc32cCodec"]  # compressed, checksummed
     state_chunk = root["data"]["state"].chunks[0]
     assert 1 * 2**20 <= state_chunk * 3 * 4 <= 4 * 2**20
     assert time_chunk_len(KeySpec((84, 84, 3), "uint8")) == 1
@@ -245,10 +246,14 @@ def test_store_with_nan_opens_for_dropping(store_factory, tmp_path):
     assert EpisodeStore.open(tmp_path / "store.zarr").n_episodes == 1
 
 
-def test_drop_after_an_interrupted_drop(store_factory, tmp_path):
+def test_drop_beside_a_backup_is_refused_and_the_backup_kept(store_factory, tmp_path):
+    """A store beside a drop's backup: which one is wanted cannot be proven, so nothing deletes the backup
+    (the old behaviour deleted it, and with it the original episodes: issue 11)."""
     store = store_factory(lengths=(3, 4, 5))
-    (tmp_path / ".store.zarr.drop-backup").mkdir()  # what a drop killed while deleting the old copy leaves
+    (tmp_path / ".store.zarr.drop-backup").mkdir()
     (tmp_path / ".store.zarr.drop-backup" / "x").write_text("old")
-    store.drop_episodes([0])
-    assert list(store.episode_lengths) == [4, 5]
-    assert not (tmp_path / ".store.zarr.drop-backup").exists()
+    with pytest.raises(StoreError, match=r"delete \.store\.zarr\.drop-backup; to go back to the backup"):
+        store.drop_episodes([0])
+    assert list(store.episode_lengths) == [3, 4, 5]
+    assert (tmp_path / ".store.zarr.drop-backup" / "x").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".store.zarr.drop-backup", "store.zarr"]

@@ -20,6 +20,8 @@ from robolearn.policies import (
     FlowPolicy,
     load_policy,
     make_policy,
+    read_checkpoint_config,
+    read_run_config,
     save_policy,
 )
 
@@ -320,6 +322,33 @@ def test_checkpoint_errors_are_clear(store: EpisodeStore, tmp_path: Path) -> Non
     (garbage / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_policy(garbage)
+
+
+def test_binary_config_is_a_checkpoint_error(store: EpisodeStore, tmp_path: Path) -> None:
+    folder = save_policy(make_policy(config("flow"), store.stats()), tmp_path / "binary")
+    (folder / "config.yaml").write_bytes(bytes([0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0xFF]))
+    for read in (load_policy, read_checkpoint_config, read_run_config):
+        with pytest.raises(CheckpointError, match=r"binary/config\.yaml is not UTF-8 text"):
+            read(folder)
+
+
+def test_non_finite_weights_are_refused_naming_the_first_tensor(store: EpisodeStore, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    policy = make_policy(config("diffusion"), store.stats())
+    folder = save_policy(policy, tmp_path / "diverged")
+    weights = folder / "model.safetensors"
+    floats = [k for k, v in policy.checkpoint_state().items() if v.is_floating_point()]
+    first, later = floats[3], floats[-2]  # in the model's order
+    state = load_file(str(weights))
+    state[later].view(-1)[0] = float("inf")
+    save_file(state, str(weights), metadata={"policy_type": "diffusion"})
+    with pytest.raises(CheckpointError, match=rf"{weights}: tensor '{later}' holds 1 inf value"):
+        load_policy(folder)
+    state[first].view(-1)[-1] = float("nan")
+    save_file(state, str(weights), metadata={"policy_type": "diffusion"})
+    with pytest.raises(CheckpointError, match=rf"{weights}: tensor '{first}' holds 1 NaN value"):
+        load_policy(folder)
 
 
 @pytest.mark.parametrize("ptype,bb", [("diffusion", "unet"), ("flow", "transformer")])

@@ -83,6 +83,8 @@ def test_missing_hardware_devices_say_what_to_do(robolearn_exe, headless_env, tm
     (["device=replay:{log}", "episodes=0"], "episodes must be >= 1"),
     (["device=replay:{log}", "colour=red"], "unknown config key 'colour'"),
     (["device=replay:{log}", "mode=fast"], "mode must be sync or async, not 'fast'"),
+    (["device=replay:{log}", "rate_hz=1e-300"], "rate_hz must be in [0.01, 10000] Hz, got 1e-300"),
+    (["device=replay:{log}", "rate_hz=20000"], "rate_hz must be in [0.01, 10000] Hz, got 20000"),
     (["device=replay:{policy_log}"], "was recorded in intervention mode with policy runs/x: give policy=CHECKPOINT"),
 ])
 def test_bad_settings(args, message, tmp_path, capsys, write_log):
@@ -118,6 +120,15 @@ MALFORMED = {
                  '"gamepad": {"axes": [NaN], "buttons": []}}\n', 2, "not JSON"),
     "end before input": (HEADER + '\n{"t": 4, "keyboard": {"keys": ["Up"]}}\n{"end": 4}\n', 3,
                          "the end (tick 4) is not after"),
+    "tiny rate_hz": (HEADER[:-1] + ', "rate_hz": 1e-300}\n', 1,
+                     "the header's rate_hz must be a number in [0.01, 10000] (Hz), not a number (1e-300)"),
+    "huge rate_hz": (HEADER[:-1] + ', "rate_hz": 100000.0}\n', 1, "rate_hz must be a number in [0.01, 10000]"),
+    "huge seed": (HEADER[:-1] + ', "seed": 4294967296}\n', 1,
+                  "the header's seed must be an integer in [0, 4294967295], not a number (4294967296)"),
+    "huge tick": (HEADER + '\n{"t": 1000000000000, "keyboard": {"keys": ["Up"]}}\n', 2,
+                  "'t' must be a non-negative integer tick below 100000000, not a number (1000000000000)"),
+    "huge end": (HEADER + '\n{"t": 4, "keyboard": {"keys": ["Up"]}}\n{"end": 100000000}\n', 3,
+                 "'end' must be a non-negative integer tick below 100000000"),
 }
 
 
