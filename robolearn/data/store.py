@@ -205,19 +205,23 @@ class EpisodeStore:
             raise StoreError(f"cannot create {path}: its attributes are not JSON-serializable ({e})") from None
         clean_leftovers(path)
         _release_lock(_resolve_backups(path, write=True))  # a backup put back is a store that exists now
-        if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise StoreError(f"cannot create {path}: it already exists (open it, or pass overwrite=True)")
-            _remove_store(path)
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise StoreError(f"cannot create {path}: it already exists (open it, or pass overwrite=True)")
+        # Built under a hidden name and renamed into place, so a writer killed while creating leaves no half-made
+        # store at ``path`` (a hidden copy, removed by the next writer once its lock is free). The copies drop and
+        # merge write are hidden already and are built in place.
+        hidden = path.name.startswith(".")
+        build = path if hidden else path.with_name(f".{path.name}.create-{uuid.uuid4().hex[:8]}")
         try:
-            path.mkdir(parents=True)
-            lock_fd = _acquire_lock(path)
+            build.parent.mkdir(parents=True, exist_ok=True)
+            build.mkdir()
+            lock_fd = _acquire_lock(build)
         except OSError as e:
             with contextlib.suppress(OSError):
-                path.rmdir()
+                build.rmdir()
             raise _os_store_error(f"cannot create {path}", e) from e
         try:
-            root = zarr.open_group(str(path), mode="a", zarr_format=zarr_format)  # "w" would delete the lock
+            root = zarr.open_group(str(build), mode="a", zarr_format=zarr_format)  # "w" would delete the lock
             data = root.create_group("data")
             for key, spec in schema.items():
                 n = time_chunk_len(spec)
@@ -235,9 +239,14 @@ class EpisodeStore:
                 compressors=_compressor(KeySpec((), "int64", "other"), zarr_format),
             )
             root.attrs.update(root_attrs)
+            if not hidden:
+                if path.exists() or path.is_symlink():
+                    _remove_store(path)  # overwrite=True: only now that the new store is whole
+                os.rename(build, path)  # the lock file moves with it: the lock stays held
+                root = zarr.open_group(str(path), mode="r+")
         except BaseException as e:
             _release_lock(lock_fd)
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(build, ignore_errors=True)
             if isinstance(e, OSError):
                 raise _os_store_error(f"cannot create {path}", e) from e
             raise
@@ -1118,7 +1127,7 @@ def _hidden_path(path: Path, op: str, old: bool = False) -> Path:
 
 
 def _hidden_pattern(path: Path) -> re.Pattern[str]:
-    return re.compile(r"^\." + re.escape(path.name) + r"\.(?P<op>drop|merge|overwrite)-(?P<old>old-)?[0-9a-f]{8}$")
+    return re.compile(r"^\." + re.escape(path.name) + r"\.(?P<op>drop|merge|overwrite|create)-(?P<old>old-)?[0-9a-f]{8}$")
 
 
 def _lock_if_free(folder: Path) -> int | None:

@@ -281,6 +281,14 @@ def _jsonable(x: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- reading
 def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     folder = Path(folder)
+    if not folder.is_dir() and _moved_aside(folder):
+        # An overwrite killed between moving the old checkpoint aside and renaming the new one into place: the
+        # complete old one waits as .NAME.old-<hex>. Put it back (only when no writer is alive there).
+        import warnings
+
+        done = clean_stale_writes(folder.parent) or []
+        if folder.is_dir():
+            warnings.warn(f"{folder}: " + "; ".join(done), stacklevel=3)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     path = folder / CONFIG
@@ -302,6 +310,13 @@ def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not isinstance(data, dict) or not isinstance(data.get("policy"), dict):
         raise CheckpointError(f"{path} has no 'policy' mapping (is it a robolearn checkpoint?)")
     return path, data
+
+
+def _moved_aside(folder: Path) -> bool:
+    try:
+        return any(e.startswith(f".{folder.name}.old-") for e in os.listdir(folder.parent))
+    except OSError:
+        return False
 
 
 def read_checkpoint_config(folder: str | os.PathLike) -> dict[str, Any]:

@@ -282,3 +282,37 @@ def test_backup_is_never_deleted_by_a_later_drop(tmp_path, capsys):
                        capture_output=True, text=True)
     assert r.returncode == 1 and ".store.zarr.drop-backup" in r.stderr
     assert json.loads((tmp_path / ".store.zarr.drop-backup" / "zarr.json").read_text())
+
+
+CREATE_KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import zarr
+    from datagen import SCHEMA
+    from robolearn.data import EpisodeStore
+    real = zarr.Group.create_array
+    count = [0]
+    def create_array(self, *a, **k):
+        count[0] += 1
+        if count[0] == 3:  # part-way through making the arrays
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, *a, **k)
+    zarr.Group.create_array = create_array
+    EpisodeStore.create(sys.argv[1], SCHEMA, fps=10, task="unit")
+    """
+)
+
+
+def test_a_store_killed_while_being_created_leaves_nothing_at_its_name(tmp_path):
+    """Creating is atomic too: a collect killed while making its store must not leave a half-made store that
+    blocks the next collect."""
+    path = tmp_path / "s.zarr"
+    proc = subprocess.run([sys.executable, "-c", CREATE_KILLER.format(tests=str(TESTS)), str(path)])
+    assert proc.returncode == -signal.SIGKILL
+    assert not path.exists()
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == [".s.zarr.create"]
+    with EpisodeStore.create(path, SCHEMA, fps=10, task="unit") as s:  # the next writer: works, cleans up
+        s.append_episode(make_episode(4, seed=0))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+    assert EpisodeStore.open(path).n_episodes == 1

@@ -188,6 +188,17 @@ def test_killed_overwrite_keeps_the_complete_checkpoint(checkpoint, tmp_path):
     load_policy(folder)
 
 
+def test_loading_after_a_killed_overwrite_puts_the_checkpoint_back(checkpoint, tmp_path):
+    """A reader (robolearn eval, run, serve) finding only the moved-aside copy restores it and loads it."""
+    folder = save_policy(load_policy(checkpoint), tmp_path / "ck")
+    digest = checkpoint_digest(folder)
+    kill(start_paused(["save", str(checkpoint), str(folder)], "moved_aside"))
+    assert not folder.exists()
+    with pytest.warns(UserWarning, match="ck"):
+        load_policy(folder)
+    assert folder.is_dir() and checkpoint_digest(folder) == digest and hidden(tmp_path) == []
+
+
 def test_a_live_writer_keeps_its_temporary_folder(checkpoint, tmp_path):
     from robolearn.policies.checkpoint import clean_stale_writes
 
