@@ -368,9 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, StoreError, ConfigError, CheckpointError) as e:
         print(f"robolearn: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
-        if e.errno not in _FILE_SYSTEM_ERRNOS:
-            raise
+    except OSError as e:  # any other file-system or network refusal: one line naming the file and the errno
         print(f"robolearn: error: {_file_system_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -379,12 +377,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# What the file system can refuse any command (a full disk, a read-only mount): one line, not a traceback.
+# What the file system can refuse any command (a full disk, a read-only mount), with what to do about it; any other
+# OSError is printed as one line too, with its errno's name.
 _FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _file_system_error(e: OSError) -> str:
-    where = f" writing {e.filename}" if e.filename else ""
+    where = (f" writing {e.filename}" if e.errno in _FILE_SYSTEM_ERRNOS else f" ({e.filename})") if e.filename else ""
+    if e.errno not in _FILE_SYSTEM_ERRNOS and e.errno in errno.errorcode:
+        where += f" [{errno.errorcode[e.errno]}]"
     todo = {errno.ENOSPC: "free some space and run it again", errno.EDQUOT: "free some space and run it again",
             errno.EROFS: "write to a writable place", errno.EACCES: "check the permissions",
             errno.EPERM: "check the permissions"}.get(e.errno or 0, "")

@@ -113,8 +113,9 @@ def _open_dataset(cfg: DictConfig) -> _Data:
     return _Data(store, path, obs_keys, env_config)
 
 
-def _run_dir(cfg: DictConfig, policy_name: str, distributed: bool, rank: int) -> tuple[Path, bool]:
-    """The run folder (rank 0's) and whether training resumes from its ``latest`` checkpoint."""
+def _run_dir(cfg: DictConfig, policy_name: str, distributed: bool, rank: int) -> tuple[Path, bool, int | None]:
+    """The run folder (rank 0's), whether training resumes from its ``latest`` checkpoint, and (rank 0) the
+    run's lock, held until training ends: a second trainer on the same folder is refused, not interleaved."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/train") / (
         f"{cfg.task.name}-{policy_name}-{time.strftime('%Y%m%d-%H%M%S')}".replace("/", "_"))
     if distributed:  # every rank writes to rank 0's folder
@@ -124,18 +125,48 @@ def _run_dir(cfg: DictConfig, policy_name: str, distributed: bool, rank: int) ->
     if cfg.resume and not cfg.run_dir:
         raise CLIError("resume=true needs run_dir=<the run to continue>")
     verdict: dict[str, Any] = {"resume": bool(cfg.resume), "error": None}
+    lock = None
     if rank == 0:  # rank 0 alone repairs the folder; the others learn its verdict
         try:
+            lock = _lock_run(run_dir)
             verdict["resume"] = _check_run_dir(run_dir, bool(cfg.resume))
         except CLIError as e:
             verdict["error"] = str(e)
+            _unlock_run(lock)
+            lock = None
     if distributed:
         holder = [verdict]
         torch.distributed.broadcast_object_list(holder, src=0)
         verdict = holder[0]
     if verdict["error"]:
         raise CLIError(verdict["error"])
-    return run_dir, bool(verdict["resume"])
+    return run_dir, bool(verdict["resume"]), lock
+
+
+def _lock_run(run_dir: Path) -> int:
+    """An exclusive flock on ``run_dir/.robolearn-train.lock`` (released by the kernel however the process ends)."""
+    import fcntl
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / ".robolearn-train.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise CLIError(f"cannot use run folder {run_dir}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise CLIError(f"run folder {run_dir} is being trained by {holder}: wait for it to finish, or give another "
+                       f"run_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    return fd
+
+
+def _unlock_run(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> bool:
@@ -240,15 +271,23 @@ def check_config(cfg: DictConfig) -> tuple[dict[str, Any], str]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from robolearn.data import SequenceDataset, StoreError
-    from robolearn.policies import CheckpointError
-    from robolearn.training import Trainer
-
     policy_cfg, policy_name = check_config(cfg)
     device = pick_device(str(cfg.device))
     distributed, rank, device = _init_distributed(device)
     data = _open_dataset(cfg)
-    run_dir, resume = _run_dir(cfg, policy_name, distributed, rank)
+    run_dir, resume, lock = _run_dir(cfg, policy_name, distributed, rank)
+    try:
+        return _train(cfg, policy_cfg, policy_name, data, run_dir, resume, device, distributed, rank)
+    finally:
+        _unlock_run(lock)
+
+
+def _train(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str, data: _Data, run_dir: Path, resume: bool,
+           device: torch.device, distributed: bool, rank: int) -> dict[str, Any]:
+    from robolearn.data import SequenceDataset, StoreError
+    from robolearn.policies import CheckpointError
+    from robolearn.training import Trainer
+
     policy = _build_policy(cfg, policy_cfg, policy_name, data, run_dir, resume)
     t = cfg.training
     settings = _train_settings(t)

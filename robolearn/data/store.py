@@ -21,9 +21,9 @@ Every chunk is written, even one that holds only the fill value (zarr 3 would sk
 should exist and does not is damage, never "zeros": given an array's chunk grid and the committed row count,
 validation knows which files must exist (``<array>/c/<i>/<j>`` in zarr 3, ``<array>/<i>.<j>`` in zarr 2) and
 names the one that is missing; reading one that is missing or does not decode is a :class:`StoreError` naming
-the file. (A zarr-3 store written before robolearn wrote every chunk -- no ``every_chunk`` mark in its root
-attributes -- may lack data chunks that held only zeros: there, absent data chunks still read as zeros, and only
-``episode_ends`` is checked. Dropping or merging such a store writes a new, marked one.) Zarr-3 stores also keep a crc32c checksum with every chunk, so a truncated, garbage or
+the file. (A store not written by this robolearn -- no ``every_chunk`` mark in its root attributes: an older
+robolearn's, diffusion_policy's -- may lack data chunks that held only zeros: there, absent data chunks still read
+as zeros, and only ``episode_ends`` is checked. Dropping or merging such a store writes a new, marked one.) Zarr-3 stores also keep a crc32c checksum with every chunk, so a truncated, garbage or
 bit-flipped chunk fails to decode instead of reading as wrong numbers; zarr-2 stores have none, and
 ``validate(read_all=True)`` (``robolearn data validate``) compares each blosc chunk's length with its header.
 The one legitimate hole: an append that grows ``episode_ends`` into a chunk that does not exist yet
@@ -187,9 +187,11 @@ class EpisodeStore:
         attrs: Mapping[str, Any] | None = None,
         zarr_format: int = 3,
         overwrite: bool = False,
+        _in_place: bool = False,
     ) -> "EpisodeStore":
-        """Create an empty store opened for append. Refuses to overwrite unless ``overwrite=True``."""
-        path = Path(path)
+        """Create an empty store opened for append. Refuses to overwrite unless ``overwrite=True``.
+        (``_in_place``: for drop and merge, whose new store is a hidden copy already.)"""
+        path = _norm(path)
         if not schema:
             raise StoreError(f"cannot create {path}: the schema has no keys")
         root_attrs = {
@@ -210,7 +212,7 @@ class EpisodeStore:
         # Built under a hidden name and renamed into place, so a writer killed while creating leaves no half-made
         # store at ``path`` (a hidden copy, removed by the next writer once its lock is free). The copies drop and
         # merge write are hidden already and are built in place.
-        hidden = path.name.startswith(".")
+        hidden = _in_place
         build = path if hidden else path.with_name(f".{path.name}.create-{uuid.uuid4().hex[:8]}")
         try:
             build.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +243,8 @@ class EpisodeStore:
             root.attrs.update(root_attrs)
             if not hidden:
                 if path.exists() or path.is_symlink():
+                    if not overwrite:  # made by someone else while this one was being built
+                        raise StoreError(f"cannot create {path}: it appeared while this store was being made")
                     _remove_store(path)  # overwrite=True: only now that the new store is whole
                 os.rename(build, path)  # the lock file moves with it: the lock stays held
                 root = zarr.open_group(str(path), mode="r+")
@@ -262,7 +266,7 @@ class EpisodeStore:
         """
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', not {mode!r}")
-        path = Path(path)
+        path = _norm(path)
         lock_fd = None
         if mode == "a":
             clean_leftovers(path)
@@ -294,7 +298,7 @@ class EpisodeStore:
             if validate:
                 # Opened to write (drop, append), a store with a NaN action must still open: dropping the bad
                 # episode is how it gets fixed.
-                store.validate(check_values=mode == "r")
+                store.validate(check_values=mode == "r", check_chunks="light")
             if mode == "a":
                 store._trim_uncommitted()
         except BaseException:
@@ -307,7 +311,7 @@ class EpisodeStore:
         cls, path: str | os.PathLike, schema: Mapping[str, KeySpec], **create_kwargs: Any
     ) -> "EpisodeStore":
         """Open ``path`` for append if it exists (schemas must match), else create it: resumable collection."""
-        path = Path(path)
+        path = _norm(path)
         clean_leftovers(path)
         lock_fd = _resolve_backups(path, write=True)
         if lock_fd is None and not path.exists():
@@ -408,11 +412,17 @@ class EpisodeStore:
         for callers that read many small slices (streaming windows)."""
         return self._read(array if array is not None else self.array(key), start, stop)
 
-    def check_chunks(self) -> None:
-        """Raise a StoreError naming the first chunk file that committed rows need and that does not exist."""
-        for key in self.schema:
+    def check_chunks(self, light: bool = False) -> None:
+        """Raise a StoreError naming the first chunk file that committed rows need and that does not exist.
+
+        ``light`` (what opening a store does): every chunk of low-dimensional keys (a few files each), but only
+        the last of image keys, which have one file per frame (a million frames cost seconds to check; reading a
+        frame checks its own file, and ``robolearn data validate`` / ``info`` check them all)."""
+        for key, spec in self.schema.items():
             arr = self.array(key)
-            missing = next(self._missing_chunks(arr, 0, min(self.n_steps, int(arr.shape[0]))), None)
+            hi = min(self.n_steps, int(arr.shape[0]))
+            lo = max(0, hi - 1) if (light and spec.is_image) else 0
+            missing = next(self._missing_chunks(arr, lo, hi), None)
             if missing is not None:
                 raise self._missing_error(arr, *missing)
 
@@ -559,7 +569,7 @@ class EpisodeStore:
             out = EpisodeStore.create(
                 tmp, self.schema, fps=self.fps, task=self.task, env_config=self.env_config,
                 attrs={k: v for k, v in self.attrs.items() if k not in ("robolearn", "fps", "task", "env_config")},
-                zarr_format=self.zarr_format,
+                zarr_format=self.zarr_format, _in_place=True,
             )
         except StoreError as e:
             if isinstance(e.__cause__, OSError):
@@ -689,11 +699,12 @@ class EpisodeStore:
         }
 
     # ------------------------------------------------------------------ validation
-    def validate(self, check_values: bool = True, *, check_chunks: bool = True,
+    def validate(self, check_values: bool = True, *, check_chunks: bool | str = True,
                  read_all: bool = False) -> dict[str, Any]:
         """Check the store's structure (and, with ``check_values``, NaN/inf in actions and rewards).
 
-        ``check_chunks``: every chunk file the committed rows need exists (cheap: no data is read).
+        ``check_chunks``: every chunk file the committed rows need exists (cheap: no data is read); ``"light"``:
+        image keys only their last frame (see :meth:`check_chunks`).
         ``read_all``: also decode every committed chunk of every key (``robolearn data validate`` does).
         Raises :class:`StoreError` naming the key, episode or file at the first problem; returns a report.
         """
@@ -704,7 +715,7 @@ class EpisodeStore:
         except Exception as e:  # metadata cut short, ...
             raise _explain(self.path, e) from e
 
-    def _validate(self, check_values: bool, check_chunks: bool, read_all: bool) -> dict[str, Any]:
+    def _validate(self, check_values: bool, check_chunks: bool | str, read_all: bool) -> dict[str, Any]:
         p = self.path
         ends_arr = self._ends_array()
         committed = self._ends
@@ -745,7 +756,7 @@ class EpisodeStore:
             if rows > self.n_steps:
                 orphans[key] = rows - self.n_steps
         if check_chunks:
-            self.check_chunks()
+            self.check_chunks(light=check_chunks == "light")
         if check_values:
             for key, spec in self.schema.items():
                 if spec.role not in ("action", "reward") or np.dtype(spec.dtype).kind != "f":
@@ -844,12 +855,12 @@ class EpisodeStore:
     # ------------------------------------------------------------------ chunk files
     @property
     def every_chunk_written(self) -> bool:
-        """Whether an absent chunk file is damage: stores created since robolearn writes every chunk (marked
-        ``every_chunk`` in the root attributes) and zarr-2 stores (zarr-python 2 writes empty chunks). A zarr-3
-        store from an older robolearn skipped chunks holding only the fill value (an all-False flag, an all-zero
-        reward), so its absent data chunks read as that value, as they always did; ``validate`` counts them."""
+        """Whether an absent chunk file is damage: only in stores created since robolearn writes every chunk (marked
+        ``every_chunk`` in the root attributes). Other stores -- an older robolearn's (zarr 2 or 3, written through
+        zarr-python 3, which skips chunks holding only the fill value: an all-False flag, an all-zero reward) and
+        foreign ones -- read their absent data chunks as that value, as they always did."""
         info = self._root.attrs.get("robolearn")
-        return self.zarr_format == 2 or (isinstance(info, dict) and bool(info.get("every_chunk")))
+        return isinstance(info, dict) and bool(info.get("every_chunk"))
 
     def _missing_chunks(self, arr: zarr.Array, lo: int, hi: int) -> Iterator[tuple[int, Path]]:
         """(time-chunk index, file) of each chunk file that rows ``lo:hi`` of ``arr`` need and that is absent
@@ -1159,6 +1170,12 @@ def _episode_count(path: Path) -> str:
     return "an unreadable store"
 
 
+def _norm(path: str | os.PathLike) -> Path:
+    """The store's real, absolute path: its hidden siblings (copies, backups) must sit beside the store itself --
+    not beside a symlink to it, and ``.`` has no name to derive them from."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
 def clean_leftovers(path: str | os.PathLike) -> list[str]:
     """Remove the hidden copies dead drops and merges left beside ``path`` and describe what is there.
 
@@ -1167,7 +1184,7 @@ def clean_leftovers(path: str | os.PathLike) -> list[str]:
     Backups (``.NAME.drop-backup``, ``.NAME.merge-backup``) are never removed: they are described. Returns one
     line per finding, for ``robolearn data info`` and ``validate`` to print.
     """
-    path = Path(path)
+    path = _norm(path)
     notes: list[str] = []
     pattern = _hidden_pattern(path)
     try:
@@ -1391,7 +1408,7 @@ def merge_stores(
             raise StoreError(f"cannot merge {first.path} and {other.path}: fps {first.fps} vs {other.fps}")
         if first.task and other.task and first.task != other.task:
             raise StoreError(f"cannot merge {first.path} and {other.path}: task {first.task!r} vs {other.task!r}")
-    outp = Path(out)
+    outp = _norm(out)
     for s in stores:
         src, dst_abs = s.path.resolve(), outp.resolve()
         if dst_abs == src or dst_abs in src.parents or src in dst_abs.parents:
@@ -1417,7 +1434,7 @@ def merge_stores(
     try:
         dst = EpisodeStore.create(
             tmp, first.schema, fps=first.fps, task=first.task, env_config=first.env_config,
-            attrs={"merged_from": [str(s.path) for s in stores]}, zarr_format=zarr_format,
+            attrs={"merged_from": [str(s.path) for s in stores]}, zarr_format=zarr_format, _in_place=True,
         )
         for s in stores:
             _copy_episodes(s, dst, range(s.n_episodes))

@@ -88,6 +88,10 @@ def save_policy(
         raise CheckpointError(f"ema_state_dict does not match the policy: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    for k, t in tensors.items():  # a diverged model must not become the newest checkpoint
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"cannot save {folder}: tensor {k!r} holds NaN or inf (did training diverge?); "
+                                  f"the checkpoints already written are left as they are")
     doc: dict[str, Any] = {"policy": dict(policy.checkpoint_config()), "run": _jsonable(dict(config or {}))}
     if getattr(policy, "wraps_base", False):
         doc["base"] = _base_reference(policy.base, folder)
@@ -117,8 +121,8 @@ def save_policy(
                 old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
                 os.replace(folder, old)
             os.replace(tmp, folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            if old is not None:  # renamed before deleting: a kill mid-delete leaves a .del-, never a partial .old-
+                _trash(old, folder.name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -193,15 +197,36 @@ def clean_stale_writes(parent: str | os.PathLike, *, held: bool = False) -> list
         if m is None or path.is_symlink() or not path.is_dir():
             continue
         name, kind = m["name"], m["kind"]
+        if not _looks_like_checkpoint_write(path):
+            continue  # a folder of that shape that a checkpoint writer did not make: not ours to touch
         if kind == "old" and not os.path.lexists(parent / name):
             os.rename(path, parent / name)
             done.append(f"restored the checkpoint {name} from {entry} (a killed overwrite had moved it aside)")
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        if kind == "old":
+            _trash(path, name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
         done.append({"tmp": f"removed the unfinished checkpoint write {entry}",
                      "old": f"removed {entry}, the previous {name} (its overwrite was killed after replacing it)",
                      "del": f"removed {entry} (a removal of the checkpoint {name} that was killed)"}[kind])
     return done
+
+
+def _looks_like_checkpoint_write(path: Path) -> bool:
+    """An empty folder (a writer killed right after making it) or one holding checkpoint files."""
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    return not names or bool(names & {WEIGHTS, CONFIG, NORMALIZER, VERSION, EXTRA})
+
+
+def _trash(path: Path, name: str) -> None:
+    """Delete ``path`` after renaming it ``.NAME.del-<hex>`` (what :func:`clean_stale_writes` removes)."""
+    trash = path.parent / f".{name}.del-{uuid.uuid4().hex[:8]}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def remove_checkpoint(folder: str | os.PathLike) -> None:
@@ -209,9 +234,7 @@ def remove_checkpoint(folder: str | os.PathLike) -> None:
     between leaves a hidden folder (which :func:`clean_stale_writes` removes), never a part of one under NAME."""
     folder = Path(folder)
     with writing_checkpoints(folder.parent):
-        trash = folder.parent / f".{folder.name}.del-{uuid.uuid4().hex[:8]}"
-        os.rename(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        _trash(folder, folder.name)
 
 
 def _base_reference(base: Any, folder: Path) -> dict[str, Any]:
@@ -281,14 +304,8 @@ def _jsonable(x: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- reading
 def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     folder = Path(folder)
-    if not folder.is_dir() and _moved_aside(folder):
-        # An overwrite killed between moving the old checkpoint aside and renaming the new one into place: the
-        # complete old one waits as .NAME.old-<hex>. Put it back (only when no writer is alive there).
-        import warnings
-
-        done = clean_stale_writes(folder.parent) or []
-        if folder.is_dir():
-            warnings.warn(f"{folder}: " + "; ".join(done), stacklevel=3)
+    if not folder.is_dir():
+        _restore_moved_aside(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     path = folder / CONFIG
@@ -312,11 +329,29 @@ def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     return path, data
 
 
-def _moved_aside(folder: Path) -> bool:
+def _restore_moved_aside(folder: Path) -> None:
+    """An overwrite killed between moving the old checkpoint aside and renaming the new one into place leaves the
+    complete old one as ``.NAME.old-<hex>``: a reader puts that one (and only it) back, when no writer is alive."""
+    import warnings
+
     try:
-        return any(e.startswith(f".{folder.name}.old-") for e in os.listdir(folder.parent))
+        aside = sorted(e for e in os.listdir(folder.parent) if e.startswith(f".{folder.name}.old-")
+                       and _LEFT_BEHIND.match(e) and (folder.parent / e / WEIGHTS).is_file())
     except OSError:
-        return False
+        return
+    if not aside:
+        return
+    with no_checkpoint_writers(folder.parent) as free:
+        if not free or folder.exists():
+            return
+        try:
+            os.rename(folder.parent / aside[-1], folder)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint folder {folder} does not exist; its previous copy waits as "
+                                  f"{folder.parent / aside[-1]} (an overwrite was killed) and could not be put "
+                                  f"back ({e.strerror or e}): rename it to {folder.name}") from None
+    warnings.warn(f"restored the checkpoint {folder} from {aside[-1]} (a killed overwrite had moved it aside)",
+                  stacklevel=3)
 
 
 def read_checkpoint_config(folder: str | os.PathLike) -> dict[str, Any]:

@@ -66,8 +66,11 @@ def test_missing_data_chunk_is_named_never_read_as_zeros(tmp_path, capsys, zarr_
     chunk = _chunk(path, array, coords)
     key = str(chunk.relative_to(path / array))
     chunk.unlink()
-    with pytest.raises(StoreError, match=rf"{array}.*chunk {key} .*is missing"):
-        EpisodeStore.open(path)
+    if array == "data/image":  # opening checks only an image key's last frame (one file per frame: cheap to read,
+        EpisodeStore.open(path).close()  # costly to stat a million of); reading, info and validate check them all
+    else:
+        with pytest.raises(StoreError, match=rf"{array}.*chunk {key} .*is missing"):
+            EpisodeStore.open(path)
     store = EpisodeStore.open(path, validate=False)  # inspecting it works; reading the hole does not
     with pytest.raises(StoreError, match=rf"{array}.*{key}"):
         store.load()
@@ -75,8 +78,9 @@ def test_missing_data_chunk_is_named_never_read_as_zeros(tmp_path, capsys, zarr_
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert f"{array}/{key}" in err and "Traceback" not in err
-    with pytest.raises(StoreError, match=rf"{array}.*{key}"):
-        EpisodeStore.open(path, mode="a")  # an append would write zeros over the hole for good
+    if array != "data/image":  # an append into the chunk of the hole would write zeros over it for good
+        with pytest.raises(StoreError, match=rf"{array}.*{key}"):
+            EpisodeStore.open(path, mode="a")
     assert not chunk.exists()
 
 

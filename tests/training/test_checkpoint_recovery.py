@@ -196,7 +196,8 @@ def test_loading_after_a_killed_overwrite_puts_the_checkpoint_back(checkpoint, t
     assert not folder.exists()
     with pytest.warns(UserWarning, match="ck"):
         load_policy(folder)
-    assert folder.is_dir() and checkpoint_digest(folder) == digest and hidden(tmp_path) == []
+    assert folder.is_dir() and checkpoint_digest(folder) == digest
+    assert [n.split("-")[0] for n in hidden(tmp_path)] == [".ck.tmp"]  # a reader restores, only writers clean
 
 
 def test_a_live_writer_keeps_its_temporary_folder(checkpoint, tmp_path):
@@ -213,3 +214,25 @@ def test_a_live_writer_keeps_its_temporary_folder(checkpoint, tmp_path):
     done = clean_stale_writes(tmp_path)
     assert done and "removed the unfinished checkpoint write .ck.tmp-" in done[0]
     assert hidden(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_non_finite_weights_are_never_saved_and_a_second_trainer_is_refused(checkpoint, tmp_path):
+    import torch
+
+    from robolearn.policies import CheckpointError
+    from robolearn.cli.train import _lock_run
+    from robolearn.cli import CLIError
+
+    policy = load_policy(checkpoint)
+    with torch.no_grad():
+        next(policy.parameters())[0] = float("nan")
+    with pytest.raises(CheckpointError, match="holds NaN or inf"):
+        save_policy(policy, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and hidden(tmp_path) == []
+    fd = _lock_run(tmp_path / "run")
+    try:
+        with pytest.raises(CLIError, match="is being trained by pid"):
+            _lock_run(tmp_path / "run")
+    finally:
+        os.close(fd)
+    os.close(_lock_run(tmp_path / "run"))  # free again once the first trainer is gone
