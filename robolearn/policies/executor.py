@@ -247,7 +247,8 @@ class ChunkExecutor:
     """Runs ``policy`` in ``num_envs`` environments (see the module docstring).
 
     ``seed``: the run's seed (noise rule). ``n_action_steps``: override the policy's (range-checked).
-    ``corrector``: the per-step hook. ``device``: where observation tensors go (default: the policy's, else CPU).
+    ``corrector``: the per-step hook (default: the policy's own ``correct_actions``, when it has one: a per-step
+    residual kind corrects itself wherever it runs). ``device``: where observation tensors go (default: the policy's, else CPU).
     ``batch_invariant``: one ``predict_action`` call per environment, so results do not depend on batching.
     """
 
@@ -263,7 +264,8 @@ class ChunkExecutor:
         self.n_obs_steps = int(policy.n_obs_steps)
         self.n_action_steps = int(policy.n_action_steps if n_action_steps is None else n_action_steps)
         self.horizon, self.action_dim = int(policy.horizon), int(policy.action_dim)
-        self.corrector = corrector
+        # A policy kind that corrects each step itself (a residual over a chunk policy) brings its own hook.
+        self.corrector = corrector if corrector is not None else getattr(policy, "correct_actions", None)
         self.batch_invariant = bool(batch_invariant)
         if device is None:
             device = getattr(policy, "device", None) or "cpu"
