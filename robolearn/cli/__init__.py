@@ -211,6 +211,7 @@ _JOBS = {
     "run": "robolearn.cli.runtime:run",
     "serve": "robolearn.cli.runtime:serve",
     "teleop": "robolearn.cli.teleop:run",
+    "finetune": "robolearn.cli.finetune:run",
 }
 
 
@@ -320,6 +321,20 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
          "robolearn teleop policy=runs/train/<run>/checkpoints/latest out=data/push_t_dagger.zarr",
          "robolearn teleop device=replay:runs/lift_events.jsonl out=/tmp/replayed.zarr",
          "xvfb-run -a robolearn teleop task=push_t        # no display: a virtual one"],
+    ),
+    "finetune": (
+        "reinforcement-learning fine-tuning of a trained chunk policy (method=residual: ResiP)",
+        "Fine-tune a checkpoint in its task's MuJoCo environments. method=residual (configs/finetune/residual.yaml):\n"
+        "PPO trains a small per-step residual MLP over the frozen base, which runs as deployed (chunks queued,\n"
+        "batched inference for all environments); the residual's mean is evaluated on held-out seeds before,\n"
+        "during and after. The result is a 'residual' checkpoint naming its base, usable by eval, run, serve,\n"
+        "teleop and collect policy=. finetune.* keys are PPO's settings; --cfg job prints the composed config.",
+        ["robolearn finetune method=residual checkpoint=runs/train/<run>/checkpoints/latest env_steps=500000",
+         "robolearn finetune method=residual checkpoint=... num_envs=16 workers=4 finetune.gamma=0.99",
+         "robolearn finetune method=residual checkpoint=... --cfg job     # the composed config, nothing runs",
+         "robolearn finetune method=residual resume=true run_dir=runs/finetune/<run>   # continue a run",
+         "robolearn collect task=push_t policy=runs/finetune/<run>/checkpoints/latest episodes=200 "
+         "out=data/push_t_rl.zarr"],
     ),
     "quickstart": (
         "the main job on the built-in default: what 'make demo' runs",

@@ -1,8 +1,16 @@
-"""``robolearn collect``: scripted-expert rollouts appended to an episode store.
+"""``robolearn collect``: scripted-expert rollouts -- or a policy's, with ``policy=CHECKPOINT`` -- appended to an
+episode store.
 
 Each rollout runs in a worker (or in-process with ``workers=1``) and comes back whole; the main process is the
 only writer and appends each kept episode atomically. Killing the command at any moment therefore loses only
 the rollouts in flight. Re-running it appends to the same store, continuing after the last seed used.
+
+``policy=CHECKPOINT`` records any registered policy kind (a residual-corrected one included: distillation of a
+fine-tuned policy into a fresh chunk policy trains on these) in the environment config it was trained with (plus
+``env.*``), through the same executor as ``robolearn eval`` (its per-step correction included), with the same
+schema, atomicity, success filter and resumption. Episode ``seed`` draws its chunks' noise from ``(seed, 0, c)``,
+so a rollout depends on its seed only, not on the number of workers. An episode in which the policy returned a
+non-finite chunk (held, never executed) counts as a failure.
 """
 from __future__ import annotations
 
@@ -64,30 +72,70 @@ def rollout(env: Any, expert: Any, seed: int, post_success_steps: int) -> tuple[
     return episode, success
 
 
-def _worker_init(task: str, env_overrides: dict[str, Any], noise: float, post_success_steps: int) -> None:
+def _worker_init(task: str, env_overrides: dict[str, Any], noise: float, post_success_steps: int,
+                 policy: Any = None) -> None:
+    """``policy``: None (the scripted expert), a loaded policy (in-process) or its checkpoint path (a worker
+    process loads its own copy, one torch thread: the workers are the parallelism)."""
     import sim
 
-    _WORKER.update(env=sim.make(task, **env_overrides), task=task, noise=noise, post=post_success_steps)
+    if isinstance(policy, str):
+        import torch
+
+        from robolearn.cli.runtime import load_checkpoint
+
+        torch.set_num_threads(1)
+        policy = load_checkpoint(Path(policy))
+    _WORKER.update(env=sim.make(task, **env_overrides), task=task, noise=noise, post=post_success_steps,
+                   policy=policy)
 
 
 def _worker_run(seed: int) -> tuple[int, dict[str, np.ndarray], bool]:
     import sim
 
-    expert = sim.make_expert(_WORKER["task"], noise=_WORKER["noise"], seed=seed)
-    episode, success = rollout(_WORKER["env"], expert, seed, _WORKER["post"])
-    return seed, episode, success
+    if _WORKER["policy"] is None:
+        expert = sim.make_expert(_WORKER["task"], noise=_WORKER["noise"], seed=seed)
+        episode, success = rollout(_WORKER["env"], expert, seed, _WORKER["post"])
+        return seed, episode, success
+    from robolearn.evaluation import PolicyActor
+
+    actor = PolicyActor(_WORKER["policy"], noise_seed=seed, episode=0)  # the executor, corrector included
+    episode, success = rollout(_WORKER["env"], actor, seed, _WORKER["post"])
+    return seed, episode, success and actor.executor.nonfinite_chunks == 0
 
 
-def _results(cfg: DictConfig, seeds: Iterator[int], env_overrides: dict[str, Any]) -> Iterator[tuple[int, dict, bool]]:
+def _results(cfg: DictConfig, seeds: Iterator[int], env_overrides: dict[str, Any],
+             policy: Any = None) -> Iterator[tuple[int, dict, bool]]:
     init_args = (cfg.task, env_overrides, float(cfg.expert.noise), int(cfg.post_success_steps))
     if cfg.workers <= 1:
-        _worker_init(*init_args)
+        _worker_init(*init_args, policy)
         for s in seeds:
             yield _worker_run(s)
         return
     ctx = mp.get_context("spawn")  # MuJoCo/EGL and torch state do not survive fork reliably
-    with ctx.Pool(int(cfg.workers), initializer=_worker_init, initargs=init_args) as pool:
+    path = str(cfg.policy) if policy is not None else None
+    with ctx.Pool(int(cfg.workers), initializer=_worker_init, initargs=(*init_args, path)) as pool:
         yield from pool.imap_unordered(_worker_run, seeds, chunksize=1)
+
+
+def _policy_source(cfg: DictConfig, env_overrides: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """For ``policy=``: the loaded policy, the environment overrides to record it in (its training env config,
+    then ``env.*``), and the store's ``source`` attribute. Refuses a policy of another task, and expert settings."""
+    from robolearn.cli.runtime import checkpoint_run_config, load_checkpoint
+    from robolearn.policies import checkpoint_digest
+
+    path = Path(cfg.policy)
+    if float(cfg.expert.noise) != 0.0:
+        raise CLIError("expert.noise applies to the scripted expert; with policy= the policy acts (leave it out)")
+    if not path.exists():
+        raise CLIError(f"policy checkpoint {path} does not exist")
+    policy = load_checkpoint(path)
+    trained_on = checkpoint_run_config(path).get("task")
+    if trained_on and trained_on != cfg.task:
+        raise CLIError(f"policy {path} was trained on task {trained_on!r}, not {cfg.task!r} (pass task={trained_on})")
+    overrides = {**(checkpoint_run_config(path).get("env_config") or {}), **env_overrides}
+    source = {"kind": "policy", "checkpoint": str(path.resolve()), "policy_type": policy.policy_type,
+              "sha256": checkpoint_digest(path)}
+    return policy, overrides, source
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -99,11 +147,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.workers < 1:
         raise CLIError(f"workers must be >= 1, got {cfg.workers}")
     env_overrides = OmegaConf.to_container(cfg.env, resolve=True) or {}
+    policy = None
+    source: dict[str, Any] = {"kind": "scripted_expert", "noise": float(cfg.expert.noise)}
+    if cfg.policy:
+        policy, env_overrides, source = _policy_source(cfg, env_overrides)
     try:
         probe = sim.make(cfg.task, **env_overrides)  # fail fast: unknown task, bad override
-        sim.make_expert(cfg.task, noise=float(cfg.expert.noise), seed=0)
+        if policy is None:
+            sim.make_expert(cfg.task, noise=float(cfg.expert.noise), seed=0)
     except (ValueError, TypeError, KeyError) as e:
         raise CLIError(str(e).strip("'\"")) from None
+    if policy is not None:
+        from robolearn.cli.runtime import check_fit
+
+        try:
+            check_fit(cfg.task, probe, policy)  # the policy's observations and action size against the task's
+        except CLIError:
+            probe.close()
+            raise
     unwrapped = probe.unwrapped
     schema = schema_for(probe)
     fps = getattr(unwrapped, "fps", None)
@@ -113,7 +174,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out or f"data/{cfg.task}.zarr")
     store = EpisodeStore.open_or_create(
         out, schema, fps=fps, task=cfg.task, env_config=env_config,
-        attrs={"source": {"kind": "scripted_expert", "noise": float(cfg.expert.noise)}},
+        attrs={"source": source},
     )
     state = dict(store.attrs.get("collect") or {})
     first_seed = max(int(cfg.seed), int(state.get("next_seed", cfg.seed)))
@@ -129,7 +190,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     interrupted = False
     failure: OSError | None = None
     try:
-        for seed, episode, success in _results(cfg, seeds(), env_overrides):
+        for seed, episode, success in _results(cfg, seeds(), env_overrides, policy):
             attempts += 1
             successes += int(success)
             if success or cfg.keep_failures:
@@ -167,6 +228,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 2),
         "interrupted": interrupted,
     }
+    if cfg.policy:
+        summary["policy"] = str(cfg.policy)
     if failure is not None:
         where = f" ({failure.filename})" if failure.filename else ""
         summary["error"] = f"{(failure.strerror or str(failure)).lower()}{where}"

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from robolearn.policies.config import ConfigError  # the one config error type: the CLI prints it, naming the key
+from robolearn.rl.settings import ResidualSettings
 from robolearn.training.settings import TrainSettings
 
 __all__ = ["ConfigError", "SCHEMAS", "compose", "config_dir"]
@@ -39,6 +40,7 @@ class CollectConfig:
     progress: bool = True
     env: dict[str, Any] = field(default_factory=dict)  # overrides passed to sim.make(task, **env)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
+    policy: str | None = None  # a checkpoint folder: record its rollouts instead of the scripted expert's
 
 
 @dataclass
@@ -184,14 +186,53 @@ class TeleopConfig:
     env: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ResidualMethodConfig(ResidualSettings):
+    """``configs/finetune/residual.yaml``: ResiP's hyperparameters (robolearn/rl/settings.py), as ``finetune.*``."""
+
+    name: str = "residual"
+
+
+@dataclass
+class FinetuneEvalConfig:
+    episodes: int = 20  # deterministic evaluation episodes (the residual's mean) before, during and after
+    every: int = 50000  # environment steps between evaluations (0: only before and after)
+    num_envs: int = 4
+    workers: int = 2
+    seed: int = 100000  # held-out seeds: far from the demonstrations' and the training rollouts'
+    videos: int = 0  # episodes recorded to mp4 at each evaluation
+
+
+@dataclass
+class FinetuneConfig:
+    checkpoint: str | None = None  # the base chunk policy's checkpoint folder (required unless resume=true)
+    task: str | None = None  # default: the base's task (another task is refused)
+    env_steps: int = 1000000  # environment steps to train for (rounded up to whole updates)
+    num_envs: int = 8  # environments stepped in parallel (batch per update = num_envs x finetune.rollout_steps)
+    workers: int = 2  # environment processes; 0 runs them in this process
+    seed: int = 0
+    run_dir: str | None = None  # default: runs/finetune/<task>-residual-<date>-<time>
+    resume: bool = False  # continue the run in run_dir from its latest checkpoint
+    device: str = "auto"
+    ckpt_every: int = 100000  # environment steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    progress: bool = True
+    env: dict[str, Any] = field(default_factory=dict)  # sim.make overrides on top of the base's env config
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    finetune: ResidualMethodConfig = field(default_factory=ResidualMethodConfig)
+
+
 # Config groups (folders of configs/) each command composes from: `train task=can policy=flow_unet`.
-GROUPS: dict[str, set[str]] = {"train": {"task", "policy"}}
+GROUPS: dict[str, set[str]] = {"train": {"task", "policy"}, "finetune": {"finetune"}}
+# A command-line key that picks a group under another name: `finetune method=residual` chooses
+# configs/finetune/residual.yaml, whose settings are then `finetune.*` keys.
+GROUP_ALIASES: dict[str, dict[str, str]] = {"finetune": {"method": "finetune"}}
 
 SCHEMAS: dict[str, type] = {
     "teleop": TeleopConfig,
     "run": RunConfig, "serve": ServeConfig,
     "collect": CollectConfig, "bench_env": BenchEnvConfig, "quickstart": QuickstartConfig,
-    "train": TrainConfig, "eval": EvalConfig,
+    "train": TrainConfig, "eval": EvalConfig, "finetune": FinetuneConfig,
 }
 
 
@@ -224,6 +265,8 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
     schema = SCHEMAS[name]
     valid = _valid_keys(schema)
     groups = GROUPS.get(name, set())
+    aliases = GROUP_ALIASES.get(name, {})
+    overrides = [_group_alias(ov, aliases) for ov in overrides]
     for ov in overrides:
         if ov.split("=", 1)[0] in groups:  # a config group choice: policy=flow_unet
             continue
@@ -243,7 +286,8 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
                 overrides[j] = f"task.name={value}"
                 continue
             choices = sorted(p.stem for p in (config_dir() / key).glob("*.yaml"))
-            raise ConfigError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}"
+            shown = next((alias for alias, group in aliases.items() if group == key), key)
+            raise ConfigError(f"unknown {shown} {value!r}; choose one of: {', '.join(choices)}"
                               + (" (or robosuite/<EnvName>)" if key == "task" else ""))
     cdir = config_dir()
     if not (cdir / f"{name}.yaml").exists():
@@ -284,6 +328,12 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"bad value for {key!r}: {_first_line(e)}") from None
     OmegaConf.set_struct(merged, True)
     return merged  # type: ignore[return-value]
+
+
+def _group_alias(override: str, aliases: dict[str, str]) -> str:
+    """``method=residual`` -> ``finetune=residual`` where ``method`` is an alias of the group ``finetune``."""
+    key, eq, value = override.partition("=")
+    return f"{aliases[key]}={value}" if eq and key in aliases else override
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,30 @@
+"""Reinforcement-learning fine-tuning of trained chunk policies. Imports ``policies`` and ``evaluation``, never
+``sim``: the CLI (``robolearn finetune``) hands it environments.
+
+- :mod:`.residual_policy`: ``ResidualPolicy``, registered as ``"residual"``: a Gaussian MLP that corrects each
+  executed action of a frozen chunk policy (ResiP); a checkpoint of it names its base and works wherever a policy
+  does (``eval``, ``run``, ``serve``, ``teleop policy=``, ``collect policy=``).
+- :mod:`.residual`: PPO for it, top to bottom in one file (:class:`~robolearn.rl.residual.ResidualPPO`).
+- :mod:`.settings`: its hyperparameters (:class:`~robolearn.rl.settings.ResidualSettings`, no torch import).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ResidualPolicy": "residual_policy",
+    "GaussianActor": "residual_policy",
+    "ResidualPPO": "residual",
+    "RolloutCorrector": "residual",
+    "ResidualSettings": "settings",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the settings import without torch
+    if name not in _WHERE:
+        raise AttributeError(f"module 'robolearn.rl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"robolearn.rl.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,70 @@
+"""Residual PPO hyperparameters, in one dataclass (no torch import: the CLI's config schema extends it).
+
+Defaults are ResiP's published values where the paper gives them (Ankile et al., "From Imitation to Refinement:
+Residual RL for Precise Assembly"; see /work/shared/PAPERS.md): gamma 0.999, GAE lambda 0.95, clip 0.2, actor lr
+3e-4, critic lr 5e-3, 2x256 MLPs, residual scale 0.1, last actor layer initialised at zero. The rest (rollout
+length, epochs, minibatches, KL target, value clipping, initial log-std) are ordinary PPO choices, said where set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from robolearn.policies.config import ConfigError
+
+
+@dataclass
+class ResidualSettings:
+    # -- the residual policy (saved in its checkpoint; changing these changes the policy)
+    action_scale: float = 0.1  # residual output x this, added to the base action in normalized action space
+    actor_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    init_log_std: float = -1.0  # exploration noise of the residual's output (std 0.37 before action_scale)
+    # -- the critic
+    critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    # -- PPO
+    gamma: float = 0.999  # long horizon, sparse success reward
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2  # ratio clipping
+    value_clip: float | None = 0.2  # clip the value change per update to +-this (null: no value clipping)
+    target_kl: float | None = 0.1  # stop the update before a minibatch step once approx. KL exceeds this (null: never)
+    actor_lr: float = 3e-4
+    critic_lr: float = 5e-3
+    rollout_steps: int = 256  # control steps per environment between updates (batch = rollout_steps x num_envs)
+    update_epochs: int = 10
+    minibatches: int = 4
+    norm_adv: bool = True  # normalize advantages per minibatch
+    ent_coef: float = 0.0  # the residual should stay near the base: no entropy bonus by default
+    vf_coef: float = 1.0  # actor and critic have their own optimizers and learning rates; this only scales the critic's
+    max_grad_norm: float = 1.0
+
+    def check(self, prefix: str = "finetune.") -> None:
+        """Refuse values that would crash late or silently do nothing; messages name the key (``finetune.gamma``)."""
+
+        def bad(name: str, rule: str) -> ConfigError:
+            return ConfigError(f"{prefix}{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if not self.action_scale > 0:
+            raise bad("action_scale", "> 0 (the residual's share of the action; 0 would never change the base)")
+        for name in ("actor_lr", "critic_lr", "max_grad_norm", "clip_coef"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "> 0")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "in [0, 1]")
+        for name in ("rollout_steps", "update_epochs", "minibatches"):
+            if getattr(self, name) < 1:
+                raise bad(name, ">= 1")
+        for name in ("ent_coef", "vf_coef"):
+            if getattr(self, name) < 0:
+                raise bad(name, ">= 0")
+        for name in ("value_clip", "target_kl"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise bad(name, "> 0 or null (off)")
+        for name in ("actor_hidden", "critic_hidden"):
+            widths = getattr(self, name)
+            if not widths or any(int(w) < 1 for w in widths):
+                raise bad(name, "a non-empty list of layer widths >= 1")
+
+    def policy_config(self) -> dict[str, object]:
+        """What the residual policy's checkpoint keeps of these (the rest only shapes training)."""
+        return {"action_scale": float(self.action_scale), "hidden": [int(w) for w in self.actor_hidden],
+                "init_log_std": float(self.init_log_std)}

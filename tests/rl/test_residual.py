@@ -1,0 +1,204 @@
+"""Residual RL (ResiP): the residual policy kind and its PPO, on real torch steps and real gymnasium/MuJoCo
+environments; the base policies are the tiny push_t checkpoints of tests/fixtures and a fixed chunk policy that
+misses a tiny task's reward by a constant (tests/rl/toys.py)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robolearn.evaluation import evaluate
+from robolearn.policies import ChunkExecutor, load_policy, save_policy
+from robolearn.rl.residual import ResidualPPO, Rollout, gae
+from robolearn.rl.residual_policy import ResidualPolicy
+from robolearn.rl.settings import ResidualSettings
+from sim.vector import make_vector_env
+from toys import EPISODE, OFFSET, OffsetBase, ReachEnv
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def fixture_base(tmp_path: Path, name: str):
+    from robolearn.cli.runtime import load_checkpoint
+
+    shutil.copytree(FIXTURES / name, tmp_path / name)
+    return load_checkpoint(tmp_path / name)
+
+
+def toy_base(tmp_path: Path) -> OffsetBase:
+    save_policy(OffsetBase(), tmp_path / "base")
+    return load_policy(tmp_path / "base")
+
+
+def drive(policy, steps: int, seed: int = 3) -> np.ndarray:
+    """Actions of ``steps`` executor steps in two push_t environments (batched inference, as fine-tuning runs)."""
+    envs = make_vector_env("push_t", num_envs=2, num_workers=0, seed=seed)
+    try:
+        executor = ChunkExecutor(policy, 2, seed=seed)
+        obs, _ = envs.reset(seed=seed)
+        executor.reset(obs)
+        out = []
+        with torch.no_grad():
+            for _ in range(steps):
+                actions = executor.act()
+                out.append(actions)
+                obs, _, term, trunc, _ = envs.step(actions)
+                for i in range(2):
+                    row = {k: v[i] for k, v in obs.items()}
+                    executor.reset_env(i, row) if term[i] or trunc[i] else executor.observe_env(i, row)
+        return np.stack(out)
+    finally:
+        envs.close()
+
+
+@pytest.mark.parametrize("name", ["v1_push_t_flow_transformer", "v1_push_t_diffusion_unet"])
+def test_zero_initialised_residual_reproduces_the_base_exactly(tmp_path, name):
+    base = fixture_base(tmp_path, name)
+    want = drive(base, 20)
+    residual = ResidualPolicy(base)
+    assert residual.correct_actions is not None  # the executor picks it up as its per-step hook
+    got = drive(residual, 20)
+    assert np.array_equal(got, want)  # bit for bit, through the executor's corrector hook
+    assert not np.array_equal(want[0], want[1])  # (the comparison is not between constant actions)
+
+
+def test_residual_moves_actions_in_normalized_action_space(tmp_path):
+    residual = ResidualPolicy(toy_base(tmp_path), action_scale=0.1)
+    with torch.no_grad():
+        residual.actor.mean[-1].bias.copy_(torch.tensor([1.0, -0.5]))
+    obs = {"goal": np.array([[0.1, 0.2], [-0.3, 0.4]], np.float32)}
+    base = obs["goal"] + OFFSET
+    got = residual.correct_actions(obs, base, np.arange(2))
+    # action normalizer maps [-2, 2] to [-1, 1]: 0.1 x (1, -0.5) normalized is (0.2, -0.1) raw
+    np.testing.assert_allclose(got - base, np.tile([0.2, -0.1], (2, 1)), atol=1e-6)
+
+
+def test_chunk_clients_get_only_the_current_action_corrected(tmp_path):
+    base = fixture_base(tmp_path, "v1_push_t_flow_transformer")
+    residual = ResidualPolicy(base)
+    with torch.no_grad():
+        residual.actor.mean[-1].bias.fill_(2.0)
+    view = residual.for_chunk_clients()
+    assert not hasattr(view, "correct_actions")  # an executor driving the view executes its chunks as sent
+    obs = {k: torch.randn(1, base.n_obs_steps, *s) for k, s in base.obs_shapes.items()}
+    noise = torch.randn(base.noise_shape(1))
+    plain = base.predict_action(obs, noise).numpy()
+    assert np.array_equal(residual.predict_action(obs, noise).numpy(), plain)  # the executor's path: base chunks
+    served = view.predict_action(obs, noise).numpy()
+    now = base.n_obs_steps - 1
+    newest = {k: v[:, -1].numpy() for k, v in obs.items()}
+    np.testing.assert_array_equal(np.delete(served, now, axis=1), np.delete(plain, now, axis=1))
+    np.testing.assert_allclose(served[:, now], residual.correct_actions(newest, plain[:, now]), rtol=0, atol=0)
+    assert not np.allclose(served[:, now], plain[:, now])
+
+
+def test_gae_by_hand():
+    buf = Rollout(3, 1, 1, 1, torch.device("cpu"))
+    buf.reward[:, 0] = torch.tensor([1.0, 2.0, 3.0])
+    buf.value[:, 0] = torch.tensor([0.5, 0.25, 0.125])
+    buf.done[:, 0] = torch.tensor([0.0, 1.0, 0.0])  # the episode ends with step 1's action
+    adv, ret = gae(buf, torch.tensor([4.0]), gamma=0.5, lam=0.5)
+    d2 = 3.0 + 0.5 * 4.0 - 0.125
+    d1 = 2.0 - 0.25  # nothing after an episode's end
+    d0 = 1.0 + 0.5 * 0.25 - 0.5
+    want = torch.tensor([d0 + 0.25 * d1, d1, d2])
+    torch.testing.assert_close(adv[:, 0], want)
+    torch.testing.assert_close(ret, adv + buf.value)
+
+
+@pytest.mark.parametrize("terminate", [False, True])
+def test_truncated_episodes_bootstrap_from_their_last_observation_terminated_ones_do_not(tmp_path, terminate):
+    policy = ResidualPolicy(toy_base(tmp_path))
+    envs = make_vector_env(ReachEnv, num_envs=2, num_workers=0, reward_scale=0.0, terminate=terminate)
+    s = ResidualSettings(rollout_steps=EPISODE + 4, gamma=0.9)
+    ppo = ResidualPPO(policy, envs, s, total_env_steps=1, run_dir=tmp_path / "run", progress=False)
+    with torch.no_grad():  # a critic that values every observation at 1.0
+        ppo.critic.net[-1].weight.zero_()
+        ppo.critic.net[-1].bias.fill_(1.0)
+    ppo.start_episodes()
+    buf, last_value, stats = ppo.collect()
+    envs.close()
+    ends = buf.done[:, 0].nonzero().flatten().tolist()
+    assert ends == [EPISODE - 1] and stats["episodes"] == 2
+    expected = torch.zeros(s.rollout_steps)
+    expected[EPISODE - 1] = 0.0 if terminate else 0.9  # gamma x V(final_obs), only for the time limit
+    torch.testing.assert_close(buf.reward[:, 0], expected)
+    torch.testing.assert_close(last_value, torch.ones(2))
+
+
+def toy_run(tmp_path: Path, total: int, *, policy=None, resume_from: Path | None = None, **settings):
+    defaults = dict(actor_lr=3e-3, rollout_steps=64, gamma=0.9)
+    s = ResidualSettings(**{**defaults, **settings})
+    policy = policy if policy is not None else ResidualPolicy(toy_base(tmp_path), **s.policy_config())
+    envs = make_vector_env(ReachEnv, num_envs=8, num_workers=0)
+    eval_envs = make_vector_env(ReachEnv, num_envs=4, num_workers=0, autoreset_mode="Disabled")
+
+    def held_out(p, env_steps):
+        r = evaluate(p, eval_envs, range(10_000, 10_032))
+        return {"success_rate": r["success_rate"], "mean_return": r["mean_return"]}
+
+    ppo = ResidualPPO(policy, envs, s, total_env_steps=total, run_dir=tmp_path / "run", evaluate=held_out,
+                      eval_every=2048, ckpt_every=2048, progress=False, run_config={"task": "reach"})
+    if resume_from is not None:
+        ppo.load_state(resume_from)
+    try:
+        return ppo, ppo.fit(resume=resume_from is not None), held_out
+    finally:
+        envs.close()
+
+
+def test_ppo_learns_the_constant_correction_the_base_misses(tmp_path):
+    ppo, out, held_out = toy_run(tmp_path, 4096)
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_mean_return" in r]
+    before, after = evals[0]["eval_mean_return"], evals[-1]["eval_mean_return"]
+    base_return = -EPISODE * float(np.sum(OFFSET ** 2))
+    assert before == pytest.approx(base_return, abs=1e-4)  # the zero residual is the base
+    assert after > before + 0.5 * abs(before), (before, after)  # at least half of the gap to the optimum (0) closed
+    assert out["env_steps"] == 4096 and out["updates"] == 8
+    assert [r["env_steps"] for r in evals] == [0, 2048, 4096]
+    # The checkpoint is the policy: loaded through the registry (its base checked), it evaluates the same.
+    loaded = load_policy(out["checkpoint"])
+    assert isinstance(loaded, ResidualPolicy) and loaded.base.checkpoint_path == str((tmp_path / "base").resolve())
+    assert held_out(loaded, 0)["mean_return"] == pytest.approx(after, abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "latest", "step_0000002048", "step_0000004096"]
+    assert (tmp_path / "run" / "plots" / "success.png").stat().st_size > 1000
+    assert list((tmp_path / "run" / "tb").iterdir())
+
+
+def test_resume_continues_counters_optimizers_and_rng(tmp_path):
+    first, out, _ = toy_run(tmp_path, 2048)
+    state = first.actor_opt.state_dict()
+    ckpt = Path(out["checkpoint"])
+    policy = load_policy(ckpt)
+    second, out2, _ = toy_run(tmp_path, 4096, policy=policy, resume_from=ckpt)
+    assert out2["env_steps"] == 4096 and out2["updates"] == 8
+    assert out2["success_rate_before"] == out["success_rate_before"]
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    updates = [r["env_steps"] for r in records if "update" in r]
+    assert updates == list(range(512, 4097, 512))  # one record per update, none repeated
+    # The optimizer continued (Adam's step count), not restarted.
+    resumed_steps = next(iter(second.actor_opt.state_dict()["state"].values()))["step"]
+    first_steps = next(iter(state["state"].values()))["step"]
+    assert float(resumed_steps) > float(first_steps)
+    assert out2["success_rate_after"] is not None
+
+
+def test_settings_refuse_nonsense_naming_the_key():
+    from robolearn.policies import ConfigError
+
+    for bad, key in ((dict(action_scale=0.0), "finetune.action_scale"), (dict(gamma=1.5), "finetune.gamma"),
+                     (dict(minibatches=0), "finetune.minibatches"), (dict(target_kl=0.0), "finetune.target_kl"),
+                     (dict(actor_hidden=[]), "finetune.actor_hidden")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            ResidualSettings(**bad).check()
+    with pytest.raises(ValueError, match="action_scale"):
+        ResidualPolicy(OffsetBase(), action_scale=-1.0)
