@@ -100,7 +100,7 @@ class RolloutCorrector:
     @torch.no_grad()
     def __call__(self, obs: Mapping[str, np.ndarray], base_actions: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
         p = self.policy
-        obs_f, base_n = p.features(obs, base_actions)
+        obs_f, base_n = p.features(obs, base_actions, update_stats=True)
         dist = p.actor(p.actor_input(obs_f, base_n))
         noise = torch.randn(dist.mean.shape, generator=self.generator, device=self.generator.device)
         residual = dist.mean + dist.stddev * noise.to(dist.mean.device)

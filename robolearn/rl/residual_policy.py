@@ -88,10 +88,17 @@ class ResidualPolicy(PolicyWrapper):
     ``action_scale``: the residual's output is multiplied by this before it is added in normalized action space.
     ``hidden``: the actor MLP's widths. ``init_log_std``: the actor's initial exploration noise (training only).
     ``obs_keys``: the observation keys the residual reads (default: the base's one-dimensional keys).
+    ``obs_norm``: ``"base"`` -- the residual reads observations normalized by the base's normalizer only;
+    ``"running"`` -- and then standardized by running mean/std of the states fine-tuning visits (updated while
+    training, frozen in the checkpoint; clipped to +-``OBS_CLIP``). Why: the base's min-max scale spans the whole
+    workspace, so a millimetre that decides an insertion is ~0.01 of a normalized unit; the visited states'
+    spread is much smaller (see the README's residual RL section for what it changed on peg_insert).
     """
 
+    OBS_CLIP = 10.0
+
     def __init__(self, base: Any, action_scale: float = 0.1, hidden: Sequence[int] = (256, 256),
-                 init_log_std: float = -1.0, obs_keys: Sequence[str] | None = None) -> None:
+                 init_log_std: float = -1.0, obs_keys: Sequence[str] | None = None, obs_norm: str = "base") -> None:
         super().__init__(base)
         if not float(action_scale) > 0:
             raise ValueError(f"action_scale must be > 0, got {action_scale}")
@@ -109,8 +116,16 @@ class ResidualPolicy(PolicyWrapper):
         self.init_log_std = float(init_log_std)
         self.residual_obs_keys = keys
         self.obs_dim = int(sum(int(np.prod(shapes[k])) for k in keys))
+        if obs_norm not in ("base", "running"):
+            raise ValueError(f"obs_norm must be 'base' or 'running', got {obs_norm!r}")
+        self.obs_norm = obs_norm
         self.actor = GaussianActor(self.obs_dim + self.action_dim, self.action_dim, self.hidden, self.init_log_std)
-        self.actor.to(base.device)
+        # Running statistics of the base-normalized observation (used when obs_norm == "running"); in the
+        # checkpoint with the actor. count 0: no statistics yet (features pass through unchanged).
+        self.register_buffer("obs_mean", torch.zeros(self.obs_dim, dtype=torch.float64))
+        self.register_buffer("obs_var", torch.ones(self.obs_dim, dtype=torch.float64))
+        self.register_buffer("obs_count", torch.zeros((), dtype=torch.float64))
+        self.to(base.device)
 
     def train(self, mode: bool = True) -> "ResidualPolicy":
         """Only the residual has a training mode: the base stays in eval mode (no dropout while it is rolled out,
@@ -121,22 +136,47 @@ class ResidualPolicy(PolicyWrapper):
 
     def wrapper_config(self) -> dict[str, Any]:
         return {"action_scale": self.action_scale, "hidden": list(self.hidden), "init_log_std": self.init_log_std,
-                "obs_keys": list(self.residual_obs_keys)}
+                "obs_keys": list(self.residual_obs_keys), "obs_norm": self.obs_norm}
 
     # ------------------------------------------------------------------ features and the correction
-    def obs_features(self, obs: Mapping[str, Any]) -> torch.Tensor:
+    def obs_features(self, obs: Mapping[str, Any], update_stats: bool = False) -> torch.Tensor:
         """The normalized observation ``(n, obs_dim)``, float32 on the policy's device, from batched newest
-        observations ``{key: (n, ...)}`` (keys the residual does not read are ignored)."""
+        observations ``{key: (n, ...)}`` (keys the residual does not read are ignored). ``update_stats`` (training
+        rollouts only): fold these observations into the running statistics first."""
         parts = []
         for k in self.residual_obs_keys:
             x = torch.as_tensor(np.asarray(obs[k]), device=self.device).float()
             parts.append(self.normalizer.normalize(k, x).reshape(x.shape[0], -1).float())
-        return torch.cat(parts, dim=1)
+        feats = torch.cat(parts, dim=1)
+        if self.obs_norm != "running":
+            return feats
+        if update_stats:
+            self.update_obs_stats(feats)
+        if float(self.obs_count) == 0:
+            return feats
+        std = torch.sqrt(self.obs_var + 1e-8)
+        return ((feats.double() - self.obs_mean) / std).clamp(-self.OBS_CLIP, self.OBS_CLIP).float()
 
-    def features(self, obs: Mapping[str, Any], base_actions: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def update_obs_stats(self, feats: torch.Tensor) -> None:
+        """Merge a batch into the running mean/variance (Chan et al.'s parallel update)."""
+        x = feats.detach().double()
+        n = float(x.shape[0])
+        if n == 0:
+            return
+        b_mean, b_var = x.mean(0), x.var(0, unbiased=False)
+        total = float(self.obs_count) + n
+        delta = b_mean - self.obs_mean
+        m2 = self.obs_var * float(self.obs_count) + b_var * n + delta ** 2 * float(self.obs_count) * n / total
+        self.obs_mean += delta * n / total
+        self.obs_var.copy_(m2 / total)
+        self.obs_count.fill_(total)
+
+    def features(self, obs: Mapping[str, Any], base_actions: Any, update_stats: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(normalized observation (n, obs_dim), normalized base action (n, action_dim))``."""
         base = torch.as_tensor(np.asarray(base_actions), device=self.device).float()
-        return self.obs_features(obs), self.normalizer.normalize(self.action_key, base).float()
+        return self.obs_features(obs, update_stats), self.normalizer.normalize(self.action_key, base).float()
 
     def actor_input(self, obs_features: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
         return torch.cat([obs_features, base_norm], dim=1)

@@ -18,6 +18,7 @@ class ResidualSettings:
     action_scale: float = 0.1  # residual output x this, added to the base action in normalized action space
     actor_hidden: list[int] = field(default_factory=lambda: [256, 256])
     init_log_std: float = -1.0  # exploration noise of the residual's output (std 0.37 before action_scale)
+    obs_norm: str = "running"  # "running": standardize the residual's inputs by the visited states' running mean/std; "base": the base's normalizer only
     # -- the critic
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
     # -- PPO
@@ -42,6 +43,8 @@ class ResidualSettings:
         def bad(name: str, rule: str) -> ConfigError:
             return ConfigError(f"{prefix}{name} must be {rule}, got {getattr(self, name)!r}")
 
+        if self.obs_norm not in ("base", "running"):
+            raise ConfigError(f"{prefix}obs_norm must be 'running' or 'base', got {self.obs_norm!r}")
         if not self.action_scale > 0:
             raise bad("action_scale", "> 0 (the residual's share of the action; 0 would never change the base)")
         for name in ("actor_lr", "critic_lr", "max_grad_norm", "clip_coef"):
@@ -67,4 +70,4 @@ class ResidualSettings:
     def policy_config(self) -> dict[str, object]:
         """What the residual policy's checkpoint keeps of these (the rest only shapes training)."""
         return {"action_scale": float(self.action_scale), "hidden": [int(w) for w in self.actor_hidden],
-                "init_log_std": float(self.init_log_std)}
+                "init_log_std": float(self.init_log_std), "obs_norm": str(self.obs_norm)}

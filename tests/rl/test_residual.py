@@ -202,3 +202,27 @@ def test_settings_refuse_nonsense_naming_the_key():
             ResidualSettings(**bad).check()
     with pytest.raises(ValueError, match="action_scale"):
         ResidualPolicy(OffsetBase(), action_scale=-1.0)
+
+
+def test_running_observation_statistics_match_numpy_are_saved_and_frozen_outside_training(tmp_path):
+    policy = ResidualPolicy(toy_base(tmp_path), obs_norm="running")
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(0.3, 0.01, size=(n, 2)).astype(np.float32) for n in (5, 1, 17)]
+    for b in batches:
+        policy.obs_features({"goal": b}, update_stats=True)
+    raw = torch.cat([policy.normalizer.normalize("goal", torch.as_tensor(b)) for b in batches]).double().numpy()
+    np.testing.assert_allclose(policy.obs_mean.numpy(), raw.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(policy.obs_var.numpy(), raw.var(0), rtol=1e-6)
+    assert float(policy.obs_count) == 23
+    # A millimetre-scale spread becomes unit scale (what the min-max normalization alone would squash).
+    feats = policy.obs_features({"goal": batches[2]})
+    assert 0.5 < float(feats.std()) < 2.0
+    # Evaluation (the per-step hook) reads the statistics but does not move them.
+    policy.correct_actions({"goal": batches[0]}, batches[0] + OFFSET)
+    assert float(policy.obs_count) == 23
+    save_policy(policy, tmp_path / "res")
+    loaded = load_policy(tmp_path / "res")
+    assert loaded.obs_norm == "running" and float(loaded.obs_count) == 23
+    torch.testing.assert_close(loaded.obs_features({"goal": batches[2]}), feats)
+    with pytest.raises(ValueError, match="obs_norm"):
+        ResidualPolicy(OffsetBase(), obs_norm="batch")
