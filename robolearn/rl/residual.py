@@ -18,7 +18,7 @@ includes the base action: the base is part of the environment as far as PPO is c
 
 Episode ends (gymnasium same-step autoreset): a *terminated* episode's next value is 0; a *truncated* one (time
 limit) is bootstrapped with the critic's value of its last observation (``infos["final_obs"]``), added to the
-last reward -- the time limit is not the task's failure. The critic sees the normalized observation only (not the
+last reward -- the time limit is not the task's failure (``bootstrap_truncated=False``: it is, value 0). The critic sees the normalized observation only (not the
 base action), so that last observation, for which no base action was ever planned, can be valued.
 
 Evaluation (a callback, ``evaluate(policy, env_steps) -> dict`` with ``success_rate``): the residual policy itself,
@@ -240,7 +240,7 @@ class ResidualPPO:
             self._ep_length += 1
             bootstrap = np.zeros(n)
             cut = np.flatnonzero(truncated & ~terminated)  # time limit: the episode could have gone on
-            if len(cut):
+            if len(cut) and s.bootstrap_truncated:
                 finals = [_final_obs(infos, int(i)) for i in cut]
                 batch = {k: np.stack([f[k] for f in finals]) for k in self.policy.residual_obs_keys}
                 bootstrap[cut] = s.gamma * self.critic(self.policy.obs_features(batch)).cpu().numpy()

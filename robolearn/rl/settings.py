@@ -32,6 +32,7 @@ class ResidualSettings:
     rollout_steps: int = 256  # control steps per environment between updates (batch = rollout_steps x num_envs)
     update_epochs: int = 10
     minibatches: int = 4
+    bootstrap_truncated: bool = True  # a time-limit end is bootstrapped with V(last obs); false: treated as the end (value 0)
     norm_adv: bool = True  # normalize advantages per minibatch
     ent_coef: float = 0.0  # the residual should stay near the base: no entropy bonus by default
     vf_coef: float = 1.0  # actor and critic have their own optimizers and learning rates; this only scales the critic's

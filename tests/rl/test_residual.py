@@ -113,11 +113,12 @@ def test_gae_by_hand():
     torch.testing.assert_close(ret, adv + buf.value)
 
 
-@pytest.mark.parametrize("terminate", [False, True])
-def test_truncated_episodes_bootstrap_from_their_last_observation_terminated_ones_do_not(tmp_path, terminate):
+@pytest.mark.parametrize("terminate,bootstrap", [(False, True), (True, True), (False, False)])
+def test_truncated_episodes_bootstrap_from_their_last_observation_terminated_ones_do_not(tmp_path, terminate,
+                                                                                          bootstrap):
     policy = ResidualPolicy(toy_base(tmp_path))
     envs = make_vector_env(ReachEnv, num_envs=2, num_workers=0, reward_scale=0.0, terminate=terminate)
-    s = ResidualSettings(rollout_steps=EPISODE + 4, gamma=0.9)
+    s = ResidualSettings(rollout_steps=EPISODE + 4, gamma=0.9, bootstrap_truncated=bootstrap)
     ppo = ResidualPPO(policy, envs, s, total_env_steps=1, run_dir=tmp_path / "run", progress=False)
     with torch.no_grad():  # a critic that values every observation at 1.0
         ppo.critic.net[-1].weight.zero_()
@@ -128,7 +129,7 @@ def test_truncated_episodes_bootstrap_from_their_last_observation_terminated_one
     ends = buf.done[:, 0].nonzero().flatten().tolist()
     assert ends == [EPISODE - 1] and stats["episodes"] == 2
     expected = torch.zeros(s.rollout_steps)
-    expected[EPISODE - 1] = 0.0 if terminate else 0.9  # gamma x V(final_obs), only for the time limit
+    expected[EPISODE - 1] = 0.9 if bootstrap and not terminate else 0.0  # gamma x V(final_obs): time limit only
     torch.testing.assert_close(buf.reward[:, 0], expected)
     torch.testing.assert_close(last_value, torch.ones(2))
 
