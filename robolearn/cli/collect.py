@@ -9,7 +9,7 @@ the rollouts in flight. Re-running it appends to the same store, continuing afte
 fine-tuned policy into a fresh chunk policy trains on these) in the environment config it was trained with (plus
 ``env.*``), through the same executor as ``robolearn eval`` (its per-step correction included), with the same
 schema, atomicity, success filter and resumption. Episode ``seed`` draws its chunks' noise from ``(seed, 0, c)``,
-so a rollout depends on its seed only, not on the number of workers. An episode in which the policy returned a
+so a rollout depends on its seed only, not on the number of workers; episodes land in seed order. An episode in which the policy returned a
 non-finite chunk (held, never executed) counts as a failure.
 """
 from __future__ import annotations
@@ -114,7 +114,9 @@ def _results(cfg: DictConfig, seeds: Iterator[int], env_overrides: dict[str, Any
     ctx = mp.get_context("spawn")  # MuJoCo/EGL and torch state do not survive fork reliably
     path = str(cfg.policy) if policy is not None else None
     with ctx.Pool(int(cfg.workers), initializer=_worker_init, initargs=(*init_args, path)) as pool:
-        yield from pool.imap_unordered(_worker_run, seeds, chunksize=1)
+        # In seed order (workers still run ahead): the store holds the same episodes in the same order whatever
+        # the number of workers, and ``next_seed`` never skips a seed that was still in flight.
+        yield from pool.imap(_worker_run, seeds, chunksize=1)
 
 
 def _policy_source(cfg: DictConfig, env_overrides: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
