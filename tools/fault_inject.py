@@ -106,13 +106,13 @@ def run_py(target: str, args: list[str], kill_at: int = 0, timeout: float = 600)
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
 
 
-def judge(case: Case, proc: subprocess.CompletedProcess, killed_ok: bool = False) -> None:
+def judge(case: Case, proc: subprocess.CompletedProcess) -> None:
     """Record what one command did: a traceback, or a failure that is not one clean error line."""
     err = proc.stderr or ""
     case.outputs.append(f"rc={proc.returncode} {err.strip().splitlines()[-1] if err.strip() else ''}"[:300])
     if "Traceback (most recent call last)" in err:
         case.traceback = True
-    if proc.returncode == 0 or (killed_ok and proc.returncode == -9):
+    if proc.returncode == 0:
         return
     if proc.returncode != 1 or "robolearn: error:" not in err:
         case.clean = False

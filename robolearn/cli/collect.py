@@ -131,10 +131,11 @@ def _policy_source(cfg: DictConfig, env_overrides: dict[str, Any]) -> tuple[Any,
     if not path.exists():
         raise CLIError(f"policy checkpoint {path} does not exist")
     policy = load_checkpoint(path)
-    trained_on = checkpoint_run_config(path).get("task")
+    run_cfg = checkpoint_run_config(path)
+    trained_on = run_cfg.get("task")
     if trained_on and trained_on != cfg.task:
         raise CLIError(f"policy {path} was trained on task {trained_on!r}, not {cfg.task!r} (pass task={trained_on})")
-    overrides = {**(checkpoint_run_config(path).get("env_config") or {}), **env_overrides}
+    overrides = {**(run_cfg.get("env_config") or {}), **env_overrides}
     source = {"kind": "policy", "checkpoint": str(path.resolve()), "policy_type": policy.policy_type,
               "sha256": checkpoint_digest(path)}
     return policy, overrides, source

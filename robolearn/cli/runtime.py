@@ -161,12 +161,7 @@ def serve(cfg: DictConfig) -> None:
                        f"Api-Key <secret>'), or allow_unauthenticated=true to serve openly anyway")
     if int(cfg.max_pending) < 1:
         raise CLIError(f"max_pending must be >= 1, got {cfg.max_pending}")
-    policy = load_checkpoint(Path(cfg.checkpoint))
-    # Clients get chunks, not steps: a kind that corrects each executed step (a residual) serves the view whose
-    # chunks carry the correction on the current observation's action (robolearn/rl/residual_policy.py).
-    for_chunk_clients = getattr(policy, "for_chunk_clients", None)
-    if callable(for_chunk_clients):
-        policy = for_chunk_clients()
+    policy = load_checkpoint(Path(cfg.checkpoint))  # a residual is served as its chunk view (PolicyServer)
     key_map = {str(k): str(v) for k, v in (OmegaConf.to_container(cfg.key_map) or {}).items()}
     try:
         serve_job(policy, host=str(cfg.host), port=int(cfg.port), token=cfg.token, key_map=key_map or None,

@@ -205,15 +205,15 @@ class EpisodeStore:
             json.dumps(root_attrs)
         except TypeError as e:
             raise StoreError(f"cannot create {path}: its attributes are not JSON-serializable ({e})") from None
-        clean_leftovers(path)
-        _release_lock(_resolve_backups(path, write=True))  # a backup put back is a store that exists now
+        if not _in_place:  # (drop's and merge's hidden copies have random names: nothing to clean beside them)
+            clean_leftovers(path)
+            _release_lock(_resolve_backups(path, write=True))  # a backup put back is a store that exists now
         if (path.exists() or path.is_symlink()) and not overwrite:
             raise StoreError(f"cannot create {path}: it already exists (open it, or pass overwrite=True)")
         # Built under a hidden name and renamed into place, so a writer killed while creating leaves no half-made
         # store at ``path`` (a hidden copy, removed by the next writer once its lock is free). The copies drop and
         # merge write are hidden already and are built in place.
-        hidden = _in_place
-        build = path if hidden else path.with_name(f".{path.name}.create-{uuid.uuid4().hex[:8]}")
+        build = path if _in_place else _hidden_path(path, "create")
         try:
             build.parent.mkdir(parents=True, exist_ok=True)
             build.mkdir()
@@ -241,7 +241,7 @@ class EpisodeStore:
                 compressors=_compressor(KeySpec((), "int64", "other"), zarr_format),
             )
             root.attrs.update(root_attrs)
-            if not hidden:
+            if not _in_place:
                 if path.exists() or path.is_symlink():
                     if not overwrite:  # made by someone else while this one was being built
                         raise StoreError(f"cannot create {path}: it appeared while this store was being made")

@@ -8,13 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-
-def _parse(line: str) -> dict[str, Any] | None:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:  # a line cut short by a kill
-        return None
-    return rec if isinstance(rec, dict) else None
+from robolearn.training.trainer import parse_metrics_line
 
 
 class RunLog:
@@ -33,7 +27,7 @@ class RunLog:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines()
-                    if (rec := _parse(ln)) is not None and rec.get("env_steps", 0) <= resume_at]
+                    if (rec := parse_metrics_line(ln)) is not None and rec.get("env_steps", 0) <= resume_at]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, self.path)
@@ -49,7 +43,7 @@ class RunLog:
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [rec for ln in self.path.read_text().splitlines() if (rec := _parse(ln)) is not None]
+        return [rec for ln in self.path.read_text().splitlines() if (rec := parse_metrics_line(ln)) is not None]
 
     def close(self) -> None:
         self.tb.close()

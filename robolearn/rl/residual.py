@@ -362,7 +362,7 @@ class ResidualPPO:
                 advantages, returns = gae(buf, last_value, self.s.gamma, self.s.gae_lambda)
                 stats = self.update(buf, advantages, returns)
                 t2 = time.perf_counter()
-                train_s += t2 - t1 + t1 - t0
+                train_s += t2 - t0
                 before = self.env_steps
                 self.env_steps += self.s.rollout_steps * self.num_envs
                 self.updates += 1
@@ -408,7 +408,8 @@ class ResidualPPO:
     def save(self) -> Path:
         """A residual-policy checkpoint (``step_<env steps>``) holding ``rl_state.pt`` too; ``latest`` switched
         to it atomically; only the newest ``keep_checkpoints`` kept."""
-        from robolearn.policies.checkpoint import remove_checkpoint, save_policy
+        from robolearn.policies.checkpoint import save_policy, writing_checkpoints
+        from robolearn.training.trainer import prune_checkpoints, switch_latest
 
         state = {"critic": self.critic.state_dict(), "actor_opt": self.actor_opt.state_dict(),
                  "critic_opt": self.critic_opt.state_dict(), "env_steps": self.env_steps, "updates": self.updates,
@@ -418,16 +419,12 @@ class ResidualPPO:
         folder = self.ckpt_root / f"step_{self.env_steps:010d}"
         extra = {"step": self.env_steps, "env_steps": self.env_steps, "updates": self.updates,
                  "success_rate": self.last_eval.get("success_rate") if self.last_eval else None}
-        save_policy(self.policy, folder, config={**self.run_config, "settings": dataclasses.asdict(self.s)},
-                    extra=extra, write_extra=lambda tmp: torch.save(state, tmp / RL_STATE))
-        link, tmp_link = self.ckpt_root / "latest", self.ckpt_root / ".latest.tmp"
-        if tmp_link.is_symlink() or tmp_link.exists():
-            tmp_link.unlink()
-        tmp_link.symlink_to(folder.name)
-        os.replace(tmp_link, link)
-        for old in complete_checkpoints(self.ckpt_root)[:-self.keep_checkpoints]:
-            if old.name != folder.name:
-                remove_checkpoint(old)
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        with writing_checkpoints(self.ckpt_root):  # as the trainer: a live writer, nobody cleans meanwhile
+            save_policy(self.policy, folder, config={**self.run_config, "settings": dataclasses.asdict(self.s)},
+                        extra=extra, write_extra=lambda tmp: torch.save(state, tmp / RL_STATE))
+            switch_latest(self.ckpt_root, folder.name)
+            prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
         return folder
 
     def load_state(self, folder: str | os.PathLike) -> None:
@@ -448,15 +445,12 @@ class ResidualPPO:
         self.success_before = None if before < 0 else before
 
 
-def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """A run's checkpoint folders, oldest first (each was renamed into place whole)."""
-    return sorted(p for p in Path(root).glob("step_*") if p.is_dir() and not p.is_symlink())
-
-
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """The checkpoint ``latest`` names, or (a kill between a save and the switch) the newest complete one."""
     link = Path(root) / "latest"
     if link.is_symlink() and link.resolve().is_dir():
         return link.resolve()
+    from robolearn.training.trainer import complete_checkpoints
+
     done = complete_checkpoints(root)
     return done[-1] if done else None

@@ -554,8 +554,6 @@ class Runner:
             self._stop_on_error(ep, res.error)
         self._record_latency(res.latency_s)
         if res.error is not None:  # a remote policy: its server refused a non-finite chunk
-            self.executor.nonfinite_chunks += 1
-            self.executor.episode_nonfinite[0] += 1
             self._refused(ep, res)
             return False
         assert res.chunk is not None

@@ -126,6 +126,12 @@ class PolicyServer:
         allow_unauthenticated: bool = False,
         max_pending: int = 4,
     ) -> None:
+        # Clients get chunks, not steps: a kind that corrects each executed step (a residual) is served through
+        # the view whose chunks carry the correction on the current observation's action
+        # (robolearn/rl/residual_policy.py).
+        for_chunk_clients = getattr(policy, "for_chunk_clients", None)
+        if callable(for_chunk_clients):
+            policy = for_chunk_clients()
         check_policy(policy)
         self.policy = policy
         self.host, self.port = host, int(port)

@@ -50,12 +50,28 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(root).glob("step_*") if p.is_dir() and not p.is_symlink())
 
 
-def _switch_latest(root: Path, name: str) -> None:
+def switch_latest(root: Path, name: str) -> None:
+    """Point ``root/latest`` at checkpoint folder ``name``, atomically (a temporary link renamed over it)."""
     link, tmp_link = root / "latest", root / ".latest.tmp"
     if tmp_link.is_symlink() or tmp_link.exists():
         tmp_link.unlink()
     tmp_link.symlink_to(name)
     os.replace(tmp_link, link)  # atomic switch of "latest"
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoint folders of ``root``, never the one ``latest``
+    names, as a checkpoint writer (so no cleaner runs meanwhile)."""
+    from robolearn.policies.checkpoint import remove_checkpoint, writing_checkpoints
+
+    root = Path(root)
+    latest = root / "latest"
+    current = latest.resolve() if latest.exists() else None
+    with writing_checkpoints(root):
+        steps = complete_checkpoints(root)
+        for old in steps[: max(0, len(steps) - int(keep))]:
+            if old.resolve() != current:
+                remove_checkpoint(old)
 
 
 def recover_checkpoints(root: str | os.PathLike) -> list[str]:
@@ -84,7 +100,7 @@ def recover_checkpoints(root: str | os.PathLike) -> list[str]:
         if not latest.exists():
             resumable = [p for p in complete_checkpoints(root) if (p / TRAIN_STATE).is_file()]
             if resumable:
-                _switch_latest(root, resumable[-1].name)
+                switch_latest(root, resumable[-1].name)
                 done.append(f"pointed latest at {resumable[-1].name}, the newest checkpoint (the run was killed "
                             f"before it switched)")
     return done
@@ -101,7 +117,7 @@ class _Loss(nn.Module):
         return self.policy.compute_loss(batch)
 
 
-def _parse(line: str) -> dict[str, Any] | None:
+def parse_metrics_line(line: str) -> dict[str, Any] | None:
     """One metrics record; None for a blank line or one cut short by a killed write."""
     try:
         rec = json.loads(line)
@@ -183,21 +199,13 @@ class Trainer:
             # One atomic write: save_policy renames the folder into place only after train_state.pt is in it.
             save_policy(self.ema.model, final, config=self.config, extra={"step": self.step},
                         write_extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE))
-            _switch_latest(self.ckpt_root, name)
+            switch_latest(self.ckpt_root, name)
             self.prune_checkpoints()
         return final
 
     def prune_checkpoints(self) -> None:
         """Keep the newest ``keep_checkpoints`` checkpoint folders, and always the one ``latest`` names."""
-        from robolearn.policies.checkpoint import remove_checkpoint, writing_checkpoints
-
-        latest = self.ckpt_root / "latest"
-        current = latest.resolve() if latest.exists() else None
-        with writing_checkpoints(self.ckpt_root):
-            steps = complete_checkpoints(self.ckpt_root)
-            for old in steps[: max(0, len(steps) - self.s.keep_checkpoints)]:
-                if old.resolve() != current:
-                    remove_checkpoint(old)
+        prune_checkpoints(self.ckpt_root, self.s.keep_checkpoints)
 
     def load_checkpoint(self, folder: Path) -> None:
         from robolearn.policies.checkpoint import load_policy
@@ -229,7 +237,8 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if (rec := _parse(ln)) and rec.get("step", 0) <= step]
+        keep = [ln for ln in path.read_text().splitlines()
+                if (rec := parse_metrics_line(ln)) and rec.get("step", 0) <= step]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, path)
@@ -238,7 +247,7 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return []
-        return [rec for ln in path.read_text().splitlines() if (rec := _parse(ln))]
+        return [rec for ln in path.read_text().splitlines() if (rec := parse_metrics_line(ln))]
 
     # ------------------------------------------------------------------ the loop
     def _batch(self, dataset: Any, step: int, salt: int = 0) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def test_zero_initialised_residual_reproduces_the_base_exactly(tmp_path, name):
     base = fixture_base(tmp_path, name)
     want = drive(base, 20)
     residual = ResidualPolicy(base)
-    assert residual.correct_actions is not None  # the executor picks it up as its per-step hook
+    assert ChunkExecutor(residual, 2).corrector == residual.correct_actions  # the executor's per-step hook
     got = drive(residual, 20)
     assert np.array_equal(got, want)  # bit for bit, through the executor's corrector hook
     assert not np.array_equal(want[0], want[1])  # (the comparison is not between constant actions)

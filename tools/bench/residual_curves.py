@@ -4,7 +4,8 @@ Reads each run folder's ``metrics.jsonl`` (written by ``robolearn finetune``) an
 settings that differ between runs), and writes::
 
     <out>.json   per run: label, settings, evaluations [(env_steps, success_rate)], training-success means,
-                 throughput (env steps/s of the whole loop, its rollout/update split), best and last evaluation
+                 throughput (env steps/s of collection and PPO updates -- evaluations and checkpoints excluded,
+                 as ``finetune`` reports it -- and the rollout share of that time), best and last evaluation
     <out>.png    held-out success rate against environment steps, one line per run
 
 Example (what the README quotes)::

@@ -1,7 +1,8 @@
 """Probes of what a per-step residual could do for a peg_insert base, without any learning.
 
 Runs the base chunk policy through the executor's per-step corrector hook with three kinds of corrections and
-reports success over the same seeds (the evaluation seeds of ``robolearn eval`` / ``finetune``, from 100000):
+reports success over the same seeds, computed by :func:`robolearn.evaluation.evaluate` as ``robolearn eval`` and
+``finetune``'s evaluations compute it (seeds from 100000, the same chunk noise):
 
 - ``none``: the base alone;
 - ``noise STD``: white Gaussian noise of standard deviation STD added to every action (what a residual's
@@ -24,23 +25,12 @@ import torch
 
 
 def run(policy, corrector, seeds: list[int]) -> float:
+    """Success rate over ``seeds`` exactly as ``robolearn eval`` computes it (same seeds, same noise rule)."""
     import sim
-    from robolearn.evaluation.rollout import PolicyActor
+    from robolearn.evaluation import evaluate
 
-    env = sim.make("peg_insert")
-    ok = []
-    for seed in seeds:
-        actor = PolicyActor(policy, noise_seed=0, episode=seed, corrector=corrector)
-        obs, _ = env.reset(seed=seed)
-        actor.reset(env)
-        terminated = False
-        for _ in range(env.spec.max_episode_steps if env.spec and env.spec.max_episode_steps else 150):
-            obs, _, terminated, truncated, _ = env.step(actor.act(obs))
-            if terminated or truncated:
-                break
-        ok.append(bool(terminated))
-    env.close()
-    return float(np.mean(ok))
+    return float(evaluate(policy, lambda: sim.make("peg_insert"), seeds, noise_seed=seeds[0],
+                          corrector=corrector)["success_rate"])
 
 
 def main(argv: list[str] | None = None) -> None:
