@@ -323,14 +323,20 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
          "xvfb-run -a robolearn teleop task=push_t        # no display: a virtual one"],
     ),
     "finetune": (
-        "reinforcement-learning fine-tuning of a trained chunk policy (method=residual: ResiP)",
-        "Fine-tune a checkpoint in its task's MuJoCo environments. method=residual (configs/finetune/residual.yaml):\n"
-        "PPO trains a small per-step residual MLP over the frozen base, which runs as deployed (chunks queued,\n"
-        "batched inference for all environments); the residual's mean is evaluated on held-out seeds before,\n"
-        "during and after. The result is a 'residual' checkpoint naming its base, usable by eval, run, serve,\n"
-        "teleop and collect policy=. finetune.* keys are PPO's settings; --cfg job prints the composed config.",
+        "reinforcement-learning fine-tuning of a frozen chunk policy (method=residual: ResiP | steer: DSRL)",
+        "Fine-tune a checkpoint in its task's MuJoCo environments without retraining it.\n"
+        "  method=residual (configs/finetune/residual.yaml): PPO trains a small per-step residual MLP over the\n"
+        "    frozen base, which runs as deployed (chunks queued, batched inference for all environments).\n"
+        "  method=steer (configs/finetune/steer.yaml): SAC (finetune.variant=sac) or noise aliasing (=na) trains\n"
+        "    an actor that picks the base's initial noise; the base must sample deterministically (ddim, euler,\n"
+        "    midpoint; finetune.base_sampler=ddim steers a DDPM-trained diffusion policy).\n"
+        "The result is evaluated on held-out seeds before, during and after; it is a 'residual' or 'steered'\n"
+        "checkpoint naming its base, usable by eval, run, serve, teleop and collect policy=. finetune.* keys are\n"
+        "the method's settings; --cfg job prints the composed config.",
         ["robolearn finetune method=residual checkpoint=runs/train/<run>/checkpoints/latest env_steps=500000",
          "robolearn finetune method=residual checkpoint=... num_envs=16 workers=4 finetune.gamma=0.99",
+         "robolearn finetune method=steer checkpoint=... env_steps=300000 finetune.variant=na",
+         "robolearn finetune method=steer checkpoint=... finetune.base_sampler=ddim finetune.base_steps=10",
          "robolearn finetune method=residual checkpoint=... --cfg job     # the composed config, nothing runs",
          "robolearn finetune method=residual resume=true run_dir=runs/finetune/<run>   # continue a run",
          "robolearn collect task=push_t policy=runs/finetune/<run>/checkpoints/latest episodes=200 "

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from robolearn.policies.config import ConfigError  # the one config error type: the CLI prints it, naming the key
-from robolearn.rl.settings import ResidualSettings
+from robolearn.rl.settings import ResidualSettings, SteerSettings
 from robolearn.training.settings import TrainSettings
 
 __all__ = ["ConfigError", "SCHEMAS", "compose", "config_dir"]
@@ -194,6 +194,13 @@ class ResidualMethodConfig(ResidualSettings):
 
 
 @dataclass
+class SteerMethodConfig(SteerSettings):
+    """``configs/finetune/steer.yaml``: DSRL's hyperparameters (robolearn/rl/settings.py), as ``finetune.*``."""
+
+    name: str = "steer"
+
+
+@dataclass
 class FinetuneEvalConfig:
     episodes: int = 20  # deterministic evaluation episodes (the residual's mean) before, during and after
     every: int = 50000  # environment steps between evaluations (0: only before and after)
@@ -222,11 +229,23 @@ class FinetuneConfig:
     finetune: ResidualMethodConfig = field(default_factory=ResidualMethodConfig)
 
 
+@dataclass
+class SteerFinetuneConfig(FinetuneConfig):
+    """``robolearn finetune method=steer``: the same run keys, DSRL's ``finetune.*``."""
+
+    finetune: SteerMethodConfig = field(default_factory=SteerMethodConfig)  # type: ignore[assignment]
+
+
 # Config groups (folders of configs/) each command composes from: `train task=can policy=flow_unet`.
 GROUPS: dict[str, set[str]] = {"train": {"task", "policy"}, "finetune": {"finetune"}}
 # A command-line key that picks a group under another name: `finetune method=residual` chooses
 # configs/finetune/residual.yaml, whose settings are then `finetune.*` keys.
 GROUP_ALIASES: dict[str, dict[str, str]] = {"finetune": {"method": "finetune"}}
+
+# A command whose schema depends on a group choice: `finetune method=steer` validates against SteerFinetuneConfig.
+GROUP_SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
+    "finetune": ("finetune", {"residual": FinetuneConfig, "steer": SteerFinetuneConfig}),
+}
 
 SCHEMAS: dict[str, type] = {
     "teleop": TeleopConfig,
@@ -263,10 +282,14 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
     from hydra.errors import HydraException
 
     schema = SCHEMAS[name]
-    valid = _valid_keys(schema)
     groups = GROUPS.get(name, set())
     aliases = GROUP_ALIASES.get(name, {})
     overrides = [_group_alias(ov, aliases) for ov in overrides]
+    if name in GROUP_SCHEMAS:
+        group, by_choice = GROUP_SCHEMAS[name]
+        choice = next((ov.split("=", 1)[1] for ov in overrides if ov.split("=", 1)[0] == group), None)
+        schema = by_choice.get(choice, schema) if choice is not None else schema
+    valid = _valid_keys(schema)
     for ov in overrides:
         if ov.split("=", 1)[0] in groups:  # a config group choice: policy=flow_unet
             continue

@@ -1,13 +1,14 @@
-"""``robolearn finetune method=residual checkpoint=BASE``: residual RL fine-tuning (ResiP) of a trained chunk
-policy in its MuJoCo task; the RL itself is :mod:`robolearn.rl.residual`, this module wires it to checkpoints,
-``sim`` environments, the evaluator and the run folder.
+"""``robolearn finetune method=residual|steer checkpoint=BASE``: RL fine-tuning of a trained chunk policy in its
+MuJoCo task, without retraining it: residual RL (ResiP, :mod:`robolearn.rl.residual`) or latent-noise steering
+(DSRL, :mod:`robolearn.rl.steer`). This module wires them to checkpoints, ``sim`` environments, the evaluator and
+the run folder.
 
 Everything that can be wrong with the inputs stops the command (``robolearn: error: ...``) before the first
 rollout: the settings (``check_config``, also under ``--cfg job``), the base checkpoint (exists, loads, is a chunk
 policy and not already a per-step residual), its task (``task=`` must be the one it was trained on), that it fits
 the task's observations and actions, and for ``resume=true`` that the run's checkpoint, base and settings agree.
 
-The result is a ``residual`` policy checkpoint (``run_dir/checkpoints/latest``) that names its base by relative
+The result is a ``residual`` or ``steered`` policy checkpoint (``run_dir/checkpoints/latest``) that names its base by relative
 path and content hash: ``robolearn eval``, ``run``, ``serve``, ``teleop policy=`` and ``collect policy=`` take it
 like any checkpoint. Moving the run folder without its base (or retraining the base) makes it refuse to load,
 naming both folders.
@@ -26,16 +27,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from robolearn.cli import CLIError, print_json
 from robolearn.policies.config import ConfigError
-from robolearn.rl.settings import ResidualSettings
+from robolearn.rl.settings import ResidualSettings, SteerSettings
+
+METHODS: dict[str, type] = {"residual": ResidualSettings, "steer": SteerSettings}
+Settings = ResidualSettings | SteerSettings
 
 
-def check_config(cfg: DictConfig) -> ResidualSettings:
+def method_of(settings: Settings) -> str:
+    return "steer" if isinstance(settings, SteerSettings) else "residual"
+
+
+def check_config(cfg: DictConfig) -> Settings:
     """What needs no files: the method's hyperparameters and the run's numbers (also what ``--cfg job`` checks)."""
     method: dict[str, Any] = OmegaConf.to_container(cfg.finetune, resolve=True)  # type: ignore[assignment]
     name = method.pop("name", "residual")
-    if name != "residual":
-        raise CLIError(f"finetune.name must be 'residual' (the only method so far), got {name!r}")
-    settings = ResidualSettings(**method)
+    if name not in METHODS:
+        raise CLIError(f"finetune.name must be one of {sorted(METHODS)}, got {name!r}")
+    settings = METHODS[name](**method)
     try:
         settings.check()
     except ConfigError as e:
@@ -58,16 +66,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir, latest = _resume_point(cfg)
     base_path = _base_path(cfg, run_dir, latest)
     base, task, env_config = _load_base(cfg, base_path, device)
-    policy = _residual(base, base_path, settings, latest, run_dir, device, int(cfg.seed))
+    method = method_of(settings)
+    policy = _make_policy(base, base_path, settings, latest, run_dir, device, int(cfg.seed))
     if run_dir is None:
-        run_dir = Path("runs/finetune") / f"{task}-residual-{time.strftime('%Y%m%d-%H%M%S')}".replace("/", "_")
+        run_dir = Path("runs/finetune") / f"{task}-{method}-{time.strftime('%Y%m%d-%H%M%S')}".replace("/", "_")
     lock = _lock_run(run_dir)
     try:
         if latest is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
             raise CLIError(f"run folder {run_dir} already holds checkpoints; pass resume=true to continue it, or "
                            f"another run_dir")
         run_config = {"task": task, "env_config": env_config, "base_checkpoint": str(base_path.resolve()),
-                      "method": "residual", "finetune": dataclasses.asdict(settings),
+                      "method": method, "finetune": dataclasses.asdict(settings),
                       "env_steps": int(cfg.env_steps), "num_envs": int(cfg.num_envs), "seed": int(cfg.seed),
                       "eval": OmegaConf.to_container(cfg.eval), "device": str(device)}
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +86,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             evaluator = Evaluator(task, env_config, episodes=int(cfg.eval.episodes), num_envs=int(cfg.eval.num_envs),
                                   workers=int(cfg.eval.workers), seed=int(cfg.eval.seed),
                                   videos=int(cfg.eval.videos), run_dir=run_dir, device=device, progress=False)
-        print(f"finetune: residual PPO over {base_path} ({type(base).__name__}) in {task}: {cfg.env_steps:,} env "
+        what = "residual PPO" if method == "residual" else f"latent-noise steering ({settings.variant})"  # type: ignore[union-attr]
+        print(f"finetune: {what} over {base_path} ({type(base).__name__}) in {task}: {cfg.env_steps:,} env "
               f"steps, {cfg.num_envs} envs; run folder {run_dir}", file=sys.stderr, flush=True)
         try:
             out = _train(cfg, policy, settings, task, env_config, run_dir, run_config, evaluator, latest)
@@ -87,8 +97,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         _unlock_run(lock)
     summary = {
-        "task": task, "method": "residual", "base_checkpoint": str(base_path), "run_dir": str(run_dir),
-        "checkpoint": out["checkpoint"], "env_steps": out["env_steps"], "updates": out["updates"],
+        "task": task, "method": method, "base_checkpoint": str(base_path), "run_dir": str(run_dir),
+        "checkpoint": out["checkpoint"], "env_steps": out["env_steps"],
+        **{k: out[k] for k in ("updates", "transitions", "grad_steps") if k in out},
         "success_rate_before": out["success_rate_before"], "success_rate_after": out["success_rate_after"],
         "eval_episodes": int(cfg.eval.episodes), "wall_s": out["wall_s"], "env_steps_per_s": out["env_steps_s"],
         "base_inference_s": out["inference_s"], "plots": out["plots"], "resumed": latest is not None,
@@ -102,18 +113,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _train(cfg: DictConfig, policy: Any, settings: ResidualSettings, task: str, env_config: dict[str, Any],
+def _train(cfg: DictConfig, policy: Any, settings: Settings, task: str, env_config: dict[str, Any],
            run_dir: Path, run_config: dict[str, Any], evaluator: Any, latest: Path | None) -> dict[str, Any]:
     from sim.vector import make_vector_env
 
     from robolearn.policies.executor import NonFiniteChunkError, NonFiniteObservationError
     from robolearn.rl.residual import ResidualPPO
+    from robolearn.rl.steer import SteeringSAC
 
     n = int(cfg.num_envs)
     envs = make_vector_env(task, num_envs=n, num_workers=min(int(cfg.workers), n), seed=int(cfg.seed),
                            autoreset_mode="SameStep", **env_config)
+    trainer = SteeringSAC if isinstance(settings, SteerSettings) else ResidualPPO
     try:
-        ppo = ResidualPPO(policy, envs, settings, total_env_steps=int(cfg.env_steps), run_dir=run_dir,
+        ppo = trainer(policy, envs, settings, total_env_steps=int(cfg.env_steps), run_dir=run_dir,  # type: ignore[arg-type]
                           seed=int(cfg.seed), evaluate=evaluator, eval_every=int(cfg.eval.every),
                           ckpt_every=int(cfg.ckpt_every), keep_checkpoints=int(cfg.keep_checkpoints),
                           run_config=run_config, progress=bool(cfg.progress))
@@ -122,8 +135,7 @@ def _train(cfg: DictConfig, policy: Any, settings: ResidualSettings, task: str, 
                 ppo.load_state(latest)
             except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
                 raise CLIError(f"cannot resume from {latest}: {e}") from None
-            print(f"finetune: resuming {run_dir} at {ppo.env_steps:,} env steps (update {ppo.updates})",
-                  file=sys.stderr, flush=True)
+            print(f"finetune: resuming {run_dir} at {ppo.env_steps:,} env steps", file=sys.stderr, flush=True)
         try:
             return ppo.fit(resume=latest is not None)
         except (NonFiniteObservationError, NonFiniteChunkError) as e:  # broken inputs, base or diverged residual
@@ -192,31 +204,37 @@ def _load_base(cfg: DictConfig, base_path: Path, device: Any) -> tuple[Any, str,
         raise CLIError(f"{base_path / 'config.yaml'} does not say which task the policy was trained on "
                        f"('run.task'): pass task=")
     if trained_on and task != trained_on:
-        raise CLIError(f"base checkpoint {base_path} was trained on task {trained_on!r}, not {task!r}: a residual "
-                       f"corrects a policy in the task it was trained for")
+        raise CLIError(f"base checkpoint {base_path} was trained on task {trained_on!r}, not {task!r}: fine-tuning "
+                       f"runs a policy in the task it was trained for")
     env_config = {**(run_cfg.get("env_config") or {}), **(OmegaConf.to_container(cfg.env, resolve=True) or {})}
     probe_task(task, env_config, base)  # its observations and action size must fit the task
     return base, task, env_config
 
 
-def _residual(base: Any, base_path: Path, settings: ResidualSettings, latest: Path | None, run_dir: Path | None,
-              device: Any, seed: int) -> Any:
-    """A fresh residual policy over ``base`` (zero correction; hidden layers initialised from ``seed``), or the one
-    of the checkpoint a run resumes from."""
+def _make_policy(base: Any, base_path: Path, settings: Settings, latest: Path | None, run_dir: Path | None,
+                 device: Any, seed: int) -> Any:
+    """A fresh residual (zero correction) or steered policy over ``base`` (hidden layers initialised from
+    ``seed``), or the one of the checkpoint a run resumes from."""
     import torch
 
     from robolearn.cli.runtime import load_checkpoint
     from robolearn.rl.residual_policy import ResidualPolicy
+    from robolearn.rl.steer_policy import SteeredPolicy
 
+    kind = SteeredPolicy if isinstance(settings, SteerSettings) else ResidualPolicy
+    if kind is SteeredPolicy and isinstance(base, SteeredPolicy):
+        raise CLIError(f"{base_path} is already a steered policy (it chooses its own noise, so steering it again "
+                       f"would change nothing): steer its base, or resume=true run_dir=... to continue that run")
     if latest is None:
         torch.manual_seed(seed)
         try:
-            return ResidualPolicy(base, **settings.policy_config())  # type: ignore[arg-type]
+            return kind(base, **settings.policy_config())  # type: ignore[arg-type]
         except ValueError as e:
             raise CLIError(f"cannot fine-tune {base_path}: {e}") from None
     policy = load_checkpoint(latest, map_location=device)  # checks that its base is unchanged since
-    if not isinstance(policy, ResidualPolicy):
-        raise CLIError(f"cannot resume {run_dir}: {latest} holds a {policy.policy_type!r} policy, not a residual")
+    if not isinstance(policy, kind):
+        raise CLIError(f"cannot resume {run_dir}: {latest} holds a {policy.policy_type!r} policy, not a "
+                       f"{kind.policy_type!r} one (method={method_of(settings)})")
     if Path(policy.base.checkpoint_path).resolve() != base_path.resolve():
         raise CLIError(f"cannot resume {run_dir}: its checkpoint {latest} wraps {policy.base.checkpoint_path}, not "
                        f"{base_path}")

@@ -49,7 +49,9 @@ class RunLog:
         self.tb.close()
 
 
-def plot_success(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> str | None:
+def plot_success(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str = "residual fine-tuning",
+                 train_label: str = "training episodes (sampled residual)",
+                 eval_label: str = "evaluation (residual mean, held-out seeds)") -> str | None:
     """Success rate against environment steps: the deterministic evaluations (``eval_success_rate``) and the
     sampled training episodes (``train_success_rate``). Returns the PNG's path, or None without data."""
     import matplotlib
@@ -68,13 +70,13 @@ def plot_success(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4))
     if tr[0]:
-        ax.plot(*tr, ".-", lw=1.0, alpha=0.6, color="tab:blue", label="training episodes (sampled residual)")
+        ax.plot(*tr, ".-", lw=1.0, alpha=0.6, color="tab:blue", label=train_label)
     if ev[0]:
-        ax.plot(*ev, "o-", color="tab:green", label="evaluation (residual mean, held-out seeds)")
+        ax.plot(*ev, "o-", color="tab:green", label=eval_label)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("environment steps")
     ax.set_ylabel("success rate")
-    ax.set_title("residual fine-tuning")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()

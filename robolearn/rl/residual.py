@@ -242,7 +242,7 @@ class ResidualPPO:
             cut = np.flatnonzero(truncated & ~terminated)  # time limit: the episode could have gone on
             if len(cut) and s.bootstrap_truncated:
                 finals = [_final_obs(infos, int(i)) for i in cut]
-                batch = {k: np.stack([f[k] for f in finals]) for k in self.policy.residual_obs_keys}
+                batch = {k: np.stack([f[k] for f in finals]) for k in self.policy.feature_keys}
                 bootstrap[cut] = s.gamma * self.critic(self.policy.obs_features(batch)).cpu().numpy()
             buf.store(t, step, torch.as_tensor(reward + bootstrap, dtype=torch.float32, device=self.device),
                       torch.as_tensor(done, dtype=torch.float32, device=self.device))

@@ -41,6 +41,7 @@ from torch.distributions import Normal
 
 from robolearn.policies.registry import register_policy
 from robolearn.policies.wrapper import PolicyWrapper
+from robolearn.rl.features import ObsFeatures
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, *, out_gain: float) -> nn.Sequential:
@@ -76,13 +77,8 @@ class GaussianActor(nn.Module):
         return Normal(mean, self.log_std.exp().expand_as(mean))
 
 
-def low_dim_keys(base: Any) -> list[str]:
-    """The base's observation keys the residual can read: one-dimensional ones (images are left to the base)."""
-    return [k for k, shape in base.obs_shapes.items() if len(tuple(shape)) == 1]
-
-
 @register_policy("residual")
-class ResidualPolicy(PolicyWrapper):
+class ResidualPolicy(ObsFeatures, PolicyWrapper):
     """A frozen chunk policy whose executed actions a Gaussian MLP corrects step by step (see the module docstring).
 
     ``action_scale``: the residual's output is multiplied by this before it is added in normalized action space.
@@ -95,36 +91,16 @@ class ResidualPolicy(PolicyWrapper):
     spread is much smaller (see the README's residual RL section for what it changed on peg_insert).
     """
 
-    OBS_CLIP = 10.0
-
     def __init__(self, base: Any, action_scale: float = 0.1, hidden: Sequence[int] = (256, 256),
                  init_log_std: float = -1.0, obs_keys: Sequence[str] | None = None, obs_norm: str = "base") -> None:
         super().__init__(base)
         if not float(action_scale) > 0:
             raise ValueError(f"action_scale must be > 0, got {action_scale}")
-        keys = list(obs_keys) if obs_keys is not None else low_dim_keys(base)
-        shapes = dict(base.obs_shapes)
-        wrong = [k for k in keys if k not in shapes or len(tuple(shapes[k])) != 1]
-        if wrong:
-            raise ValueError(f"the residual reads one-dimensional observation keys of its base; {wrong} are not "
-                             f"(the base's keys and shapes: {shapes})")
-        if not keys:
-            raise ValueError(f"the base policy has no one-dimensional observation key for the residual to read "
-                             f"(its keys and shapes: {shapes}); residual fine-tuning needs state observations")
         self.action_scale = float(action_scale)
         self.hidden = [int(h) for h in hidden]
         self.init_log_std = float(init_log_std)
-        self.residual_obs_keys = keys
-        self.obs_dim = int(sum(int(np.prod(shapes[k])) for k in keys))
-        if obs_norm not in ("base", "running"):
-            raise ValueError(f"obs_norm must be 'base' or 'running', got {obs_norm!r}")
-        self.obs_norm = obs_norm
+        self.init_features(base, obs_keys, obs_norm, "the residual")
         self.actor = GaussianActor(self.obs_dim + self.action_dim, self.action_dim, self.hidden, self.init_log_std)
-        # Running statistics of the base-normalized observation (used when obs_norm == "running"); in the
-        # checkpoint with the actor. count 0: no statistics yet (features pass through unchanged).
-        self.register_buffer("obs_mean", torch.zeros(self.obs_dim, dtype=torch.float64))
-        self.register_buffer("obs_var", torch.ones(self.obs_dim, dtype=torch.float64))
-        self.register_buffer("obs_count", torch.zeros((), dtype=torch.float64))
         self.to(base.device)
 
     def train(self, mode: bool = True) -> "ResidualPolicy":
@@ -136,42 +112,9 @@ class ResidualPolicy(PolicyWrapper):
 
     def wrapper_config(self) -> dict[str, Any]:
         return {"action_scale": self.action_scale, "hidden": list(self.hidden), "init_log_std": self.init_log_std,
-                "obs_keys": list(self.residual_obs_keys), "obs_norm": self.obs_norm}
+                "obs_keys": list(self.feature_keys), "obs_norm": self.obs_norm}
 
     # ------------------------------------------------------------------ features and the correction
-    def obs_features(self, obs: Mapping[str, Any], update_stats: bool = False) -> torch.Tensor:
-        """The normalized observation ``(n, obs_dim)``, float32 on the policy's device, from batched newest
-        observations ``{key: (n, ...)}`` (keys the residual does not read are ignored). ``update_stats`` (training
-        rollouts only): fold these observations into the running statistics first."""
-        parts = []
-        for k in self.residual_obs_keys:
-            x = torch.as_tensor(np.asarray(obs[k]), device=self.device).float()
-            parts.append(self.normalizer.normalize(k, x).reshape(x.shape[0], -1).float())
-        feats = torch.cat(parts, dim=1)
-        if self.obs_norm != "running":
-            return feats
-        if update_stats:
-            self.update_obs_stats(feats)
-        if float(self.obs_count) == 0:
-            return feats
-        std = torch.sqrt(self.obs_var + 1e-8)
-        return ((feats.double() - self.obs_mean) / std).clamp(-self.OBS_CLIP, self.OBS_CLIP).float()
-
-    @torch.no_grad()
-    def update_obs_stats(self, feats: torch.Tensor) -> None:
-        """Merge a batch into the running mean/variance (Chan et al.'s parallel update)."""
-        x = feats.detach().double()
-        n = float(x.shape[0])
-        if n == 0:
-            return
-        b_mean, b_var = x.mean(0), x.var(0, unbiased=False)
-        total = float(self.obs_count) + n
-        delta = b_mean - self.obs_mean
-        m2 = self.obs_var * float(self.obs_count) + b_var * n + delta ** 2 * float(self.obs_count) * n / total
-        self.obs_mean += delta * n / total
-        self.obs_var.copy_(m2 / total)
-        self.obs_count.fill_(total)
-
     def features(self, obs: Mapping[str, Any], base_actions: Any, update_stats: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(normalized observation (n, obs_dim), normalized base action (n, action_dim))``."""
@@ -207,7 +150,7 @@ class ResidualPolicy(PolicyWrapper):
         chunk = self.base.predict_action(obs_history, noise) if noise is not None \
             else self.base.predict_action(obs_history)
         now = int(self.n_obs_steps) - 1
-        newest = {k: torch.as_tensor(obs_history[k])[:, -1].cpu().numpy() for k in self.residual_obs_keys}
+        newest = {k: torch.as_tensor(obs_history[k])[:, -1].cpu().numpy() for k in self.feature_keys}
         out = chunk.clone() if torch.is_tensor(chunk) else torch.as_tensor(np.array(chunk))
         fixed = self.correct_actions(newest, out[:, now].detach().float().cpu().numpy())
         out[:, now] = torch.as_tensor(fixed, dtype=out.dtype, device=out.device)

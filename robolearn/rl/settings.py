@@ -72,3 +72,75 @@ class ResidualSettings:
         """What the residual policy's checkpoint keeps of these (the rest only shapes training)."""
         return {"action_scale": float(self.action_scale), "hidden": [int(w) for w in self.actor_hidden],
                 "init_log_std": float(self.init_log_std), "obs_norm": str(self.obs_norm)}
+
+
+STEER_VARIANTS = ("sac", "na")
+
+
+@dataclass
+class SteerSettings:
+    """Latent-noise steering (DSRL, Wagenmaker et al.): an actor picks the base's initial noise ``w``.
+
+    Defaults are DSRL's published ones where the paper gives them (lr 3e-4, batch 256, tau 0.005, LayerNorm MLP
+    critics, several gradient steps per transition, noise bounded by tanh x 1.5); the rest are ordinary SAC
+    choices, said where set."""
+
+    variant: str = "sac"  # sac: SAC on the noise; na: noise aliasing (action critic by TD, noise critic distilled)
+    # -- the steered policy (saved in its checkpoint)
+    max_noise: float = 1.5  # w = max_noise * tanh(u): the base never sees noise far outside its training range
+    actor_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    obs_norm: str = "running"  # as residual RL: standardize the actor's/critics' inputs by visited states' mean/std
+    base_sampler: str | None = None  # steer the base under this sampler (null: its own); must be deterministic
+    base_steps: int | None = None  # ... with this many steps (null: its own)
+    # -- critics and SAC
+    critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    gamma: float = 0.99  # per environment step: a chunk of k steps discounts its successor by gamma^k
+    lr: float = 3e-4  # actor, critics and temperature
+    batch_size: int = 256
+    tau: float = 0.005  # target networks' Polyak rate
+    utd: float = 2.0  # gradient steps per collected transition (one transition = one chunk of one environment)
+    buffer_size: int = 300_000  # transitions kept (oldest dropped); 300k env steps make ~40k
+    learning_starts: int = 1000  # transitions collected with w ~ N(0, I) (the base as trained) before learning
+    init_temperature: float = 0.01  # entropy's weight; tuned towards target_entropy from here
+    target_entropy: float | None = None  # null: -0.5 x dim(w)
+    backup_entropy: bool = False  # false: the critics' targets hold rewards only (entropy only regularizes the actor), so
+    #                               Q stays on the reward's scale (a success probability for sparse tasks)
+    bootstrap_truncated: bool = True  # a time-limit end is valued by the critic at the last observation
+    alias_samples: int = 2  # na: extra chunks from w ~ N(0, I) per decision, for distilling the noise critic
+
+    def check(self, prefix: str = "finetune.") -> None:
+        def bad(name: str, rule: str) -> ConfigError:
+            return ConfigError(f"{prefix}{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if self.variant not in STEER_VARIANTS:
+            raise bad("variant", "'sac' (SAC on the noise) or 'na' (noise aliasing)")
+        if self.obs_norm not in ("base", "running"):
+            raise bad("obs_norm", "'running' or 'base'")
+        for name in ("max_noise", "lr", "utd"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "> 0")
+        for name in ("gamma", "tau"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "in [0, 1]")
+        for name in ("batch_size", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, ">= 1")
+        for name in ("learning_starts", "alias_samples"):
+            if getattr(self, name) < 0:
+                raise bad(name, ">= 0")
+        if self.variant == "na" and self.alias_samples < 1:
+            raise bad("alias_samples", ">= 1 for variant=na (the noise critic is distilled from those chunks)")
+        if not self.init_temperature > 0:
+            raise bad("init_temperature", "> 0")
+        if self.base_steps is not None and int(self.base_steps) < 1:
+            raise bad("base_steps", ">= 1 or null")
+        for name in ("actor_hidden", "critic_hidden"):
+            widths = getattr(self, name)
+            if not widths or any(int(w) < 1 for w in widths):
+                raise bad(name, "a non-empty list of layer widths >= 1")
+
+    def policy_config(self) -> dict[str, object]:
+        """What the steered policy's checkpoint keeps of these."""
+        return {"max_noise": float(self.max_noise), "hidden": [int(w) for w in self.actor_hidden],
+                "obs_norm": str(self.obs_norm), "sampler": self.base_sampler,
+                "steps": None if self.base_steps is None else int(self.base_steps)}

@@ -1,6 +1,6 @@
-"""``robolearn finetune method=residual`` end to end on push_t with the tiny fixture checkpoints (real MuJoCo, real
+"""``robolearn finetune method=residual`` and ``method=steer`` end to end on push_t with the tiny fixture checkpoints (real MuJoCo, real
 PPO steps), the residual checkpoint through ``eval``, ``run``, ``serve`` and ``collect policy=``, and the errors
-that must stop it before any rollout."""
+that must stop it before any rollout; the same for the steered checkpoint."""
 from __future__ import annotations
 
 import json
@@ -127,15 +127,14 @@ def test_teleop_intervention_mode_runs_the_residual_each_step(finetuned, visible
     assert not np.allclose(actions["residual"]["action"][0], actions["base"]["action"][0])
 
 
-def test_serve_sends_chunks_whose_current_action_is_corrected(visible):
+def served_chunk(checkpoint: Path, obs: dict, noise: torch.Tensor) -> np.ndarray:
+    """The chunk ``robolearn serve checkpoint=...`` (a real server process on loopback) answers for ``obs``."""
     from robolearn.runtime.client import RemotePolicy
 
-    local = load_policy(visible)
-    served_ckpt = visible
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([EXE, "serve", f"checkpoint={served_ckpt}", f"port={port}"], stdout=subprocess.PIPE,
+    server = subprocess.Popen([EXE, "serve", f"checkpoint={checkpoint}", f"port={port}"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -147,13 +146,19 @@ def test_serve_sends_chunks_whose_current_action_is_corrected(visible):
             except OSError:
                 time.sleep(0.2)
         remote = RemotePolicy(f"ws://127.0.0.1:{port}")
-        obs = {k: torch.rand(1, local.n_obs_steps, *s) for k, s in local.obs_shapes.items()}
-        noise = torch.randn(local.noise_shape(1))
         got = np.asarray(remote.predict_action(obs, noise=noise))
         remote.close()
     finally:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=30)
+    return got
+
+
+def test_serve_sends_chunks_whose_current_action_is_corrected(visible):
+    local = load_policy(visible)
+    obs = {k: torch.rand(1, local.n_obs_steps, *s) for k, s in local.obs_shapes.items()}
+    noise = torch.randn(local.noise_shape(1))
+    got = served_chunk(visible, obs, noise)
     base_chunk = local.predict_action(obs, noise).numpy()
     now = local.n_obs_steps - 1
     np.testing.assert_allclose(got, local.corrected_chunk(obs, noise).numpy(), rtol=1e-5, atol=1e-5)
@@ -268,3 +273,125 @@ def test_collect_policy_keeps_successes_only_by_default_and_refuses_another_task
     assert "trained on task 'push_t', not 'peg_insert' (pass task=push_t)" in capsys.readouterr().err
     assert main(["collect", "task=push_t", f"policy={base}", "expert.noise=0.2", f"out={tmp_path / 'p.zarr'}"]) == 1
     assert "expert.noise applies to the scripted expert" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- method=steer
+STEER = ["num_envs=2", "workers=0", "env.max_episode_steps=40", "eval.num_envs=2", "eval.workers=0", "progress=false",
+         "finetune.learning_starts=10", "finetune.batch_size=32"]
+
+
+def steer(base: Path, run: Path, *extra: str) -> int:
+    return main(["finetune", "method=steer", f"checkpoint={base}", f"run_dir={run}", *STEER, *extra])
+
+
+@pytest.fixture(scope="module")
+def steered(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """One short steering run over the flow fixture, then its actor's choice made large (the short run barely
+    moved it): (base, run folder, summary)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("steer")
+    base = base_copy(root)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert steer(base, root / "run", "env_steps=320", "eval.episodes=2", "ckpt_every=160") == 0
+    return base, root / "run", last_json(out.getvalue())
+
+
+def test_steer_writes_a_steered_checkpoint_with_its_replay_buffer(steered):
+    base, run, summary = steered
+    for key in ("success_rate_before", "success_rate_after", "env_steps", "wall_s", "checkpoint", "transitions",
+                "grad_steps"):
+        assert key in summary, key
+    assert summary["method"] == "steer" and summary["env_steps"] == 320 and summary["grad_steps"] > 0
+    latest = run / "checkpoints" / "latest"
+    assert {p.name for p in latest.iterdir()} >= {"model.safetensors", "rl_state.pt", "replay.npz"}
+    policy = load_policy(latest)
+    assert policy.policy_type == "steered" and policy.base.checkpoint_path == str(base.resolve())
+    assert all(not k.startswith("base.") for k in policy.checkpoint_state())
+    with np.load(latest / "replay.npz") as z:
+        assert z["replay.obs"].shape[0] == summary["transitions"]
+    assert [r["env_steps"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "eval_success_rate" in r] == [0, 320]
+    assert (run / "plots" / "success.png").is_file()
+
+
+def test_steered_checkpoint_evaluates_runs_serves_and_drives_teleop(steered, tmp_path, capsys):
+    from robolearn.data import EpisodeStore
+    from robolearn.policies import save_policy
+
+    _, run, _ = steered
+    policy = load_policy(run / "checkpoints" / "latest")
+    with torch.no_grad():  # a visible choice: the deterministic noise at +-1.2
+        policy.actor.net[-1].bias[:policy.noise_dim] = torch.atanh(torch.tensor(0.8)) * torch.tensor(
+            [(-1.0) ** j for j in range(policy.noise_dim)])
+    ckpt = save_policy(policy, tmp_path / "steered", config={"task": "push_t"})
+    assert main(["eval", f"checkpoint={ckpt}", "episodes=2", "num_envs=2", "workers=0",
+                 f"run_dir={tmp_path / 'eval'}"]) == 0
+    assert last_json(capsys.readouterr().out)["policy_type"] == "steered"
+    assert main(["run", f"checkpoint={ckpt}", "realtime=false", "episodes=1", "status=false",
+                 f"run_dir={tmp_path / 'run'}"]) == 0
+    report = last_json(capsys.readouterr().out)
+    assert report["finished_episodes"] == 1 and report["policy"] == "SteeredPolicy"
+    obs = {k: torch.rand(1, policy.n_obs_steps, *s) for k, s in policy.obs_shapes.items()}
+    noise = torch.randn(policy.noise_shape(1))
+    got = served_chunk(ckpt, obs, noise)  # the client's noise is ignored: the actor chooses
+    np.testing.assert_allclose(got, policy.predict_action(obs).numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, policy.base.predict_action(obs, noise).numpy(), atol=1e-3)
+    head = {"format": "robolearn-teleop-events", "version": 2, "task": "push_t", "device": "keyboard",
+            "sources": ["keyboard"], "seed": 5, "mode": "sync", "latency_s": 0.0, "rate_hz": 10.0, "policy": str(ckpt)}
+    log = tmp_path / "teleop.jsonl"  # the steered policy drives 4 ticks, then F8 saves the episode
+    log.write_text("".join(json.dumps(x) + "\n" for x in [head, {"t": 4, "keyboard": {"keys": ["F8"]}}, {"end": 5}]))
+    assert main(["teleop", f"device=replay:{log}", f"policy={ckpt}", f"out={tmp_path / 't.zarr'}"]) == 0
+    store = EpisodeStore.open(tmp_path / "t.zarr")
+    ep = store.get_episode(0)
+    store.close()
+    first = {k: torch.as_tensor(ep[k][:1])[:, None].repeat(1, policy.n_obs_steps, *([1] * (ep[k].ndim - 1)))
+             for k in policy.obs_keys}  # the first frame repeated: the executor's history at an episode's start
+    want = policy.predict_action(first)[0, policy.n_obs_steps - 1].numpy()
+    np.testing.assert_allclose(ep["action"][0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_steer_resume_continues_with_its_replay_buffer(tmp_path, capsys):
+    base, run = base_copy(tmp_path), tmp_path / "run"
+    assert steer(base, run, "env_steps=160", "eval.episodes=0") == 0
+    first = last_json(capsys.readouterr().out)
+    with np.load(Path(first["checkpoint"]) / "replay.npz") as z:
+        old = z["replay.w"]
+    assert steer(base, run, "env_steps=320", "eval.episodes=0", "resume=true", "finetune.lr=1e-3") == 1
+    assert "finetune settings differ from its checkpoint in lr (0.0003 -> 0.001)" in capsys.readouterr().err
+    assert steer(base, run, "env_steps=320", "eval.episodes=0", "resume=true") == 0
+    second = last_json(capsys.readouterr().out)
+    assert second["resumed"] and second["env_steps"] == 320 and second["transitions"] > first["transitions"]
+    with np.load(Path(second["checkpoint"]) / "replay.npz") as z:
+        np.testing.assert_array_equal(z["replay.w"][:len(old)], old)  # the buffer was carried over, then grown
+        assert len(z["replay.w"]) == second["transitions"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["finetune.base_sampler=ddpm"], "use sampler 'ddim' (finetune.base_sampler=ddim)"),
+        (["finetune.variant=ppo"], "finetune.variant must be 'sac'"),
+        (["finetune.max_noise=0"], "finetune.max_noise must be > 0"),
+        (["finetune.rollout_steps=64"], "unknown config key 'finetune.rollout_steps'"),
+    ],
+)
+def test_steer_bad_input_stops_before_any_rollout(tmp_path, capsys, extra, message):
+    base = base_copy(tmp_path, "v1_push_t_diffusion_unet")
+    assert steer(base, tmp_path / "run", *extra) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("robolearn: error: ") and message in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_steer_over_a_ddim_diffusion_base_and_not_over_a_steered_one(steered, tmp_path, capsys):
+    base = base_copy(tmp_path, "v1_push_t_diffusion_unet")
+    assert steer(base, tmp_path / "run", "env_steps=80", "eval.episodes=0", "finetune.base_sampler=ddim",
+                 "finetune.base_steps=4") == 0
+    policy = load_policy(last_json(capsys.readouterr().out)["checkpoint"])
+    assert type(policy.base).__name__ == "DiffusionPolicy" and policy.sampler_config == {"kind": "ddim", "steps": 4}
+    _, run, _ = steered
+    assert steer(run / "checkpoints" / "latest", tmp_path / "again") == 1
+    assert "is already a steered policy" in capsys.readouterr().err

@@ -93,3 +93,20 @@ class OffsetBase(nn.Module):
     def predict_action(self, obs_history: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None):
         goal = torch.as_tensor(obs_history["goal"])[:, -1].float()
         return (goal + torch.from_numpy(OFFSET))[:, None].repeat(1, self.horizon, 1)
+
+
+NOISE_GAIN = 0.5
+
+
+@register_policy("test_noise_base")
+class NoiseBase(OffsetBase):
+    """``OffsetBase`` whose chunk also moves with its initial noise: ``goal + OFFSET + NOISE_GAIN * noise`` (noise
+    of shape ``(B, horizon, action_dim)``; zeros when None). Deterministic and smooth in the noise, like DDIM or a
+    flow ODE, so steering can find the noise that cancels the offset (``-OFFSET / NOISE_GAIN``, inside the 1.5
+    bound)."""
+
+    def predict_action(self, obs_history: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None):
+        chunk = super().predict_action(obs_history)
+        if noise is not None:
+            chunk = chunk + NOISE_GAIN * torch.as_tensor(noise, dtype=torch.float32)
+        return chunk

@@ -1,0 +1,546 @@
+"""Latent-noise steering (DSRL) of a chunk policy: SAC over the base's initial noise, top to bottom in one file.
+
+The noise-space environment. A decision is taken whenever an environment's action queue runs out (every
+``n_action_steps`` steps, and at the start of each episode): the actor picks ``w`` (the base's initial noise,
+flattened, bounded by ``max_noise``) for the newest observation; the frozen base maps ``w`` deterministically to a
+chunk; its executable part runs open-loop through the :class:`~robolearn.policies.executor.ChunkExecutor` -- the
+same executor deployment uses, so queues, history and batching are deployment's. One transition of the
+noise-space MDP is that whole chunk: ``(s, w, a, R, gamma^k, done, s')`` with ``a`` the executed chunk (normalized,
+flattened), ``R`` the chunk's rewards discounted per step, ``k`` the steps it ran (fewer when the episode ended
+inside it), ``done`` only for a terminated episode (a time limit is bootstrapped from ``s'`` = its last
+observation, unless ``bootstrap_truncated=False``).
+
+Environments decide asynchronously (episodes end at different steps), so at each step only those whose queue ran
+out call the actor and the base, in one batch: what the executor does anyway. Where the actor's exploration
+comes from: the executor's per-chunk noise (:func:`~robolearn.policies.executor.chunk_noise`, standard normal,
+seeded by run, episode and chunk) is the reparameterization noise of the actor's sample, so a run is reproducible
+from its seed. For the first ``learning_starts`` transitions ``w`` is that noise itself (clipped to the bound):
+the base as it was trained, filling the buffer before learning starts.
+
+Variants (``SteerSettings.variant``):
+
+- ``sac``: SAC directly on the noise-space MDP: two LayerNorm critics Q(s, w) with Polyak-averaged targets, a
+  tanh-Gaussian actor, automatic temperature (target entropy ``-0.5 x dim(w)`` by default). By default the
+  critics' targets hold rewards only (``backup_entropy=False``): with 64 noise dimensions the entropy bonus would
+  otherwise outweigh a sparse success reward of 1 by an order of magnitude (first peg_insert try: Q ~ 31).
+- ``na`` (noise aliasing): an action critic Q_A(s, a) learned by TD on the executed chunks, with the bootstrap
+  Q_W_target(s', w'), w' ~ actor(s'); a noise critic Q_W(s, w) distilled from it by regressing onto
+  min Q_A(s, base(s, w)) -- for the acted (w, a) pairs and for ``alias_samples`` extra chunks per decision from
+  w ~ N(0, I) (computed with the acting chunk, in the same batch: the base is never called during updates); the
+  actor maximizes Q_W. Many noises map to similar chunks; Q_A sees that, Q_W learns it from Q_A.
+
+Updates: ``utd`` gradient steps per collected transition, run as transitions arrive (after ``learning_starts``).
+Evaluation (``evaluate(policy, env_steps)``): the steered policy, deterministic (``max_noise * tanh(mean)``), on
+held-out seeds; before training the *base* itself is evaluated (its own noise rule): that is
+``success_rate_before``.
+
+Run folder: as residual RL (:mod:`robolearn.rl.residual`): ``metrics.jsonl``, ``tb/``, ``plots/success.png``,
+``checkpoints/step_<env steps>/`` (a ``steered`` policy checkpoint holding ``rl_state.pt`` -- critics, targets,
+optimizers, temperature, counters, RNG -- and ``replay.npz``, the replay buffer), ``checkpoints/latest``.
+Resume continues the counters, networks, optimizers and the replay buffer; episodes in flight are lost (a
+resumed run starts fresh episodes).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError, executable
+from robolearn.rl.residual import _final_info, _final_obs
+from robolearn.rl.settings import SteerSettings
+from robolearn.rl.steer_policy import SteeredPolicy, layer_norm_mlp
+
+RL_STATE = "rl_state.pt"
+REPLAY = "replay.npz"
+Evaluate = Callable[[Any, int], Mapping[str, Any]]
+
+
+class QEnsemble(nn.Module):
+    """``n`` LayerNorm MLP critics Q(x, y) side by side; ``forward`` returns ``(n, batch)``."""
+
+    def __init__(self, x_dim: int, y_dim: int, hidden: list[int], n: int = 2) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(layer_norm_mlp(x_dim + y_dim, hidden, 1) for _ in range(n))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xy = torch.cat([x, y], dim=-1)
+        return torch.stack([net(xy).squeeze(-1) for net in self.nets])
+
+
+class Replay:
+    """A ring buffer of numpy arrays (``fields``: name -> per-row width); sampled uniformly."""
+
+    def __init__(self, capacity: int, fields: Mapping[str, int]) -> None:
+        self.capacity = int(capacity)
+        self.data = {k: np.zeros((self.capacity, w), np.float32) for k, w in fields.items()}
+        self.size = 0
+        self.next = 0
+
+    def add(self, **rows: np.ndarray) -> None:
+        n = len(next(iter(rows.values())))
+        for j in range(n):
+            for k, v in rows.items():
+                self.data[k][self.next] = v[j]
+            self.next = (self.next + 1) % self.capacity
+            self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch: int, rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        idx = rng.integers(0, self.size, size=batch)
+        return {k: torch.from_numpy(v[idx]).to(device) for k, v in self.data.items()}
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {k: v[:self.size] for k, v in self.data.items()}
+        out["_meta"] = np.array([self.size, self.next, self.capacity], np.int64)
+        return out
+
+    def load(self, arrays: Mapping[str, np.ndarray], path: Path) -> None:
+        meta = arrays["_meta"]
+        size, nxt, cap = (int(x) for x in meta)
+        if cap != self.capacity:
+            raise ValueError(f"{path}: replay buffer of capacity {cap}, but finetune.buffer_size is {self.capacity}")
+        for k in self.data:
+            if k not in arrays:
+                raise KeyError(f"{path} has no array {k!r} (a replay buffer of another variant?)")
+            if arrays[k].shape != (size, self.data[k].shape[1]):
+                raise ValueError(f"{path}: array {k!r} has shape {arrays[k].shape}, expected "
+                                 f"{(size, self.data[k].shape[1])}")
+            self.data[k][:size] = arrays[k]
+        self.size, self.next = size, nxt
+
+
+class TrainingView:
+    """What the executor drives while training: the steered policy with a *sampling* actor. Each
+    ``predict_action`` call (one per batch of environments whose queue ran out) records what the transition
+    needs in :attr:`last`: the rows' base-normalized features, the chosen ``w`` and the normalized executable
+    chunk; for ``na`` also :attr:`aliases` (features, random ``w``, its executable chunk)."""
+
+    def __init__(self, policy: SteeredPolicy, trainer: "SteeringSAC") -> None:
+        self.policy, self.trainer = policy, trainer
+        self.last: dict[str, np.ndarray] | None = None
+        self.aliases: dict[str, np.ndarray] | None = None
+
+    def exec_norm(self, chunk: torch.Tensor) -> np.ndarray:
+        p = self.policy
+        part = executable(torch.as_tensor(chunk), p.n_obs_steps, p.n_action_steps).float()
+        return p.normalizer.normalize(p.action_key, part.to(p.device)).reshape(part.shape[0], -1).cpu().numpy()
+
+    @torch.no_grad()
+    def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
+        p, t = self.policy, self.trainer
+        assert noise is not None, "the executor always passes the chunk noise"
+        raw = p.base_features(p.newest(obs_history, p.feature_keys))
+        if p.obs_norm == "running":
+            p.update_obs_stats(raw)
+        eps = noise.reshape(noise.shape[0], -1).to(p.device, torch.float32)
+        if t.transitions < t.s.learning_starts:
+            w = eps.clamp(-p.max_noise, p.max_noise)  # the base as trained (its noise is N(0, I))
+        else:
+            w, _ = p.actor.sample(p.standardize(raw), eps)
+        n = w.shape[0]
+        k = t.s.alias_samples if t.s.variant == "na" else 0
+        if k:  # random-noise chunks for the noise critic, in the same batch as the acting chunk
+            w_alias = torch.randn((n * k, p.noise_dim), generator=t.alias_gen).to(p.device)
+            w_all = torch.cat([w, w_alias])
+            hist = {key: torch.as_tensor(v).repeat(1 + k, *([1] * (torch.as_tensor(v).dim() - 1)))
+                    for key, v in obs_history.items()}
+            chunks = p.steer(hist, w_all)
+            chunk = chunks[:n]
+            self.aliases = {"obs": raw.repeat(k, 1).cpu().numpy(), "w": w_alias.cpu().numpy(),
+                            "act": self.exec_norm(chunks[n:])}
+        else:
+            chunk = p.steer(obs_history, w)
+        self.last = {"obs": raw.cpu().numpy(), "w": w.cpu().numpy(), "act": self.exec_norm(chunk)}
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:  # the geometry the executor reads (horizon, n_obs_steps, ...)
+        if name in ("policy", "trainer", "predict_action_warm", "correct_actions") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.policy, name)
+
+
+class SteeringSAC:
+    """DSRL for ``policy`` (a :class:`SteeredPolicy`) in ``envs`` (a gymnasium-contract vector env in same-step
+    autoreset mode). Arguments as :class:`~robolearn.rl.residual.ResidualPPO`'s: ``total_env_steps``, ``seed``,
+    ``evaluate``, ``eval_every``/``ckpt_every`` (environment steps), ``run_config`` (saved with checkpoints)."""
+
+    def __init__(self, policy: SteeredPolicy, envs: Any, settings: SteerSettings, *, total_env_steps: int,
+                 run_dir: str | os.PathLike, seed: int = 0, evaluate: Evaluate | None = None, eval_every: int = 0,
+                 ckpt_every: int = 0, keep_checkpoints: int = 2, run_config: Mapping[str, Any] | None = None,
+                 progress: bool = True) -> None:
+        settings.check()
+        mode = (getattr(envs, "metadata", None) or {}).get("autoreset_mode")
+        mode = getattr(mode, "value", mode)
+        if mode not in (None, "SameStep"):
+            raise ValueError(f"steering needs a vector env in same-step autoreset mode, got {mode!r}")
+        self.policy, self.envs, self.s = policy, envs, settings
+        self.num_envs = int(envs.num_envs)
+        self.total_env_steps, self.seed = int(total_env_steps), int(seed)
+        self.evaluate_fn, self.eval_every, self.ckpt_every = evaluate, int(eval_every), int(ckpt_every)
+        self.keep_checkpoints = max(1, int(keep_checkpoints))
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.run_config = dict(run_config or {})
+        self.progress = progress
+        self.device = torch.device(policy.device)
+
+        obs_dim, w_dim = policy.obs_dim, policy.noise_dim
+        act_dim = int(policy.n_action_steps) * int(policy.action_dim)
+        hidden = list(settings.critic_hidden)
+        torch.manual_seed(self.seed)  # the critics' initialisation
+        self.q_w = QEnsemble(obs_dim, w_dim, hidden).to(self.device)  # Q(s, w): SAC's critic, NA's noise critic
+        self.q_w_target = copy.deepcopy(self.q_w).requires_grad_(False)
+        self.q_a = QEnsemble(obs_dim, act_dim, hidden).to(self.device) if settings.variant == "na" else None
+        self.q_a_target = copy.deepcopy(self.q_a).requires_grad_(False) if self.q_a is not None else None
+        self.actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=settings.lr)
+        self.q_w_opt = torch.optim.Adam(self.q_w.parameters(), lr=settings.lr)
+        self.q_a_opt = torch.optim.Adam(self.q_a.parameters(), lr=settings.lr) if self.q_a is not None else None
+        self.log_alpha = torch.tensor(float(np.log(settings.init_temperature)), device=self.device,
+                                      requires_grad=True)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=settings.lr)
+        self.target_entropy = float(settings.target_entropy) if settings.target_entropy is not None \
+            else -0.5 * w_dim
+        fields = {"obs": obs_dim, "w": w_dim, "act": act_dim, "reward": 1, "discount": 1, "done": 1,
+                  "next_obs": obs_dim}
+        self.replay = Replay(settings.buffer_size, fields)
+        self.alias = Replay(settings.buffer_size * max(1, settings.alias_samples),
+                            {"obs": obs_dim, "w": w_dim, "act": act_dim}) if settings.variant == "na" else None
+        self.rng = np.random.default_rng(self.seed + 1)  # minibatch sampling
+        self.alias_gen = torch.Generator().manual_seed(self.seed + 2)
+        self.view = TrainingView(policy, self)
+        self.executor = ChunkExecutor(self.view, self.num_envs, seed=self.seed, device=self.device)
+        self.env_steps = 0
+        self.transitions = 0
+        self.grad_steps = 0
+        self.next_episode = 0
+        self._owed = 0.0  # gradient steps due but not yet taken
+        self.success_before: float | None = None
+        self.last_eval: dict[str, Any] | None = None
+        n = self.num_envs
+        self._pending: list[dict[str, Any] | None] = [None] * n
+        self._ep_return = np.zeros(n)
+        self._ep_length = np.zeros(n, dtype=np.int64)
+
+    # ------------------------------------------------------------------ 1. acting
+    def start_episodes(self) -> None:
+        obs, _ = self.envs.reset(seed=self.seed + 100_003 * (1 + self.env_steps // max(1, self.num_envs)))
+        self.executor.reset(obs, episodes=range(self.next_episode, self.next_episode + self.num_envs))
+        self.next_episode += self.num_envs
+        self._pending = [None] * self.num_envs
+        self._ep_return[:], self._ep_length[:] = 0.0, 0
+
+    def _finish(self, ids: list[int], next_obs: Mapping[str, np.ndarray], done: np.ndarray) -> None:
+        """Close the pending transitions of environments ``ids`` (their chunk ran out or their episode ended)."""
+        if not ids:
+            return
+        with torch.no_grad():
+            nxt = self.policy.base_features(next_obs).cpu().numpy()
+        rows = [self._pending[i] for i in ids]
+        self.replay.add(obs=np.stack([r["obs"] for r in rows]), w=np.stack([r["w"] for r in rows]),
+                        act=np.stack([r["act"] for r in rows]),
+                        reward=np.array([[r["reward"]] for r in rows], np.float32),
+                        discount=np.array([[r["discount"]] for r in rows], np.float32),
+                        done=np.asarray(done, np.float32).reshape(-1, 1), next_obs=nxt)
+        for i in ids:
+            self._pending[i] = None
+        self.transitions += len(ids)
+        if self.transitions > self.s.learning_starts:
+            self._owed += self.s.utd * len(ids)
+
+    def step(self) -> dict[str, Any]:
+        """One step of every environment (deciding for those whose chunk ran out); returns finished episodes."""
+        s, n = self.s, self.num_envs
+        need = [i for i in range(n) if not self.executor.queues[i]]
+        actions = self.executor.act()
+        if self.executor.refused:
+            raise NonFiniteChunkError(f"the base policy returned a non-finite action chunk (NaN/inf) for environment(s) "
+                                      f"{self.executor.refused}: its weights or the observations' scale are broken")
+        if need:
+            last = self.view.last
+            assert last is not None and len(last["w"]) == len(need)
+            for j, i in enumerate(need):
+                self._pending[i] = {"obs": last["obs"][j], "w": last["w"][j], "act": last["act"][j],
+                                    "reward": 0.0, "discount": 1.0}
+            if self.alias is not None and self.view.aliases is not None:
+                self.alias.add(**self.view.aliases)
+        obs, reward, terminated, truncated, infos = self.envs.step(
+            actions.reshape((n, *self.envs.single_action_space.shape)))
+        terminated, truncated = np.asarray(terminated, bool), np.asarray(truncated, bool)
+        reward = np.asarray(reward, dtype=np.float64)
+        self.env_steps += n
+        self._ep_return += reward
+        self._ep_length += 1
+        ended, ran_out = [], []
+        finished: dict[str, list[Any]] = {"returns": [], "lengths": [], "successes": []}
+        for i in range(n):
+            pend = self._pending[i]
+            assert pend is not None
+            pend["reward"] += pend["discount"] * float(reward[i])
+            pend["discount"] *= s.gamma
+            row = {k: v[i] for k, v in obs.items()}
+            if terminated[i] or truncated[i]:
+                ended.append(i)
+                finished["returns"].append(float(self._ep_return[i]))
+                finished["lengths"].append(int(self._ep_length[i]))
+                finished["successes"].append(bool(_final_info(infos, "success", i) or False))
+                self._ep_return[i], self._ep_length[i] = 0.0, 0
+            else:
+                self.executor.observe_env(i, row)
+                if not self.executor.queues[i]:
+                    ran_out.append(i)
+        if ended:
+            finals = [_final_obs(infos, i) for i in ended]
+            final_obs = {k: np.stack([f[k] for f in finals]) for k in self.policy.feature_keys}
+            done = np.array([terminated[i] or not s.bootstrap_truncated for i in ended])
+            self._finish(ended, final_obs, done)
+            for i in ended:
+                self.executor.reset_env(i, {k: v[i] for k, v in obs.items()}, episode=self.next_episode)
+                self.next_episode += 1
+        if ran_out:
+            self._finish(ran_out, {k: np.stack([obs[k][i] for i in ran_out]) for k in self.policy.feature_keys},
+                         np.zeros(len(ran_out), bool))
+        return finished
+
+    # ------------------------------------------------------------------ 2. learning
+    def _soft_update(self, net: nn.Module, target: nn.Module) -> None:
+        with torch.no_grad():
+            for p, tp in zip(net.parameters(), target.parameters()):
+                tp.lerp_(p, self.s.tau)
+
+    def update(self) -> dict[str, float]:
+        """One gradient step of the critic(s), actor and temperature on a replay minibatch."""
+        s, p = self.s, self.policy
+        b = self.replay.sample(s.batch_size, self.rng, self.device)
+        obs, nxt = p.standardize(b["obs"]), p.standardize(b["next_obs"])
+        w_scale = 1.0 / p.max_noise  # critics see w in [-1, 1]
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            w2, logp2 = p.actor.sample(nxt)
+            bootstrap = self.q_w_target(nxt, w2 * w_scale).min(0).values
+            if s.variant == "sac" and s.backup_entropy:
+                bootstrap = bootstrap - alpha * logp2
+            target = b["reward"][:, 0] + b["discount"][:, 0] * (1.0 - b["done"][:, 0]) * bootstrap
+        out: dict[str, float] = {}
+        if s.variant == "sac":
+            q = self.q_w(obs, b["w"] * w_scale)
+            q_loss = ((q - target) ** 2).mean(1).sum()
+            self.q_w_opt.zero_grad(set_to_none=True)
+            q_loss.backward()
+            self.q_w_opt.step()
+            out["q_loss"], out["q"] = float(q_loss.detach()), float(q.detach().mean())
+        else:
+            assert self.q_a is not None and self.q_a_opt is not None and self.alias is not None
+            q = self.q_a(obs, b["act"])
+            qa_loss = ((q - target) ** 2).mean(1).sum()
+            self.q_a_opt.zero_grad(set_to_none=True)
+            qa_loss.backward()
+            self.q_a_opt.step()
+            # distil: Q_W(s, w) <- min Q_A(s, chunk(s, w)) on random-noise chunks and on the acted ones
+            a = self.alias.sample(s.batch_size, self.rng, self.device)
+            d_obs = torch.cat([p.standardize(a["obs"]), obs])
+            d_w = torch.cat([a["w"].clamp(-p.max_noise, p.max_noise), b["w"]]) * w_scale
+            with torch.no_grad():
+                d_target = self.q_a(d_obs, torch.cat([a["act"], b["act"]])).min(0).values
+            qw = self.q_w(d_obs, d_w)
+            qw_loss = ((qw - d_target) ** 2).mean(1).sum()
+            self.q_w_opt.zero_grad(set_to_none=True)
+            qw_loss.backward()
+            self.q_w_opt.step()
+            out["q_loss"], out["q"], out["distill_loss"] = float(qa_loss.detach()), float(q.detach().mean()), float(qw_loss.detach())
+        w_pi, logp = p.actor.sample(obs)
+        q_pi = self.q_w(obs, w_pi * w_scale).min(0).values
+        actor_loss = (alpha * logp - q_pi).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+        alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        self._soft_update(self.q_w, self.q_w_target)
+        if self.q_a is not None and self.q_a_target is not None:
+            self._soft_update(self.q_a, self.q_a_target)
+        self.grad_steps += 1
+        loss = out["q_loss"] + float(actor_loss.detach())
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"the steering losses became non-finite at gradient step {self.grad_steps} "
+                                     f"(critic {out['q_loss']}, actor {float(actor_loss)}): lower finetune.lr, or "
+                                     f"check the rewards' scale")
+        out.update(actor_loss=float(actor_loss.detach()), alpha=float(alpha), entropy=float(-logp.detach().mean()))
+        return out
+
+    # ------------------------------------------------------------------ 3. the loop
+    def fit(self, resume: bool = False, log_every: int | None = None) -> dict[str, Any]:
+        """Train until ``total_env_steps``; returns ``{env_steps, transitions, grad_steps, checkpoint,
+        success_rate_before, success_rate_after, wall_s, env_steps_s}``. ``log_every``: environment steps per
+        metrics record (default: about 200 records a run)."""
+        from tqdm import tqdm
+
+        from robolearn.rl.log import RunLog, plot_success
+
+        log_every = int(log_every or max(self.num_envs, self.total_env_steps // 200))
+        log = RunLog(self.run_dir, resume_at=self.env_steps if resume else None)
+        self.policy.eval()
+        t_start = time.perf_counter()
+        started_at, train_s, act_s, learn_s = self.env_steps, 0.0, 0.0, 0.0
+        bar = tqdm(total=self.total_env_steps, initial=self.env_steps, desc="finetune", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        ckpt: Path | None = None
+        window: dict[str, list[Any]] = {"returns": [], "lengths": [], "successes": []}
+        stats: list[dict[str, float]] = []
+        try:
+            if not resume and self.evaluate_fn is not None:
+                self._evaluate(log, self.policy.base)  # the base as deployed: its own noise rule
+                self.success_before = self.last_eval["success_rate"] if self.last_eval else None
+            elif self.evaluate_fn is not None and self.env_steps >= self.total_env_steps:
+                self._evaluate(log)
+            self.start_episodes()
+            next_log = (self.env_steps // log_every + 1) * log_every
+            while self.env_steps < self.total_env_steps:
+                before = self.env_steps
+                t0 = time.perf_counter()
+                for k, v in self.step().items():
+                    window[k] += v
+                t1 = time.perf_counter()
+                while self._owed >= 1.0:
+                    stats.append(self.update())
+                    self._owed -= 1.0
+                t2 = time.perf_counter()
+                act_s, learn_s = act_s + (t1 - t0), learn_s + (t2 - t1)
+                train_s += t2 - t0
+                bar.update(self.env_steps - before)
+                last = self.env_steps >= self.total_env_steps
+                if self.env_steps >= next_log or last:
+                    next_log += log_every
+                    record = self._record(window, stats, act_s, learn_s)
+                    log.log(record)
+                    bar.set_postfix(train_success=record.get("train_success_rate"), q=record.get("q"),
+                                    eval=self.last_eval["success_rate"] if self.last_eval else None)
+                    window = {k: [] for k in window}
+                    stats, act_s, learn_s = [], 0.0, 0.0
+                if self.evaluate_fn is not None and (last or (self.eval_every and self.env_steps // self.eval_every
+                                                              > before // self.eval_every)):
+                    self._evaluate(log)
+                if last or (self.ckpt_every and self.env_steps // self.ckpt_every > before // self.ckpt_every):
+                    ckpt = self.save()
+        finally:
+            bar.close()
+            log.close()
+        if ckpt is None:
+            ckpt = (self.ckpt_root / "latest").resolve()
+        plot = plot_success(log.records(), self.run_dir / "plots" / "success.png",
+                            title=f"latent-noise steering ({self.s.variant})", train_label="training episodes (sampled noise)",
+                            eval_label="evaluation (deterministic noise, held-out seeds)")
+        steps_done = self.env_steps - started_at
+        return {"env_steps": self.env_steps, "transitions": self.transitions, "grad_steps": self.grad_steps,
+                "checkpoint": str(ckpt), "success_rate_before": self.success_before,
+                "success_rate_after": self.last_eval["success_rate"] if self.last_eval else None,
+                "eval": self.last_eval, "wall_s": round(time.perf_counter() - t_start, 2),
+                "env_steps_s": round(steps_done / train_s, 1) if train_s > 0 else None,
+                "inference_s": round(self.executor.inference_s, 2), "plots": [plot] if plot else []}
+
+    def _record(self, window: dict[str, list[Any]], stats: list[dict[str, float]], act_s: float,
+                learn_s: float) -> dict[str, Any]:
+        rec: dict[str, Any] = {"env_steps": self.env_steps, "transitions": self.transitions,
+                               "grad_steps": self.grad_steps, "episodes": len(window["returns"])}
+        if window["returns"]:
+            rec.update(train_success_rate=round(float(np.mean(window["successes"])), 4),
+                       train_return=round(float(np.mean(window["returns"])), 4),
+                       train_length=round(float(np.mean(window["lengths"])), 2))
+        for k in (stats[0] if stats else {}):
+            rec[k] = round(float(np.mean([st[k] for st in stats])), 6)
+        rec.update(act_s=round(act_s, 3), learn_s=round(learn_s, 3))
+        return rec
+
+    def _evaluate(self, log: Any, policy: Any = None) -> None:
+        assert self.evaluate_fn is not None
+        result = dict(self.evaluate_fn(self.policy if policy is None else policy, self.env_steps))
+        self.last_eval = result
+        log.log({"env_steps": self.env_steps, "eval_success_rate": result.get("success_rate"),
+                 **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()
+                    if k not in ("step", "success_rate") and isinstance(v, (int, float)) and not isinstance(v, bool)}})
+
+    # ------------------------------------------------------------------ checkpoints
+    def rl_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "q_w": self.q_w.state_dict(), "q_w_target": self.q_w_target.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(), "q_w_opt": self.q_w_opt.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(), "alpha_opt": self.alpha_opt.state_dict(),
+            "env_steps": self.env_steps, "transitions": self.transitions, "grad_steps": self.grad_steps,
+            "next_episode": self.next_episode, "owed": self._owed, "variant": self.s.variant,
+            "rng": json.dumps(self.rng.bit_generator.state), "alias_rng": self.alias_gen.get_state(),
+            "success_before": -1.0 if self.success_before is None else float(self.success_before)}
+        if self.q_a is not None and self.q_a_target is not None and self.q_a_opt is not None:
+            state.update(q_a=self.q_a.state_dict(), q_a_target=self.q_a_target.state_dict(),
+                         q_a_opt=self.q_a_opt.state_dict())
+        return state
+
+    def save(self) -> Path:
+        """A steered-policy checkpoint (``step_<env steps>``) holding ``rl_state.pt`` and ``replay.npz`` too;
+        ``latest`` switched to it atomically; only the newest ``keep_checkpoints`` kept."""
+        from robolearn.policies.checkpoint import save_policy, writing_checkpoints
+        from robolearn.training.trainer import prune_checkpoints, switch_latest
+
+        state = self.rl_state()
+        replay = {f"replay.{k}": v for k, v in self.replay.state().items()}
+        if self.alias is not None:
+            replay.update({f"alias.{k}": v for k, v in self.alias.state().items()})
+
+        def write_extra(tmp: Path) -> None:
+            torch.save(state, tmp / RL_STATE)
+            with open(tmp / REPLAY, "wb") as f:
+                np.savez(f, **replay)
+
+        folder = self.ckpt_root / f"step_{self.env_steps:010d}"
+        extra = {"step": self.env_steps, "env_steps": self.env_steps, "transitions": self.transitions,
+                 "success_rate": self.last_eval.get("success_rate") if self.last_eval else None}
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        with writing_checkpoints(self.ckpt_root):
+            save_policy(self.policy, folder, config={**self.run_config, "settings": dataclasses.asdict(self.s)},
+                        extra=extra, write_extra=write_extra)
+            switch_latest(self.ckpt_root, folder.name)
+            prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
+        return folder
+
+    def load_state(self, folder: str | os.PathLike) -> None:
+        """Continue from a checkpoint this class saved (the actor's weights are the checkpoint's policy: load it
+        with :func:`robolearn.policies.load_policy` and build this object around it)."""
+        path, replay_path = Path(folder) / RL_STATE, Path(folder) / REPLAY
+        for p in (path, replay_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"cannot resume: {p} is missing (not a checkpoint of a steering run?)")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state.get("variant") != self.s.variant:
+            raise ValueError(f"{path} is a {state.get('variant')!r} run, not {self.s.variant!r}")
+        self.q_w.load_state_dict(state["q_w"])
+        self.q_w_target.load_state_dict(state["q_w_target"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.q_w_opt.load_state_dict(state["q_w_opt"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.alpha_opt.load_state_dict(state["alpha_opt"])
+        if self.q_a is not None and self.q_a_target is not None and self.q_a_opt is not None:
+            self.q_a.load_state_dict(state["q_a"])
+            self.q_a_target.load_state_dict(state["q_a_target"])
+            self.q_a_opt.load_state_dict(state["q_a_opt"])
+        self.env_steps, self.transitions = int(state["env_steps"]), int(state["transitions"])
+        self.grad_steps, self.next_episode = int(state["grad_steps"]), int(state["next_episode"])
+        self._owed = float(state["owed"])
+        self.rng.bit_generator.state = json.loads(state["rng"])
+        self.alias_gen.set_state(state["alias_rng"].cpu())
+        before = float(state["success_before"])
+        self.success_before = None if before < 0 else before
+        with np.load(replay_path) as z:
+            arrays = {k: z[k] for k in z.files}
+        self.replay.load({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("replay.")}, replay_path)
+        if self.alias is not None:
+            self.alias.load({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("alias.")},
+                            replay_path)

@@ -1,0 +1,153 @@
+"""The steered policy of DSRL as a registered policy kind: a frozen chunk policy whose initial noise an actor picks.
+
+DSRL (Wagenmaker et al., "Steering Your Diffusion Policy with Latent Space Reinforcement Learning") leaves the
+base's weights alone. A chunk policy maps (observation, initial noise ``w``) to an action chunk, and for DDIM
+(eta 0) or a flow ODE that map is deterministic and smooth in ``w``; so choosing ``w`` per observation is an
+action space of its own, and RL there changes what the base does without touching it. The base is used through
+``predict_action(obs_history, noise)`` only, so diffusion and flow policies are steered by the same code.
+
+:class:`NoiseActor`: a tanh-squashed Gaussian over ``w`` (flattened, ``horizon x action_dim`` numbers), bounded
+by ``max_noise`` (DSRL: tanh x ~1.5, so the base never sees noise far outside the N(0, I) it was trained on). It
+reads the newest low-dimensional observation, normalized (:mod:`robolearn.rl.features`). Deployment and
+evaluation use its deterministic choice ``max_noise * tanh(mean)``; training samples.
+
+:class:`SteeredPolicy` (``"steered"``): ``predict_action(obs_history, noise)`` ignores ``noise`` and runs the base
+on the actor's ``w``. Everything built on the executor (``robolearn eval``, ``run``, ``serve``, ``teleop
+policy=``, ``collect policy=``) takes it like any chunk policy. It has no warm start (a warm start skips the
+initial noise, which is what it steers). Checkpoints hold the actor and the observation statistics; the config
+names the base by relative path and content hash.
+
+Refused: a base whose sampler is stochastic given its initial noise (DDPM draws fresh noise at every step, so
+the chunk is not a function of ``w``): steer it with ``sampler="ddim"`` (``finetune.base_sampler=ddim``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Normal
+
+from robolearn.policies.registry import register_policy
+from robolearn.policies.wrapper import PolicyWrapper
+from robolearn.rl.features import ObsFeatures
+
+LOG_STD_RANGE = (-5.0, 2.0)
+
+
+def check_deterministic(base: Any) -> None:
+    """Refuse a base whose chunk is not a function of its initial noise, naming the sampler to use instead."""
+    kind = (getattr(base, "sampler_config", None) or {}).get("kind")
+    stochastic = tuple(getattr(base, "stochastic_samplers", ()))
+    if kind in stochastic:
+        samplers = [s for s in getattr(getattr(base, "cfg", None), "samplers", ()) if s not in stochastic]
+        use = samplers[0] if samplers else "a deterministic sampler"
+        raise ValueError(f"the base samples with {kind!r}, which draws fresh noise at every denoising step, so its "
+                         f"chunk is not a function of the initial noise and cannot be steered: use sampler {use!r} "
+                         f"(finetune.base_sampler={use})")
+
+
+def layer_norm_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, out_gain: float = 1.0) -> nn.Sequential:
+    """Linear -> LayerNorm -> ReLU blocks, then a linear head (DSRL's critics; also the noise actor's trunk)."""
+    layers: list[nn.Module] = []
+    width = in_dim
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.LayerNorm(int(h)), nn.ReLU()]
+        width = int(h)
+    head = nn.Linear(width, out_dim)
+    nn.init.orthogonal_(head.weight, out_gain)
+    nn.init.zeros_(head.bias)
+    return nn.Sequential(*layers, head)
+
+
+class NoiseActor(nn.Module):
+    """A tanh-squashed diagonal Gaussian over the initial noise: ``w = max_noise * tanh(u)``, ``u ~ N(mean,
+    std)``; mean and log-std from one MLP. The head starts small, so an untrained actor picks ``w`` near 0."""
+
+    def __init__(self, in_dim: int, noise_dim: int, hidden: Sequence[int], max_noise: float) -> None:
+        super().__init__()
+        self.noise_dim, self.max_noise = int(noise_dim), float(max_noise)
+        self.net = layer_norm_mlp(in_dim, hidden, 2 * self.noise_dim, out_gain=0.01)
+
+    def params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(*LOG_STD_RANGE)
+
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.max_noise * torch.tanh(self.params(obs)[0])
+
+    def sample(self, obs: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w, log-probability of w)``; ``eps`` (standard normal, the reparameterization's noise): drawn when
+        None. Differentiable in the actor's parameters."""
+        mean, log_std = self.params(obs)
+        std = log_std.exp()
+        if eps is None:
+            eps = torch.randn_like(mean)
+        u = mean + std * eps
+        squashed = torch.tanh(u)
+        logp = Normal(mean, std).log_prob(u).sum(-1)
+        # change of variables w = max_noise * tanh(u): log|dw/du| = log(max_noise) + log(1 - tanh(u)^2)
+        logp = logp - (math.log(self.max_noise) + torch.log1p(-squashed.pow(2) + 1e-6)).sum(-1)
+        return self.max_noise * squashed, logp
+
+
+@register_policy("steered")
+class SteeredPolicy(ObsFeatures, PolicyWrapper):
+    """A frozen chunk policy run on the initial noise a :class:`NoiseActor` picks (see the module docstring).
+
+    ``max_noise``: the bound on ``|w|``. ``hidden``: the actor's widths. ``obs_keys``: observation keys the actor
+    reads (default: the base's one-dimensional ones). ``obs_norm``: see :mod:`robolearn.rl.features`.
+    ``sampler``/``steps``: run the base under this sampler (None: its own); it must be deterministic.
+    """
+
+    def __init__(self, base: Any, max_noise: float = 1.5, hidden: Sequence[int] = (256, 256),
+                 obs_keys: Sequence[str] | None = None, obs_norm: str = "running", sampler: str | None = None,
+                 steps: int | None = None) -> None:
+        super().__init__(base)
+        if not float(max_noise) > 0:
+            raise ValueError(f"max_noise must be > 0, got {max_noise}")
+        if sampler is not None or steps is not None:
+            base.set_sampler(sampler, steps)
+        check_deterministic(base)
+        self.max_noise = float(max_noise)
+        self.hidden = [int(h) for h in hidden]
+        self.sampler, self.steps = sampler, steps
+        self.init_features(base, obs_keys, obs_norm, "the noise actor")
+        self.noise_dims = tuple(int(d) for d in base.noise_shape(1)[1:])
+        self.noise_dim = int(np.prod(self.noise_dims))
+        self.actor = NoiseActor(self.obs_dim, self.noise_dim, self.hidden, self.max_noise)
+        self.to(base.device)
+
+    def train(self, mode: bool = True) -> "SteeredPolicy":
+        """Only the actor has a training mode: the base stays in eval mode (its chunk must depend on ``w`` only)."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def wrapper_config(self) -> dict[str, Any]:
+        return {"max_noise": self.max_noise, "hidden": list(self.hidden), "obs_keys": list(self.feature_keys),
+                "obs_norm": self.obs_norm, "sampler": self.sampler, "steps": self.steps}
+
+    @staticmethod
+    def newest(obs_history: Mapping[str, Any], keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The newest frame ``{key: (n, ...)}`` of a batched history ``{key: (n, n_obs_steps, ...)}``."""
+        return {k: torch.as_tensor(obs_history[k])[:, -1].cpu().numpy() for k in keys}
+
+    def steer(self, obs_history: Mapping[str, Any], w: torch.Tensor) -> torch.Tensor:
+        """The base's chunk ``(n, horizon, action_dim)`` (raw units) for flattened noise ``w`` ``(n, noise_dim)``."""
+        noise = w.reshape(w.shape[0], *self.noise_dims).to(self.device, torch.float32)
+        return self.base.predict_action(obs_history, noise)
+
+    @torch.no_grad()
+    def choose_noise(self, obs_history: Mapping[str, Any]) -> torch.Tensor:
+        """The actor's deterministic ``w`` ``(n, noise_dim)`` for each row's newest observation."""
+        feats = self.obs_features(self.newest(obs_history, self.feature_keys))
+        return self.actor.deterministic(feats)
+
+    def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None,
+                       **kwargs: Any) -> torch.Tensor:
+        """The base's chunk on the actor's noise; ``noise`` is ignored (the actor chooses it)."""
+        with torch.no_grad():
+            return self.steer(obs_history, self.choose_noise(obs_history))

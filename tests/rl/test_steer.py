@@ -1,0 +1,151 @@
+"""Latent-noise steering (DSRL): the steered policy kind, its noise-space environment and SAC / noise aliasing, on
+real torch steps; the bases are the tiny push_t checkpoints of tests/fixtures (a DDIM diffusion and a flow policy)
+and a fixed chunk policy whose chunk moves with its noise (tests/rl/toys.py)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robolearn.evaluation import evaluate
+from robolearn.policies import ConfigError, load_policy, save_policy
+from robolearn.rl.settings import SteerSettings
+from robolearn.rl.steer import SteeringSAC
+from robolearn.rl.steer_policy import SteeredPolicy, check_deterministic
+from sim.vector import make_vector_env
+from toys import EPISODE, NOISE_GAIN, OFFSET, NoiseBase, ReachEnv
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def fixture_base(tmp_path: Path, name: str):
+    from robolearn.cli.runtime import load_checkpoint
+
+    shutil.copytree(FIXTURES / name, tmp_path / name)
+    return load_checkpoint(tmp_path / name)
+
+
+def pin_noise(policy: SteeredPolicy, w0: torch.Tensor) -> None:
+    """Make the actor's deterministic choice ``w0`` whatever the observation (head weights 0, bias atanh)."""
+    head = policy.actor.net[-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias[:policy.noise_dim] = torch.atanh(w0.flatten() / policy.max_noise)
+
+
+@pytest.mark.parametrize("name", ["v1_push_t_diffusion_unet", "v1_push_t_flow_transformer"])
+def test_a_pinned_noise_runs_the_bases_own_deterministic_chunk(tmp_path, name):
+    base = fixture_base(tmp_path, name)
+    policy = SteeredPolicy(base)
+    w0 = torch.randn(policy.noise_dims, generator=torch.Generator().manual_seed(0)).clamp(-1.4, 1.4)
+    pin_noise(policy, w0)
+    obs = {k: torch.rand(3, base.n_obs_steps, *s, generator=torch.Generator().manual_seed(1))
+           for k, s in base.obs_shapes.items()}
+    want = base.predict_action(obs, w0.expand(3, *policy.noise_dims).contiguous())
+    other = torch.randn(policy.noise_shape(3))
+    torch.testing.assert_close(policy.predict_action(obs, other), want, rtol=0, atol=1e-5)  # its noise is ignored
+    assert not torch.allclose(base.predict_action(obs, other), want, atol=1e-3)  # the noise matters to the base
+
+
+def test_a_stochastic_sampler_is_refused_naming_the_deterministic_one(tmp_path):
+    base = fixture_base(tmp_path, "v1_push_t_diffusion_unet")
+    base.set_sampler("ddpm")
+    with pytest.raises(ValueError, match=r"draws fresh noise at every denoising step.*use sampler 'ddim' "
+                                         r"\(finetune.base_sampler=ddim\)"):
+        check_deterministic(base)
+    policy = SteeredPolicy(base, sampler="ddim", steps=5)  # steered under DDIM: accepted, and saved so
+    assert policy.sampler_config == {"kind": "ddim", "steps": 5}
+    assert policy.wrapper_config()["sampler"] == "ddim"
+
+
+def toy_run(tmp_path: Path, total: int, **settings):
+    save_policy(NoiseBase(), tmp_path / "base")
+    s = SteerSettings(**{**dict(learning_starts=200, gamma=0.9, batch_size=64, utd=1.0), **settings})
+    policy = SteeredPolicy(load_policy(tmp_path / "base"), **s.policy_config())
+    envs = make_vector_env(ReachEnv, num_envs=8, num_workers=0)
+    eval_envs = make_vector_env(ReachEnv, num_envs=4, num_workers=0, autoreset_mode="Disabled")
+
+    def held_out(p, env_steps):
+        r = evaluate(p, eval_envs, range(10_000, 10_032))
+        return {"success_rate": r["success_rate"], "mean_return": r["mean_return"]}
+
+    sac = SteeringSAC(policy, envs, s, total_env_steps=total, run_dir=tmp_path / "run", evaluate=held_out,
+                      eval_every=total // 2, progress=False, run_config={"task": "reach"})
+    try:
+        return sac, sac.fit(log_every=256)
+    finally:
+        envs.close()
+
+
+def test_the_noise_space_environment_records_each_chunk_as_one_transition(tmp_path):
+    gamma = 0.9
+    sac, out = toy_run(tmp_path, 256, learning_starts=10_000, gamma=gamma)  # all w ~ N(0, I): no learning yet
+    r = {k: v[:sac.replay.size] for k, v in sac.replay.data.items()}
+    assert sac.replay.size == out["transitions"] == 256 // 2 and out["grad_steps"] == 0  # 2-step chunks
+    goal = r["obs"]  # the base's min-max over [-1, 1] leaves the goal as it is
+    w = r["w"].reshape(-1, 4, 2)
+    raw = goal[:, None] + OFFSET + NOISE_GAIN * w[:, :2]  # the executable part: n_obs 1, 2 actions
+    np.testing.assert_allclose(r["act"], (raw / 2.0).reshape(-1, 4), atol=1e-6)  # normalized ([-2, 2] -> [-1, 1])
+    step_rewards = -((raw - goal[:, None]) ** 2).sum(-1)
+    np.testing.assert_allclose(r["reward"][:, 0], step_rewards[:, 0] + gamma * step_rewards[:, 1], rtol=1e-5)
+    np.testing.assert_allclose(r["discount"][:, 0], gamma ** 2, rtol=1e-6)
+    assert not r["done"].any()  # time limits are bootstrapped, not failures
+    np.testing.assert_allclose(r["next_obs"], goal)  # the goal stays put within an episode
+    assert np.abs(r["w"]).max() <= 1.5 and r["w"].std() > 0.5  # the base's own N(0, I), clipped to the bound
+
+
+def test_sac_learns_the_noise_that_cancels_the_offset(tmp_path):
+    sac, out = toy_run(tmp_path, 3072)
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_mean_return"] for r in records if "eval_mean_return" in r]
+    zero_noise = -EPISODE * float(np.sum(OFFSET ** 2))  # the base on w = 0
+    assert evals[-1] > 0.5 * zero_noise, evals  # more than half of the offset cancelled by the chosen noise
+    assert evals[-1] > evals[0] + 1.0
+    assert out["grad_steps"] == out["transitions"] - 200 and out["env_steps"] == 3072
+    loaded = load_policy(out["checkpoint"])
+    assert isinstance(loaded, SteeredPolicy) and loaded.policy_type == "steered"
+    goal = {"goal": torch.tensor([[[0.3, -0.5]]])}
+    torch.testing.assert_close(loaded.predict_action(goal), sac.policy.predict_action(goal))
+    assert (tmp_path / "run" / "plots" / "success.png").stat().st_size > 1000
+
+
+def test_noise_aliasing_distils_the_action_critic_into_the_noise_critic(tmp_path):
+    sac, out = toy_run(tmp_path, 3072, variant="na", alias_samples=2)
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    distill = [r["distill_loss"] for r in records if r.get("distill_loss") is not None]
+    assert len(distill) >= 5 and min(distill[-3:]) < 0.5 * max(distill[:3]), distill
+    assert sac.alias is not None and sac.alias.size == 2 * out["transitions"]
+    evals = [r["eval_mean_return"] for r in records if "eval_mean_return" in r]
+    assert evals[-1] > 0.5 * -EPISODE * float(np.sum(OFFSET ** 2)), evals
+
+
+def test_steer_settings_refuse_nonsense_naming_the_key():
+    for bad, key in ((dict(variant="ppo"), "finetune.variant"), (dict(max_noise=0.0), "finetune.max_noise"),
+                     (dict(tau=2.0), "finetune.tau"), (dict(batch_size=0), "finetune.batch_size"),
+                     (dict(variant="na", alias_samples=0), "finetune.alias_samples"),
+                     (dict(critic_hidden=[]), "finetune.critic_hidden")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            SteerSettings(**bad).check()
+
+
+def test_the_noise_actor_log_probability_matches_a_change_of_variables():
+    from robolearn.rl.steer_policy import NoiseActor
+
+    torch.manual_seed(0)
+    actor = NoiseActor(3, 2, [8], max_noise=1.5)
+    obs, eps = torch.randn(5, 3), torch.randn(5, 2)
+    w, logp = actor.sample(obs, eps)
+    mean, log_std = actor.params(obs)
+    u = torch.atanh(w / 1.5)
+    density = torch.exp(-0.5 * ((u - mean) / log_std.exp()) ** 2) / (log_std.exp() * math.sqrt(2 * math.pi))
+    jac = 1.5 * (1 - torch.tanh(u) ** 2)
+    torch.testing.assert_close(logp, torch.log(density / jac).sum(-1), rtol=1e-4, atol=1e-4)
+    assert w.abs().max() < 1.5
