@@ -5,7 +5,10 @@
   executed action of a frozen chunk policy (ResiP); a checkpoint of it names its base and works wherever a policy
   does (``eval``, ``run``, ``serve``, ``teleop policy=``, ``collect policy=``).
 - :mod:`.residual`: PPO for it, top to bottom in one file (:class:`~robolearn.rl.residual.ResidualPPO`).
-- :mod:`.settings`: its hyperparameters (:class:`~robolearn.rl.settings.ResidualSettings`, no torch import).
+- :mod:`.steer_policy`: ``SteeredPolicy``, registered as ``"steered"``: an actor that picks a frozen chunk policy's
+  initial noise (DSRL); :mod:`.steer`: SAC and noise aliasing for it (:class:`~robolearn.rl.steer.SteeringSAC`).
+- :mod:`.features`: the normalized observation both heads read (running statistics kept in the checkpoint).
+- :mod:`.settings`: their hyperparameters (``ResidualSettings``, ``SteerSettings``; no torch import).
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ _WHERE = {
     "ResidualPPO": "residual",
     "RolloutCorrector": "residual",
     "ResidualSettings": "settings",
+    "SteeredPolicy": "steer_policy",
+    "NoiseActor": "steer_policy",
+    "SteeringSAC": "steer",
+    "SteerSettings": "settings",
 }
 __all__ = sorted(_WHERE)
 

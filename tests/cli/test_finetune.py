@@ -351,6 +351,12 @@ def test_steered_checkpoint_evaluates_runs_serves_and_drives_teleop(steered, tmp
              for k in policy.obs_keys}  # the first frame repeated: the executor's history at an episode's start
     want = policy.predict_action(first)[0, policy.n_obs_steps - 1].numpy()
     np.testing.assert_allclose(ep["action"][0], want, rtol=1e-5, atol=1e-5)
+    assert main(["collect", "task=push_t", f"policy={ckpt}", "episodes=1", "keep_failures=true", "progress=false",
+                 "env.max_episode_steps=10", f"out={tmp_path / 'c.zarr'}"]) == 0
+    capsys.readouterr()
+    store = EpisodeStore.open(tmp_path / "c.zarr")
+    assert store.n_episodes == 1 and store.attrs["source"]["policy_type"] == "steered"
+    store.close()
 
 
 def test_steer_resume_continues_with_its_replay_buffer(tmp_path, capsys):
