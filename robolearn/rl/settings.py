@@ -106,6 +106,8 @@ class SteerSettings:
     backup_entropy: bool = False  # false: the critics' targets hold rewards only (entropy only regularizes the actor), so
     #                               Q stays on the reward's scale (a success probability for sparse tasks)
     bootstrap_truncated: bool = True  # a time-limit end is valued by the critic at the last observation
+    td_target: str = "actor"  # actor: bootstrap at the actor's noise for s' (SAC); behavior: at the noise/chunk the run
+    #                           actually chose next (SARSA-like: no maximization inside the target)
     alias_samples: int = 2  # na: extra chunks from w ~ N(0, I) per decision, for distilling the noise critic
 
     def check(self, prefix: str = "finetune.") -> None:
@@ -116,6 +118,8 @@ class SteerSettings:
             raise bad("variant", "'sac' (SAC on the noise) or 'na' (noise aliasing)")
         if self.obs_norm not in ("base", "running"):
             raise bad("obs_norm", "'running' or 'base'")
+        if self.td_target not in ("actor", "behavior"):
+            raise bad("td_target", "'actor' or 'behavior'")
         for name in ("max_noise", "lr", "utd"):
             if not getattr(self, name) > 0:
                 raise bad(name, "> 0")

@@ -209,7 +209,7 @@ class SteeringSAC:
         self.target_entropy = float(settings.target_entropy) if settings.target_entropy is not None \
             else -0.5 * w_dim
         fields = {"obs": obs_dim, "w": w_dim, "act": act_dim, "reward": 1, "discount": 1, "done": 1,
-                  "next_obs": obs_dim}
+                  "next_obs": obs_dim, "next_w": w_dim, "next_act": act_dim, "has_next": 1}
         self.replay = Replay(settings.buffer_size, fields)
         self.alias = Replay(settings.buffer_size * max(1, settings.alias_samples),
                             {"obs": obs_dim, "w": w_dim, "act": act_dim}) if settings.variant == "na" else None
@@ -226,6 +226,7 @@ class SteeringSAC:
         self.last_eval: dict[str, Any] | None = None
         n = self.num_envs
         self._pending: list[dict[str, Any] | None] = [None] * n
+        self._waiting: list[dict[str, Any] | None] = [None] * n  # td_target=behavior: a chunk awaiting the next one
         self._ep_return = np.zeros(n)
         self._ep_length = np.zeros(n, dtype=np.int64)
 
@@ -235,25 +236,38 @@ class SteeringSAC:
         self.executor.reset(obs, episodes=range(self.next_episode, self.next_episode + self.num_envs))
         self.next_episode += self.num_envs
         self._pending = [None] * self.num_envs
+        self._waiting = [None] * self.num_envs
         self._ep_return[:], self._ep_length[:] = 0.0, 0
 
-    def _finish(self, ids: list[int], next_obs: Mapping[str, np.ndarray], done: np.ndarray) -> None:
-        """Close the pending transitions of environments ``ids`` (their chunk ran out or their episode ended)."""
+    def _store(self, rows: list[dict[str, Any]]) -> None:
+        """Add finished transitions to the replay buffer (and owe their gradient steps)."""
+        w_dim, a_dim = self.policy.noise_dim, self.replay.data["next_act"].shape[1]
+        self.replay.add(**{k: np.stack([np.asarray(r.get(k, np.zeros(w_dim if k == "next_w" else a_dim)),
+                                                   np.float32).reshape(-1) for r in rows])
+                           for k in self.replay.data})
+        self.transitions += len(rows)
+        if self.transitions > self.s.learning_starts:
+            self._owed += self.s.utd * len(rows)
+
+    def _finish(self, ids: list[int], next_obs: Mapping[str, np.ndarray], done: np.ndarray, ran_out: bool) -> None:
+        """Close the pending transitions of environments ``ids`` (their chunk ran out or their episode ended).
+        With ``td_target="behavior"`` a chunk that ran out waits for the next decision (its ``w`` and chunk are the
+        bootstrap's) before it enters the buffer."""
         if not ids:
             return
         with torch.no_grad():
             nxt = self.policy.base_features(next_obs).cpu().numpy()
-        rows = [self._pending[i] for i in ids]
-        self.replay.add(obs=np.stack([r["obs"] for r in rows]), w=np.stack([r["w"] for r in rows]),
-                        act=np.stack([r["act"] for r in rows]),
-                        reward=np.array([[r["reward"]] for r in rows], np.float32),
-                        discount=np.array([[r["discount"]] for r in rows], np.float32),
-                        done=np.asarray(done, np.float32).reshape(-1, 1), next_obs=nxt)
-        for i in ids:
+        rows = []
+        for j, i in enumerate(ids):
+            pend = self._pending[i]
+            assert pend is not None
+            rows.append({**pend, "done": float(done[j]), "next_obs": nxt[j], "has_next": 0.0})
             self._pending[i] = None
-        self.transitions += len(ids)
-        if self.transitions > self.s.learning_starts:
-            self._owed += self.s.utd * len(ids)
+        if ran_out and self.s.td_target == "behavior":
+            for i, row in zip(ids, rows):
+                self._waiting[i] = row
+            return
+        self._store(rows)
 
     def step(self) -> dict[str, Any]:
         """One step of every environment (deciding for those whose chunk ran out); returns finished episodes."""
@@ -266,9 +280,16 @@ class SteeringSAC:
         if need:
             last = self.view.last
             assert last is not None and len(last["w"]) == len(need)
+            done_waiting = []
             for j, i in enumerate(need):
+                if self._waiting[i] is not None:  # the previous chunk's bootstrap: this decision
+                    done_waiting.append({**self._waiting[i], "next_w": last["w"][j], "next_act": last["act"][j],
+                                         "has_next": 1.0})
+                    self._waiting[i] = None
                 self._pending[i] = {"obs": last["obs"][j], "w": last["w"][j], "act": last["act"][j],
                                     "reward": 0.0, "discount": 1.0}
+            if done_waiting:
+                self._store(done_waiting)
             if self.alias is not None and self.view.aliases is not None:
                 self.alias.add(**self.view.aliases)
         obs, reward, terminated, truncated, infos = self.envs.step(
@@ -300,13 +321,13 @@ class SteeringSAC:
             finals = [_final_obs(infos, i) for i in ended]
             final_obs = {k: np.stack([f[k] for f in finals]) for k in self.policy.feature_keys}
             done = np.array([terminated[i] or not s.bootstrap_truncated for i in ended])
-            self._finish(ended, final_obs, done)
+            self._finish(ended, final_obs, done, ran_out=False)
             for i in ended:
                 self.executor.reset_env(i, {k: v[i] for k, v in obs.items()}, episode=self.next_episode)
                 self.next_episode += 1
         if ran_out:
             self._finish(ran_out, {k: np.stack([obs[k][i] for i in ran_out]) for k in self.policy.feature_keys},
-                         np.zeros(len(ran_out), bool))
+                         np.zeros(len(ran_out), bool), ran_out=True)
         return finished
 
     # ------------------------------------------------------------------ 2. learning
@@ -327,6 +348,14 @@ class SteeringSAC:
             bootstrap = self.q_w_target(nxt, w2 * w_scale).min(0).values
             if s.variant == "sac" and s.backup_entropy:
                 bootstrap = bootstrap - alpha * logp2
+            if s.td_target == "behavior":  # the data's next decision where there is one (no maximization)
+                if s.variant == "sac":
+                    data = self.q_w_target(nxt, b["next_w"] * w_scale).min(0).values
+                else:
+                    assert self.q_a_target is not None
+                    data = self.q_a_target(nxt, b["next_act"]).min(0).values
+                has = b["has_next"][:, 0]
+                bootstrap = has * data + (1.0 - has) * bootstrap
             target = b["reward"][:, 0] + b["discount"][:, 0] * (1.0 - b["done"][:, 0]) * bootstrap
         out: dict[str, float] = {}
         if s.variant == "sac":

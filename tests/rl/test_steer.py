@@ -131,7 +131,7 @@ def test_steer_settings_refuse_nonsense_naming_the_key():
     for bad, key in ((dict(variant="ppo"), "finetune.variant"), (dict(max_noise=0.0), "finetune.max_noise"),
                      (dict(tau=2.0), "finetune.tau"), (dict(batch_size=0), "finetune.batch_size"),
                      (dict(variant="na", alias_samples=0), "finetune.alias_samples"),
-                     (dict(critic_hidden=[]), "finetune.critic_hidden")):
+                     (dict(critic_hidden=[]), "finetune.critic_hidden"), (dict(td_target="max"), "finetune.td_target")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             SteerSettings(**bad).check()
 
@@ -149,3 +149,22 @@ def test_the_noise_actor_log_probability_matches_a_change_of_variables():
     jac = 1.5 * (1 - torch.tanh(u) ** 2)
     torch.testing.assert_close(logp, torch.log(density / jac).sum(-1), rtol=1e-4, atol=1e-4)
     assert w.abs().max() < 1.5
+
+
+def test_behavior_targets_bootstrap_at_the_decision_the_run_took_next(tmp_path):
+    sac, out = toy_run(tmp_path, 256, learning_starts=10_000, td_target="behavior")
+    r = {k: v[:sac.replay.size] for k, v in sac.replay.data.items()}
+    following = {(tuple(np.round(o, 6)), tuple(np.round(w, 6))) for o, w in zip(r["obs"], r["w"])}
+    linked = r["has_next"][:, 0] == 1
+    assert linked.sum() >= 100 and not r["done"][linked].any()
+    for nxt, w in zip(r["next_obs"][linked], r["next_w"][linked]):  # that decision is itself in the buffer
+        assert (tuple(np.round(nxt, 6)), tuple(np.round(w, 6))) in following
+    # episode ends have no next decision: bootstrapped at the actor (time limit) with has_next 0
+    assert (~linked).sum() == 256 // EPISODE and np.all(r["next_w"][~linked] == 0)
+
+
+def test_sac_with_behavior_targets_still_learns_the_toy(tmp_path):
+    _, out = toy_run(tmp_path, 3072, td_target="behavior")
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_mean_return"] for r in records if "eval_mean_return" in r]
+    assert evals[-1] > 0.5 * -EPISODE * float(np.sum(OFFSET ** 2)), evals
