@@ -34,7 +34,20 @@ Settings = ResidualSettings | SteerSettings
 
 
 def method_of(settings: Settings) -> str:
-    return "steer" if isinstance(settings, SteerSettings) else "residual"
+    return next(name for name, kind in METHODS.items() if isinstance(settings, kind))
+
+
+def _method_classes(settings: Settings) -> tuple[type, type]:
+    """The method's policy kind and its trainer (imported here: they pull in torch)."""
+    if isinstance(settings, SteerSettings):
+        from robolearn.rl.steer import SteeringSAC
+        from robolearn.rl.steer_policy import SteeredPolicy
+
+        return SteeredPolicy, SteeringSAC
+    from robolearn.rl.residual import ResidualPPO
+    from robolearn.rl.residual_policy import ResidualPolicy
+
+    return ResidualPolicy, ResidualPPO
 
 
 def check_config(cfg: DictConfig) -> Settings:
@@ -118,27 +131,25 @@ def _train(cfg: DictConfig, policy: Any, settings: Settings, task: str, env_conf
     from sim.vector import make_vector_env
 
     from robolearn.policies.executor import NonFiniteChunkError, NonFiniteObservationError
-    from robolearn.rl.residual import ResidualPPO
-    from robolearn.rl.steer import SteeringSAC
 
     n = int(cfg.num_envs)
     envs = make_vector_env(task, num_envs=n, num_workers=min(int(cfg.workers), n), seed=int(cfg.seed),
                            autoreset_mode="SameStep", **env_config)
-    trainer = SteeringSAC if isinstance(settings, SteerSettings) else ResidualPPO
+    trainer = _method_classes(settings)[1]
     try:
-        ppo = trainer(policy, envs, settings, total_env_steps=int(cfg.env_steps), run_dir=run_dir,  # type: ignore[arg-type]
-                          seed=int(cfg.seed), evaluate=evaluator, eval_every=int(cfg.eval.every),
-                          ckpt_every=int(cfg.ckpt_every), keep_checkpoints=int(cfg.keep_checkpoints),
-                          run_config=run_config, progress=bool(cfg.progress))
+        job = trainer(policy, envs, settings, total_env_steps=int(cfg.env_steps), run_dir=run_dir,
+                      seed=int(cfg.seed), evaluate=evaluator, eval_every=int(cfg.eval.every),
+                      ckpt_every=int(cfg.ckpt_every), keep_checkpoints=int(cfg.keep_checkpoints),
+                      run_config=run_config, progress=bool(cfg.progress))
         if latest is not None:
             try:
-                ppo.load_state(latest)
+                job.load_state(latest)
             except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
                 raise CLIError(f"cannot resume from {latest}: {e}") from None
-            print(f"finetune: resuming {run_dir} at {ppo.env_steps:,} env steps", file=sys.stderr, flush=True)
+            print(f"finetune: resuming {run_dir} at {job.env_steps:,} env steps", file=sys.stderr, flush=True)
         try:
-            return ppo.fit(resume=latest is not None)
-        except (NonFiniteObservationError, NonFiniteChunkError) as e:  # broken inputs, base or diverged residual
+            return job.fit(resume=latest is not None)
+        except (NonFiniteObservationError, NonFiniteChunkError) as e:  # broken inputs, base or diverged head
             raise CLIError(f"fine-tuning in task {task} stopped: {e} (checkpoints saved so far: "
                            f"{run_dir / 'checkpoints'})") from None
         except FloatingPointError as e:
@@ -150,7 +161,7 @@ def _train(cfg: DictConfig, policy: Any, settings: Settings, task: str, env_conf
 def _resume_point(cfg: DictConfig) -> tuple[Path | None, Path | None]:
     """The run folder (None: a new default one) and, for ``resume=true``, the checkpoint to continue from (None:
     the run stopped before its first checkpoint, so it starts over, saying so)."""
-    from robolearn.rl.residual import latest_checkpoint
+    from robolearn.rl.loop import latest_checkpoint
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     if not cfg.resume:
@@ -218,10 +229,9 @@ def _make_policy(base: Any, base_path: Path, settings: Settings, latest: Path | 
     import torch
 
     from robolearn.cli.runtime import load_checkpoint
-    from robolearn.rl.residual_policy import ResidualPolicy
     from robolearn.rl.steer_policy import SteeredPolicy
 
-    kind = SteeredPolicy if isinstance(settings, SteerSettings) else ResidualPolicy
+    kind = _method_classes(settings)[0]
     if kind is SteeredPolicy and isinstance(base, SteeredPolicy):
         raise CLIError(f"{base_path} is already a steered policy (it chooses its own noise, so steering it again "
                        f"would change nothing): steer its base, or resume=true run_dir=... to continue that run")

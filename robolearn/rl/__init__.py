@@ -7,6 +7,7 @@
 - :mod:`.residual`: PPO for it, top to bottom in one file (:class:`~robolearn.rl.residual.ResidualPPO`).
 - :mod:`.steer_policy`: ``SteeredPolicy``, registered as ``"steered"``: an actor that picks a frozen chunk policy's
   initial noise (DSRL); :mod:`.steer`: SAC and noise aliasing for it (:class:`~robolearn.rl.steer.SteeringSAC`).
+- :mod:`.loop`: what both trainers share (``FinetuneRun``: evaluations, metrics, checkpoints, resume).
 - :mod:`.features`: the normalized observation both heads read (running statistics kept in the checkpoint).
 - :mod:`.settings`: their hyperparameters (``ResidualSettings``, ``SteerSettings``; no torch import).
 """
@@ -25,6 +26,7 @@ _WHERE = {
     "NoiseActor": "steer_policy",
     "SteeringSAC": "steer",
     "SteerSettings": "settings",
+    "FinetuneRun": "loop",
 }
 __all__ = sorted(_WHERE)
 

@@ -55,6 +55,11 @@ class ObsFeatures:
         self.register_buffer("obs_var", torch.ones(self.obs_dim, dtype=torch.float64))  # type: ignore[attr-defined]
         self.register_buffer("obs_count", torch.zeros((), dtype=torch.float64))  # type: ignore[attr-defined]
 
+    def newest_frame(self, obs_history: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The newest frame ``{key: (n, ...)}`` of a batched history ``{key: (n, n_obs_steps, ...)}``, for the
+        keys the head reads (what a caller that holds histories, not steps, feeds :meth:`obs_features`)."""
+        return {k: torch.as_tensor(obs_history[k])[:, -1].cpu().numpy() for k in self.feature_keys}
+
     def base_features(self, obs: Mapping[str, Any]) -> torch.Tensor:
         """Step 1 only: ``(n, obs_dim)`` float32 on the policy's device, from ``{key: (n, ...)}`` (other keys
         ignored). What a replay buffer stores (the standardization moves while training)."""

@@ -49,9 +49,8 @@ class RunLog:
         self.tb.close()
 
 
-def plot_success(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str = "residual fine-tuning",
-                 train_label: str = "training episodes (sampled residual)",
-                 eval_label: str = "evaluation (residual mean, held-out seeds)") -> str | None:
+def plot_success(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str, train_label: str,
+                 eval_label: str) -> str | None:
     """Success rate against environment steps: the deterministic evaluations (``eval_success_rate``) and the
     sampled training episodes (``train_success_rate``). Returns the PNG's path, or None without data."""
     import matplotlib

@@ -43,24 +43,21 @@ replay of an uninterrupted one.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError
+from robolearn.rl.loop import FinetuneRun, final_info, final_obs
 from robolearn.rl.residual_policy import ResidualPolicy, mlp
 from robolearn.rl.settings import ResidualSettings
 
-RL_STATE = "rl_state.pt"
-Evaluate = Callable[[Any, int], Mapping[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------- the critic
@@ -144,53 +141,22 @@ def gae(rollout: Rollout, last_value: torch.Tensor, gamma: float, lam: float) ->
     return adv, adv + rollout.value
 
 
-def _final_obs(infos: Mapping[str, Any], i: int) -> dict[str, np.ndarray]:
-    """Environment ``i``'s last observation of the episode that ended in this step (same-step autoreset): an
-    object array of dicts (``sim.vector``, gymnasium's ``SyncVectorEnv``) or a dict of batched arrays."""
-    final = infos["final_obs"]
-    if isinstance(final, Mapping):
-        return {k: np.asarray(v[i]) for k, v in final.items()}
-    return {k: np.asarray(v) for k, v in final[i].items()}
-
-
-def _final_info(infos: Mapping[str, Any], key: str, i: int) -> Any:
-    src = infos.get("final_info", {})
-    if key not in src or (f"_{key}" in src and not bool(np.asarray(src[f"_{key}"])[i])):
-        return None
-    return np.asarray(src[key])[i]
-
-
 # ---------------------------------------------------------------------------------------------- PPO
-class ResidualPPO:
+class ResidualPPO(FinetuneRun):
     """PPO for ``policy``'s residual in ``envs`` (a gymnasium-contract vector env in same-step autoreset mode).
 
-    ``total_env_steps``: stop once this many environment steps were taken (rounded up to whole updates).
-    ``seed``: seeds the critic's initialisation, residual sampling, minibatch order, the environments' first
-    resets and the chunk noise of the base. ``evaluate(policy, env_steps)``: see the module docstring.
-    ``eval_every`` / ``ckpt_every``: in environment steps (0: only before/after, only at the end).
-    ``run_config``: saved as each checkpoint's ``run`` section (task, env_config, settings: provenance).
+    Arguments: :class:`~robolearn.rl.loop.FinetuneRun`'s. ``total_env_steps`` is rounded up to whole updates;
+    ``seed`` seeds the critic's initialisation, residual sampling, minibatch order, the environments' first resets
+    and the chunk noise of the base. ``evaluate(policy, env_steps)``: see the module docstring.
     """
 
-    def __init__(self, policy: ResidualPolicy, envs: Any, settings: ResidualSettings, *, total_env_steps: int,
-                 run_dir: str | os.PathLike, seed: int = 0, evaluate: Evaluate | None = None, eval_every: int = 0,
-                 ckpt_every: int = 0, keep_checkpoints: int = 2, run_config: Mapping[str, Any] | None = None,
-                 progress: bool = True) -> None:
-        settings.check()
-        mode = (getattr(envs, "metadata", None) or {}).get("autoreset_mode")
-        mode = getattr(mode, "value", mode)  # a gymnasium AutoresetMode or its string
-        if mode not in (None, "SameStep"):
-            raise ValueError(f"residual PPO needs a vector env in same-step autoreset mode, got {mode!r}")
-        self.policy, self.envs, self.s = policy, envs, settings
-        self.num_envs = int(envs.num_envs)
-        self.total_env_steps, self.seed = int(total_env_steps), int(seed)
-        self.evaluate_fn, self.eval_every, self.ckpt_every = evaluate, int(eval_every), int(ckpt_every)
-        self.keep_checkpoints = max(1, int(keep_checkpoints))
-        self.run_dir = Path(run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        self.run_config = dict(run_config or {})
-        self.progress = progress
-        self.device = torch.device(policy.device)
+    method = "residual PPO"
+    plot_title = "residual fine-tuning"
+    train_label = "training episodes (sampled residual)"
+    eval_label = "evaluation (residual mean, held-out seeds)"
 
+    def __init__(self, policy: ResidualPolicy, envs: Any, settings: ResidualSettings, **run: Any) -> None:
+        super().__init__(policy, envs, settings, **run)
         torch.manual_seed(self.seed)  # the critic's initialisation
         self.critic = Critic(policy.obs_dim, list(settings.critic_hidden)).to(self.device)
         self.actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=settings.actor_lr, eps=1e-5)
@@ -200,11 +166,7 @@ class ResidualPPO:
         self.corrector = RolloutCorrector(policy, self.critic, self.sample_gen)
         # The base runs as deployed: batched inference for every environment whose queue ran out.
         self.executor = ChunkExecutor(policy.base, self.num_envs, seed=self.seed, corrector=self.corrector)
-        self.env_steps = 0
         self.updates = 0
-        self.next_episode = 0  # the chunk-noise rule's episode number of the next episode to start
-        self.success_before: float | None = None
-        self.last_eval: dict[str, Any] | None = None
         self._ep_return = np.zeros(self.num_envs)
         self._ep_length = np.zeros(self.num_envs, dtype=np.int64)
 
@@ -241,7 +203,7 @@ class ResidualPPO:
             bootstrap = np.zeros(n)
             cut = np.flatnonzero(truncated & ~terminated)  # time limit: the episode could have gone on
             if len(cut) and s.bootstrap_truncated:
-                finals = [_final_obs(infos, int(i)) for i in cut]
+                finals = [final_obs(infos, int(i)) for i in cut]
                 batch = {k: np.stack([f[k] for f in finals]) for k in self.policy.feature_keys}
                 bootstrap[cut] = s.gamma * self.critic(self.policy.obs_features(batch)).cpu().numpy()
             buf.store(t, step, torch.as_tensor(reward + bootstrap, dtype=torch.float32, device=self.device),
@@ -253,7 +215,7 @@ class ResidualPPO:
                     continue
                 returns.append(float(self._ep_return[i]))
                 lengths.append(int(self._ep_length[i]))
-                successes.append(bool(_final_info(infos, "success", i) or False))
+                successes.append(bool(final_info(infos, "success", i) or False))
                 self._ep_return[i], self._ep_length[i] = 0.0, 0
                 self.executor.reset_env(i, row, episode=self.next_episode)  # obs row: the next episode's first
                 self.next_episode += 1
@@ -332,125 +294,39 @@ class ResidualPPO:
                 "explained_variance": round(explained, 4) if explained is not None else None,
                 "log_std": round(float(p.actor.log_std.detach().mean()), 4)}
 
-    # ------------------------------------------------------------------ 3. the loop
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train until ``total_env_steps``; returns ``{env_steps, updates, checkpoint, success_rate_before,
-        success_rate_after, wall_s, env_steps_s}``. ``resume``: continue after :meth:`load_state`."""
-        from tqdm import tqdm
+    # ------------------------------------------------------------------ 3. one update (the loop: FinetuneRun.fit)
+    def advance(self) -> dict[str, Any]:
+        """Collect a rollout in every environment, then one PPO update on it; its metrics record."""
+        t0 = time.perf_counter()
+        buf, last_value, episodes = self.collect()
+        t1 = time.perf_counter()
+        advantages, returns = gae(buf, last_value, self.s.gamma, self.s.gae_lambda)
+        stats = self.update(buf, advantages, returns)
+        t2 = time.perf_counter()
+        self.env_steps += self.s.rollout_steps * self.num_envs
+        self.updates += 1
+        return {"env_steps": self.env_steps, "update": self.updates, **episodes, **stats,
+                "residual_abs": round(float(buf.residual.abs().mean()) * self.s.action_scale, 6),
+                "rollout_s": round(t1 - t0, 3), "update_s": round(t2 - t1, 3),
+                "env_steps_s": round(self.s.rollout_steps * self.num_envs / max(t2 - t0, 1e-9), 1)}
 
-        from robolearn.rl.log import RunLog, plot_success
+    def counters(self) -> dict[str, int]:
+        return {"updates": self.updates}
 
-        log = RunLog(self.run_dir, resume_at=self.env_steps if resume else None)
-        self.policy.eval()  # the actor's mode matters to nothing here; the base stays in eval mode regardless
-        t_start = time.perf_counter()
-        train_s = 0.0  # collection + updates: what env_steps_s is measured over (evaluation excluded)
-        started_at = self.env_steps
-        bar = tqdm(total=self.total_env_steps, initial=self.env_steps, desc="finetune", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
-        ckpt: Path | None = None
-        try:
-            if not resume and self.evaluate_fn is not None:
-                self._evaluate(log)  # the base's own success rate: the residual is exactly zero
-                self.success_before = self.last_eval["success_rate"] if self.last_eval else None
-            elif self.evaluate_fn is not None and self.env_steps >= self.total_env_steps:
-                self._evaluate(log)  # resumed a finished run: nothing to train, but say where it stands
-            self.start_episodes()
-            while self.env_steps < self.total_env_steps:
-                t0 = time.perf_counter()
-                buf, last_value, episodes = self.collect()
-                t1 = time.perf_counter()
-                advantages, returns = gae(buf, last_value, self.s.gamma, self.s.gae_lambda)
-                stats = self.update(buf, advantages, returns)
-                t2 = time.perf_counter()
-                train_s += t2 - t0
-                before = self.env_steps
-                self.env_steps += self.s.rollout_steps * self.num_envs
-                self.updates += 1
-                record = {"env_steps": self.env_steps, "update": self.updates, **episodes, **stats,
-                          "residual_abs": round(float(buf.residual.abs().mean()) * self.s.action_scale, 6),
-                          "rollout_s": round(t1 - t0, 3), "update_s": round(t2 - t1, 3),
-                          "env_steps_s": round(self.s.rollout_steps * self.num_envs / max(t2 - t0, 1e-9), 1)}
-                log.log(record)
-                bar.update(self.env_steps - before)
-                bar.set_postfix(train_success=episodes["train_success_rate"], kl=stats["approx_kl"],
-                                eval=self.last_eval["success_rate"] if self.last_eval else None)
-                last = self.env_steps >= self.total_env_steps
-                if self.evaluate_fn is not None and self.eval_every and not last \
-                        and self.env_steps // self.eval_every > before // self.eval_every:
-                    self._evaluate(log)
-                if self.evaluate_fn is not None and last:
-                    self._evaluate(log)
-                if last or (self.ckpt_every and self.env_steps // self.ckpt_every > before // self.ckpt_every):
-                    ckpt = self.save()
-        finally:
-            bar.close()
-            log.close()
-        if ckpt is None:  # resumed a run that had already finished: its newest checkpoint is the result
-            ckpt = (self.ckpt_root / "latest").resolve()
-        plot = plot_success(log.records(), self.run_dir / "plots" / "success.png")
-        steps_done = self.env_steps - started_at
-        return {"env_steps": self.env_steps, "updates": self.updates, "checkpoint": str(ckpt),
-                "success_rate_before": self.success_before,
-                "success_rate_after": self.last_eval["success_rate"] if self.last_eval else None,
-                "eval": self.last_eval, "wall_s": round(time.perf_counter() - t_start, 2),
-                "env_steps_s": round(steps_done / train_s, 1) if train_s > 0 else None,
-                "inference_s": round(self.executor.inference_s, 2), "plots": [plot] if plot else []}
+    def postfix(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return {"train_success": record.get("train_success_rate"), "kl": record.get("approx_kl")}
 
-    def _evaluate(self, log: Any) -> None:
-        assert self.evaluate_fn is not None
-        result = dict(self.evaluate_fn(self.policy, self.env_steps))
-        self.last_eval = result
-        log.log({"env_steps": self.env_steps, "eval_success_rate": result.get("success_rate"),
-                 **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()
-                    if k not in ("step", "success_rate") and isinstance(v, (int, float)) and not isinstance(v, bool)}})
+    # ------------------------------------------------------------------ resumable state
+    def rl_state(self) -> dict[str, Any]:
+        """Critic, both optimizers, the update counter and the RNG streams (residual sampling, minibatch order)."""
+        return {"critic": self.critic.state_dict(), "actor_opt": self.actor_opt.state_dict(),
+                "critic_opt": self.critic_opt.state_dict(), "updates": self.updates,
+                "sample_rng": self.sample_gen.get_state(), "shuffle_rng": self.shuffle_gen.get_state()}
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
-        """A residual-policy checkpoint (``step_<env steps>``) holding ``rl_state.pt`` too; ``latest`` switched
-        to it atomically; only the newest ``keep_checkpoints`` kept."""
-        from robolearn.policies.checkpoint import save_policy, writing_checkpoints
-        from robolearn.training.trainer import prune_checkpoints, switch_latest
-
-        state = {"critic": self.critic.state_dict(), "actor_opt": self.actor_opt.state_dict(),
-                 "critic_opt": self.critic_opt.state_dict(), "env_steps": self.env_steps, "updates": self.updates,
-                 "next_episode": self.next_episode, "sample_rng": self.sample_gen.get_state(),
-                 "shuffle_rng": self.shuffle_gen.get_state(),
-                 "success_before": -1.0 if self.success_before is None else float(self.success_before)}
-        folder = self.ckpt_root / f"step_{self.env_steps:010d}"
-        extra = {"step": self.env_steps, "env_steps": self.env_steps, "updates": self.updates,
-                 "success_rate": self.last_eval.get("success_rate") if self.last_eval else None}
-        self.ckpt_root.mkdir(parents=True, exist_ok=True)
-        with writing_checkpoints(self.ckpt_root):  # as the trainer: a live writer, nobody cleans meanwhile
-            save_policy(self.policy, folder, config={**self.run_config, "settings": dataclasses.asdict(self.s)},
-                        extra=extra, write_extra=lambda tmp: torch.save(state, tmp / RL_STATE))
-            switch_latest(self.ckpt_root, folder.name)
-            prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
-        return folder
-
-    def load_state(self, folder: str | os.PathLike) -> None:
-        """Continue from a checkpoint this class saved. The actor's weights are the checkpoint's policy: load it
-        with :func:`robolearn.policies.load_policy` (which checks its base) and build this object around it."""
-        path = Path(folder) / RL_STATE
-        if not path.is_file():
-            raise FileNotFoundError(f"cannot resume: {path} is missing (not a checkpoint of a fine-tuning run?)")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+    def restore(self, state: Mapping[str, Any], folder: Path) -> None:
         self.critic.load_state_dict(state["critic"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
-        self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
-        self.next_episode = int(state["next_episode"])
+        self.updates = int(state["updates"])
         self.sample_gen.set_state(state["sample_rng"].cpu())
         self.shuffle_gen.set_state(state["shuffle_rng"].cpu())
-        before = float(state["success_before"])
-        self.success_before = None if before < 0 else before
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The checkpoint ``latest`` names, or (a kill between a save and the switch) the newest complete one."""
-    link = Path(root) / "latest"
-    if link.is_symlink() and link.resolve().is_dir():
-        return link.resolve()
-    from robolearn.training.trainer import complete_checkpoints
-
-    done = complete_checkpoints(root)
-    return done[-1] if done else None

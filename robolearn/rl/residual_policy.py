@@ -150,7 +150,7 @@ class ResidualPolicy(ObsFeatures, PolicyWrapper):
         chunk = self.base.predict_action(obs_history, noise) if noise is not None \
             else self.base.predict_action(obs_history)
         now = int(self.n_obs_steps) - 1
-        newest = {k: torch.as_tensor(obs_history[k])[:, -1].cpu().numpy() for k in self.feature_keys}
+        newest = self.newest_frame(obs_history)
         out = chunk.clone() if torch.is_tensor(chunk) else torch.as_tensor(np.array(chunk))
         fixed = self.correct_actions(newest, out[:, now].detach().float().cpu().numpy())
         out[:, now] = torch.as_tensor(fixed, dtype=out.dtype, device=out.device)

@@ -1,6 +1,7 @@
-"""Residual PPO hyperparameters, in one dataclass (no torch import: the CLI's config schema extends it).
+"""The fine-tuning methods' hyperparameters, one dataclass each (no torch import: the CLI's config schema extends
+them): :class:`ResidualSettings` (residual PPO) and :class:`SteerSettings` (latent-noise steering).
 
-Defaults are ResiP's published values where the paper gives them (Ankile et al., "From Imitation to Refinement:
+ResidualSettings' defaults are ResiP's published values where the paper gives them (Ankile et al., "From Imitation to Refinement:
 Residual RL for Precise Assembly"; see /work/shared/PAPERS.md): gamma 0.999, GAE lambda 0.95, clip 0.2, actor lr
 3e-4, critic lr 5e-3, 2x256 MLPs, residual scale 0.1, last actor layer initialised at zero. The rest (rollout
 length, epochs, minibatches, KL target, value clipping, initial log-std) are ordinary PPO choices, said where set.
@@ -8,8 +9,34 @@ length, epochs, minibatches, KL target, value clipping, initial log-std) are ord
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 from robolearn.policies.config import ConfigError
+
+
+def _requirer(settings: object, prefix: str) -> Callable[[Sequence[str], Callable[[Any], bool], str], None]:
+    """``require(names, ok, rule)``: a ``ConfigError`` naming the key (``finetune.gamma must be in [0, 1], got
+    1.5``) for the first of ``names`` whose value fails ``ok``."""
+
+    def require(names: Sequence[str], ok: Callable[[Any], bool], rule: str) -> None:
+        for name in names:
+            value = getattr(settings, name)
+            if not ok(value):
+                raise ConfigError(f"{prefix}{name} must be {rule}, got {value!r}")
+
+    return require
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _unit(v: Any) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _widths(v: Any) -> bool:
+    return bool(v) and all(int(w) >= 1 for w in v)
 
 
 @dataclass
@@ -41,32 +68,15 @@ class ResidualSettings:
     def check(self, prefix: str = "finetune.") -> None:
         """Refuse values that would crash late or silently do nothing; messages name the key (``finetune.gamma``)."""
 
-        def bad(name: str, rule: str) -> ConfigError:
-            return ConfigError(f"{prefix}{name} must be {rule}, got {getattr(self, name)!r}")
-
-        if self.obs_norm not in ("base", "running"):
-            raise ConfigError(f"{prefix}obs_norm must be 'running' or 'base', got {self.obs_norm!r}")
-        if not self.action_scale > 0:
-            raise bad("action_scale", "> 0 (the residual's share of the action; 0 would never change the base)")
-        for name in ("actor_lr", "critic_lr", "max_grad_norm", "clip_coef"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "> 0")
-        for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise bad(name, "in [0, 1]")
-        for name in ("rollout_steps", "update_epochs", "minibatches"):
-            if getattr(self, name) < 1:
-                raise bad(name, ">= 1")
-        for name in ("ent_coef", "vf_coef"):
-            if getattr(self, name) < 0:
-                raise bad(name, ">= 0")
-        for name in ("value_clip", "target_kl"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise bad(name, "> 0 or null (off)")
-        for name in ("actor_hidden", "critic_hidden"):
-            widths = getattr(self, name)
-            if not widths or any(int(w) < 1 for w in widths):
-                raise bad(name, "a non-empty list of layer widths >= 1")
+        require = _requirer(self, prefix)
+        require(("obs_norm",), lambda v: v in ("base", "running"), "'running' or 'base'")
+        require(("action_scale",), _positive, "> 0 (the residual's share of the action; 0 would never change the base)")
+        require(("actor_lr", "critic_lr", "max_grad_norm", "clip_coef"), _positive, "> 0")
+        require(("gamma", "gae_lambda"), _unit, "in [0, 1]")
+        require(("rollout_steps", "update_epochs", "minibatches"), lambda v: v >= 1, ">= 1")
+        require(("ent_coef", "vf_coef"), lambda v: v >= 0, ">= 0")
+        require(("value_clip", "target_kl"), lambda v: v is None or v > 0, "> 0 or null (off)")
+        require(("actor_hidden", "critic_hidden"), _widths, "a non-empty list of layer widths >= 1")
 
     def policy_config(self) -> dict[str, object]:
         """What the residual policy's checkpoint keeps of these (the rest only shapes training)."""
@@ -111,37 +121,20 @@ class SteerSettings:
     alias_samples: int = 2  # na: extra chunks from w ~ N(0, I) per decision, for distilling the noise critic
 
     def check(self, prefix: str = "finetune.") -> None:
-        def bad(name: str, rule: str) -> ConfigError:
-            return ConfigError(f"{prefix}{name} must be {rule}, got {getattr(self, name)!r}")
-
-        if self.variant not in STEER_VARIANTS:
-            raise bad("variant", "'sac' (SAC on the noise) or 'na' (noise aliasing)")
-        if self.obs_norm not in ("base", "running"):
-            raise bad("obs_norm", "'running' or 'base'")
-        if self.td_target not in ("actor", "behavior"):
-            raise bad("td_target", "'actor' or 'behavior'")
-        for name in ("max_noise", "lr", "utd"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "> 0")
-        for name in ("gamma", "tau"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise bad(name, "in [0, 1]")
-        for name in ("batch_size", "buffer_size"):
-            if getattr(self, name) < 1:
-                raise bad(name, ">= 1")
-        for name in ("learning_starts", "alias_samples"):
-            if getattr(self, name) < 0:
-                raise bad(name, ">= 0")
-        if self.variant == "na" and self.alias_samples < 1:
-            raise bad("alias_samples", ">= 1 for variant=na (the noise critic is distilled from those chunks)")
-        if not self.init_temperature > 0:
-            raise bad("init_temperature", "> 0")
-        if self.base_steps is not None and int(self.base_steps) < 1:
-            raise bad("base_steps", ">= 1 or null")
-        for name in ("actor_hidden", "critic_hidden"):
-            widths = getattr(self, name)
-            if not widths or any(int(w) < 1 for w in widths):
-                raise bad(name, "a non-empty list of layer widths >= 1")
+        require = _requirer(self, prefix)
+        require(("variant",), lambda v: v in STEER_VARIANTS, "'sac' (SAC on the noise) or 'na' (noise aliasing)")
+        require(("obs_norm",), lambda v: v in ("base", "running"), "'running' or 'base'")
+        require(("td_target",), lambda v: v in ("actor", "behavior"), "'actor' or 'behavior'")
+        require(("max_noise", "lr", "utd"), _positive, "> 0")
+        require(("gamma", "tau"), _unit, "in [0, 1]")
+        require(("batch_size", "buffer_size"), lambda v: v >= 1, ">= 1")
+        require(("learning_starts", "alias_samples"), lambda v: v >= 0, ">= 0")
+        if self.variant == "na":
+            require(("alias_samples",), lambda v: v >= 1,
+                    ">= 1 for variant=na (the noise critic is distilled from those chunks)")
+        require(("init_temperature",), _positive, "> 0")
+        require(("base_steps",), lambda v: v is None or int(v) >= 1, ">= 1 or null")
+        require(("actor_hidden", "critic_hidden"), _widths, "a non-empty list of layer widths >= 1")
 
     def policy_config(self) -> dict[str, object]:
         """What the steered policy's checkpoint keeps of these."""

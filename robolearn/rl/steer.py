@@ -34,7 +34,7 @@ Evaluation (``evaluate(policy, env_steps)``): the steered policy, deterministic 
 held-out seeds; before training the *base* itself is evaluated (its own noise rule): that is
 ``success_rate_before``.
 
-Run folder: as residual RL (:mod:`robolearn.rl.residual`): ``metrics.jsonl``, ``tb/``, ``plots/success.png``,
+Run folder (the loop both methods share, :mod:`robolearn.rl.loop`): ``metrics.jsonl``, ``tb/``, ``plots/success.png``,
 ``checkpoints/step_<env steps>/`` (a ``steered`` policy checkpoint holding ``rl_state.pt`` -- critics, targets,
 optimizers, temperature, counters, RNG -- and ``replay.npz``, the replay buffer), ``checkpoints/latest``.
 Resume continues the counters, networks, optimizers and the replay buffer; episodes in flight are lost (a
@@ -43,25 +43,21 @@ resumed run starts fresh episodes).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError, executable
-from robolearn.rl.residual import _final_info, _final_obs
+from robolearn.rl.loop import FinetuneRun, final_info, final_obs
 from robolearn.rl.settings import SteerSettings
 from robolearn.rl.steer_policy import SteeredPolicy, layer_norm_mlp
 
-RL_STATE = "rl_state.pt"
 REPLAY = "replay.npz"
-Evaluate = Callable[[Any, int], Mapping[str, Any]]
 
 
 class QEnsemble(nn.Module):
@@ -86,12 +82,13 @@ class Replay:
         self.next = 0
 
     def add(self, **rows: np.ndarray) -> None:
+        """Append ``n`` rows (``field=(n, width)`` or ``(n,)`` arrays), overwriting the oldest when full."""
         n = len(next(iter(rows.values())))
-        for j in range(n):
-            for k, v in rows.items():
-                self.data[k][self.next] = v[j]
-            self.next = (self.next + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
+        idx = (self.next + np.arange(n)) % self.capacity
+        for k, v in rows.items():
+            self.data[k][idx] = np.asarray(v, np.float32).reshape(n, -1)
+        self.next = int((self.next + n) % self.capacity)
+        self.size = min(self.size + n, self.capacity)
 
     def sample(self, batch: int, rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
         idx = rng.integers(0, self.size, size=batch)
@@ -137,7 +134,7 @@ class TrainingView:
     def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
         p, t = self.policy, self.trainer
         assert noise is not None, "the executor always passes the chunk noise"
-        raw = p.base_features(p.newest(obs_history, p.feature_keys))
+        raw = p.base_features(p.newest_frame(obs_history))
         if p.obs_norm == "running":
             p.update_obs_stats(raw)
         eps = noise.reshape(noise.shape[0], -1).to(p.device, torch.float32)
@@ -167,31 +164,16 @@ class TrainingView:
         return getattr(self.policy, name)
 
 
-class SteeringSAC:
+class SteeringSAC(FinetuneRun):
     """DSRL for ``policy`` (a :class:`SteeredPolicy`) in ``envs`` (a gymnasium-contract vector env in same-step
-    autoreset mode). Arguments as :class:`~robolearn.rl.residual.ResidualPPO`'s: ``total_env_steps``, ``seed``,
-    ``evaluate``, ``eval_every``/``ckpt_every`` (environment steps), ``run_config`` (saved with checkpoints)."""
+    autoreset mode). Arguments: :class:`~robolearn.rl.loop.FinetuneRun`'s."""
 
-    def __init__(self, policy: SteeredPolicy, envs: Any, settings: SteerSettings, *, total_env_steps: int,
-                 run_dir: str | os.PathLike, seed: int = 0, evaluate: Evaluate | None = None, eval_every: int = 0,
-                 ckpt_every: int = 0, keep_checkpoints: int = 2, run_config: Mapping[str, Any] | None = None,
-                 progress: bool = True) -> None:
-        settings.check()
-        mode = (getattr(envs, "metadata", None) or {}).get("autoreset_mode")
-        mode = getattr(mode, "value", mode)
-        if mode not in (None, "SameStep"):
-            raise ValueError(f"steering needs a vector env in same-step autoreset mode, got {mode!r}")
-        self.policy, self.envs, self.s = policy, envs, settings
-        self.num_envs = int(envs.num_envs)
-        self.total_env_steps, self.seed = int(total_env_steps), int(seed)
-        self.evaluate_fn, self.eval_every, self.ckpt_every = evaluate, int(eval_every), int(ckpt_every)
-        self.keep_checkpoints = max(1, int(keep_checkpoints))
-        self.run_dir = Path(run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        self.run_config = dict(run_config or {})
-        self.progress = progress
-        self.device = torch.device(policy.device)
+    method = "steering"
+    train_label = "training episodes (sampled noise)"
+    eval_label = "evaluation (deterministic noise, held-out seeds)"
 
+    def __init__(self, policy: SteeredPolicy, envs: Any, settings: SteerSettings, **run: Any) -> None:
+        super().__init__(policy, envs, settings, **run)
         obs_dim, w_dim = policy.obs_dim, policy.noise_dim
         act_dim = int(policy.n_action_steps) * int(policy.action_dim)
         hidden = list(settings.critic_hidden)
@@ -211,19 +193,16 @@ class SteeringSAC:
         fields = {"obs": obs_dim, "w": w_dim, "act": act_dim, "reward": 1, "discount": 1, "done": 1,
                   "next_obs": obs_dim, "next_w": w_dim, "next_act": act_dim, "has_next": 1}
         self.replay = Replay(settings.buffer_size, fields)
+        self._no_next_w, self._no_next_act = np.zeros(w_dim, np.float32), np.zeros(act_dim, np.float32)
         self.alias = Replay(settings.buffer_size * max(1, settings.alias_samples),
                             {"obs": obs_dim, "w": w_dim, "act": act_dim}) if settings.variant == "na" else None
         self.rng = np.random.default_rng(self.seed + 1)  # minibatch sampling
         self.alias_gen = torch.Generator().manual_seed(self.seed + 2)
         self.view = TrainingView(policy, self)
         self.executor = ChunkExecutor(self.view, self.num_envs, seed=self.seed, device=self.device)
-        self.env_steps = 0
         self.transitions = 0
         self.grad_steps = 0
-        self.next_episode = 0
         self._owed = 0.0  # gradient steps due but not yet taken
-        self.success_before: float | None = None
-        self.last_eval: dict[str, Any] | None = None
         n = self.num_envs
         self._pending: list[dict[str, Any] | None] = [None] * n
         self._waiting: list[dict[str, Any] | None] = [None] * n  # td_target=behavior: a chunk awaiting the next one
@@ -241,9 +220,7 @@ class SteeringSAC:
 
     def _store(self, rows: list[dict[str, Any]]) -> None:
         """Add finished transitions to the replay buffer (and owe their gradient steps)."""
-        w_dim, a_dim = self.policy.noise_dim, self.replay.data["next_act"].shape[1]
-        self.replay.add(**{k: np.stack([np.asarray(r.get(k, np.zeros(w_dim if k == "next_w" else a_dim)),
-                                                   np.float32).reshape(-1) for r in rows])
+        self.replay.add(**{k: np.stack([np.asarray(r[k], np.float32).reshape(-1) for r in rows])
                            for k in self.replay.data})
         self.transitions += len(rows)
         if self.transitions > self.s.learning_starts:
@@ -261,7 +238,8 @@ class SteeringSAC:
         for j, i in enumerate(ids):
             pend = self._pending[i]
             assert pend is not None
-            rows.append({**pend, "done": float(done[j]), "next_obs": nxt[j], "has_next": 0.0})
+            rows.append({**pend, "done": float(done[j]), "next_obs": nxt[j], "has_next": 0.0,
+                         "next_w": self._no_next_w, "next_act": self._no_next_act})
             self._pending[i] = None
         if ran_out and self.s.td_target == "behavior":
             for i, row in zip(ids, rows):
@@ -311,17 +289,17 @@ class SteeringSAC:
                 ended.append(i)
                 finished["returns"].append(float(self._ep_return[i]))
                 finished["lengths"].append(int(self._ep_length[i]))
-                finished["successes"].append(bool(_final_info(infos, "success", i) or False))
+                finished["successes"].append(bool(final_info(infos, "success", i) or False))
                 self._ep_return[i], self._ep_length[i] = 0.0, 0
             else:
                 self.executor.observe_env(i, row)
                 if not self.executor.queues[i]:
                     ran_out.append(i)
         if ended:
-            finals = [_final_obs(infos, i) for i in ended]
-            final_obs = {k: np.stack([f[k] for f in finals]) for k in self.policy.feature_keys}
+            finals = [final_obs(infos, i) for i in ended]
+            last_obs = {k: np.stack([f[k] for f in finals]) for k in self.policy.feature_keys}
             done = np.array([terminated[i] or not s.bootstrap_truncated for i in ended])
-            self._finish(ended, final_obs, done, ran_out=False)
+            self._finish(ended, last_obs, done, ran_out=False)
             for i in ended:
                 self.executor.reset_env(i, {k: v[i] for k, v in obs.items()}, episode=self.next_episode)
                 self.next_episode += 1
@@ -406,149 +384,88 @@ class SteeringSAC:
         out.update(actor_loss=float(actor_loss.detach()), alpha=float(alpha), entropy=float(-logp.detach().mean()))
         return out
 
-    # ------------------------------------------------------------------ 3. the loop
+    # ------------------------------------------------------------------ 3. one step (the loop: FinetuneRun.fit)
     def fit(self, resume: bool = False, log_every: int | None = None) -> dict[str, Any]:
-        """Train until ``total_env_steps``; returns ``{env_steps, transitions, grad_steps, checkpoint,
-        success_rate_before, success_rate_after, wall_s, env_steps_s}``. ``log_every``: environment steps per
-        metrics record (default: about 200 records a run)."""
-        from tqdm import tqdm
+        """:meth:`FinetuneRun.fit`; ``log_every``: environment steps per metrics record (default: about 200
+        records a run)."""
+        self.log_every = int(log_every or max(self.num_envs, self.total_env_steps // 200))
+        self._next_log = (self.env_steps // self.log_every + 1) * self.log_every
+        self._window: dict[str, list[Any]] = {"returns": [], "lengths": [], "successes": []}
+        self._stats: list[dict[str, float]] = []
+        self._act_s = self._learn_s = 0.0
+        return super().fit(resume)
 
-        from robolearn.rl.log import RunLog, plot_success
+    @property
+    def plot_title(self) -> str:  # type: ignore[override]
+        return f"latent-noise steering ({self.s.variant})"
 
-        log_every = int(log_every or max(self.num_envs, self.total_env_steps // 200))
-        log = RunLog(self.run_dir, resume_at=self.env_steps if resume else None)
-        self.policy.eval()
-        t_start = time.perf_counter()
-        started_at, train_s, act_s, learn_s = self.env_steps, 0.0, 0.0, 0.0
-        bar = tqdm(total=self.total_env_steps, initial=self.env_steps, desc="finetune", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
-        ckpt: Path | None = None
-        window: dict[str, list[Any]] = {"returns": [], "lengths": [], "successes": []}
-        stats: list[dict[str, float]] = []
-        try:
-            if not resume and self.evaluate_fn is not None:
-                self._evaluate(log, self.policy.base)  # the base as deployed: its own noise rule
-                self.success_before = self.last_eval["success_rate"] if self.last_eval else None
-            elif self.evaluate_fn is not None and self.env_steps >= self.total_env_steps:
-                self._evaluate(log)
-            self.start_episodes()
-            next_log = (self.env_steps // log_every + 1) * log_every
-            while self.env_steps < self.total_env_steps:
-                before = self.env_steps
-                t0 = time.perf_counter()
-                for k, v in self.step().items():
-                    window[k] += v
-                t1 = time.perf_counter()
-                while self._owed >= 1.0:
-                    stats.append(self.update())
-                    self._owed -= 1.0
-                t2 = time.perf_counter()
-                act_s, learn_s = act_s + (t1 - t0), learn_s + (t2 - t1)
-                train_s += t2 - t0
-                bar.update(self.env_steps - before)
-                last = self.env_steps >= self.total_env_steps
-                if self.env_steps >= next_log or last:
-                    next_log += log_every
-                    record = self._record(window, stats, act_s, learn_s)
-                    log.log(record)
-                    bar.set_postfix(train_success=record.get("train_success_rate"), q=record.get("q"),
-                                    eval=self.last_eval["success_rate"] if self.last_eval else None)
-                    window = {k: [] for k in window}
-                    stats, act_s, learn_s = [], 0.0, 0.0
-                if self.evaluate_fn is not None and (last or (self.eval_every and self.env_steps // self.eval_every
-                                                              > before // self.eval_every)):
-                    self._evaluate(log)
-                if last or (self.ckpt_every and self.env_steps // self.ckpt_every > before // self.ckpt_every):
-                    ckpt = self.save()
-        finally:
-            bar.close()
-            log.close()
-        if ckpt is None:
-            ckpt = (self.ckpt_root / "latest").resolve()
-        plot = plot_success(log.records(), self.run_dir / "plots" / "success.png",
-                            title=f"latent-noise steering ({self.s.variant})", train_label="training episodes (sampled noise)",
-                            eval_label="evaluation (deterministic noise, held-out seeds)")
-        steps_done = self.env_steps - started_at
-        return {"env_steps": self.env_steps, "transitions": self.transitions, "grad_steps": self.grad_steps,
-                "checkpoint": str(ckpt), "success_rate_before": self.success_before,
-                "success_rate_after": self.last_eval["success_rate"] if self.last_eval else None,
-                "eval": self.last_eval, "wall_s": round(time.perf_counter() - t_start, 2),
-                "env_steps_s": round(steps_done / train_s, 1) if train_s > 0 else None,
-                "inference_s": round(self.executor.inference_s, 2), "plots": [plot] if plot else []}
+    def baseline_policy(self) -> Any:
+        return self.policy.base  # the base as deployed: its own noise rule
 
-    def _record(self, window: dict[str, list[Any]], stats: list[dict[str, float]], act_s: float,
-                learn_s: float) -> dict[str, Any]:
-        rec: dict[str, Any] = {"env_steps": self.env_steps, "transitions": self.transitions,
-                               "grad_steps": self.grad_steps, "episodes": len(window["returns"])}
+    def advance(self) -> dict[str, Any] | None:
+        """One step of every environment, then the gradient steps the new transitions owe; every ``log_every``
+        steps (and at the end) the record of what happened since the last one."""
+        t0 = time.perf_counter()
+        for k, v in self.step().items():
+            self._window[k] += v
+        t1 = time.perf_counter()
+        while self._owed >= 1.0:
+            self._stats.append(self.update())
+            self._owed -= 1.0
+        self._act_s += t1 - t0
+        self._learn_s += time.perf_counter() - t1
+        if self.env_steps < self._next_log and self.env_steps < self.total_env_steps:
+            return None
+        self._next_log += self.log_every
+        window, stats = self._window, self._stats
+        rec: dict[str, Any] = {"env_steps": self.env_steps, **self.counters(), "episodes": len(window["returns"])}
         if window["returns"]:
             rec.update(train_success_rate=round(float(np.mean(window["successes"])), 4),
                        train_return=round(float(np.mean(window["returns"])), 4),
                        train_length=round(float(np.mean(window["lengths"])), 2))
         for k in (stats[0] if stats else {}):
             rec[k] = round(float(np.mean([st[k] for st in stats])), 6)
-        rec.update(act_s=round(act_s, 3), learn_s=round(learn_s, 3))
+        rec.update(act_s=round(self._act_s, 3), learn_s=round(self._learn_s, 3))
+        self._window = {k: [] for k in window}
+        self._stats, self._act_s, self._learn_s = [], 0.0, 0.0
         return rec
 
-    def _evaluate(self, log: Any, policy: Any = None) -> None:
-        assert self.evaluate_fn is not None
-        result = dict(self.evaluate_fn(self.policy if policy is None else policy, self.env_steps))
-        self.last_eval = result
-        log.log({"env_steps": self.env_steps, "eval_success_rate": result.get("success_rate"),
-                 **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()
-                    if k not in ("step", "success_rate") and isinstance(v, (int, float)) and not isinstance(v, bool)}})
+    def counters(self) -> dict[str, int]:
+        return {"transitions": self.transitions, "grad_steps": self.grad_steps}
 
-    # ------------------------------------------------------------------ checkpoints
+    def postfix(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return {"train_success": record.get("train_success_rate"), "q": record.get("q")}
+
+    # ------------------------------------------------------------------ resumable state
     def rl_state(self) -> dict[str, Any]:
+        """Critics, targets, optimizers, temperature, counters and RNG streams (the buffer: :meth:`write_state`)."""
         state: dict[str, Any] = {
             "q_w": self.q_w.state_dict(), "q_w_target": self.q_w_target.state_dict(),
             "actor_opt": self.actor_opt.state_dict(), "q_w_opt": self.q_w_opt.state_dict(),
             "log_alpha": self.log_alpha.detach().clone(), "alpha_opt": self.alpha_opt.state_dict(),
-            "env_steps": self.env_steps, "transitions": self.transitions, "grad_steps": self.grad_steps,
-            "next_episode": self.next_episode, "owed": self._owed, "variant": self.s.variant,
-            "rng": json.dumps(self.rng.bit_generator.state), "alias_rng": self.alias_gen.get_state(),
-            "success_before": -1.0 if self.success_before is None else float(self.success_before)}
+            "transitions": self.transitions, "grad_steps": self.grad_steps, "owed": self._owed,
+            "variant": self.s.variant, "rng": json.dumps(self.rng.bit_generator.state),
+            "alias_rng": self.alias_gen.get_state()}
         if self.q_a is not None and self.q_a_target is not None and self.q_a_opt is not None:
             state.update(q_a=self.q_a.state_dict(), q_a_target=self.q_a_target.state_dict(),
                          q_a_opt=self.q_a_opt.state_dict())
         return state
 
-    def save(self) -> Path:
-        """A steered-policy checkpoint (``step_<env steps>``) holding ``rl_state.pt`` and ``replay.npz`` too;
-        ``latest`` switched to it atomically; only the newest ``keep_checkpoints`` kept."""
-        from robolearn.policies.checkpoint import save_policy, writing_checkpoints
-        from robolearn.training.trainer import prune_checkpoints, switch_latest
-
-        state = self.rl_state()
-        replay = {f"replay.{k}": v for k, v in self.replay.state().items()}
+    def write_state(self, tmp: Path, state: Mapping[str, Any]) -> None:
+        """``rl_state.pt`` and the replay buffer(s) in ``replay.npz``."""
+        super().write_state(tmp, state)
+        arrays = {f"replay.{k}": v for k, v in self.replay.state().items()}
         if self.alias is not None:
-            replay.update({f"alias.{k}": v for k, v in self.alias.state().items()})
+            arrays.update({f"alias.{k}": v for k, v in self.alias.state().items()})
+        with open(tmp / REPLAY, "wb") as f:
+            np.savez(f, **arrays)
 
-        def write_extra(tmp: Path) -> None:
-            torch.save(state, tmp / RL_STATE)
-            with open(tmp / REPLAY, "wb") as f:
-                np.savez(f, **replay)
-
-        folder = self.ckpt_root / f"step_{self.env_steps:010d}"
-        extra = {"step": self.env_steps, "env_steps": self.env_steps, "transitions": self.transitions,
-                 "success_rate": self.last_eval.get("success_rate") if self.last_eval else None}
-        self.ckpt_root.mkdir(parents=True, exist_ok=True)
-        with writing_checkpoints(self.ckpt_root):
-            save_policy(self.policy, folder, config={**self.run_config, "settings": dataclasses.asdict(self.s)},
-                        extra=extra, write_extra=write_extra)
-            switch_latest(self.ckpt_root, folder.name)
-            prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
-        return folder
-
-    def load_state(self, folder: str | os.PathLike) -> None:
-        """Continue from a checkpoint this class saved (the actor's weights are the checkpoint's policy: load it
-        with :func:`robolearn.policies.load_policy` and build this object around it)."""
-        path, replay_path = Path(folder) / RL_STATE, Path(folder) / REPLAY
-        for p in (path, replay_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"cannot resume: {p} is missing (not a checkpoint of a steering run?)")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+    def restore(self, state: Mapping[str, Any], folder: Path) -> None:
+        replay_path = folder / REPLAY
+        if not replay_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {replay_path} is missing (not a checkpoint of a steering run?)")
         if state.get("variant") != self.s.variant:
-            raise ValueError(f"{path} is a {state.get('variant')!r} run, not {self.s.variant!r}")
+            raise ValueError(f"{folder / 'rl_state.pt'} is a {state.get('variant')!r} run, not {self.s.variant!r}")
         self.q_w.load_state_dict(state["q_w"])
         self.q_w_target.load_state_dict(state["q_w_target"])
         self.actor_opt.load_state_dict(state["actor_opt"])
@@ -560,13 +477,10 @@ class SteeringSAC:
             self.q_a.load_state_dict(state["q_a"])
             self.q_a_target.load_state_dict(state["q_a_target"])
             self.q_a_opt.load_state_dict(state["q_a_opt"])
-        self.env_steps, self.transitions = int(state["env_steps"]), int(state["transitions"])
-        self.grad_steps, self.next_episode = int(state["grad_steps"]), int(state["next_episode"])
+        self.transitions, self.grad_steps = int(state["transitions"]), int(state["grad_steps"])
         self._owed = float(state["owed"])
         self.rng.bit_generator.state = json.loads(state["rng"])
         self.alias_gen.set_state(state["alias_rng"].cpu())
-        before = float(state["success_before"])
-        self.success_before = None if before < 0 else before
         with np.load(replay_path) as z:
             arrays = {k: z[k] for k in z.files}
         self.replay.load({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("replay.")}, replay_path)

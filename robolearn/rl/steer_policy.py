@@ -130,11 +130,6 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
         return {"max_noise": self.max_noise, "hidden": list(self.hidden), "obs_keys": list(self.feature_keys),
                 "obs_norm": self.obs_norm, "sampler": self.sampler, "steps": self.steps}
 
-    @staticmethod
-    def newest(obs_history: Mapping[str, Any], keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """The newest frame ``{key: (n, ...)}`` of a batched history ``{key: (n, n_obs_steps, ...)}``."""
-        return {k: torch.as_tensor(obs_history[k])[:, -1].cpu().numpy() for k in keys}
-
     def steer(self, obs_history: Mapping[str, Any], w: torch.Tensor) -> torch.Tensor:
         """The base's chunk ``(n, horizon, action_dim)`` (raw units) for flattened noise ``w`` ``(n, noise_dim)``."""
         noise = w.reshape(w.shape[0], *self.noise_dims).to(self.device, torch.float32)
@@ -143,7 +138,7 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
     @torch.no_grad()
     def choose_noise(self, obs_history: Mapping[str, Any]) -> torch.Tensor:
         """The actor's deterministic ``w`` ``(n, noise_dim)`` for each row's newest observation."""
-        feats = self.obs_features(self.newest(obs_history, self.feature_keys))
+        feats = self.obs_features(self.newest_frame(obs_history))
         return self.actor.deterministic(feats)
 
     def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None,

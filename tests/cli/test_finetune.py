@@ -43,18 +43,24 @@ def finetune(base: Path, run: Path, *extra: str) -> int:
     return main(["finetune", "method=residual", f"checkpoint={base}", f"run_dir={run}", *SMALL, *extra])
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory) -> tuple[Path, Path, dict]:
-    """One short fine-tuning run over the flow fixture: (base, run folder, its summary)."""
-    root = tmp_path_factory.mktemp("ft")
-    base = base_copy(root)
+def short_run(tmp_path_factory, command, *extra: str) -> tuple[Path, Path, dict]:
+    """``command(base, run, *extra)`` over a fresh copy of the flow fixture, its stdout captured (a module fixture
+    has no capsys): (base, run folder, its summary)."""
     import contextlib
     import io
 
+    root = tmp_path_factory.mktemp("run")
+    base = base_copy(root)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert finetune(base, root / "run", "env_steps=256", "eval.episodes=2", "ckpt_every=128") == 0
+        assert command(base, root / "run", *extra) == 0
     return base, root / "run", last_json(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """One short residual fine-tuning run over the flow fixture: (base, run folder, its summary)."""
+    return short_run(tmp_path_factory, finetune, "env_steps=256", "eval.episodes=2", "ckpt_every=128")
 
 
 def test_finetune_writes_a_residual_checkpoint_metrics_and_plots(finetuned):
@@ -286,17 +292,8 @@ def steer(base: Path, run: Path, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def steered(tmp_path_factory) -> tuple[Path, Path, dict]:
-    """One short steering run over the flow fixture, then its actor's choice made large (the short run barely
-    moved it): (base, run folder, summary)."""
-    import contextlib
-    import io
-
-    root = tmp_path_factory.mktemp("steer")
-    base = base_copy(root)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert steer(base, root / "run", "env_steps=320", "eval.episodes=2", "ckpt_every=160") == 0
-    return base, root / "run", last_json(out.getvalue())
+    """One short steering run over the flow fixture: (base, run folder, its summary)."""
+    return short_run(tmp_path_factory, steer, "env_steps=320", "eval.episodes=2", "ckpt_every=160")
 
 
 def test_steer_writes_a_steered_checkpoint_with_its_replay_buffer(steered):

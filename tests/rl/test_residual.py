@@ -4,32 +4,18 @@ misses a tiny task's reward by a constant (tests/rl/toys.py)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from robolearn.evaluation import evaluate
 from robolearn.policies import ChunkExecutor, load_policy, save_policy
 from robolearn.rl.residual import ResidualPPO, Rollout, gae
 from robolearn.rl.residual_policy import ResidualPolicy
 from robolearn.rl.settings import ResidualSettings
 from sim.vector import make_vector_env
-from toys import EPISODE, OFFSET, OffsetBase, ReachEnv
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
-torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def fixture_base(tmp_path: Path, name: str):
-    from robolearn.cli.runtime import load_checkpoint
-
-    shutil.copytree(FIXTURES / name, tmp_path / name)
-    return load_checkpoint(tmp_path / name)
+from toys import EPISODE, OFFSET, OffsetBase, ReachEnv, fixture_base, reach_evaluator
 
 
 def toy_base(tmp_path: Path) -> OffsetBase:
@@ -139,11 +125,7 @@ def toy_run(tmp_path: Path, total: int, *, policy=None, resume_from: Path | None
     s = ResidualSettings(**{**defaults, **settings})
     policy = policy if policy is not None else ResidualPolicy(toy_base(tmp_path), **s.policy_config())
     envs = make_vector_env(ReachEnv, num_envs=8, num_workers=0)
-    eval_envs = make_vector_env(ReachEnv, num_envs=4, num_workers=0, autoreset_mode="Disabled")
-
-    def held_out(p, env_steps):
-        r = evaluate(p, eval_envs, range(10_000, 10_032))
-        return {"success_rate": r["success_rate"], "mean_return": r["mean_return"]}
+    held_out = reach_evaluator()
 
     ppo = ResidualPPO(policy, envs, s, total_env_steps=total, run_dir=tmp_path / "run", evaluate=held_out,
                       eval_every=2048, ckpt_every=2048, progress=False, run_config={"task": "reach"})

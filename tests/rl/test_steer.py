@@ -5,32 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from robolearn.evaluation import evaluate
 from robolearn.policies import ConfigError, load_policy, save_policy
 from robolearn.rl.settings import SteerSettings
 from robolearn.rl.steer import SteeringSAC
 from robolearn.rl.steer_policy import SteeredPolicy, check_deterministic
 from sim.vector import make_vector_env
-from toys import EPISODE, NOISE_GAIN, OFFSET, NoiseBase, ReachEnv
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
-torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def fixture_base(tmp_path: Path, name: str):
-    from robolearn.cli.runtime import load_checkpoint
-
-    shutil.copytree(FIXTURES / name, tmp_path / name)
-    return load_checkpoint(tmp_path / name)
+from toys import EPISODE, NOISE_GAIN, NoiseBase, OFFSET, ReachEnv, fixture_base, reach_evaluator
 
 
 def pin_noise(policy: SteeredPolicy, w0: torch.Tensor) -> None:
@@ -71,11 +57,7 @@ def toy_run(tmp_path: Path, total: int, **settings):
     s = SteerSettings(**{**dict(learning_starts=200, gamma=0.9, batch_size=64, utd=1.0), **settings})
     policy = SteeredPolicy(load_policy(tmp_path / "base"), **s.policy_config())
     envs = make_vector_env(ReachEnv, num_envs=8, num_workers=0)
-    eval_envs = make_vector_env(ReachEnv, num_envs=4, num_workers=0, autoreset_mode="Disabled")
-
-    def held_out(p, env_steps):
-        r = evaluate(p, eval_envs, range(10_000, 10_032))
-        return {"success_rate": r["success_rate"], "mean_return": r["mean_return"]}
+    held_out = reach_evaluator()
 
     sac = SteeringSAC(policy, envs, s, total_env_steps=total, run_dir=tmp_path / "run", evaluate=held_out,
                       eval_every=total // 2, progress=False, run_config={"task": "reach"})

@@ -3,11 +3,16 @@
 ``ReachEnv``: each episode draws a goal point in [-1, 1]^2 (the observation ``goal``); every step pays
 ``-|action - goal|^2``; 16 steps, then truncated; ``info["success"]`` when the last action was within 0.05 of the
 goal. ``OffsetBase``: a chunk policy (horizon 4, 1 observation, 2 executed actions) that always outputs
-``goal + OFFSET`` -- right up to a constant, which is what a residual can learn.
+``goal + OFFSET`` -- right up to a constant, which is what a residual can learn. ``NoiseBase``: the same, moved by
+its initial noise (what steering can learn). ``fixture_base``: a copy of one of tests/fixtures' tiny push_t
+checkpoints, loaded; ``reach_evaluator``: held-out evaluation on ``ReachEnv``.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+import shutil
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -110,3 +115,30 @@ class NoiseBase(OffsetBase):
         if noise is not None:
             chunk = chunk + NOISE_GAIN * torch.as_tensor(noise, dtype=torch.float32)
         return chunk
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
+
+
+def fixture_base(tmp_path: Path, name: str):
+    """tests/fixtures' checkpoint ``name`` copied under ``tmp_path`` (a wrapper names its base by folder) and
+    loaded as the CLI loads it."""
+    from robolearn.cli.runtime import load_checkpoint
+
+    shutil.copytree(FIXTURES / name, tmp_path / name)
+    return load_checkpoint(tmp_path / name)
+
+
+def reach_evaluator():
+    """``evaluate(policy, env_steps)`` for a fine-tuning run on ``ReachEnv``: 32 held-out seeds (10000..), success
+    rate and mean return."""
+    from robolearn.evaluation import evaluate
+    from sim.vector import make_vector_env
+
+    eval_envs = make_vector_env(ReachEnv, num_envs=4, num_workers=0, autoreset_mode="Disabled")
+
+    def held_out(policy, env_steps):
+        r = evaluate(policy, eval_envs, range(10_000, 10_032))
+        return {"success_rate": r["success_rate"], "mean_return": r["mean_return"]}
+
+    return held_out

@@ -1,0 +1,224 @@
+"""The run both fine-tuning methods share: settings checked, evaluations, metrics, checkpoints, resume.
+
+A method (:class:`~robolearn.rl.residual.ResidualPPO`, :class:`~robolearn.rl.steer.SteeringSAC`) subclasses
+:class:`FinetuneRun` and supplies its own learning: :meth:`~FinetuneRun.start_episodes`,
+:meth:`~FinetuneRun.advance` (one unit of training -- a PPO update, or one environment step and the gradient steps
+it owes -- returning a metrics record or None), and its resumable state (:meth:`~FinetuneRun.rl_state`,
+:meth:`~FinetuneRun.restore`, optionally :meth:`~FinetuneRun.write_state` for files beside ``rl_state.pt``).
+
+What :meth:`FinetuneRun.fit` does around it: evaluate ``baseline_policy()`` before the first step (the
+``success_rate_before``), every ``eval_every`` environment steps and at the end (``evaluate(policy, env_steps)``,
+a callback returning at least ``success_rate``); log every record to ``metrics.jsonl`` and TensorBoard; save a
+checkpoint every ``ckpt_every`` steps and at the end (the policy kind's own checkpoint holding ``rl_state.pt``,
+``latest`` switched atomically, the newest ``keep_checkpoints`` kept, all under the checkpoint-writer lock, as the
+trainer does); draw ``plots/success.png``. ``env_steps_s`` counts the time of :meth:`advance` only (collection and
+learning; evaluations and checkpoints excluded).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping
+
+import numpy as np
+import torch
+
+RL_STATE = "rl_state.pt"
+Evaluate = Callable[[Any, int], Mapping[str, Any]]
+
+
+def final_obs(infos: Mapping[str, Any], i: int) -> dict[str, np.ndarray]:
+    """Environment ``i``'s last observation of the episode that ended in this step (same-step autoreset): an
+    object array of dicts (``sim.vector``, gymnasium's ``SyncVectorEnv``) or a dict of batched arrays."""
+    final = infos["final_obs"]
+    if isinstance(final, Mapping):
+        return {k: np.asarray(v[i]) for k, v in final.items()}
+    return {k: np.asarray(v) for k, v in final[i].items()}
+
+
+def final_info(infos: Mapping[str, Any], key: str, i: int) -> Any:
+    """``key`` of environment ``i``'s info at the end of its episode (None when it did not end or lacks it)."""
+    src = infos.get("final_info", {})
+    if key not in src or (f"_{key}" in src and not bool(np.asarray(src[f"_{key}"])[i])):
+        return None
+    return np.asarray(src[key])[i]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` names, or (a kill between a save and the switch) the newest complete one."""
+    link = Path(root) / "latest"
+    if link.is_symlink() and link.resolve().is_dir():
+        return link.resolve()
+    from robolearn.training.trainer import complete_checkpoints
+
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+class FinetuneRun:
+    """A fine-tuning run of ``policy`` in ``envs`` (a gymnasium-contract vector env in same-step autoreset mode).
+
+    ``total_env_steps``: stop once this many environment steps were taken (rounded up to the method's unit).
+    ``seed``: the method's randomness and the environments' resets. ``evaluate(policy, env_steps)``: see the module
+    docstring. ``eval_every`` / ``ckpt_every``: in environment steps (0: only before/after, only at the end).
+    ``run_config``: saved as each checkpoint's ``run`` section (task, env_config, settings: provenance).
+    """
+
+    method: ClassVar[str] = "fine-tuning"  # in messages: "<method> needs a vector env ..."
+    plot_title: ClassVar[str] = "fine-tuning"
+    train_label: ClassVar[str] = "training episodes"
+    eval_label: ClassVar[str] = "evaluation (held-out seeds)"
+
+    def __init__(self, policy: Any, envs: Any, settings: Any, *, total_env_steps: int, run_dir: str | os.PathLike,
+                 seed: int = 0, evaluate: Evaluate | None = None, eval_every: int = 0, ckpt_every: int = 0,
+                 keep_checkpoints: int = 2, run_config: Mapping[str, Any] | None = None, progress: bool = True) -> None:
+        settings.check()
+        mode = (getattr(envs, "metadata", None) or {}).get("autoreset_mode")
+        mode = getattr(mode, "value", mode)  # a gymnasium AutoresetMode or its string
+        if mode not in (None, "SameStep"):
+            raise ValueError(f"{self.method} needs a vector env in same-step autoreset mode, got {mode!r}")
+        self.policy, self.envs, self.s = policy, envs, settings
+        self.num_envs = int(envs.num_envs)
+        self.total_env_steps, self.seed = int(total_env_steps), int(seed)
+        self.evaluate_fn, self.eval_every, self.ckpt_every = evaluate, int(eval_every), int(ckpt_every)
+        self.keep_checkpoints = max(1, int(keep_checkpoints))
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.run_config = dict(run_config or {})
+        self.progress = progress
+        self.device = torch.device(policy.device)
+        self.env_steps = 0
+        self.next_episode = 0  # the chunk-noise rule's episode number of the next episode to start
+        self.success_before: float | None = None
+        self.last_eval: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ what a method supplies
+    def start_episodes(self) -> None:
+        raise NotImplementedError
+
+    def advance(self) -> dict[str, Any] | None:
+        """One unit of training (it moves ``env_steps``); a metrics record to log, or None."""
+        raise NotImplementedError
+
+    def baseline_policy(self) -> Any:
+        """What ``success_rate_before`` evaluates (default: the policy itself, e.g. a zero residual)."""
+        return self.policy
+
+    def counters(self) -> dict[str, int]:
+        """The method's progress counters (in the result and each checkpoint's ``extra.json``)."""
+        return {}
+
+    def postfix(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """What the progress bar shows of a record (the latest evaluation is added)."""
+        return {"train_success": record.get("train_success_rate")}
+
+    def rl_state(self) -> dict[str, Any]:
+        """Everything beyond the policy's weights a resumed run needs (tensors and plain values)."""
+        raise NotImplementedError
+
+    def restore(self, state: Mapping[str, Any], folder: Path) -> None:
+        """Load :meth:`rl_state`'s state (and files :meth:`write_state` wrote into ``folder``)."""
+        raise NotImplementedError
+
+    def write_state(self, tmp: Path, state: Mapping[str, Any]) -> None:
+        """Write the resumable state into the checkpoint folder being built."""
+        torch.save(dict(state), tmp / RL_STATE)
+
+    # ------------------------------------------------------------------ the loop
+    def _due(self, every: int, before: int) -> bool:
+        return bool(every) and self.env_steps // every > before // every
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train until ``total_env_steps``; returns ``{env_steps, <counters>, checkpoint, success_rate_before,
+        success_rate_after, eval, wall_s, env_steps_s, inference_s, plots}``. ``resume``: continue after
+        :meth:`load_state`."""
+        from tqdm import tqdm
+
+        from robolearn.rl.log import RunLog, plot_success
+
+        log = RunLog(self.run_dir, resume_at=self.env_steps if resume else None)
+        self.policy.eval()  # the heads' mode matters to nothing here; the base stays in eval mode regardless
+        t_start = time.perf_counter()
+        train_s = 0.0
+        started_at = self.env_steps
+        bar = tqdm(total=self.total_env_steps, initial=self.env_steps, desc="finetune", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        ckpt: Path | None = None
+        try:
+            if not resume and self.evaluate_fn is not None:
+                self._evaluate(log, self.baseline_policy())
+                self.success_before = self.last_eval["success_rate"] if self.last_eval else None
+            elif self.evaluate_fn is not None and self.env_steps >= self.total_env_steps:
+                self._evaluate(log)  # resumed a finished run: nothing to train, but say where it stands
+            self.start_episodes()
+            while self.env_steps < self.total_env_steps:
+                before = self.env_steps
+                t0 = time.perf_counter()
+                record = self.advance()
+                train_s += time.perf_counter() - t0
+                bar.update(self.env_steps - before)
+                if record is not None:
+                    log.log(record)
+                    bar.set_postfix(**self.postfix(record),
+                                    eval=self.last_eval["success_rate"] if self.last_eval else None)
+                last = self.env_steps >= self.total_env_steps
+                if self.evaluate_fn is not None and (last or self._due(self.eval_every, before)):
+                    self._evaluate(log)
+                if last or self._due(self.ckpt_every, before):
+                    ckpt = self.save()
+        finally:
+            bar.close()
+            log.close()
+        if ckpt is None:  # resumed a run that had already finished: its newest checkpoint is the result
+            ckpt = (self.ckpt_root / "latest").resolve()
+        plot = plot_success(log.records(), self.run_dir / "plots" / "success.png", title=self.plot_title,
+                            train_label=self.train_label, eval_label=self.eval_label)
+        steps_done = self.env_steps - started_at
+        return {"env_steps": self.env_steps, **self.counters(), "checkpoint": str(ckpt),
+                "success_rate_before": self.success_before,
+                "success_rate_after": self.last_eval["success_rate"] if self.last_eval else None,
+                "eval": self.last_eval, "wall_s": round(time.perf_counter() - t_start, 2),
+                "env_steps_s": round(steps_done / train_s, 1) if train_s > 0 else None,
+                "inference_s": round(self.executor.inference_s, 2), "plots": [plot] if plot else []}
+
+    def _evaluate(self, log: Any, policy: Any = None) -> None:
+        assert self.evaluate_fn is not None
+        result = dict(self.evaluate_fn(self.policy if policy is None else policy, self.env_steps))
+        self.last_eval = result
+        log.log({"env_steps": self.env_steps, "eval_success_rate": result.get("success_rate"),
+                 **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()
+                    if k not in ("step", "success_rate") and isinstance(v, (int, float)) and not isinstance(v, bool)}})
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        """The policy's checkpoint (``step_<env steps>``) holding the resumable state too; ``latest`` switched to
+        it atomically; only the newest ``keep_checkpoints`` kept."""
+        from robolearn.policies.checkpoint import save_policy, writing_checkpoints
+        from robolearn.training.trainer import prune_checkpoints, switch_latest
+
+        state = {**self.rl_state(), "env_steps": self.env_steps, "next_episode": self.next_episode,
+                 "success_before": -1.0 if self.success_before is None else float(self.success_before)}
+        folder = self.ckpt_root / f"step_{self.env_steps:010d}"
+        extra = {"step": self.env_steps, "env_steps": self.env_steps, **self.counters(),
+                 "success_rate": self.last_eval.get("success_rate") if self.last_eval else None}
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        with writing_checkpoints(self.ckpt_root):  # as the trainer: a live writer, nobody cleans meanwhile
+            save_policy(self.policy, folder, config={**self.run_config, "settings": dataclasses.asdict(self.s)},
+                        extra=extra, write_extra=lambda tmp: self.write_state(tmp, state))
+            switch_latest(self.ckpt_root, folder.name)
+            prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
+        return folder
+
+    def load_state(self, folder: str | os.PathLike) -> None:
+        """Continue from a checkpoint this class saved. The policy's weights are the checkpoint's: load it with
+        :func:`robolearn.policies.load_policy` (which checks its base) and build this object around it."""
+        path = Path(folder) / RL_STATE
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: {path} is missing (not a checkpoint of a {self.method} run?)")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.restore(state, Path(folder))
+        self.env_steps, self.next_episode = int(state["env_steps"]), int(state["next_episode"])
+        before = float(state["success_before"])
+        self.success_before = None if before < 0 else before
