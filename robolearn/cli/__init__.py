@@ -33,6 +33,8 @@ examples:
   robolearn data drop data/push_t.zarr --episodes 3,5
   robolearn data merge data/a.zarr data/b.zarr --out data/ab.zarr
   robolearn bench env task=push_t
+  robolearn accel calibrate checkpoint=runs/train/<run>/checkpoints/latest
+  robolearn bench latency checkpoint=runs/train/<run>/checkpoints/latest cache=bac
   robolearn teleop task=push_t device=keyboard out=data/push_t_teleop.zarr
 
 Run 'robolearn COMMAND --help' for a command's options.
@@ -212,6 +214,8 @@ _JOBS = {
     "serve": "robolearn.cli.runtime:serve",
     "teleop": "robolearn.cli.teleop:run",
     "finetune": "robolearn.cli.finetune:run",
+    "accel_calibrate": "robolearn.cli.accel:calibrate_cmd",
+    "bench_latency": "robolearn.cli.accel:latency_cmd",
 }
 
 
@@ -254,6 +258,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hydra_job(bsub, "env", "bench_env", "environment steps per second, written as JSON",
                    "Step a task with random actions and report steps per second (robosuite tasks: also raw "
                    "robosuite, same run).", ["robolearn bench env task=push_t steps=20000"])
+    _add_hydra_job(bsub, "latency", "bench_latency",
+                   "batch-1 chunk latency, block-cached against uncached in the same run",
+                   "Time predict_action at batch 1 with and without block caching (alternating call by call) and\n"
+                   "compare their chunks on the same observations and noise. A base checkpoint is cached per\n"
+                   "cache= (bac calibrates on its training data first); a cached checkpoint runs against its base.",
+                   ["robolearn bench latency checkpoint=runs/train/<run>/checkpoints/latest",
+                    "robolearn bench latency checkpoint=... cache=uniform updates=25",
+                    "robolearn bench latency checkpoint=... sampler=ddim steps=10 updates=5",
+                    "robolearn bench latency checkpoint=runs/train/<run>/checkpoints/latest-bac-ddpm-100-k25"])
+    accel = sub.add_parser("accel", help="faster inference of a trained policy (block-wise adaptive caching)")
+    asub = accel.add_subparsers(dest="accel_command", metavar="WHAT")
+    accel.set_defaults(func=lambda a: accel.print_help())
+    _add_hydra_job(asub, "calibrate", "accel_calibrate",
+                   "block-caching schedule of a transformer policy, saved as a 'cached' checkpoint",
+                   "Block-wise adaptive caching (BAC, Ji et al.): run the transformer policy on observations from\n"
+                   "its training data, record every sub-block's output (self-attention, cross-attention, feed-\n"
+                   "forward) at every denoising step, pick each block's update steps by dynamic programming over\n"
+                   "their step x step similarity, and let the worst-cached blocks update with the feed-forward\n"
+                   "block after them (Bubbling Union). The result is a 'cached' checkpoint naming its base, used\n"
+                   "by eval, run and serve like any checkpoint; schedule.png shows the schedule. method=uniform\n"
+                   "(every n-th step) is the baseline.",
+                   ["robolearn accel calibrate checkpoint=runs/train/<run>/checkpoints/latest",
+                    "robolearn accel calibrate checkpoint=... updates=20 bubble=6 metric=l1",
+                    "robolearn accel calibrate checkpoint=... sampler=ddim steps=10 updates=5",
+                    "robolearn eval checkpoint=runs/train/<run>/checkpoints/latest-bac-ddpm-100-k25 episodes=50"])
     return parser
 
 

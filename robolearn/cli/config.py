@@ -52,6 +52,41 @@ class BenchEnvConfig:
     env: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class AccelCalibrateConfig:
+    checkpoint: str | None = None  # a diffusion/flow transformer checkpoint
+    method: str = "bac"  # bac | uniform | none
+    updates: int | None = None  # update steps per branch; default a quarter of the sampler's steps
+    bubble: int = 4  # Bubbling Union: how many of the worst-cached branches take their downstream FFN's steps
+    metric: str = "cosine"  # cosine | l1
+    observations: int = 256  # calibration observations drawn from the training data
+    batch: int = 32
+    sampler: str | None = None  # default: the checkpoint's
+    steps: int | None = None
+    dataset: str | None = None  # default: the checkpoint's training data
+    out: str | None = None  # default: beside the checkpoint, <name>-<method>-<sampler>-k<updates>
+    seed: int = 0
+    plot: bool = True
+    progress: bool = True
+
+
+@dataclass
+class BenchLatencyConfig:
+    checkpoint: str | None = None  # a base checkpoint (cached per cache=) or a cached one (against its base)
+    cache: str | None = None  # bac | uniform | none; default bac (for a base checkpoint)
+    updates: int | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    repeats: int = 20
+    warmup: int = 3
+    observations: int = 16  # observations from the training data for the action error
+    threads: int | None = None
+    dataset: str | None = None
+    seed: int = 0
+    out: str | None = None  # also write the JSON summary here
+    progress: bool = True
+
+
 # Keys under these take any name: env overrides go to sim.make (which checks them), policy settings to the
 # typed policy config (robolearn/policies/config.py, which checks them and names unknown keys).
 FREE_FORM = ("env.", "policy.", "key_map.", "task.env.")
@@ -134,11 +169,15 @@ class EvalConfig:
     sampler: SamplerOverride = field(default_factory=SamplerOverride)
     n_action_steps: int | None = None  # override: actions executed per chunk before re-planning
     env: dict[str, Any] = field(default_factory=dict)  # overrides on top of the training data's env config
+    cache: str | None = None  # block caching of a transformer base: bac | uniform | none
+    cache_updates: int | None = None  # update steps per branch (default a quarter of the sampler's steps)
 
 
 @dataclass
 class RunConfig:
     checkpoint: str | None = None  # a checkpoint folder ...
+    cache: str | None = None  # block caching of a transformer checkpoint: bac | uniform | none
+    cache_updates: int | None = None
     policy: str | None = None  # ... or a policy server, ws://host:port
     task: str | None = None  # default: the task the checkpoint was trained on
     rate_hz: float | None = 10.0  # control rate; null: the task's own
@@ -159,6 +198,8 @@ class RunConfig:
 @dataclass
 class ServeConfig:
     checkpoint: str | None = None
+    cache: str | None = None  # block caching of a transformer base: bac | uniform | none
+    cache_updates: int | None = None
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     token: str | None = None  # clients must send "Authorization: Api-Key <token>"
@@ -252,6 +293,7 @@ SCHEMAS: dict[str, type] = {
     "run": RunConfig, "serve": ServeConfig,
     "collect": CollectConfig, "bench_env": BenchEnvConfig, "quickstart": QuickstartConfig,
     "train": TrainConfig, "eval": EvalConfig, "finetune": FinetuneConfig,
+    "accel_calibrate": AccelCalibrateConfig, "bench_latency": BenchLatencyConfig,
 }
 
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robolearn.cli import CLIError, print_json
 from robolearn.cli.evaluation import Evaluator, pick_device
+from robolearn.cli.accel import apply_cache
 from robolearn.cli.runtime import checkpoint_run_config, load_checkpoint, probe_task
 from robolearn.policies.config import ConfigError, check_geometry
 
@@ -35,6 +36,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             policy.set_sampler(kind=cfg.sampler.kind, steps=cfg.sampler.steps)
         except ValueError as e:
             raise CLIError(f"sampler: {e}") from None
+    policy = apply_cache(policy, ckpt, cfg.cache, cfg.cache_updates)
     n_action_steps = int(cfg.n_action_steps) if cfg.n_action_steps is not None else int(policy.n_action_steps)
     try:
         check_geometry(policy.horizon, policy.n_obs_steps, n_action_steps, where="")
@@ -52,6 +54,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt), "task": task, "policy_type": policy.policy_type, "sampler": policy.sampler_config,
         "n_action_steps": n_action_steps, "seed": int(cfg.seed), **result, "run_dir": str(run_dir),
     }
+    if policy.policy_type == "cached":
+        summary["cache"] = {"method": policy.schedule.method, "sampler": policy.schedule.sampler,
+                            "compute_fraction": round(policy.schedule.compute_fraction, 4)}
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
     print(f"{task}: success rate {summary['success_rate']:.2f} over {summary['episodes']} episodes "
           f"(mean return {summary['mean_return']:.3f}); per-episode results in {run_dir / 'eval'}")

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from robolearn.cli import CLIError
+from robolearn.cli.accel import apply_cache
 
 
 def checkpoint_run_config(ckpt: Path) -> dict[str, Any]:
@@ -112,7 +113,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not task:
         raise CLIError("task= is required with a remote policy (the server does not say which task)")
     env_config.update(OmegaConf.to_container(cfg.env, resolve=True) or {})
+    if cfg.cache is not None and not cfg.checkpoint:
+        raise CLIError("cache= applies to a checkpoint=, not to a remote policy (give the server cache= instead)")
     policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
+    if cfg.checkpoint:
+        policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
     try:
         probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task
         run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/run") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -162,6 +167,7 @@ def serve(cfg: DictConfig) -> None:
     if int(cfg.max_pending) < 1:
         raise CLIError(f"max_pending must be >= 1, got {cfg.max_pending}")
     policy = load_checkpoint(Path(cfg.checkpoint))  # a residual is served as its chunk view (PolicyServer)
+    policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
     key_map = {str(k): str(v) for k, v in (OmegaConf.to_container(cfg.key_map) or {}).items()}
     try:
         serve_job(policy, host=str(cfg.host), port=int(cfg.port), token=cfg.token, key_map=key_map or None,

@@ -178,19 +178,22 @@ class ChunkPolicy(nn.Module, ABC):
         """The backbone's per-chunk precomputation, in the backbone's dtype."""
         return self.backbone.prepare(cond.to(self.backbone_dtype))
 
-    def denoise(self, prepared: Any, solver: Solver, *, total: int, sampler: str, offset: int = 0) -> torch.Tensor:
+    def denoise(self, prepared: Any, solver: Solver, *, total: int, sampler: str, offset: int = 0,
+                denoiser: Any = None) -> torch.Tensor:
         """Run ``solver`` to the end, making each backbone call it asks for (see the module docstring).
 
         The backbone sees the noisy chunk in its own dtype (a bf16 backbone for inference) and its output comes
-        back as float32, so sampler arithmetic stays float32.
+        back as float32, so sampler arithmetic stays float32. ``denoiser``: called in place of ``self.backbone``
+        with the same arguments (a block-caching wrapper around it, :mod:`robolearn.accel.cache`).
         """
         dtype = self.backbone_dtype
+        backbone = self.backbone if denoiser is None else denoiser
         request = next(solver)
         index = 0
         while True:
             x, t = request
             step = DenoiseStep(index, total, sampler, offset)
-            out = self.backbone(x.to(dtype), t.expand(x.shape[0]), prepared, step=step).float()
+            out = backbone(x.to(dtype), t.expand(x.shape[0]), prepared, step=step).float()
             index += 1
             try:
                 request = solver.send(out)
@@ -241,11 +244,13 @@ class ChunkPolicy(nn.Module, ABC):
         sampler: str | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        denoiser: Any = None,
     ) -> torch.Tensor:
         """Sample an action chunk (B, horizon, action_dim) in raw action units.
 
         ``noise``: initial noise of shape :meth:`noise_shape` (normalized space); drawn (from ``generator``
         if given) when None. ``sampler``/``steps`` override the configured sampler for this call only.
+        ``denoiser``: what the denoising loop calls in place of the backbone (:meth:`denoise`).
         Runs under ``torch.inference_mode``. Call ``policy.eval()`` before rolling out: in training mode
         the image encoder random-crops, which makes the chunk depend on more than the noise.
         """
@@ -258,7 +263,7 @@ class ChunkPolicy(nn.Module, ABC):
             if generator is None and given and kind in self.stochastic_samplers:
                 generator = self.noise_generator(noise)
             solver, total = self.solver(noise, kind, n, generator)
-            chunk = self.denoise(self._prepare(cond), solver, total=total, sampler=f"{kind}-{n}")
+            chunk = self.denoise(self._prepare(cond), solver, total=total, sampler=f"{kind}-{n}", denoiser=denoiser)
             chunk = self.normalizer.unnormalize(self.action_key, chunk)
         return chunk.clone()  # a normal tensor (inference tensors refuse later autograd / in-place use)
 
@@ -270,6 +275,7 @@ class ChunkPolicy(nn.Module, ABC):
         steps: int,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        denoiser: Any = None,
     ) -> torch.Tensor:
         """Warm-started sampling (RTI-DP): start from the previous chunk shifted by the ``shift`` executed
         steps (its tail repeats the last action) and run only the last ``steps`` denoising steps.
@@ -288,7 +294,8 @@ class ChunkPolicy(nn.Module, ABC):
             guess = self.normalizer.normalize(self.action_key, shifted)
             noise, _ = self._check_noise(noise, B, generator)
             solver, total, offset, name = self.warm_solver(guess, noise, int(steps))
-            chunk = self.denoise(self._prepare(cond), solver, total=total, sampler=name, offset=offset)
+            chunk = self.denoise(self._prepare(cond), solver, total=total, sampler=name, offset=offset,
+                                 denoiser=denoiser)
             chunk = self.normalizer.unnormalize(self.action_key, chunk)
         return chunk.clone()
 

@@ -1,0 +1,521 @@
+"""Block-wise adaptive caching (BAC, Ji et al., "Block-wise Adaptive Caching for Accelerating Diffusion Policy",
+ICLR 2026) of the transformer denoiser's sub-blocks across denoising steps.
+
+Every block of :class:`~robolearn.models.transformer.TransformerDenoiser` is three residual branches
+(self-attention, cross-attention, feed-forward), named ``"<block>.<branch>"`` here (``"3.ff"``). Neighbouring
+denoising steps compute nearly the same branch outputs, so a branch's output can be computed at a few *update
+steps* and reused at the steps between them. What is cached is the branch's output -- the term added to the
+residual stream -- so the stream itself is always recomputed from the fresh input embedding.
+
+The pieces, each usable alone:
+
+- :class:`CacheSchedule`: per branch the update steps (indices into the sampler's schedule of ``total`` backbone
+  calls), the sampler it was made for (``"ddpm-100"``) and a fingerprint of the backbone's weights. It refuses to
+  run another sampler or another checkpoint's backbone, naming both.
+- :func:`calibrate`: one pass over a few hundred observations, every branch computed at every step, accumulating
+  each branch's step x step similarity (cosine, or negative relative L1) of its outputs.
+- :func:`dp_update_steps`: the Adaptive Caching Scheduler. The ``k`` update steps (step 0 always among them) that
+  maximize the summed similarity between each skipped step's output and the cached output it reuses, by dynamic
+  programming (exact, O(k S^2)).
+- :func:`bubbling_union`: the Bubbling Union Algorithm. Branches ranked by caching error; each of the ``top``
+  worst that has a feed-forward branch downstream also updates at that feed-forward branch's update steps
+  (``i.self_attn`` and ``i.cross_attn`` at ``i.ff``'s, ``i.ff`` at ``i+1.ff``'s), so a stale upstream output is
+  refreshed before the feed-forward layer that would amplify it.
+- :func:`uniform_schedule` (every branch at the same evenly spaced steps: the baseline) and :func:`all_steps`
+  (every step an update: equals the uncached policy exactly).
+- :class:`CachedDenoiser`: calls the base backbone's branches itself, computing at update steps and reusing
+  otherwise; the first call of every sampling run computes everything (a warm start begins mid-schedule).
+- :class:`CachedPolicy`: the registered policy kind ``"cached"`` around a trained base (its checkpoint names the
+  base and holds the schedule, no weights).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from robolearn.policies.registry import register_policy
+from robolearn.policies.wrapper import PolicyWrapper
+
+METHODS = ("bac", "uniform", "none")
+METRICS = ("cosine", "l1")
+SCHEDULE_VERSION = 1
+
+
+class CacheError(ValueError):
+    """A schedule that does not fit the policy or the call (other checkpoint, other sampler, bad contents)."""
+
+
+# ---------------------------------------------------------------------------------------------- branches
+def branch_keys(backbone: nn.Module) -> list[str]:
+    """``["0.self_attn", "0.cross_attn", "0.ff", "1.self_attn", ...]``: the branches in the order they run."""
+    blocks, names = _blocks_of(backbone)
+    return [f"{i}.{name}" for i in range(len(blocks)) for name in names]
+
+
+def _blocks_of(backbone: nn.Module) -> tuple[Sequence[nn.Module], tuple[str, ...]]:
+    blocks = getattr(backbone, "blocks", None)
+    names = getattr(backbone, "branch_names", None)
+    if blocks is None or names is None or not all(hasattr(b, "branch") for b in blocks) \
+            or not callable(getattr(backbone, "begin", None)):
+        raise CacheError(f"block caching needs a transformer backbone made of residual branches (blocks with "
+                         f"branch(), begin()/head()); this policy's backbone is {type(backbone).__name__} -- train "
+                         f"with policy=diffusion_transformer or flow_transformer")
+    return blocks, tuple(names)
+
+
+def next_ff(key: str, n_blocks: int) -> str | None:
+    """The feed-forward branch directly downstream of ``key``: ``i.ff`` for block ``i``'s attention branches,
+    ``i+1.ff`` for ``i.ff``, None after the last block."""
+    i, name = key.split(".", 1)
+    j = int(i) if name != "ff" else int(i) + 1
+    return f"{j}.ff" if j < n_blocks else None
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """SHA-256 (hex, first 16 digits) of the backbone's parameters and buffers, names and values: the same
+    trained weights give the same fingerprint wherever they are loaded from."""
+    h = hashlib.sha256()
+    for name, t in sorted(backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+@dataclass
+class CacheSchedule:
+    """Which denoising steps recompute which branch.
+
+    ``updates``: branch key -> sorted update steps in ``[0, total)``, step 0 first. ``sampler``: the schedule
+    the steps index (``"ddpm-100"``; a warm start's calls count from its offset into it). ``fingerprint``: the
+    backbone's (:func:`backbone_fingerprint`), or None for a schedule not tied to weights (uniform, none).
+    ``info``: how it was made (calibration size, metric, predicted errors), kept for the record.
+    """
+
+    method: str
+    sampler: str
+    total: int
+    updates: dict[str, tuple[int, ...]]
+    fingerprint: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CacheError(f"cache method {self.method!r} is not one of {list(METHODS)}")
+        if not isinstance(self.total, int) or self.total < 1:
+            raise CacheError(f"a cache schedule needs total >= 1 denoising steps, got {self.total!r}")
+        clean: dict[str, tuple[int, ...]] = {}
+        for key, steps in self.updates.items():
+            s = sorted({int(x) for x in steps})
+            if not s or s[0] != 0:
+                raise CacheError(f"branch {key!r}: the update steps must include step 0 (got {list(steps)[:8]})")
+            if s[-1] >= self.total:
+                raise CacheError(f"branch {key!r}: update step {s[-1]} is outside the schedule's "
+                                 f"{self.total} steps ({self.sampler})")
+            clean[key] = tuple(s)
+        self.updates = clean
+
+    @property
+    def compute_fraction(self) -> float:
+        """Branch computations made, as a fraction of the uncached policy's (1.0: no saving)."""
+        if not self.updates:
+            return 1.0
+        return sum(len(s) for s in self.updates.values()) / (len(self.updates) * self.total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": SCHEDULE_VERSION, "method": self.method, "sampler": self.sampler, "total": self.total,
+                "fingerprint": self.fingerprint, "updates": {k: list(v) for k, v in self.updates.items()},
+                "info": _plain(self.info)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CacheSchedule":
+        if not isinstance(d, Mapping):
+            raise CacheError(f"a cache schedule is a mapping, got {type(d).__name__}")
+        missing = [k for k in ("method", "sampler", "total", "updates") if k not in d]
+        if missing:
+            raise CacheError(f"cache schedule is missing {missing}")
+        if int(d.get("version", SCHEDULE_VERSION)) != SCHEDULE_VERSION:
+            raise CacheError(f"cache schedule version {d.get('version')!r} is not {SCHEDULE_VERSION}")
+        updates = d["updates"]
+        if not isinstance(updates, Mapping):
+            raise CacheError("cache schedule 'updates' must map branch names to lists of steps")
+        try:
+            ups = {str(k): tuple(int(x) for x in v) for k, v in updates.items()}
+        except (TypeError, ValueError) as e:
+            raise CacheError(f"cache schedule 'updates' must hold lists of integer steps: {e}") from None
+        return cls(str(d["method"]), str(d["sampler"]), int(d["total"]), ups,
+                   None if d.get("fingerprint") is None else str(d["fingerprint"]), dict(d.get("info") or {}))
+
+    def check_backbone(self, backbone: nn.Module, *, fingerprint: str | None = None) -> None:
+        """Refuse a backbone with other branches or (for a calibrated schedule) other weights."""
+        keys = branch_keys(backbone)
+        if self.updates and set(keys) != set(self.updates):
+            extra = sorted(set(self.updates) - set(keys))[:4]
+            lacking = sorted(set(keys) - set(self.updates))[:4]
+            raise CacheError(f"cache schedule was made for a backbone with other blocks: schedule-only branches "
+                             f"{extra}, backbone-only branches {lacking}")
+        if self.fingerprint is not None:
+            fp = fingerprint or backbone_fingerprint(backbone)
+            if fp != self.fingerprint:
+                raise CacheError(f"cache schedule was calibrated for another checkpoint (backbone fingerprint "
+                                 f"{self.fingerprint}, this one's is {fp}); calibrate one for it: robolearn accel "
+                                 f"calibrate checkpoint=<this checkpoint>")
+
+    def check_sampler(self, sampler: str, total: int | None = None) -> None:
+        """Refuse a sampling run of another schedule (``total``: its backbone calls, None to check the name)."""
+        if sampler != self.sampler or (total is not None and total != self.total):
+            kind, _, steps = sampler.rpartition("-")
+            calls = "" if total is None else f" ({total} backbone calls)"
+            raise CacheError(f"cache schedule was calibrated for sampler {self.sampler} ({self.total} backbone "
+                             f"calls), but this call samples with {sampler}{calls}; calibrate one for it: robolearn "
+                             f"accel calibrate checkpoint=<base> sampler={kind} steps={steps}")
+
+    def update_mask(self, keys: Sequence[str]) -> np.ndarray:
+        """(len(keys), total) booleans: True where a branch recomputes."""
+        m = np.zeros((len(keys), self.total), dtype=bool)
+        for r, k in enumerate(keys):
+            m[r, list(self.updates.get(k, range(self.total)))] = True
+        return m
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def all_steps(keys: Iterable[str], sampler: str, total: int) -> CacheSchedule:
+    """Every step an update step for every branch: the cached policy equals the uncached one exactly."""
+    return CacheSchedule("none", sampler, total, {k: tuple(range(total)) for k in keys})
+
+
+def uniform_steps(total: int, updates: int) -> tuple[int, ...]:
+    """``updates`` steps spread evenly over ``[0, total)``, step 0 first (every n-th step when n divides)."""
+    k = max(1, min(int(updates), total))
+    return tuple(sorted({int(math.floor(i * total / k)) for i in range(k)}))
+
+
+def uniform_schedule(keys: Iterable[str], sampler: str, total: int, updates: int) -> CacheSchedule:
+    """Every branch recomputed at the same ``updates`` evenly spaced steps (uniform caching, the baseline)."""
+    steps = uniform_steps(total, updates)
+    return CacheSchedule("uniform", sampler, total, {k: steps for k in keys}, info={"updates": len(steps)})
+
+
+# ---------------------------------------------------------------------------------------------- scheduler
+def dp_update_steps(sim: np.ndarray, k: int) -> tuple[int, ...]:
+    """The Adaptive Caching Scheduler for one branch: ``k`` update steps maximizing the total similarity.
+
+    ``sim[i, j]``: similarity of the branch's output at step ``j`` to its output at step ``i``. Updating at
+    ``c_0 = 0 < c_1 < ... < c_{k-1}`` makes every step ``j`` in ``[c_m, c_{m+1})`` reuse the output of ``c_m``;
+    the objective is ``sum_m sum_{j in (c_m, c_{m+1})} sim[c_m, j]`` (an update step is exact). Solved exactly by
+    dynamic programming over (segments used, end of the last segment). Ties go to the earliest update steps.
+    """
+    sim = np.asarray(sim, dtype=np.float64)
+    S = sim.shape[0]
+    if sim.shape != (S, S) or S < 1:
+        raise ValueError(f"similarity matrix must be square, got shape {sim.shape}")
+    k = max(1, min(int(k), S))
+    # seg[a, b]: reward of one segment updating at a and covering steps a..b-1 (b in a+1..S)
+    cums = np.cumsum(sim, axis=1)
+    seg = np.full((S, S + 1), -np.inf)
+    for a in range(S):
+        seg[a, a + 1:] = cums[a, a:] - cums[a, a]  # sum of sim[a, a+1 .. b-1]
+    # best[m, b]: best reward covering [0, b) with m segments (m update steps, the first at 0)
+    best = np.full((k + 1, S + 1), -np.inf)
+    arg = np.zeros((k + 1, S + 1), dtype=np.int64)
+    best[1, 1:] = seg[0, 1:]
+    for m in range(2, k + 1):
+        for b in range(m, S + 1):
+            a = np.arange(m - 1, b)  # the last segment starts at a (needs m-1 segments before it)
+            vals = best[m - 1, a] + seg[a, b]
+            i = int(np.argmax(vals))
+            best[m, b], arg[m, b] = vals[i], a[i]
+    steps, b = [], S
+    for m in range(k, 1, -1):
+        a = int(arg[m, b])
+        steps.append(a)
+        b = a
+    return tuple([0, *sorted(steps)])
+
+
+def caching_error(sim: np.ndarray, steps: Sequence[int]) -> float:
+    """Mean over all steps of the similarity lost by reusing the last update's output (0 where recomputed):
+    ``mean_j (sim[j, j] - sim[u(j), j])`` with ``u(j)`` the last update step at or before ``j``."""
+    sim = np.asarray(sim, dtype=np.float64)
+    S = sim.shape[0]
+    ups = sorted(set(int(s) for s in steps))
+    if not ups or ups[0] != 0:
+        raise ValueError("update steps must include step 0")
+    src = np.zeros(S, dtype=np.int64)
+    for a, b in zip(ups, [*ups[1:], S]):
+        src[a:b] = a
+    j = np.arange(S)
+    return float(np.mean(sim[j, j] - sim[src, j]))
+
+
+def bubbling_union(updates: Mapping[str, Sequence[int]], errors: Mapping[str, float], n_blocks: int, top: int
+                   ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """The Bubbling Union Algorithm: the ``top`` branches with the largest caching error that have a
+    feed-forward branch downstream (:func:`next_ff`) also update at that branch's update steps.
+
+    Returns the new updates and the branches that took the union, worst first. Only the original schedules
+    are unioned (no chains): ``i.self_attn`` gets ``i.ff``'s steps as the scheduler chose them.
+    """
+    out = {k: tuple(sorted(set(v))) for k, v in updates.items()}
+    candidates = [k for k in updates if next_ff(k, n_blocks) in updates]
+    ranked = sorted(candidates, key=lambda k: (-float(errors.get(k, 0.0)), candidates.index(k)))
+    chosen = ranked[:max(0, int(top))]
+    for k in chosen:
+        out[k] = tuple(sorted(set(updates[k]) | set(updates[next_ff(k, n_blocks)])))  # type: ignore[index]
+    return out, chosen
+
+
+def bac_schedule(similarity: Mapping[str, np.ndarray], n_blocks: int, sampler: str, updates: int, *,
+                 bubble: int = 4, fingerprint: str | None = None, info: Mapping[str, Any] | None = None
+                 ) -> CacheSchedule:
+    """BAC's schedule from calibrated similarities: the scheduler per branch, then Bubbling Union."""
+    S = next(iter(similarity.values())).shape[0]
+    per = {k: dp_update_steps(sim, updates) for k, sim in similarity.items()}
+    errors = {k: caching_error(similarity[k], per[k]) for k in per}
+    merged, chosen = bubbling_union(per, errors, n_blocks, bubble)
+    after = {k: caching_error(similarity[k], merged[k]) for k in merged}
+    meta = dict(info or {})
+    meta.update(updates=int(updates), bubble=int(bubble), bubbled=chosen,
+                error_before_union={k: round(v, 6) for k, v in errors.items()},
+                error={k: round(v, 6) for k, v in after.items()})
+    return CacheSchedule("bac", sampler, S, merged, fingerprint, meta)
+
+
+# ---------------------------------------------------------------------------------------------- the cached call
+class CachedDenoiser:
+    """Calls ``backbone``'s blocks itself, recomputing each branch only at its update steps.
+
+    Called like the backbone by the denoising loop (``(x, t, prepared, step=DenoiseStep)``); without ``step``
+    (a plain call) it computes everything. Not a module: it owns no weights (the backbone stays the base's).
+    Keeps the cached outputs of the run in progress, so one instance serves one caller at a time.
+    ``calls``/``computed``: branch evaluations requested and made (their ratio is the compute actually done).
+    """
+
+    def __init__(self, backbone: nn.Module, schedule: CacheSchedule) -> None:
+        self.backbone = backbone
+        self.blocks, self.names = _blocks_of(backbone)
+        self.schedule = schedule
+        self.keys = [[f"{i}.{n}" for n in self.names] for i in range(len(self.blocks))]
+        self._mask = schedule.update_mask([k for row in self.keys for k in row]).reshape(
+            len(self.blocks), len(self.names), schedule.total)
+        self._cache: list[list[torch.Tensor | None]] = []
+        self.calls = self.computed = 0
+
+    def prepare(self, cond: Any) -> Any:
+        return self.backbone.prepare(cond)
+
+    def reset_counts(self) -> None:
+        self.calls = self.computed = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
+        bb = self.backbone
+        if step is None:
+            return bb(x, t, cond)
+        self.schedule.check_sampler(step.sampler, step.offset + step.total)
+        if step.index == 0:
+            self._cache = [[None] * len(self.names) for _ in self.blocks]
+        col = step.schedule_index
+        ctx = bb.begin(x, t, cond)
+        h = ctx.x
+        for i, (blk, bc) in enumerate(zip(self.blocks, ctx.block_ctx)):
+            row = self._cache[i]
+            for j, name in enumerate(self.names):
+                self.calls += 1
+                out = row[j]
+                if out is None or self._mask[i, j, col] or out.shape != h.shape:
+                    out = blk.branch(name, h, bc)
+                    row[j] = out
+                    self.computed += 1
+                h = h + out
+        return bb.head(h, ctx)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+class _Recorder:
+    """The uncached computation, keeping every branch's output of every step (for one batch)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self.backbone = backbone
+        self.blocks, self.names = _blocks_of(backbone)
+        self.outputs: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def prepare(self, cond: Any) -> Any:
+        return self.backbone.prepare(cond)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
+        bb = self.backbone
+        ctx = bb.begin(x, t, cond)
+        h = ctx.x
+        for i, (blk, bc) in enumerate(zip(self.blocks, ctx.block_ctx)):
+            for j, name in enumerate(self.names):
+                out = blk.branch(name, h, bc)
+                self.outputs.setdefault((i, j), []).append(out.float().reshape(out.shape[0], -1))
+                h = h + out
+        return bb.head(h, ctx)
+
+
+def _similarity_sum(o: torch.Tensor, metric: str) -> torch.Tensor:
+    """``o``: (S, B, F) one branch's outputs -> the (S, S) sum over the batch of per-sample similarities."""
+    if metric == "cosine":
+        u = o / o.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return torch.einsum("ibf,jbf->ij", u, u)
+    # negative relative L1, per sample: -|o_i - o_j|_1 / |o_j|_1 (the error of standing in for step j)
+    oT = o.transpose(0, 1)  # (B, S, F)
+    d = torch.cdist(oT, oT, p=1)  # (B, S, S)
+    scale = oT.abs().sum(-1).clamp_min(1e-12)  # (B, S)
+    return -(d / scale[:, None, :]).sum(0)
+
+
+@dataclass
+class Calibration:
+    """Per branch the (S, S) mean similarity of its outputs between steps (``similarity[key][i, j]``: step ``j``
+    against step ``i``), and what was run to get it."""
+
+    similarity: dict[str, np.ndarray]
+    sampler: str
+    total: int
+    metric: str
+    observations: int
+    n_blocks: int
+    fingerprint: str
+
+
+def calibrate(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler: str | None = None,
+              steps: int | None = None, metric: str = "cosine", seed: int = 0,
+              progress: Callable[[int], None] | None = None) -> Calibration:
+    """Run ``policy`` (a chunk policy with a transformer backbone) uncached on batches of ``observations``
+    (observation histories, raw units), recording each branch's output at every denoising step, and average
+    each branch's step x step similarity over the observations. ``progress(n)`` is called after each batch."""
+    if metric not in METRICS:
+        raise CacheError(f"similarity metric {metric!r} is not one of {list(METRICS)}")
+    kind = policy.cfg.sampler.kind if sampler is None else sampler
+    n = policy.cfg.sampler.steps if steps is None else int(steps)
+    rec = _Recorder(policy.backbone)
+    keys = branch_keys(policy.backbone)
+    gen = torch.Generator().manual_seed(int(seed))
+    sums: dict[str, torch.Tensor] = {}
+    count, total = 0, None
+    for batch in observations:
+        rec.outputs = {}
+        B = int(next(iter(batch.values())).shape[0])
+        noise = torch.randn(policy.noise_shape(B), generator=gen)
+        policy.predict_action(batch, noise, sampler=kind, steps=n, denoiser=rec)
+        for (i, j), outs in rec.outputs.items():
+            o = torch.stack(outs)  # (S, B, F)
+            total = o.shape[0]
+            key = f"{i}.{rec.names[j]}"
+            s = _similarity_sum(o, metric)
+            sums[key] = s if key not in sums else sums[key] + s
+        count += B
+        if progress is not None:
+            progress(B)
+    if count == 0 or total is None:
+        raise CacheError("calibration got no observations")
+    sim = {k: (sums[k] / count).double().numpy() for k in keys}
+    return Calibration(sim, f"{kind}-{n}", int(total), metric, count, len(rec.blocks),
+                       backbone_fingerprint(policy.backbone))
+
+
+def schedule_from_calibration(cal: Calibration, method: str = "bac", updates: int | None = None, *,
+                              bubble: int = 4) -> CacheSchedule:
+    """A schedule of ``method`` with ``updates`` update steps per branch (default: a quarter of the steps)."""
+    k = default_updates(cal.total) if updates is None else int(updates)
+    if not 1 <= k <= cal.total:
+        raise CacheError(f"updates={k} must be between 1 and the sampler's {cal.total} steps")
+    info = {"metric": cal.metric, "observations": cal.observations}
+    keys = list(cal.similarity)
+    if method == "bac":
+        return bac_schedule(cal.similarity, cal.n_blocks, cal.sampler, k, bubble=bubble,
+                            fingerprint=cal.fingerprint, info=info)
+    if method == "uniform":
+        sched = uniform_schedule(keys, cal.sampler, cal.total, k)
+    elif method == "none":
+        sched = all_steps(keys, cal.sampler, cal.total)
+    else:
+        raise CacheError(f"cache method {method!r} is not one of {list(METHODS)}")
+    sched.info.update(info, error={kk: round(caching_error(cal.similarity[kk], sched.updates[kk]), 6)
+                                   for kk in keys})
+    return sched
+
+
+def default_updates(total: int) -> int:
+    """A quarter of the steps, at least 1."""
+    return max(1, int(round(total / 4)))
+
+
+# ---------------------------------------------------------------------------------------------- the policy kind
+def _innermost_chunk_policy(policy: Any) -> Any:
+    obj, seen = policy, set()
+    while not hasattr(obj, "backbone") and hasattr(obj, "base") and id(obj) not in seen:
+        seen.add(id(obj))
+        obj = obj.base
+    if not hasattr(obj, "backbone"):
+        raise CacheError(f"{type(policy).__name__} has no denoiser backbone to cache")
+    return obj
+
+
+@register_policy("cached")
+class CachedPolicy(PolicyWrapper):
+    """A trained transformer chunk policy whose denoiser reuses branch outputs per :class:`CacheSchedule`.
+
+    The base is untouched: its sampler is set to the schedule's (the one it was calibrated for), and its
+    backbone is driven through a :class:`CachedDenoiser`. Another sampler or step count is refused with a
+    message saying how to calibrate for it. The checkpoint holds the schedule in its config and no weights.
+    """
+
+    def __init__(self, base: Any, schedule: CacheSchedule | Mapping[str, Any]) -> None:
+        super().__init__(base)
+        if not isinstance(schedule, CacheSchedule):
+            schedule = CacheSchedule.from_dict(schedule)
+        core = _innermost_chunk_policy(base)
+        if base is not core:
+            raise CacheError(f"block caching wraps a base chunk policy, not a {type(base).__name__} wrapper")
+        schedule.check_backbone(core.backbone)
+        kind, _, steps = schedule.sampler.rpartition("-")
+        try:
+            core.set_sampler(kind, int(steps))
+        except Exception as e:  # noqa: BLE001 - a schedule naming a sampler this policy cannot run
+            raise CacheError(f"cache schedule's sampler {schedule.sampler!r} does not fit the base: {e}") from None
+        self.schedule = schedule
+        self.denoiser = CachedDenoiser(core.backbone, schedule)
+
+    def wrapper_config(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.to_dict()}
+
+    def set_sampler(self, kind: str | None = None, steps: int | None = None) -> None:
+        cur = self.base.sampler_config
+        k = cur["kind"] if kind is None else kind
+        n = cur["steps"] if steps is None else int(steps)
+        self.schedule.check_sampler(f"{k}-{n}")
+
+    def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None,
+                       **kwargs: Any) -> torch.Tensor:
+        return self.base.predict_action(obs_history, noise, denoiser=self.denoiser, **kwargs)
+
+    def predict_action_warm(self, obs_history: Mapping[str, Any], prev_chunk: torch.Tensor, shift: int, steps: int,
+                            noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+                            ) -> torch.Tensor:
+        return self.base.predict_action_warm(obs_history, prev_chunk, shift, steps, noise, generator,
+                                             denoiser=self.denoiser)
+
+    def extra_repr(self) -> str:
+        s = self.schedule
+        return f"type={self.policy_type}, method={s.method}, sampler={s.sampler}, compute={s.compute_fraction:.2f}"

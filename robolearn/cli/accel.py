@@ -1,0 +1,312 @@
+"""``robolearn accel calibrate`` (a block-caching schedule as a ``cached`` checkpoint) and ``robolearn bench
+latency`` (batch-1 ``predict_action`` time, cached against uncached in the same run); and ``cache=`` for the
+commands that run a checkpoint (:func:`apply_cache`)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from omegaconf import DictConfig
+
+from robolearn.cli import CLIError, print_json
+
+CACHES = ("bac", "uniform", "none")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def calibration_observations(policy: Any, ckpt: Path, n: int, batch: int, *, seed: int = 0,
+                             dataset: str | None = None) -> list[dict[str, Any]]:
+    """``n`` observation histories drawn from the checkpoint's training data (raw units), in batches."""
+    import torch
+
+    from robolearn.cli.runtime import checkpoint_run_config
+    from robolearn.data.schema import StoreError
+    from robolearn.data.sequence import SequenceDataset
+
+    path = dataset or checkpoint_run_config(ckpt).get("dataset")
+    if not path:
+        raise CLIError(f"{ckpt / 'config.yaml'} does not name the dataset it was trained on; give dataset=PATH")
+    if not Path(path).exists():
+        raise CLIError(f"calibration dataset {path} does not exist (the checkpoint's training data; give "
+                       f"dataset=PATH to use another store of the same task)")
+    try:
+        ds = SequenceDataset(path, horizon=policy.horizon, n_obs_steps=policy.n_obs_steps,
+                             n_action_steps=policy.n_action_steps, obs_keys=policy.obs_keys, split="all")
+    except (StoreError, ValueError, KeyError) as e:
+        raise CLIError(f"calibration dataset {path}: {e}") from None
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(ds), size=min(int(n), len(ds)), replace=False)
+    out = []
+    for s in range(0, len(idx), batch):
+        obs = ds.get_batch(np.sort(idx[s:s + batch]))["obs"]
+        out.append({k: torch.as_tensor(np.asarray(obs[k])) for k in policy.obs_keys})
+    return out
+
+
+def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = None, bubble: int = 4,
+                metric: str = "cosine", observations: int = 256, batch: int = 32, seed: int = 0,
+                dataset: str | None = None, progress: bool = True) -> tuple[Any, Any]:
+    """A :class:`~robolearn.accel.cache.CachedPolicy` over ``policy`` with a ``method`` schedule for its current
+    sampler (``bac`` calibrates on the training data); returns it and the calibration (None unless bac)."""
+    from robolearn.accel.cache import (CacheError, CachedPolicy, all_steps, branch_keys, calibrate, default_updates,
+                                       schedule_from_calibration, uniform_schedule)
+
+    if method not in CACHES:
+        raise CLIError(f"cache={method!r} is not one of {list(CACHES)}")
+    try:
+        keys = branch_keys(getattr(policy, "backbone", None))
+    except CacheError as e:
+        raise CLIError(str(e)) from None
+    sc = policy.sampler_config
+    sampler, steps = str(sc["kind"]), int(sc["steps"])
+    name = f"{sampler}-{steps}"
+    total = _calls(policy, sampler, steps)
+    k = default_updates(total) if updates is None else int(updates)
+    if not 1 <= k <= total:
+        raise CLIError(f"updates={k} must be between 1 and the {total} denoiser calls of {name}")
+    cal = None
+    if method == "bac":
+        obs = calibration_observations(policy, ckpt, observations, batch, seed=seed, dataset=dataset)
+        bar = _bar(sum(int(next(iter(b.values())).shape[0]) for b in obs), f"calibrating {name}", progress)
+        try:
+            cal = calibrate(policy, obs, metric=metric, seed=seed, progress=bar.update)
+        except CacheError as e:
+            raise CLIError(str(e)) from None
+        finally:
+            bar.close()
+        schedule = schedule_from_calibration(cal, "bac", k, bubble=bubble)
+    elif method == "uniform":
+        schedule = uniform_schedule(keys, name, total, k)
+    else:
+        schedule = all_steps(keys, name, total)
+    try:
+        return CachedPolicy(policy, schedule), cal
+    except CacheError as e:
+        raise CLIError(str(e)) from None
+
+
+def _calls(policy: Any, sampler: str, steps: int) -> int:
+    """Backbone calls of a sampling run (a midpoint step is two)."""
+    return 2 * steps if sampler == "midpoint" else steps
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="obs", disable=not enabled, leave=False)
+
+
+def apply_cache(policy: Any, ckpt: Path, cache: str | None, updates: int | None = None) -> Any:
+    """``cache=`` of eval/run/serve on a loaded checkpoint: None leaves it as it is; ``bac`` calibrates on the
+    checkpoint's training data (a few seconds to a minute), ``uniform`` and ``none`` need nothing."""
+    if cache is None:
+        return policy
+    if getattr(policy, "policy_type", None) == "cached":
+        raise CLIError(f"{ckpt} is already a cached checkpoint ({policy.schedule.method}); cache= applies to a "
+                       f"base checkpoint")
+    cached, _ = make_cached(policy, ckpt, str(cache), updates=updates, progress=False)
+    print(f"cache={cache}: {cached.schedule.method} schedule for {cached.schedule.sampler}, "
+          f"{cached.schedule.compute_fraction:.0%} of the branch computations")
+    return cached
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+def calibrate_cmd(cfg: DictConfig) -> dict[str, Any]:
+    from robolearn.cli.runtime import load_checkpoint
+    from robolearn.policies import save_policy
+
+    if not cfg.checkpoint:
+        raise CLIError("checkpoint= is required (a transformer policy's checkpoint folder)")
+    ckpt = Path(cfg.checkpoint)
+    _check_counts(cfg)
+    if cfg.method not in CACHES:
+        raise CLIError(f"method={cfg.method!r} is not one of {list(CACHES)}")
+    if cfg.metric not in ("cosine", "l1"):
+        raise CLIError(f"metric={cfg.metric!r} is not one of ['cosine', 'l1']")
+    policy = load_checkpoint(ckpt)
+    if getattr(policy, "wraps_base", False):
+        raise CLIError(f"{ckpt} is a {policy.policy_type!r} checkpoint; calibrate its base (a diffusion or flow "
+                       f"transformer checkpoint)")
+    if cfg.sampler is not None or cfg.steps is not None:
+        try:
+            policy.set_sampler(cfg.sampler, cfg.steps)
+        except ValueError as e:
+            raise CLIError(f"sampler: {e}") from None
+    t0 = time.perf_counter()
+    cached, cal = make_cached(policy, ckpt, str(cfg.method), updates=cfg.updates, bubble=int(cfg.bubble),
+                              metric=str(cfg.metric), observations=int(cfg.observations), batch=int(cfg.batch),
+                              seed=int(cfg.seed), dataset=cfg.dataset, progress=bool(cfg.progress))
+    sched = cached.schedule
+    out = Path(cfg.out) if cfg.out else ckpt.parent / f"{ckpt.name}-{sched.method}-{sched.sampler}-k{_k(sched)}"
+
+    def extra(tmp: Path) -> None:
+        if cal is not None:
+            np.savez_compressed(tmp / "similarity.npz", **{k: v.astype(np.float32) for k, v in cal.similarity.items()})
+        if cfg.plot:
+            plot_schedule(sched, cal, tmp / "schedule.png")
+
+    save_policy(cached, out, config={"calibrated_from": str(ckpt), "method": sched.method}, write_extra=extra)
+    errors = sched.info.get("error") or {}
+    summary = {
+        "checkpoint": str(out), "base": str(ckpt), "method": sched.method, "sampler": sched.sampler,
+        "steps": sched.total, "updates": _k(sched), "compute_fraction": round(sched.compute_fraction, 4),
+        "bubbled": sched.info.get("bubbled", []), "metric": cfg.metric if cal is not None else None,
+        "observations": cal.observations if cal is not None else 0,
+        "mean_caching_error": round(float(np.mean(list(errors.values()))), 6) if errors else None,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    print(f"{sched.method} schedule for {sched.sampler}: {summary['compute_fraction']:.0%} of the branch "
+          f"computations -> {out}" + (f" (plot: {out / 'schedule.png'})" if cfg.plot else ""))
+    print_json(summary)
+    return summary
+
+
+def _k(sched: Any) -> int:
+    return int(sched.info.get("updates", min(len(v) for v in sched.updates.values())))
+
+
+def _check_counts(cfg: DictConfig) -> None:
+    for key in ("observations", "batch"):
+        if int(cfg[key]) < 1:
+            raise CLIError(f"{key} must be >= 1, got {cfg[key]}")
+    if int(cfg.bubble) < 0:
+        raise CLIError(f"bubble must be >= 0, got {cfg.bubble}")
+    if cfg.updates is not None and int(cfg.updates) < 1:
+        raise CLIError(f"updates must be >= 1, got {cfg.updates}")
+
+
+def plot_schedule(sched: Any, cal: Any, path: Path) -> None:
+    """Update steps of every branch (one row each); with a calibration, each branch's similarity to the step
+    before it and, beside it, the similarity matrices of the three branches with the largest caching error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(sched.updates)
+    mask = sched.update_mask(keys)
+    ncols = 4 if cal is not None else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols + 2, max(3.5, 0.22 * len(keys) + 1.5)),
+                             squeeze=False)
+    ax = axes[0, 0]
+    ax.imshow(mask, aspect="auto", cmap="Greys", interpolation="nearest")
+    ax.set_yticks(range(len(keys)), keys, fontsize=6)
+    ax.set_xlabel(f"denoising step ({sched.sampler})")
+    ax.set_title(f"{sched.method}: update steps (black), {sched.compute_fraction:.0%} computed", fontsize=9)
+    if cal is not None:
+        errors = sched.info.get("error") or {}
+        worst = sorted(errors, key=lambda k: -errors[k])[:3]
+        for a, k in zip(axes[0, 1:], worst):
+            im = a.imshow(cal.similarity[k], cmap="viridis", interpolation="nearest")
+            ups = sched.updates[k]
+            a.scatter(ups, ups, s=6, c="red", marker="s")
+            a.set_title(f"{k}: {cal.metric} similarity\n(red: update steps; error {errors[k]:.4f})", fontsize=9)
+            a.set_xlabel("step j (stood in for)")
+            a.set_ylabel("step i (cached)")
+            fig.colorbar(im, ax=a, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- bench latency
+def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from robolearn.cli.runtime import load_checkpoint
+
+    if not cfg.checkpoint:
+        raise CLIError("checkpoint= is required (a checkpoint folder: a base or a cached one)")
+    for key in ("repeats", "observations"):
+        if int(cfg[key]) < 1:
+            raise CLIError(f"{key} must be >= 1, got {cfg[key]}")
+    if int(cfg.warmup) < 0:
+        raise CLIError(f"warmup must be >= 0, got {cfg.warmup}")
+    if cfg.threads is not None:
+        if int(cfg.threads) < 1:
+            raise CLIError(f"threads must be >= 1, got {cfg.threads}")
+        torch.set_num_threads(int(cfg.threads))
+    ckpt = Path(cfg.checkpoint)
+    loaded = load_checkpoint(ckpt)
+    if getattr(loaded, "policy_type", None) == "cached":
+        if cfg.cache is not None:
+            raise CLIError(f"{ckpt} is already a cached checkpoint; cache= applies to a base checkpoint")
+        if cfg.sampler is not None or cfg.steps is not None:
+            try:
+                loaded.set_sampler(cfg.sampler, cfg.steps)
+            except ValueError as e:
+                raise CLIError(f"sampler: {e}") from None
+        cached, base = loaded, loaded.base
+    else:
+        base = loaded
+        if getattr(base, "wraps_base", False):
+            raise CLIError(f"{ckpt} is a {base.policy_type!r} checkpoint; bench latency times a base or a cached one")
+        if cfg.sampler is not None or cfg.steps is not None:
+            try:
+                base.set_sampler(cfg.sampler, cfg.steps)
+            except ValueError as e:
+                raise CLIError(f"sampler: {e}") from None
+        cached, _ = make_cached(base, ckpt, str(cfg.cache or "bac"), updates=cfg.updates,
+                                progress=bool(cfg.progress))
+    obs = calibration_observations(base, ckpt, int(cfg.observations), 1, seed=int(cfg.seed) + 1,
+                                   dataset=cfg.dataset)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    noises = [torch.randn(base.noise_shape(1), generator=gen) for _ in obs]
+    # accuracy: the same observations and initial noise through both
+    errs = []
+    for o, n in zip(obs, noises):
+        a = base.predict_action(o, n)
+        c = cached.predict_action(o, n)
+        errs.append(float((c - a).norm() / a.norm().clamp_min(1e-12)))
+    cached.denoiser.reset_counts()
+    times = _time_pair(base, cached, obs[0], noises[0], int(cfg.repeats), int(cfg.warmup))
+    unc, cac = statistics.median(times["uncached"]), statistics.median(times["cached"])
+    sched = cached.schedule
+    summary = {
+        "checkpoint": str(ckpt), "cache": sched.method, "sampler": sched.sampler, "steps": sched.total,
+        "compute_fraction": round(sched.compute_fraction, 4),
+        "measured_compute_fraction": round(cached.denoiser.computed / max(1, cached.denoiser.calls), 4),
+        "latency_ms_uncached": round(unc, 3), "latency_ms_cached": round(cac, 3),
+        "speedup": round(unc / cac, 3) if cac > 0 else math.inf,
+        "action_rel_error": round(statistics.mean(errs), 6), "action_rel_error_max": round(max(errs), 6),
+        "repeats": int(cfg.repeats), "threads": torch.get_num_threads(), "observations": len(obs),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(f"{'':<10} {'chunk (median)':>15}")
+    print(f"{'uncached':<10} {unc:>12.2f} ms")
+    print(f"{'cached':<10} {cac:>12.2f} ms   ({sched.method}, {sched.sampler}, "
+          f"{sched.compute_fraction:.0%} of branch computations)")
+    print(f"speedup {summary['speedup']:.2f}x, relative action error {summary['action_rel_error']:.2e} "
+          f"(mean over {len(obs)} observations)")
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1))
+    print_json(summary)
+    return summary
+
+
+def _time_pair(base: Any, cached: Any, obs: Mapping[str, Any], noise: Any, repeats: int, warmup: int
+               ) -> dict[str, list[float]]:
+    """Milliseconds per ``predict_action`` of each, the two alternating call by call (so a change in the
+    machine's load falls on both)."""
+    pols = {"uncached": base, "cached": cached}
+    for _ in range(warmup):
+        for pol in pols.values():
+            pol.predict_action(obs, noise)
+    out: dict[str, list[float]] = {k: [] for k in pols}
+    for _ in range(repeats):
+        for name, pol in pols.items():
+            t0 = time.perf_counter()
+            pol.predict_action(obs, noise)
+            out[name].append((time.perf_counter() - t0) * 1000)
+    return out

@@ -1,0 +1,288 @@
+"""Block-wise adaptive caching (robolearn.accel.cache): exactness of the all-updates schedule, the scheduler's
+dynamic program, Bubbling Union, schedules through checkpoints, refusals; and the CLI (accel calibrate, bench
+latency, eval cache=)."""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from robolearn.accel.cache import (
+    CacheError,
+    CacheSchedule,
+    CachedPolicy,
+    all_steps,
+    branch_keys,
+    bubbling_union,
+    caching_error,
+    calibrate,
+    dp_update_steps,
+    next_ff,
+    schedule_from_calibration,
+    uniform_schedule,
+    uniform_steps,
+)
+from robolearn.cli import main
+from robolearn.policies import load_policy, make_policy, save_policy
+
+torch.set_num_threads(1)
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
+
+
+def s(d: int) -> dict[str, np.ndarray]:
+    return {"min": -np.ones(d), "max": np.ones(d), "mean": np.zeros(d), "std": np.ones(d), "count": np.array(1.0)}
+
+
+def transformer_policy(ptype: str = "diffusion", sampler: dict | None = None, seed: int = 0) -> Any:
+    """A tiny transformer policy whose zero-initialized (adaLN-Zero) layers are randomized, so that its chunks
+    depend on every branch."""
+    torch.manual_seed(seed)
+    cfg = {"type": ptype, "backbone": {"name": "transformer", "preset": "tiny"}, "obs": {"state": [5]},
+           "action_dim": 2, "sampler": sampler or ({"kind": "ddim", "steps": 10} if ptype == "diffusion"
+                                                    else {"kind": "euler", "steps": 8})}
+    policy = make_policy(cfg, {"state": s(5), "action": s(2)}).eval()
+    bb = policy.backbone
+    for layer in (bb.out_proj, bb.time_mod, bb.final_mod):
+        torch.nn.init.normal_(layer.weight, 0.0, 0.1)
+    return policy
+
+
+def obs(batch: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
+    return {"state": torch.randn(batch, 2, 5, generator=torch.Generator().manual_seed(seed))}
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("ptype,sampler", [("diffusion", {"kind": "ddim", "steps": 10}),
+                                           ("diffusion", {"kind": "ddpm", "steps": 20}),
+                                           ("flow", {"kind": "midpoint", "steps": 4})])
+def test_every_step_an_update_equals_the_uncached_policy_exactly(ptype, sampler):
+    policy = transformer_policy(ptype, sampler)
+    o, noise = obs(), torch.randn(policy.noise_shape(3))
+    plain = policy.predict_action(o, noise)
+    total = 2 * sampler["steps"] if sampler["kind"] == "midpoint" else sampler["steps"]
+    cached = CachedPolicy(policy, all_steps(branch_keys(policy.backbone), f"{sampler['kind']}-{sampler['steps']}",
+                                            total))
+    assert torch.equal(cached.predict_action(o, noise), plain)
+    assert cached.denoiser.computed == cached.denoiser.calls == total * 6  # 2 blocks x 3 branches
+
+
+def test_a_sparse_schedule_computes_only_its_update_steps_and_stays_close():
+    policy = transformer_policy()
+    o, noise = obs(), torch.randn(policy.noise_shape(3))
+    plain = policy.predict_action(o, noise)
+    sched = uniform_schedule(branch_keys(policy.backbone), "ddim-10", 10, updates=5)
+    cached = CachedPolicy(policy, sched)
+    out = cached.predict_action(o, noise)
+    assert cached.denoiser.computed == 6 * 5 and cached.denoiser.calls == 6 * 10
+    assert sched.compute_fraction == pytest.approx(0.5)
+    rel = float((out - plain).norm() / plain.norm())
+    assert 0.0 < rel < 0.5  # reuse changes the chunk, a little
+
+
+def test_warm_start_through_the_cache_equals_the_uncached_warm_start_with_every_step():
+    policy = transformer_policy()
+    o, noise = obs(2), torch.randn(policy.noise_shape(2))
+    prev = policy.predict_action(o, noise)
+    cached = CachedPolicy(policy, all_steps(branch_keys(policy.backbone), "ddim-10", 10))
+    a = policy.predict_action_warm(o, prev, 8, 4, noise)
+    b = cached.predict_action_warm(o, prev, 8, 4, noise)
+    assert torch.equal(a, b)
+    sparse = CachedPolicy(policy, uniform_schedule(branch_keys(policy.backbone), "ddim-10", 10, 2))  # 0 and 5
+    sparse.predict_action_warm(o, prev, 8, 4, noise)  # steps 6..9 of 10: the first call computes everything
+    assert sparse.denoiser.computed == 6 and sparse.denoiser.calls == 24
+
+
+# ---------------------------------------------------------------------------------------------- scheduler
+def test_dp_picks_the_hand_worked_optimum():
+    # 6 steps; outputs change sharply after step 2 and again after step 4.
+    sim = np.array([
+        [1.0, 0.9, 0.8, 0.1, 0.1, 0.0],
+        [0.0, 1.0, 0.9, 0.2, 0.1, 0.0],
+        [0.0, 0.0, 1.0, 0.3, 0.2, 0.1],
+        [0.0, 0.0, 0.0, 1.0, 0.9, 0.2],
+        [0.0, 0.0, 0.0, 0.0, 1.0, 0.3],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+    ])
+    # k=2: {0,3} scores 0.9+0.8 (steps 1,2 from 0) + 0.9+0.2 (4,5 from 3) = 2.8, the best of the five choices
+    assert dp_update_steps(sim, 2) == (0, 3)
+    # k=3: {0,3,5}: 0.9+0.8 + 0.9 = 2.6; {0,3,4}: 0.9+0.8 + 0.3 = 2.0; {0,2,3}: 0.9 + 0.9+0.2 = 2.0;
+    # {0,1,3}: 0.9+0.9+0.2 = 2.0 (and the rest lower)
+    assert dp_update_steps(sim, 3) == (0, 3, 5)
+    assert dp_update_steps(sim, 1) == (0,)
+    assert dp_update_steps(sim, 6) == (0, 1, 2, 3, 4, 5)
+    assert caching_error(sim, (0, 3)) == pytest.approx(((1 - 0.9) + (1 - 0.8) + (1 - 0.9) + (1 - 0.2)) / 6)
+
+
+def test_dp_matches_exhaustive_search_on_random_matrices():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        S, k = 7, int(rng.integers(1, 6))
+        sim = rng.uniform(-1, 1, (S, S))
+        np.fill_diagonal(sim, 1.0)  # a step is identical to itself (cosine 1), as in every real calibration
+
+        def score(ups):
+            return -caching_error(sim, ups) * S + sum(sim[j, j] for j in range(S))
+
+        best = max(((0, *c) for c in itertools.combinations(range(1, S), k - 1)), key=score)
+        assert score(dp_update_steps(sim, k)) == pytest.approx(score(best))
+
+
+def test_bubbling_union_on_a_hand_built_ranking():
+    updates = {"0.self_attn": (0, 4), "0.cross_attn": (0, 2), "0.ff": (0, 3),
+               "1.self_attn": (0, 1), "1.cross_attn": (0, 5), "1.ff": (0, 6)}
+    errors = {"0.self_attn": 0.5, "0.cross_attn": 0.1, "0.ff": 0.4, "1.self_attn": 0.05, "1.cross_attn": 0.3,
+              "1.ff": 0.9}
+    out, chosen = bubbling_union(updates, errors, n_blocks=2, top=3)
+    # 1.ff has the largest error but no feed-forward branch after it: not a candidate
+    assert chosen == ["0.self_attn", "0.ff", "1.cross_attn"]
+    assert out["0.self_attn"] == (0, 3, 4)  # with 0.ff's
+    assert out["0.ff"] == (0, 3, 6)  # with 1.ff's (the original, not a chain)
+    assert out["1.cross_attn"] == (0, 5, 6)
+    assert out["0.cross_attn"] == (0, 2) and out["1.ff"] == (0, 6) and out["1.self_attn"] == (0, 1)
+    assert next_ff("1.ff", 2) is None and next_ff("0.cross_attn", 2) == "0.ff"
+    assert bubbling_union(updates, errors, 2, 0)[1] == []
+
+
+def test_uniform_steps():
+    assert uniform_steps(100, 25) == tuple(range(0, 100, 4))
+    assert uniform_steps(10, 3) == (0, 3, 6)
+    assert uniform_steps(5, 9) == (0, 1, 2, 3, 4)
+
+
+def test_calibrated_bac_beats_uniform_at_equal_compute_on_this_model():
+    policy = transformer_policy(sampler={"kind": "ddim", "steps": 10})
+    cal = calibrate(policy, [obs(8, 2), obs(8, 3)])
+    assert cal.observations == 16 and cal.total == 10 and set(cal.similarity) == set(branch_keys(policy.backbone))
+    for sim in cal.similarity.values():
+        assert np.allclose(np.diag(sim), 1.0, atol=1e-5) and sim.shape == (10, 10)
+    bac = schedule_from_calibration(cal, "bac", 3, bubble=0)
+    uni = schedule_from_calibration(cal, "uniform", 3)
+    assert bac.compute_fraction == uni.compute_fraction == pytest.approx(0.3)
+    # the scheduler maximizes exactly the similarity that caching_error measures
+    assert sum(bac.info["error"].values()) <= sum(uni.info["error"].values()) + 1e-12
+    l1 = calibrate(policy, [obs(4, 2)], metric="l1")
+    assert all(np.allclose(np.diag(v), 0.0, atol=1e-6) and (v <= 1e-6).all() for v in l1.similarity.values())
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def test_schedule_round_trips_and_refuses_bad_contents():
+    policy = transformer_policy()
+    sched = schedule_from_calibration(calibrate(policy, [obs(4)]), "bac", 4, bubble=2)
+    again = CacheSchedule.from_dict(json.loads(json.dumps(sched.to_dict())))
+    assert again.updates == sched.updates and again.fingerprint == sched.fingerprint
+    assert again.sampler == "ddim-10" and again.info["bubbled"] == sched.info["bubbled"]
+    with pytest.raises(CacheError, match="must include step 0"):
+        CacheSchedule("bac", "ddim-10", 10, {"0.ff": (2, 5)})
+    with pytest.raises(CacheError, match="outside the schedule's 10 steps"):
+        CacheSchedule("bac", "ddim-10", 10, {"0.ff": (0, 10)})
+    with pytest.raises(CacheError, match="missing"):
+        CacheSchedule.from_dict({"method": "bac"})
+
+
+def test_a_schedule_of_another_checkpoint_or_sampler_is_refused(tmp_path):
+    policy = transformer_policy(seed=0)
+    other = transformer_policy(seed=1)
+    sched = schedule_from_calibration(calibrate(policy, [obs(4)]), "bac", 4)
+    with pytest.raises(CacheError, match="calibrated for another checkpoint"):
+        CachedPolicy(other, sched)
+    cached = CachedPolicy(policy, sched)
+    with pytest.raises(CacheError, match=r"calibrated for sampler ddim-10 .* samples with ddim-5.*steps=5"):
+        cached.predict_action(obs(), steps=5)
+    with pytest.raises(CacheError, match="ddim-20"):
+        cached.set_sampler(steps=20)
+    with pytest.raises(CacheError, match="other blocks"):
+        CachedPolicy(transformer_policy(), CacheSchedule("uniform", "ddim-10", 10, {"0.ff": (0,)}))
+    unet = make_policy({"type": "diffusion", "backbone": {"name": "unet", "preset": "tiny"}, "obs": {"state": [5]},
+                        "action_dim": 2}, {"state": s(5), "action": s(2)})
+    with pytest.raises(CacheError, match="needs a transformer backbone.*ConditionalUnet1D"):
+        CachedPolicy(unet, sched)
+
+
+def test_cached_checkpoint_round_trips_and_names_its_base(tmp_path):
+    policy = transformer_policy()
+    save_policy(policy, tmp_path / "base", config={"task": "push_t"})
+    base = load_policy(tmp_path / "base")
+    sched = schedule_from_calibration(calibrate(base, [obs(4)]), "bac", 3)
+    cached = CachedPolicy(base, sched)
+    save_policy(cached, tmp_path / "cached")
+    loaded = load_policy(tmp_path / "cached")
+    assert loaded.policy_type == "cached" and loaded.schedule.updates == sched.updates
+    o, noise = obs(), torch.randn(policy.noise_shape(3))
+    assert torch.equal(loaded.predict_action(o, noise), cached.predict_action(o, noise))
+    assert loaded.checkpoint_state() == {}  # no weights of its own
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def push_t_ckpt(tmp_path_factory) -> Path:
+    """The tiny flow-transformer fixture checkpoint, its run config pointed at a small push_t store."""
+    root = tmp_path_factory.mktemp("cache_cli")
+    store = root / "push_t.zarr"
+    assert main(["collect", "task=push_t", "episodes=2", f"out={store}", "progress=false"]) == 0
+    ckpt = root / "base"
+    shutil.copytree(FIXTURES / "v1_push_t_flow_transformer", ckpt)
+    text = (ckpt / "config.yaml").read_text().replace("/tmp/golden/push_t.zarr", str(store))
+    (ckpt / "config.yaml").write_text(text)
+    return ckpt
+
+
+def test_calibrate_writes_a_cached_checkpoint_that_eval_and_bench_use(push_t_ckpt, tmp_path, capsys):
+    out = tmp_path / "bac"
+    assert main(["accel", "calibrate", f"checkpoint={push_t_ckpt}", "updates=2", "observations=24", "batch=8",
+                 f"out={out}", "progress=false"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["checkpoint"] == str(out) and summary["sampler"] == "euler-4" and summary["updates"] == 2
+    assert 2 / 4 <= summary["compute_fraction"] < 1.0 and summary["observations"] == 24
+    for f in ("schedule.png", "similarity.npz", "config.yaml"):
+        assert (out / f).is_file(), f
+    assert (out / "schedule.png").stat().st_size > 5000
+    assert main(["eval", f"checkpoint={out}", "episodes=2", "num_envs=2", "workers=0",
+                 f"run_dir={tmp_path / 'ev'}"]) == 0
+    ev = last_json(capsys.readouterr().out)
+    assert ev["policy_type"] == "cached" and ev["episodes"] == 2 and ev["cache"]["sampler"] == "euler-4"
+    assert main(["bench", "latency", f"checkpoint={out}", "repeats=2", "warmup=1", "observations=3",
+                 f"out={tmp_path / 'lat.json'}"]) == 0
+    lat = last_json(capsys.readouterr().out)
+    for key in ("speedup", "latency_ms_cached", "latency_ms_uncached", "action_rel_error"):
+        assert key in lat and lat[key] >= 0
+    assert lat["measured_compute_fraction"] == pytest.approx(summary["compute_fraction"], abs=1e-3)
+    assert json.loads((tmp_path / "lat.json").read_text())["speedup"] == lat["speedup"]
+
+
+def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys):
+    assert main(["eval", f"checkpoint={push_t_ckpt}", "cache=uniform", "cache_updates=2", "episodes=1",
+                 "num_envs=1", "workers=0", f"run_dir={tmp_path / 'ev'}"]) == 0
+    ev = last_json(capsys.readouterr().out)
+    assert ev["cache"] == {"method": "uniform", "sampler": "euler-4", "compute_fraction": 0.5}
+    assert main(["bench", "latency", f"checkpoint={push_t_ckpt}", "cache=none", "repeats=1", "warmup=0",
+                 "observations=2"]) == 0
+    assert last_json(capsys.readouterr().out)["action_rel_error"] == 0.0  # every step computed: exact
+    cases = [
+        (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "updates=9"], "updates=9 must be between 1 and the 4"),
+        (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=fast"], "method='fast' is not one of"),
+        (["accel", "calibrate", f"checkpoint={tmp_path / 'nowhere'}"], "nowhere"),
+        (["accel", "calibrate", f"checkpoint={FIXTURES / 'v1_push_t_diffusion_unet'}", "method=uniform"],
+         "needs a transformer backbone"),
+        (["accel", "calibrate", f"checkpoint={push_t_ckpt}", f"dataset={tmp_path / 'none.zarr'}"],
+         "none.zarr does not exist"),
+        (["eval", f"checkpoint={push_t_ckpt}", "cache=fast"], "cache='fast' is not one of"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        assert message in capsys.readouterr().err, argv
+    out = tmp_path / "uni"
+    assert main(["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=uniform", "updates=2", f"out={out}",
+                 "plot=false"]) == 0
+    capsys.readouterr()
+    assert main(["eval", f"checkpoint={out}", "sampler.steps=8", "episodes=1"]) == 1
+    assert "calibrated for sampler euler-4" in capsys.readouterr().err
