@@ -1,4 +1,5 @@
-"""Acceleration of trained policies at inference: kernel choice and backbone dtype.
+"""Acceleration of trained policies at inference: kernel choice, backbone dtype, block-wise adaptive caching (BAC)
+and CUDA-graph sampling.
 
 This room may import ``robolearn.models`` and ``robolearn.policies``; what it provides wraps or switches a
 trained policy and never edits its weights (only the lossy dtype cast a caller asks for). The models keep plain
@@ -10,8 +11,20 @@ modules -- what training runs -- and the choice of faster inference kernels live
     use_kernels(policy, "stock")                        # PyTorch's own Conv1d/ConvTranspose1d/Linear
     set_inference_dtype(policy, "bf16")                 # bfloat16 backbone (lossy; for deployment)
 
-See :mod:`robolearn.accel.kernels` for what each kernel set is and the measurements behind the defaults.
+    cached = CachedPolicy(policy, schedule)             # block caching (robolearn/accel/cache.py)
+    fast = graphed(policy_on_cuda, dtype="bf16")        # denoiser calls replayed as CUDA graphs (graph.py)
+
+See :mod:`robolearn.accel.kernels` for what each kernel set is and the measurements behind the defaults, and
+:mod:`robolearn.accel.cache` for BAC (``robolearn accel calibrate``).
 """
+from robolearn.accel.cache import (
+    CacheError,
+    CacheSchedule,
+    CachedPolicy,
+    calibrate,
+    schedule_from_calibration,
+)
+from robolearn.accel.graph import GraphError, GraphedPolicy, graphed
 from robolearn.accel.kernels import (
     KERNELS,
     default_kernels,
@@ -24,6 +37,14 @@ from robolearn.accel.kernels import (
 )
 
 __all__ = [
+    "CacheError",
+    "CacheSchedule",
+    "CachedPolicy",
+    "GraphError",
+    "GraphedPolicy",
+    "calibrate",
+    "graphed",
+    "schedule_from_calibration",
     "KERNELS",
     "default_kernels",
     "kernels_in_use",

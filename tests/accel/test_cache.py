@@ -286,3 +286,21 @@ def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys)
     capsys.readouterr()
     assert main(["eval", f"checkpoint={out}", "sampler.steps=8", "episodes=1"]) == 1
     assert "calibrated for sampler euler-4" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+def test_graph_capture_refuses_a_cpu_policy_and_flattens_conditions():
+    from robolearn.accel.graph import GraphError, flatten_tensors, graphed
+    from robolearn.models.transformer import TransformerCond
+
+    policy = transformer_policy()
+    with pytest.raises(GraphError, match="on a CUDA device; its backbone is on cpu"):
+        graphed(policy)
+    cond = policy.backbone.prepare(torch.randn(2, 3, policy.backbone.cond_dim))
+    flat, rebuild = flatten_tensors(cond)
+    assert len(flat) == 1 + 2 * len(policy.backbone.blocks)
+    again = rebuild([t + 1 for t in flat])
+    assert isinstance(again, TransformerCond) and torch.equal(again.kv[1][0], cond.kv[1][0] + 1)
+    assert torch.equal(again.memory, cond.memory + 1)
+    with pytest.raises(TypeError, match="cannot capture"):
+        flatten_tensors({"a": 1})

@@ -40,7 +40,11 @@ for ptype, bb, preset in [("diffusion", "unet", "dp"), ("flow", "transformer", "
 PY
 # 2. Chunk latency and training throughput, every policy and sampler.
 python tools/bench/latency.py --device cuda --out "$OUT/latency_gpu.json" | tee "$OUT/latency.txt"
+# 3. CUDA-graph sampling (robolearn.accel.graphed) against eager, fp32 and bf16, with agreement to the CPU.
+python tools/gpu/graph_latency.py --out "$OUT/graph_latency.json" | tee "$OUT/graph.txt" || echo "graph_latency FAILED"
 echo
 echo "== table =="
 grep -E "check " "$OUT/check.txt" || true
 tail -n 30 "$OUT/latency.txt"
+echo
+tail -n 12 "$OUT/graph.txt" || true

@@ -1,0 +1,153 @@
+"""The denoiser call captured as a CUDA graph: the GPU path of batch-1 sampling.
+
+At batch 1 a GPU spends most of a denoiser call launching kernels (hundreds per call for the U-Net and the
+transformer), not computing them. :class:`GraphedDenoiser` records one call of the backbone into a
+``torch.cuda.CUDAGraph`` per input signature (shapes and dtypes of the noisy chunk, the timestep and the per-chunk
+condition) and afterwards only copies the inputs into the graph's static buffers and replays it. It plugs into
+the one denoising loop as ``denoiser=`` (:meth:`robolearn.policies.ChunkPolicy.predict_action`), so every sampler
+and the warm start use it unchanged; the sampler's own arithmetic between calls stays eager.
+
+    from robolearn.accel import graphed
+    policy = graphed(load_policy(path, map_location="cuda"), dtype="bf16")   # a GraphedPolicy
+    chunk = policy.predict_action(obs, noise)
+
+Status: written against PyTorch's documented capture recipe (warm-up on a side stream, then capture) and checked
+on the CPU only for its refusals and its input handling; ``tools/gpu/run_all.sh`` exercises it (agreement with
+eager sampling and latency) on a lent GPU. Until that has run, treat it as untested on a GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import torch
+
+
+class GraphError(RuntimeError):
+    """CUDA graphs cannot be used here (no CUDA device, or a policy not on one)."""
+
+
+def flatten_tensors(obj: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
+    """The tensors inside ``obj`` (a tensor, list/tuple, or dataclass of them; None passes through) in a fixed
+    order, and a function that rebuilds an ``obj`` of the same structure from such a list."""
+    if obj is None:
+        return [], lambda flat: None
+    if torch.is_tensor(obj):
+        return [obj], lambda flat: flat[0]
+    if isinstance(obj, (list, tuple)):
+        parts = [flatten_tensors(o) for o in obj]
+        sizes = [len(p[0]) for p in parts]
+        kind = type(obj)
+
+        def rebuild_seq(flat: list[torch.Tensor]) -> Any:
+            out, i = [], 0
+            for (_, fn), n in zip(parts, sizes):
+                out.append(fn(flat[i:i + n]))
+                i += n
+            return kind(out) if kind in (list, tuple) else kind(*out)
+
+        return [t for p in parts for t in p[0]], rebuild_seq
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = [f.name for f in dataclasses.fields(obj)]
+        parts = [flatten_tensors(getattr(obj, n)) for n in names]
+        sizes = [len(p[0]) for p in parts]
+        cls = type(obj)
+
+        def rebuild_dc(flat: list[torch.Tensor]) -> Any:
+            vals, i = {}, 0
+            for name, (_, fn), n in zip(names, parts, sizes):
+                vals[name] = fn(flat[i:i + n])
+                i += n
+            return cls(**vals)
+
+        return [t for p in parts for t in p[0]], rebuild_dc
+    raise TypeError(f"cannot capture a denoiser input of type {type(obj).__name__} (tensors, lists, tuples and "
+                    f"dataclasses of them only)")
+
+
+class GraphedDenoiser:
+    """Calls ``backbone`` through one CUDA graph per input signature (see the module docstring).
+
+    ``warmup``: eager calls on a side stream before capturing (cuBLAS/cuDNN pick their kernels there).
+    Graphs are kept per signature: a new batch size or dtype captures a new one (a few hundred ms).
+    """
+
+    def __init__(self, backbone: torch.nn.Module, warmup: int = 3) -> None:
+        dev = next(backbone.parameters()).device
+        if dev.type != "cuda":
+            raise GraphError(f"CUDA graphs need the policy on a CUDA device; its backbone is on {dev} "
+                             f"(load it with map_location='cuda', or leave graph capture off on a CPU)")
+        if not torch.cuda.is_available():  # pragma: no cover - a cuda tensor implies it
+            raise GraphError("CUDA is not available")
+        self.backbone, self.warmup = backbone, int(warmup)
+        self._graphs: dict[tuple, tuple] = {}
+        self.captures = 0
+
+    def prepare(self, cond: Any) -> Any:
+        return self.backbone.prepare(cond)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
+        flat, rebuild = flatten_tensors(cond)
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype,
+               tuple((tuple(f.shape), f.dtype) for f in flat))
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(x, t, flat, rebuild)
+        graph, sx, st, sflat, out = entry
+        sx.copy_(x)
+        st.copy_(t)
+        for s, f in zip(sflat, flat):
+            s.copy_(f)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor, flat: list[torch.Tensor],
+                 rebuild: Callable[[list[torch.Tensor]], Any]) -> tuple:
+        sx, st = x.clone(), t.clone()
+        sflat = [f.clone() for f in flat]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.backbone(sx, st, rebuild(sflat))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.backbone(sx, st, rebuild(sflat))
+        self.captures += 1
+        return graph, sx, st, sflat, out
+
+
+class GraphedPolicy:
+    """A chunk policy whose denoiser calls replay CUDA graphs; otherwise the policy itself (attributes pass
+    through). ``dtype``: cast the backbone first (``"bf16"``: robolearn.accel.set_inference_dtype)."""
+
+    def __init__(self, policy: Any, dtype: str = "float32", warmup: int = 3) -> None:
+        from robolearn.accel.kernels import _backbone_owner, set_inference_dtype
+
+        owner = _backbone_owner(policy)
+        if owner is None:
+            raise GraphError(f"{type(policy).__name__} has no denoiser backbone to capture")
+        if owner is not policy:
+            raise GraphError(f"graph capture wraps a base chunk policy, not a {type(policy).__name__} wrapper")
+        set_inference_dtype(policy, dtype)
+        self.policy = policy
+        self.denoiser = GraphedDenoiser(policy.backbone, warmup)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["policy"], name)
+
+    def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None,
+                       **kwargs: Any) -> torch.Tensor:
+        return self.policy.predict_action(obs_history, noise, denoiser=self.denoiser, **kwargs)
+
+    def predict_action_warm(self, obs_history: Mapping[str, Any], prev_chunk: torch.Tensor, shift: int, steps: int,
+                            noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+                            ) -> torch.Tensor:
+        return self.policy.predict_action_warm(obs_history, prev_chunk, shift, steps, noise, generator,
+                                               denoiser=self.denoiser)
+
+
+def graphed(policy: Any, dtype: str = "float32", warmup: int = 3) -> GraphedPolicy:
+    """``policy`` (on a CUDA device) with its denoiser calls captured as CUDA graphs; see :class:`GraphedPolicy`."""
+    return GraphedPolicy(policy, dtype=dtype, warmup=warmup)
