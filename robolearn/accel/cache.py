@@ -24,7 +24,10 @@ The pieces, each usable alone:
 - :func:`uniform_schedule` (every branch at the same evenly spaced steps: the baseline) and :func:`all_steps`
   (every step an update: equals the uncached policy exactly).
 - :class:`CachedDenoiser`: calls the base backbone's branches itself, computing at update steps and reusing
-  otherwise; the first call of every sampling run computes everything (a warm start begins mid-schedule).
+  otherwise; the first call of every sampling run computes everything (a warm start begins mid-schedule). It
+  also keeps the timestep's conditioning (every block's adaLN modulation) per timestep: a sampler visits the
+  same timesteps for every chunk. That part is exact; ``robolearn bench latency`` reports it separately
+  (``latency_ms_memo_only``: every step computed, only the timestep conditioning kept).
 - :class:`CachedPolicy`: the registered policy kind ``"cached"`` around a trained base (its checkpoint names the
   base and holds the schedule, no weights).
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -317,10 +321,30 @@ class CachedDenoiser:
         self._mask = schedule.update_mask([k for row in self.keys for k in row]).reshape(
             len(self.blocks), len(self.names), schedule.total)
         self._cache: list[list[torch.Tensor | None]] = []
+        self._time: "OrderedDict[tuple, Any]" = OrderedDict()
         self.calls = self.computed = 0
 
     def prepare(self, cond: Any) -> Any:
         return self.backbone.prepare(cond)
+
+    #: timestep conditionings kept (per timestep value and batch size, batches up to MEMO_BATCH only)
+    MEMO_ENTRIES, MEMO_BATCH = 512, 4
+
+    def _time_conditioning(self, t: torch.Tensor) -> Any:
+        """The backbone's ``time_conditioning(t)``, kept per (timestep, batch size): a sampler visits the same
+        timesteps for every chunk, and this part of a step depends on nothing else. Computed exactly as the
+        plain call computes it (same rows), so an all-updates schedule stays bitwise equal to the plain policy."""
+        bb = self.backbone
+        if not hasattr(bb, "time_conditioning") or t.shape[0] > self.MEMO_BATCH or t.device.type != "cpu" \
+                or not bool((t == t[0]).all()):
+            return None
+        key = (float(t[0]), t.shape[0], next(iter(bb.parameters())).dtype)
+        tc = self._time.get(key)
+        if tc is None:
+            tc = self._time[key] = bb.time_conditioning(t)
+            if len(self._time) > self.MEMO_ENTRIES:
+                self._time.popitem(last=False)
+        return tc
 
     def reset_counts(self) -> None:
         self.calls = self.computed = 0
@@ -333,7 +357,7 @@ class CachedDenoiser:
         if step.index == 0:
             self._cache = [[None] * len(self.names) for _ in self.blocks]
         col = step.schedule_index
-        ctx = bb.begin(x, t, cond)
+        ctx = bb.begin(x, t, cond, self._time_conditioning(t))
         h = ctx.x
         for i, (blk, bc) in enumerate(zip(self.blocks, ctx.block_ctx)):
             row = self._cache[i]

@@ -155,6 +155,14 @@ class BlockContext:
 
 
 @dataclass
+class TimeCond:
+    """The timestep's part of a step: each block's (B, 9, D) modulation and the head's (B, 2, D)."""
+
+    block_mods: list[torch.Tensor]
+    final_mod: torch.Tensor
+
+
+@dataclass
 class StepContext:
     """Everything one denoising step needs: ``blocks[i]`` gets ``block_ctx[i]``; ``final_mod`` feeds the head."""
 
@@ -220,18 +228,25 @@ class TransformerDenoiser(nn.Module):
         memory = self.mem_proj(cond)
         return TransformerCond(memory, [blk.memory_kv(memory) for blk in self.blocks])
 
-    def begin(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | TransformerCond) -> StepContext:
-        """Embed the noisy chunk and the timestep: the inputs of block 0 and every block's context."""
+    def time_conditioning(self, t: torch.Tensor) -> TimeCond:
+        """Everything that depends on the timestep alone: every block's modulation and the head's. A function
+        of ``t`` only, so an inference wrapper may keep it per timestep across chunks."""
+        temb = F.silu(self.time_mlp(self.time_sinusoid(t).to(self.in_proj.weight.dtype)))
+        time_mod = self.time_mod(temb).view(-1, 9, self.d_model)
+        return TimeCond([blk.modulation(time_mod) for blk in self.blocks], self.final_mod(temb).view(-1, 2, self.d_model))
+
+    def begin(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | TransformerCond,
+              time_cond: TimeCond | None = None) -> StepContext:
+        """Embed the noisy chunk and the timestep: the inputs of block 0 and every block's context.
+        ``time_cond``: :meth:`time_conditioning` of ``t``, when the caller already has it."""
         T = x.shape[1]
         if T > self.horizon:
             raise ValueError(f"sequence of {T} steps is longer than the horizon {self.horizon} the model was built for")
         prepared = self.prepare(cond)
-        temb = F.silu(self.time_mlp(self.time_sinusoid(t).to(self.in_proj.weight.dtype)))
-        time_mod = self.time_mod(temb).view(-1, 9, self.d_model)
-        ctxs = [BlockContext(blk.modulation(time_mod), prepared.memory, prepared.kv[i])
-                for i, blk in enumerate(self.blocks)]
+        tc = self.time_conditioning(t) if time_cond is None else time_cond
+        ctxs = [BlockContext(tc.block_mods[i], prepared.memory, prepared.kv[i]) for i in range(len(self.blocks))]
         h = self.in_proj(x) + self.pos[:T]
-        return StepContext(h, ctxs, self.final_mod(temb).view(-1, 2, self.d_model), T)
+        return StepContext(h, ctxs, tc.final_mod, T)
 
     def head(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Final adaLN LayerNorm and projection back to action space."""
