@@ -259,23 +259,40 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
                                    dataset=cfg.dataset)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     noises = [torch.randn(base.noise_shape(1), generator=gen) for _ in obs]
-    # accuracy: the same observations and initial noise through both
-    errs = []
-    for o, n in zip(obs, noises):
-        a = base.predict_action(o, n)
-        c = cached.predict_action(o, n)
-        errs.append(float((c - a).norm() / a.norm().clamp_min(1e-12)))
-    from robolearn.accel.cache import CachedPolicy, all_steps, branch_keys
+    warm = cfg.warm_steps
+    if warm is not None:
+        if int(warm) < 1:
+            raise CLIError(f"warm_steps must be >= 1, got {warm}")
+        if not callable(getattr(base, "predict_action_warm", None)):
+            raise CLIError(f"{type(base).__name__} has no warm start (predict_action_warm)")
+        # RTI-DP as the runner does it: the previous chunk (here: a chunk for another noise), shifted by the
+        # executed actions, noised to the level of the last ``warm`` steps of the configured DDIM schedule
+        prev = [base.predict_action(o, torch.randn(base.noise_shape(1), generator=gen)) for o in obs]
 
+    def sample(pol: Any, i: int) -> Any:
+        if warm is None:
+            return pol.predict_action(obs[i], noises[i])
+        return pol.predict_action_warm(obs[i], prev[i], int(base.n_action_steps), int(warm), noises[i])
+
+    from robolearn.accel.cache import CachedPolicy, CacheError, all_steps, branch_keys
+
+    errs = []  # accuracy: the same observations and initial noise through both
+    try:
+        for i in range(len(obs)):
+            a, c = sample(base, i), sample(cached, i)
+            errs.append(float((c - a).norm() / a.norm().clamp_min(1e-12)))
+    except CacheError as e:
+        raise CLIError(str(e)) from None
     memo = CachedPolicy(base, all_steps(branch_keys(base.backbone), cached.schedule.sampler, cached.schedule.total))
     cached.denoiser.reset_counts()
-    times = _time_policies({"uncached": base, "cached": cached, "memo_only": memo}, obs[0], noises[0],
-                       int(cfg.repeats), int(cfg.warmup))
+    times = _time_policies({"uncached": base, "cached": cached, "memo_only": memo}, sample,
+                           int(cfg.repeats), int(cfg.warmup))
     unc, cac = statistics.median(times["uncached"]), statistics.median(times["cached"])
     mem = statistics.median(times["memo_only"])
     sched = cached.schedule
     summary = {
         "checkpoint": str(ckpt), "cache": sched.method, "sampler": sched.sampler, "steps": sched.total,
+        "warm_steps": None if warm is None else int(warm),
         "compute_fraction": round(sched.compute_fraction, 4),
         "measured_compute_fraction": round(cached.denoiser.computed / max(1, cached.denoiser.calls), 4),
         "latency_ms_uncached": round(unc, 3), "latency_ms_cached": round(cac, 3),
@@ -302,17 +319,16 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _time_policies(pols: Mapping[str, Any], obs: Mapping[str, Any], noise: Any, repeats: int, warmup: int
-               ) -> dict[str, list[float]]:
-    """Milliseconds per ``predict_action`` of each policy, alternating call by call (so a change in the
-    machine's load falls on all of them)."""
+def _time_policies(pols: Mapping[str, Any], sample: Any, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per ``sample(policy, 0)`` (one chunk at batch 1) of each policy, alternating call by call (so
+    a change in the machine's load falls on all of them)."""
     for _ in range(warmup):
         for pol in pols.values():
-            pol.predict_action(obs, noise)
+            sample(pol, 0)
     out: dict[str, list[float]] = {k: [] for k in pols}
     for _ in range(repeats):
         for name, pol in pols.items():
             t0 = time.perf_counter()
-            pol.predict_action(obs, noise)
+            sample(pol, 0)
             out[name].append((time.perf_counter() - t0) * 1000)
     return out

@@ -77,6 +77,7 @@ class BenchLatencyConfig:
     updates: int | None = None
     sampler: str | None = None
     steps: int | None = None
+    warm_steps: int | None = None  # time the warm start (RTI-DP) with this many steps instead of full sampling
     repeats: int = 20
     warmup: int = 3
     observations: int = 16  # observations from the training data for the action error

@@ -257,6 +257,11 @@ def test_calibrate_writes_a_cached_checkpoint_that_eval_and_bench_use(push_t_ckp
         assert key in lat and lat[key] >= 0
     assert lat["measured_compute_fraction"] == pytest.approx(summary["compute_fraction"], abs=1e-3)
     assert json.loads((tmp_path / "lat.json").read_text())["speedup"] == lat["speedup"]
+    # the warm start (RTI-DP) through the same schedule: its calls sit at the end of the euler-4 schedule
+    assert main(["bench", "latency", f"checkpoint={out}", "warm_steps=2", "repeats=1", "warmup=0",
+                 "observations=2"]) == 0
+    warm = last_json(capsys.readouterr().out)
+    assert warm["warm_steps"] == 2 and 0.0 <= warm["action_rel_error"] < 1.0
 
 
 def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys):
