@@ -272,6 +272,10 @@ def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys)
     assert main(["bench", "latency", f"checkpoint={push_t_ckpt}", "cache=none", "repeats=1", "warmup=0",
                  "observations=2"]) == 0
     assert last_json(capsys.readouterr().out)["action_rel_error"] == 0.0  # every step computed: exact
+    # the real-time runner with the warm start, through a uniform cache (virtual clock)
+    assert main(["run", f"checkpoint={push_t_ckpt}", "cache=uniform", "cache_updates=2", "blend=warmstart",
+                 "realtime=false", "latency_s=0", "episodes=1", "status=false", f"run_dir={tmp_path / 'run'}"]) == 0
+    assert last_json(capsys.readouterr().out)["episodes"] == 1
     cases = [
         (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "updates=9"], "updates=9 must be between 1 and the 4"),
         (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=fast"], "method='fast' is not one of"),
@@ -281,6 +285,7 @@ def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys)
         (["accel", "calibrate", f"checkpoint={push_t_ckpt}", f"dataset={tmp_path / 'none.zarr'}"],
          "none.zarr does not exist"),
         (["eval", f"checkpoint={push_t_ckpt}", "cache=fast"], "cache='fast' is not one of"),
+        (["run", "policy=ws://127.0.0.1:1", "task=push_t", "cache=bac"], "cache= applies to a checkpoint="),
     ]
     for argv, message in cases:
         assert main(argv) == 1, argv
