@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"threads={args.threads}", "observations=32", "progress=false", threads=args.threads)
         rows[name].update({k: lat[k] for k in ("speedup", "latency_ms_cached", "latency_ms_uncached",
                                                "action_rel_error", "action_rel_error_max",
-                                               "measured_compute_fraction", "load_avg")})
+                                               "measured_compute_fraction", "load_avg", "latency_ms_memo_only",
+                                               "speedup_memo_only")})
     if not args.skip_eval:
         ev_common = [f"episodes={args.episodes}", f"num_envs={args.num_envs}", f"workers={args.workers}",
                      f"seed={args.seed}"]
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"run_dir={work / ('eval_' + name)}", threads=args.threads)
             rows[name].update(success_rate=ev["success_rate"], mean_return=ev.get("mean_return"),
                               eval_episodes=ev["episodes"], eval_wall_s=round(time.time() - t0, 1),
-                              **({"mean_coverage": ev["mean_coverage"]} if "mean_coverage" in ev else {}))
+                              mean_max_reward=ev.get("mean_max_reward"))
     result = {
         "bench": "block-wise adaptive caching vs uniform caching vs none (tools/bench/cache_eval.py)",
         "label": args.label, "checkpoint": str(args.checkpoint), "sampler": bac["sampler"], "steps": bac["steps"],
@@ -130,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['label']}: {result['sampler']}, {result['episodes']} episodes")
     print(f"{'':<10} {'compute':>8} {'speedup':>8} {'cached ms':>10} {'uncached ms':>12} {'action err':>11} "
-          f"{'success':>8}")
+          f"{'success':>8} {'max reward':>10}")
     for name, r in result["rows"].items():
         def f(key: str, fmt: str) -> str:
             v = r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
         print(f"{name:<10} {f('compute_fraction', '.0%'):>8} {f('speedup', '.2f'):>8} "
               f"{f('latency_ms_cached', '.1f'):>10} {f('latency_ms_uncached', '.1f'):>12} "
-              f"{f('action_rel_error', '.2e'):>11} {f('success_rate', '.2f'):>8}")
+              f"{f('action_rel_error', '.2e'):>11} {f('success_rate', '.2f'):>8} {f('mean_max_reward', '.3f'):>10}")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
