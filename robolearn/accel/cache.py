@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from robolearn.accel.kernels import _backbone_owner
 from robolearn.policies.registry import register_policy
 from robolearn.policies.wrapper import PolicyWrapper
 
@@ -365,35 +366,28 @@ class CachedDenoiser:
                 self.calls += 1
                 out = row[j]
                 if out is None or self._mask[i, j, col] or out.shape != h.shape:
-                    out = blk.branch(name, h, bc)
-                    row[j] = out
+                    out = row[j] = self._compute(i, j, blk, h, bc)
                     self.computed += 1
                 h = h + out
         return bb.head(h, ctx)
 
+    def _compute(self, i: int, j: int, blk: nn.Module, h: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Branch ``j`` of block ``i`` on the residual stream ``h``."""
+        return blk.branch(self.names[j], h, ctx)
+
 
 # ---------------------------------------------------------------------------------------------- calibration
-class _Recorder:
-    """The uncached computation, keeping every branch's output of every step (for one batch)."""
+class _Recorder(CachedDenoiser):
+    """The uncached computation (every step an update step), keeping every branch's output of every step."""
 
-    def __init__(self, backbone: nn.Module) -> None:
-        self.backbone = backbone
-        self.blocks, self.names = _blocks_of(backbone)
+    def __init__(self, backbone: nn.Module, sampler: str, total: int) -> None:
+        super().__init__(backbone, all_steps(branch_keys(backbone), sampler, total))
         self.outputs: dict[tuple[int, int], list[torch.Tensor]] = {}
 
-    def prepare(self, cond: Any) -> Any:
-        return self.backbone.prepare(cond)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
-        bb = self.backbone
-        ctx = bb.begin(x, t, cond)
-        h = ctx.x
-        for i, (blk, bc) in enumerate(zip(self.blocks, ctx.block_ctx)):
-            for j, name in enumerate(self.names):
-                out = blk.branch(name, h, bc)
-                self.outputs.setdefault((i, j), []).append(out.float().reshape(out.shape[0], -1))
-                h = h + out
-        return bb.head(h, ctx)
+    def _compute(self, i: int, j: int, blk: nn.Module, h: torch.Tensor, ctx: Any) -> torch.Tensor:
+        out = super()._compute(i, j, blk, h, ctx)
+        self.outputs.setdefault((i, j), []).append(out.float().reshape(out.shape[0], -1))
+        return out
 
 
 def _similarity_sum(o: torch.Tensor, metric: str) -> torch.Tensor:
@@ -432,7 +426,7 @@ def calibrate(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler
         raise CacheError(f"similarity metric {metric!r} is not one of {list(METRICS)}")
     kind = policy.cfg.sampler.kind if sampler is None else sampler
     n = policy.cfg.sampler.steps if steps is None else int(steps)
-    rec = _Recorder(policy.backbone)
+    rec = _Recorder(policy.backbone, f"{kind}-{n}", backbone_calls(policy, kind, n))
     keys = branch_keys(policy.backbone)
     gen = torch.Generator().manual_seed(int(seed))
     sums: dict[str, torch.Tensor] = {}
@@ -486,18 +480,31 @@ def default_updates(total: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the policy kind
-def _innermost_chunk_policy(policy: Any) -> Any:
-    obj, seen = policy, set()
-    while not hasattr(obj, "backbone") and hasattr(obj, "base") and id(obj) not in seen:
-        seen.add(id(obj))
-        obj = obj.base
-    if not hasattr(obj, "backbone"):
-        raise CacheError(f"{type(policy).__name__} has no denoiser backbone to cache")
-    return obj
+def backbone_calls(policy: Any, sampler: str, steps: int) -> int:
+    """Backbone calls of one ``sampler``-``steps`` run of ``policy``, as its sampler announces them."""
+    return int(policy.solver(policy.make_noise(1), sampler, int(steps), None)[1])
+
+
+class DenoiserRoute:
+    """``predict_action`` and ``predict_action_warm`` of the chunk policy ``self.sampling_policy`` with every
+    denoiser call going through ``self.denoiser`` (block caching, CUDA graphs)."""
+
+    sampling_policy: Any
+    denoiser: Any
+
+    def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None,
+                       **kwargs: Any) -> torch.Tensor:
+        return self.sampling_policy.predict_action(obs_history, noise, denoiser=self.denoiser, **kwargs)
+
+    def predict_action_warm(self, obs_history: Mapping[str, Any], prev_chunk: torch.Tensor, shift: int, steps: int,
+                            noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+                            ) -> torch.Tensor:
+        return self.sampling_policy.predict_action_warm(obs_history, prev_chunk, shift, steps, noise, generator,
+                                                        denoiser=self.denoiser)
 
 
 @register_policy("cached")
-class CachedPolicy(PolicyWrapper):
+class CachedPolicy(DenoiserRoute, PolicyWrapper):
     """A trained transformer chunk policy whose denoiser reuses branch outputs per :class:`CacheSchedule`.
 
     The base is untouched: its sampler is set to the schedule's (the one it was calibrated for), and its
@@ -509,17 +516,17 @@ class CachedPolicy(PolicyWrapper):
         super().__init__(base)
         if not isinstance(schedule, CacheSchedule):
             schedule = CacheSchedule.from_dict(schedule)
-        core = _innermost_chunk_policy(base)
-        if base is not core:
-            raise CacheError(f"block caching wraps a base chunk policy, not a {type(base).__name__} wrapper")
-        schedule.check_backbone(core.backbone)
+        if _backbone_owner(base) is not base:
+            raise CacheError(f"block caching wraps a base chunk policy with a denoiser backbone, not a "
+                             f"{type(base).__name__}")
+        schedule.check_backbone(base.backbone)
         kind, _, steps = schedule.sampler.rpartition("-")
         try:
-            core.set_sampler(kind, int(steps))
+            base.set_sampler(kind, int(steps))
         except Exception as e:  # noqa: BLE001 - a schedule naming a sampler this policy cannot run
             raise CacheError(f"cache schedule's sampler {schedule.sampler!r} does not fit the base: {e}") from None
         self.schedule = schedule
-        self.denoiser = CachedDenoiser(core.backbone, schedule)
+        self.denoiser = CachedDenoiser(base.backbone, schedule)
 
     def wrapper_config(self) -> dict[str, Any]:
         return {"schedule": self.schedule.to_dict()}
@@ -530,15 +537,9 @@ class CachedPolicy(PolicyWrapper):
         n = cur["steps"] if steps is None else int(steps)
         self.schedule.check_sampler(f"{k}-{n}")
 
-    def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None,
-                       **kwargs: Any) -> torch.Tensor:
-        return self.base.predict_action(obs_history, noise, denoiser=self.denoiser, **kwargs)
-
-    def predict_action_warm(self, obs_history: Mapping[str, Any], prev_chunk: torch.Tensor, shift: int, steps: int,
-                            noise: torch.Tensor | None = None, generator: torch.Generator | None = None
-                            ) -> torch.Tensor:
-        return self.base.predict_action_warm(obs_history, prev_chunk, shift, steps, noise, generator,
-                                             denoiser=self.denoiser)
+    @property
+    def sampling_policy(self) -> Any:
+        return self.base
 
     def extra_repr(self) -> str:
         s = self.schedule

@@ -18,9 +18,11 @@ eager sampling and latency) on a lent GPU. Until that has run, treat it as untes
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
+
+from robolearn.accel.cache import DenoiserRoute
 
 
 class GraphError(RuntimeError):
@@ -118,7 +120,7 @@ class GraphedDenoiser:
         return graph, sx, st, sflat, out
 
 
-class GraphedPolicy:
+class GraphedPolicy(DenoiserRoute):
     """A chunk policy whose denoiser calls replay CUDA graphs; otherwise the policy itself (attributes pass
     through). ``dtype``: cast the backbone first (``"bf16"``: robolearn.accel.set_inference_dtype)."""
 
@@ -137,15 +139,9 @@ class GraphedPolicy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["policy"], name)
 
-    def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None,
-                       **kwargs: Any) -> torch.Tensor:
-        return self.policy.predict_action(obs_history, noise, denoiser=self.denoiser, **kwargs)
-
-    def predict_action_warm(self, obs_history: Mapping[str, Any], prev_chunk: torch.Tensor, shift: int, steps: int,
-                            noise: torch.Tensor | None = None, generator: torch.Generator | None = None
-                            ) -> torch.Tensor:
-        return self.policy.predict_action_warm(obs_history, prev_chunk, shift, steps, noise, generator,
-                                               denoiser=self.denoiser)
+    @property
+    def sampling_policy(self) -> Any:
+        return self.policy
 
 
 def graphed(policy: Any, dtype: str = "float32", warmup: int = 3) -> GraphedPolicy:

@@ -55,8 +55,8 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
                 dataset: str | None = None, progress: bool = True) -> tuple[Any, Any]:
     """A :class:`~robolearn.accel.cache.CachedPolicy` over ``policy`` with a ``method`` schedule for its current
     sampler (``bac`` calibrates on the training data); returns it and the calibration (None unless bac)."""
-    from robolearn.accel.cache import (CacheError, CachedPolicy, all_steps, branch_keys, calibrate, default_updates,
-                                       schedule_from_calibration, uniform_schedule)
+    from robolearn.accel.cache import (CacheError, CachedPolicy, all_steps, backbone_calls, branch_keys, calibrate,
+                                       default_updates, schedule_from_calibration, uniform_schedule)
 
     if method not in CACHES:
         raise CLIError(f"cache={method!r} is not one of {list(CACHES)}")
@@ -67,7 +67,7 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
     sc = policy.sampler_config
     sampler, steps = str(sc["kind"]), int(sc["steps"])
     name = f"{sampler}-{steps}"
-    total = _calls(policy, sampler, steps)
+    total = backbone_calls(policy, sampler, steps)
     k = default_updates(total) if updates is None else int(updates)
     if not 1 <= k <= total:
         raise CLIError(f"updates={k} must be between 1 and the {total} denoiser calls of {name}")
@@ -92,9 +92,13 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
         raise CLIError(str(e)) from None
 
 
-def _calls(policy: Any, sampler: str, steps: int) -> int:
-    """Backbone calls of a sampling run (a midpoint step is two)."""
-    return 2 * steps if sampler == "midpoint" else steps
+def _set_sampler(policy: Any, cfg: DictConfig) -> None:
+    """``sampler=``/``steps=`` of the command, when given, as the policy's sampler."""
+    if cfg.sampler is not None or cfg.steps is not None:
+        try:
+            policy.set_sampler(cfg.sampler, cfg.steps)
+        except ValueError as e:
+            raise CLIError(f"sampler: {e}") from None
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
@@ -134,11 +138,7 @@ def calibrate_cmd(cfg: DictConfig) -> dict[str, Any]:
     if getattr(policy, "wraps_base", False):
         raise CLIError(f"{ckpt} is a {policy.policy_type!r} checkpoint; calibrate its base (a diffusion or flow "
                        f"transformer checkpoint)")
-    if cfg.sampler is not None or cfg.steps is not None:
-        try:
-            policy.set_sampler(cfg.sampler, cfg.steps)
-        except ValueError as e:
-            raise CLIError(f"sampler: {e}") from None
+    _set_sampler(policy, cfg)
     t0 = time.perf_counter()
     cached, cal = make_cached(policy, ckpt, str(cfg.method), updates=cfg.updates, bubble=int(cfg.bubble),
                               metric=str(cfg.metric), observations=int(cfg.observations), batch=int(cfg.batch),
@@ -238,21 +238,13 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
     if getattr(loaded, "policy_type", None) == "cached":
         if cfg.cache is not None:
             raise CLIError(f"{ckpt} is already a cached checkpoint; cache= applies to a base checkpoint")
-        if cfg.sampler is not None or cfg.steps is not None:
-            try:
-                loaded.set_sampler(cfg.sampler, cfg.steps)
-            except ValueError as e:
-                raise CLIError(f"sampler: {e}") from None
+        _set_sampler(loaded, cfg)
         cached, base = loaded, loaded.base
     else:
         base = loaded
         if getattr(base, "wraps_base", False):
             raise CLIError(f"{ckpt} is a {base.policy_type!r} checkpoint; bench latency times a base or a cached one")
-        if cfg.sampler is not None or cfg.steps is not None:
-            try:
-                base.set_sampler(cfg.sampler, cfg.steps)
-            except ValueError as e:
-                raise CLIError(f"sampler: {e}") from None
+        _set_sampler(base, cfg)
         cached, _ = make_cached(base, ckpt, str(cfg.cache or "bac"), updates=cfg.updates,
                                 progress=bool(cfg.progress))
     obs = calibration_observations(base, ckpt, int(cfg.observations), 1, seed=int(cfg.seed) + 1,
