@@ -181,7 +181,7 @@ class RunConfig:
     cache_updates: int | None = None
     policy: str | None = None  # ... or a policy server, ws://host:port
     task: str | None = None  # default: the task the checkpoint was trained on
-    rate_hz: float | None = 10.0  # control rate; null: the task's own
+    rate_hz: float | None = None  # control rate; null: the task's own (lift/can/square 20, push_t/peg_insert 10)
     mode: str = "async"  # sync: wait for each chunk (the robot idles) | async: infer while acting
     blend: str = "none"  # none | ensemble (ACT's temporal ensembling) | warmstart (RTI-DP)
     episodes: int | None = 1
@@ -193,6 +193,7 @@ class RunConfig:
     run_dir: str | None = None  # default: runs/run/<task>-<date>-<time>
     status: bool = True  # live status line
     max_nonfinite_chunks: int = 3  # stop (exit 1) after this many action chunks holding NaN/inf (none is executed)
+    video: bool = False  # an mp4 of every episode in run_dir/videos (the sent actions replayed after the run)
     env: dict[str, Any] = field(default_factory=dict)
 
 

@@ -2,7 +2,9 @@
 checkpoint helpers every command that runs a policy uses (``eval``, ``run``, ``serve``, ``teleop``)."""
 from __future__ import annotations
 
+import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,10 @@ def load_checkpoint(ckpt: Path, **kwargs: Any) -> Any:
         raise CLIError(str(e)) from None
 
 
-def probe_task(task: str, env_config: dict[str, Any], policy: Any = None) -> None:
+def probe_task(task: str, env_config: dict[str, Any], policy: Any = None) -> float | None:
     """Make the task once: a bad name or override, or a policy that does not fit the task -- observations it needs
     and the task lacks (or gives in another shape), or another action size -- stop the command before any work,
-    naming them."""
+    naming them. Returns the task's control rate (``env.unwrapped.fps``, Hz; None if it does not say)."""
     import sim
 
     try:
@@ -48,6 +50,8 @@ def probe_task(task: str, env_config: dict[str, Any], policy: Any = None) -> Non
     try:
         if policy is not None:
             check_fit(task, env, policy)
+        fps = getattr(getattr(env, "unwrapped", env), "fps", None)
+        return float(fps) if fps else None
     finally:
         env.close()
 
@@ -89,7 +93,13 @@ def _check_numbers(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Checks everything it can before the first tick (settings, the checkpoint or server, and that the policy
     fits the task); the run itself writes report.json and prints its summary last; a run that stopped on an
-    error (a policy exception, too many non-finite chunks, a non-finite observation) exits 1 after that."""
+    error (a policy exception, too many non-finite chunks, a non-finite observation) exits 1 after that.
+
+    ``rate_hz=null`` is the task's own control rate, for a checkpoint and a policy server alike: a policy runs at
+    the rate its demonstrations were recorded at (the chunk's actions are that many steps apart); the rate in use
+    and where it came from are printed on stderr. ``video=true`` replays each episode's sent actions in a
+    rendering environment after the run (nothing is rendered in the control loop) and names the mp4s in
+    report.json."""
     import sim
     from robolearn.runtime.jobs import run_job
 
@@ -119,14 +129,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.checkpoint:
         policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
     try:
-        probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task
+        task_rate = probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task
+        rate_hz = _rate(cfg.rate_hz, task_rate, task)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs/run") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        video = bool(cfg.video)
+        after_run = partial(_record_videos, task=task, env_config=env_config, run_dir=run_dir) if video else None
         try:
             report = run_job(
                 policy, lambda: sim.make(task, **env_config), run_dir=run_dir, episodes=cfg.episodes,
-                duration_s=cfg.duration_s, seed=int(cfg.seed), token=cfg.token, rate_hz=cfg.rate_hz, mode=cfg.mode,
+                duration_s=cfg.duration_s, seed=int(cfg.seed), token=cfg.token, rate_hz=rate_hz, mode=cfg.mode,
                 blend=cfg.blend, realtime=bool(cfg.realtime), latency_s=cfg.latency_s, status=bool(cfg.status),
-                max_nonfinite_chunks=int(cfg.max_nonfinite_chunks), print_error=False,
+                max_nonfinite_chunks=int(cfg.max_nonfinite_chunks), print_error=False, record_actions=video,
+                after_run=after_run,
             )
         except (PermissionError, ConnectionError, OSError) as e:
             if not cfg.policy:
@@ -140,6 +154,54 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if report.get("error"):
         raise CLIError(f"run failed: {report['error']} (report: {report.get('report_path', run_dir)})")
     return report
+
+
+def _rate(given: Any, task_rate: float | None, task: str) -> float:
+    """The control rate to run at, printed with where it came from (stderr: stdout ends with the summary)."""
+    if given is not None:
+        rate, why = float(given), "rate_hz="
+        if task_rate and abs(rate - task_rate) > 1e-9:
+            why += f"; the task's own is {task_rate:g} Hz, which its demonstrations were recorded at"
+    elif task_rate:
+        rate, why = task_rate, "the task's control rate"
+    else:
+        rate, why = 10.0, "the task does not say its rate; the default"
+    print(f"robolearn run: {task} at {rate:g} Hz ({why})", file=sys.stderr, flush=True)
+    return rate
+
+
+def _record_videos(runner: Any, report: dict[str, Any], *, task: str, env_config: dict[str, Any],
+                   run_dir: Path) -> None:
+    """``video=true``: each episode again in one rendering environment, from its seed, with the very actions the
+    run sent (holds included), through the evaluation room's writer. The environments are deterministic given seed
+    and actions, so the video is the run; ``video_matches_run`` checks it (steps, return, success) per episode.
+    A failure here is reported (``video_error``), never allowed to lose report.json."""
+    import sim
+    from robolearn.evaluation import record_episode
+
+    videos: list[str] = []
+    try:
+        env = sim.make(task, **env_config)
+        try:
+            for (seed, actions), ep in zip(runner.episode_actions, report["per_episode"]):
+                it = iter(actions)
+                out = record_episode(env, lambda obs, it=it: next(it), run_dir / "videos" / f"ep{ep['episode']}.mp4",
+                                     seed=seed, max_steps=len(actions), fps=runner.rate_hz)
+                ep["video"] = out["path"]
+                ep["video_matches_run"] = (out["steps"] == ep["steps"] and out["success"] == ep["success"]
+                                           and abs(out["return"] - ep["return"]) <= 1e-3 * max(1.0, abs(ep["return"])))
+                if not ep["video_matches_run"]:
+                    print(f"robolearn run: warning: the video of episode {ep['episode']} differs from the run "
+                          f"(replay: {out['steps']} steps, return {out['return']}; run: {ep['steps']} steps, return "
+                          f"{ep['return']}): task {task} is not deterministic given its seed and actions",
+                          file=sys.stderr, flush=True)
+                videos.append(out["path"])
+        finally:
+            env.close()
+    except Exception as e:  # the run's results stand; say what went wrong with the video
+        report["video_error"] = f"{type(e).__name__}: {e}"
+        print(f"robolearn run: warning: no video: {report['video_error']}", file=sys.stderr, flush=True)
+    report["videos"] = videos
 
 
 def _connect(url: str, token: str | None) -> Any:

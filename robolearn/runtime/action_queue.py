@@ -47,6 +47,16 @@ class ActionQueue:
             self._slots.setdefault(first_tick + i, []).append(actions[i])
         return dropped, replaced
 
+    def delay(self, from_tick: int, ticks: int = 1) -> None:
+        """Postpone every action due at or after ``from_tick`` by ``ticks`` (earlier ones are forgotten).
+
+        Sync mode's stall: while the robot holds for a chunk in flight it does not move, so the plan queued from
+        earlier chunks is still the right plan, only later; keeping it keyed to the clock would execute each queued
+        action at the wrong step (and ensemble it with predictions for another step)."""
+        self._discard_before(from_tick)
+        if ticks:
+            self._slots = {t + ticks: preds for t, preds in self._slots.items()}
+
     def _discard_before(self, tick: int) -> None:
         for t in [t for t in self._slots if t < tick]:
             del self._slots[t]

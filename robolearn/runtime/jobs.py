@@ -39,26 +39,32 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
 
 def run_job(policy: ChunkPredictor | str, env_factory: Callable[[], Any], *, run_dir: str | Path | None = None,
             episodes: int | None = 1, duration_s: float | None = None, seed: int = 0, token: str | None = None,
-            print_summary: bool = True, print_error: bool = True, **settings: Any) -> dict[str, Any]:
+            print_summary: bool = True, print_error: bool = True,
+            after_run: Callable[[Runner, dict[str, Any]], None] | None = None, **settings: Any) -> dict[str, Any]:
     """Run the policy on a fresh environment; write ``run_dir/report.json``; print the summary JSON last.
 
     ``settings`` go to :class:`Runner` (rate_hz, mode, blend, realtime, latency_s, max_nonfinite_chunks, ...); they
     and ``episodes``/``duration_s`` are checked (ValueError naming the key) before the environment is made. Always
     returns the report, also after Ctrl-C or a policy error (then ``report["error"]`` / ``report["interrupted"]``
-    say so; ``print_error`` also prints the error on stderr)."""
+    say so; ``print_error`` also prints the error on stderr). ``after_run(runner, report)`` runs after the
+    environment is closed and before the report is written, so what it adds to the report is saved (``robolearn
+    run video=true`` replays the recorded actions into videos there: the runtime room renders nothing itself)."""
     from robolearn.runtime.runner import check_settings
 
     check_settings(episodes=episodes, duration_s=duration_s)
     pol = resolve_policy(policy, token)
     env = env_factory()
     try:
-        report = Runner(pol, env, **settings).run(episodes=episodes, duration_s=duration_s, seed=seed)
+        runner = Runner(pol, env, **settings)
+        report = runner.run(episodes=episodes, duration_s=duration_s, seed=seed)
     finally:
         close = getattr(env, "close", None)
         if callable(close):
             close()
         if pol is not policy and hasattr(pol, "close"):
             pol.close()
+    if after_run is not None:
+        after_run(runner, report)
     if run_dir is not None:
         path = Path(run_dir) / "report.json"
         write_json_atomic(path, report)
@@ -88,6 +94,8 @@ def serve_job(policy: ChunkPredictor | str, host: str = "127.0.0.1", port: int =
               f"obs keys {s.client_keys}; Ctrl-C stops", file=sys.stderr, flush=True)
 
     server.serve_forever(on_ready=ready)
+    found = server.oversubscription
     print(json.dumps({"served": server.requests_served, "errors": server.errors_sent,
                       "nonfinite_chunks": server.nonfinite_chunks, "dropped": server.requests_dropped,
-                      "url": server.url}), flush=True)
+                      "url": server.url, "oversubscription": found.as_dict() if found is not None else None}),
+          flush=True)

@@ -14,7 +14,11 @@ Modes
 ``sync``  stop-and-go: when the queue runs out, infer from the current observation and *wait* for the chunk; the
           robot holds its last action meanwhile and every tick that passes is a deadline miss. The chunk then
           starts at the tick it arrives (the robot did not move while waiting, so its first action is still the
-          right one); nothing is dropped by default.
+          right one); nothing is dropped by default. Every tick with an inference in flight is a stall, also when
+          actions are still queued (``blend="ensemble"`` queries before the queue runs out): the robot holds, and
+          the queued actions wait with it (postponed one tick per stalled tick, :meth:`ActionQueue.delay`), so
+          they still line up with the new chunk's. (Executing the queue meanwhile would be async mode without its
+          stale dropping: chunks ensembled ticks apart, and no misses reported for a robot that never waited.)
 ``async`` inference runs in a background thread while the queued actions execute (torch releases the GIL). The
           next inference starts as late as possible: once the actions queued from this tick on cover no more than
           the expected latency, ``ceil(latency / period + trigger_margin)`` ticks, where latency is the max of
@@ -29,12 +33,16 @@ charged for it.
 
 Blending (see :mod:`action_queue`): ``none`` newest chunk wins; ``ensemble`` ACT's temporal ensembling
 (``ensemble_m``), which needs overlapping chunks, so a new inference also starts every ``ensemble_every`` ticks (1:
-ACT's query-every-step; in async mode as soon as the previous one is done if it took longer); ``warmstart`` RTI-DP: the policy's ``predict_action_warm(obs, prev_chunk, shift, steps[, noise])`` starts
+ACT's query-every-step; in async mode as soon as the previous one is done if it took longer; in sync mode every
+``ensemble_every`` ticks after the last chunk arrived, i.e. executed steps, since the stalls are not); ``warmstart`` RTI-DP: the policy's ``predict_action_warm(obs, prev_chunk, shift, steps[, noise])`` starts
 from the previous chunk shifted by the ticks elapsed since its observation and runs the last ``warm_steps``
 denoising steps (the newest chunk then wins as in ``none``).
 
 Real time or not
 ----------------
+``rate_hz=None`` (the default) is the task's own control rate, ``env.unwrapped.fps`` (what the demonstrations were
+recorded at and teleoperation runs at: push_t and peg_insert 10 Hz, the robosuite tasks 20 Hz).
+
 ``realtime=True`` sleeps to the deadlines and measures everything on ``perf_counter_ns``. ``realtime=False`` runs as
 fast as possible on a :class:`VirtualClock` that advances one period per tick, and computes inference inline (no
 thread) so runs are deterministic. The inference's latency is then ``latency_s`` if given, else its measured
@@ -76,6 +84,19 @@ A policy exception stops the run at once: no action from the failed inference is
 use, that stops the robot); ``on_error="zero"`` sends one all-zero action first (for velocity-controlled robots).
 The report carries ``error`` and the episode's ``status`` is ``"policy_error"``. KeyboardInterrupt stops the loop
 the same way with ``interrupted: true``. Either way :meth:`Runner.run` returns the report.
+
+Threads
+-------
+A policy running on this process's CPU is watched for oversubscribed torch threads
+(:mod:`robolearn.runtime.oversubscription`): when the recent inferences suggest it, one warning goes to stderr and
+the report's ``oversubscription`` holds the numbers (else null); ``torch_threads`` is always reported. Only when the
+measured latency is what the run is charged (real time, or virtual time without ``latency_s``).
+
+Recording
+---------
+``record_actions=True`` keeps every action sent to the environment, per episode, in :attr:`Runner.episode_actions`
+(``(seed, (steps, A) array)``), so the caller can replay an episode in a rendering environment afterwards (``robolearn
+run video=true``) instead of rendering inside the control loop, where it would cost every tick its time.
 """
 from __future__ import annotations
 
@@ -95,6 +116,7 @@ from robolearn.policies.executor import (ChunkExecutor, ChunkPredictor, ChunkReq
                                          NonFiniteObservationError)
 from robolearn.runtime.action_queue import BLENDS, ActionQueue, ticks_for
 from robolearn.runtime.clock import RealClock, VirtualClock
+from robolearn.runtime.oversubscription import ThreadMonitor, runs_on_cpu
 from robolearn.runtime.stats import StatusLine, percentile_ms
 
 MODES = ("sync", "async")
@@ -216,14 +238,16 @@ class Runner:
 
     See the module docstring for the timing model. ``max_steps`` caps an episode (the env's own time limit applies
     too). ``status`` shows a live line on stderr. ``max_nonfinite_chunks``: refused (NaN/inf) chunks after which
-    the run stops (see "Failures").
+    the run stops (see "Failures"). ``rate_hz=None``: the task's own rate. ``thread_check``: watch for
+    oversubscribed torch threads (None: when the policy is a torch module on the CPU; see "Threads").
+    ``record_actions``: keep the actions sent (see "Recording").
     """
 
     def __init__(
         self,
         policy: ChunkPredictor,
         env: Any,
-        rate_hz: float | None = 10.0,
+        rate_hz: float | None = None,
         mode: str = "sync",
         blend: str = "none",
         realtime: bool = True,
@@ -243,6 +267,8 @@ class Runner:
         switch_interval_s: float | None = 0.0005,
         corrector: Corrector | None = None,
         max_nonfinite_chunks: int = 3,
+        thread_check: bool | None = None,
+        record_actions: bool = False,
     ) -> None:
         check_settings(rate_hz=rate_hz, latency_s=latency_s, max_nonfinite_chunks=max_nonfinite_chunks,
                        max_steps=max_steps)
@@ -287,12 +313,20 @@ class Runner:
         self._prev: _Result | None = None
         self._step_est = 0.0
         self._last_trigger = 0
+        self._last_taken = 0  # tick the newest chunk was taken at (sync ensembling counts from it)
         self.switch_interval_s = switch_interval_s
         self.ensemble_every = max(1, int(ensemble_every))
         self._replan = False
         # (tick, observation tick) of every chunk taken into the queue in the current episode: which observation
         # the executed actions were planned from.
         self.chunk_ticks: list[tuple[int, int]] = []
+        self.record_actions = bool(record_actions)
+        self.episode_actions: list[tuple[int, np.ndarray]] = []
+        self._sent: list[np.ndarray] = []  # the current episode's actions, when recorded
+        # The latency is torch's threads' doing only for a local CPU policy, and is what the run is charged only
+        # in real time or when measured (a given latency_s replaces it).
+        check = runs_on_cpu(policy) if thread_check is None else bool(thread_check)
+        self.threads = ThreadMonitor(self.period_s) if check and (self.realtime or latency_s is None) else None
 
     def request_replan(self) -> None:
         """Drop the queued actions and any inference in flight; the next tick starts from a fresh chunk inferred
@@ -303,7 +337,10 @@ class Runner:
     # ------------------------------------------------------------------ inference
     def _infer(self, job: _Job) -> np.ndarray:
         t0 = time.perf_counter()
+        start = ThreadMonitor.measure() if self.threads is not None else None
         chunk = self._predict(job)
+        if start is not None and self.threads is not None:  # the compute only: the padding below is not threads'
+            self.threads.record(start)
         if self.realtime and self.latency_s:
             # Rehearse a slower computer (or a remote GPU): the chunk is ready no sooner than latency_s.
             time.sleep(max(0.0, float(self.latency_s) - (time.perf_counter() - t0)))
@@ -344,6 +381,10 @@ class Runner:
     def _record_latency(self, lat: float) -> None:
         self._recent_lat.append(lat)
         self._latencies.append(lat)
+        if self.threads is not None:
+            found = self.threads.check()
+            if found is not None:
+                self.status.message(found.message("robolearn run"))
 
     # ------------------------------------------------------------------ the loop
     def run(self, episodes: int | None = 1, duration_s: float | None = None, seed: int = 0) -> dict[str, Any]:
@@ -353,6 +394,7 @@ class Runner:
         if episodes is None and duration_s is None:
             episodes = 1
         self._nonfinite_total = 0
+        self.episode_actions = []
         worker = _Worker(self._infer) if self.realtime else None
         # A Python-heavy inference thread holds the GIL for up to sys.getswitchinterval() (5 ms by default) before
         # the woken control loop gets it back: shorten that while running in real time (restored afterwards).
@@ -403,10 +445,15 @@ class Runner:
 
     def _episode(self, ep: _Episode, worker: _Worker | None, time_left: float | None) -> None:
         t_wall = time.perf_counter()
+        self._sent = []
         try:
             self._episode_loop(ep, worker, time_left)
         finally:
             ep.wall_s = time.perf_counter() - t_wall
+            if self.record_actions:  # also an episode that stopped early: what the robot did
+                sent = (np.stack(self._sent) if self._sent
+                        else np.zeros((0, int(self.policy.action_dim)), dtype=np.float32))
+                self.episode_actions.append((ep.seed, sent))
 
     def _episode_loop(self, ep: _Episode, worker: _Worker | None, time_left: float | None) -> None:
         obs, info = self.env.reset(seed=ep.seed)
@@ -437,8 +484,13 @@ class Runner:
                 self._replan_now(ep, worker, pending, k)
                 pending = None
             pending = self._infer_for_tick(ep, worker, pending, k)
-            last_action = self._action_for_tick(ep, k, last_action)
+            if self.mode == "sync" and pending is not None:
+                last_action = self._stall(ep, k, last_action)
+            else:
+                last_action = self._action_for_tick(ep, k, last_action)
             action = last_action
+            if self.record_actions:
+                self._sent.append(np.array(action, dtype=np.float32))
             t_step = time.perf_counter()
             obs, reward, terminated, truncated, info = self.env.step(action)
             # the tick's own work (correction + step): sync mode stops waiting for a chunk this long before a deadline
@@ -496,6 +548,21 @@ class Runner:
             raise RuntimeError("no action available at the first tick")
         return action
 
+    def _stall(self, ep: _Episode, k: int, last_action: np.ndarray | None) -> np.ndarray:
+        """Sync mode, an inference in flight: the robot waits for it (a deadline miss, the last action holds),
+        whatever is queued. The queued actions wait too (their ticks move on by one), unless stale actions are
+        dropped (``drop_stale``): then the one due now is lost and counted as dropped."""
+        ep.misses += 1
+        self._tick_corrector_s = 0.0
+        if self.drop_stale:
+            if self.queue.pop(k) is not None:
+                ep.dropped += 1
+        else:
+            self.queue.delay(k)
+        if last_action is None:  # cannot happen after the first chunk; guard anyway
+            raise RuntimeError("no action available at the first tick")
+        return last_action
+
     def _replan_now(self, ep: _Episode, worker: _Worker | None, pending: _Result | _Job | None, k: int) -> None:
         if isinstance(pending, _Job) and worker is not None:
             self._drain(worker)  # one inference at a time; what it returns was planned before the request
@@ -519,7 +586,10 @@ class Runner:
         if remaining == 0:
             return True
         if self.blend == "ensemble":  # ensembling needs overlapping chunks: query every `ensemble_every` ticks
-            return k - self._last_trigger >= self.ensemble_every
+            # (sync: executed ticks, counted from the last chunk's arrival; counting from the last query would
+            # start the next one at the very tick a chunk arrives, and the robot would never move)
+            since = self._last_taken if self.mode == "sync" else self._last_trigger
+            return k - since >= self.ensemble_every
         if self.mode == "sync":
             return False
         return remaining - 1 <= self._expected_ticks() - 1
@@ -561,6 +631,7 @@ class Runner:
             self._refused(ep, res)
             return False
         self._prev = res
+        self._last_taken = now_tick
         self.chunk_ticks.append((now_tick, res.obs_tick))
         executable = self.executor.executable(res.chunk[None])[0]
         dropped, replaced = self.queue.add(executable, first_tick=base_tick, now_tick=now_tick)
@@ -631,6 +702,9 @@ class Runner:
             "inferences": sum(e.inferences for e in eps),
             "nonfinite_chunks": sum(e.nonfinite for e in eps),
             "ticks": ticks,
+            "torch_threads": torch.get_num_threads(),
+            "oversubscription": (self.threads.diagnosis.as_dict()
+                                 if self.threads is not None and self.threads.diagnosis is not None else None),
             "latency_ms_p50": percentile_ms(self._latencies, 50),
             "latency_ms_p99": percentile_ms(self._latencies, 99),
             "latency_ms_max": percentile_ms(self._latencies, 100),

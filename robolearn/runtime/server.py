@@ -50,6 +50,13 @@ When a connection closes, its requests that have not started inference are dropp
 abandoned requests cost nothing but an inference that had already started. ``max_message_bytes`` bounds a request:
 larger ones (up to twice that) get an error reply; beyond that websockets closes that connection (code 1009)
 without reading the rest.
+
+Threads
+-------
+A policy on this process's CPU is watched for oversubscribed torch threads
+(:mod:`robolearn.runtime.oversubscription`, judged against a 20 Hz client since the server does not know its
+clients' rate): the first time the recent inferences suggest it, one warning is logged and ``oversubscription``
+keeps the numbers (``robolearn serve`` prints them in its final summary line).
 """
 from __future__ import annotations
 
@@ -72,6 +79,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from robolearn.runtime import msgpack_numpy
+from robolearn.runtime.oversubscription import SERVER_PERIOD_S, Diagnosis, ThreadMonitor, runs_on_cpu
 from robolearn.policies.executor import (NONFINITE_CHUNK, ChunkPredictor, NonFiniteChunkError, ObsHistory,
                                          check_chunk, check_finite_obs, check_policy, executable_start)
 
@@ -125,6 +133,7 @@ class PolicyServer:
         *,
         allow_unauthenticated: bool = False,
         max_pending: int = 4,
+        thread_check: bool | None = None,
     ) -> None:
         # Clients get chunks, not steps: a kind that corrects each executed step (a residual) is served through
         # the view whose chunks carry the correction on the current observation's action
@@ -134,6 +143,9 @@ class PolicyServer:
             policy = for_chunk_clients()
         check_policy(policy)
         self.policy = policy
+        # thread_check None: when the policy is a torch module on this CPU (see "Threads")
+        check = runs_on_cpu(policy) if thread_check is None else bool(thread_check)
+        self._threads = ThreadMonitor(SERVER_PERIOD_S) if check else None
         self.host, self.port = host, int(port)
         self.token = token or None
         if self.token is None and not is_loopback(host):
@@ -171,6 +183,11 @@ class PolicyServer:
         # counted in the event loop's thread only
         self.nonfinite_chunks = 0  # chunks not sent because they held NaN or inf
         self.requests_dropped = 0  # requests whose connection closed before their inference started
+
+    @property
+    def oversubscription(self) -> Diagnosis | None:
+        """What the thread check found (once found, kept), or None."""
+        return self._threads.diagnosis if self._threads is not None else None
 
     # ------------------------------------------------------------------ metadata
     def metadata(self) -> dict[str, Any]:
@@ -465,7 +482,13 @@ class PolicyServer:
         t0 = time.perf_counter()
         if reset:
             self.policy.reset()
+        start = ThreadMonitor.measure() if self._threads is not None else None
         out = self.policy.predict_action(batch) if noise is None else self.policy.predict_action(batch, noise)
+        if start is not None and self._threads is not None:
+            self._threads.record(start)
+            found = self._threads.check()
+            if found is not None:
+                log.warning("%s", found.message("robolearn serve"))
         chunk = check_chunk(out, self.policy, 1)[0]
         if not np.isfinite(chunk).all():
             what = " and ".join(n for n, bad in (("NaN", np.isnan(chunk).any()), ("inf", np.isinf(chunk).any()))

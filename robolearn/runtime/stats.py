@@ -46,6 +46,15 @@ class StatusLine:
             self.stream.write(text + "\n")
         self.stream.flush()
 
+    def message(self, text: str) -> None:
+        """A line that must be seen whether or not the status line is shown (a warning), on its own line: on a
+        TTY the status line in progress is ended first, so the two do not run together."""
+        if self.tty and self._dirty:
+            self.stream.write("\n")
+            self._dirty = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         if self.enabled and self.tty and self._dirty:
             self.stream.write("\n")

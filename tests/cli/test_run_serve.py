@@ -48,6 +48,22 @@ def test_run_virtual_time_writes_report(checkpoint, tmp_path, capsys):
     assert report["actions_dropped"] > 0  # 250 ms of latency at 10 Hz: the first actions of each chunk are stale
 
 
+def test_run_at_the_tasks_rate_records_a_video_of_the_episode(checkpoint, tmp_path, capsys):
+    import imageio.v2 as imageio
+
+    argv = ["run", f"checkpoint={checkpoint}", "realtime=false", "latency_s=0", "episodes=1", "status=false",
+            "video=true", "env.max_episode_steps=6", f"run_dir={tmp_path}"]
+    assert main(argv) == 0
+    assert "peg_insert at 10 Hz (the task's control rate)" in capsys.readouterr().err  # rate_hz=null
+    report = json.loads((tmp_path / "report.json").read_text())
+    ep = report["per_episode"][0]
+    assert report["rate_hz"] == 10.0 and ep["steps"] == 6
+    assert report["videos"] == [str(tmp_path / "videos" / "ep0.mp4")] == [ep["video"]]
+    assert ep["video_matches_run"]  # the replay of the sent actions is the run: same steps, return, success
+    with imageio.get_reader(ep["video"]) as reader:
+        assert reader.count_frames() == ep["steps"] + 1  # the first state and one frame per step
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -97,6 +113,7 @@ def test_serve_answers_remote_policy_and_runner(checkpoint, tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert last_json(r.stdout)["episodes"] == 1
+        assert "peg_insert at 10 Hz (the task's control rate)" in r.stderr  # a remote policy runs at it too
     finally:
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=30)

@@ -91,3 +91,12 @@ def test_msgpack_numpy_refuses_object_dtypes_and_bad_headers() -> None:
         msgpack_numpy.unpackb(short)
     with pytest.raises(msgpack_numpy.DecodeError):
         msgpack_numpy.unpackb(b"\xc1")
+
+
+def test_delay_postpones_what_is_queued_and_forgets_what_is_past() -> None:
+    q = ActionQueue("ensemble")
+    q.add(np.arange(4.0)[:, None], first_tick=0, now_tick=0)  # ticks 0..3
+    q.pop(0)
+    q.delay(1, 2)  # the robot waited two ticks from tick 1 on: what was due at 1..3 is now due at 3..5
+    assert q.pop(1) is None and q.pop(2) is None
+    assert [q.pop(t)[0] for t in (3, 4, 5)] == [1.0, 2.0, 3.0]

@@ -46,6 +46,32 @@ def test_sync_is_stop_and_go_and_counts_the_idle_ticks_as_misses() -> None:
     assert r["deadline_misses"] == 2 * (r["inferences"] - 1)
 
 
+@pytest.mark.parametrize("blend, executed", [
+    ("none", [0, 1, 2, 3, 4, 5, 5, 5, 6, 7]),  # the queue runs out at tick 6: held 6, 7; the chunk from tick 6
+    # ensemble queries every 3 executed ticks, with actions still queued: tick 3's query holds the robot at 3 and 4
+    # (2 misses, as for "none"), and the queued actions wait with it, so at tick 5 the old chunk's prediction for
+    # step 3 meets the new chunk's (its observation was taken at step 3): both say 3. Before the fix the robot
+    # executed the queue while the policy thought (0 misses) and the chunks were averaged 2 ticks apart.
+    ("ensemble", [0, 1, 2, 2, 2, 3, 4, 5, 5, 5]),
+])
+def test_sync_stalls_the_robot_for_every_inference_whatever_the_blend(blend, executed) -> None:
+    env, pol = TickEnv(max_steps=30), TickPolicy(horizon=8, n_obs_steps=2, n_action_steps=6)
+    r = Runner(pol, env, rate_hz=10, mode="sync", blend=blend, ensemble_m=0.0, ensemble_every=3, realtime=False,
+               latency_s=0.25, status=False).run(episodes=1)
+    assert [float(a[0]) for a in env.actions[:10]] == executed
+    # 250 ms at 10 Hz: every inference after the first (pre-clock) one costs floor(2.5) = 2 held ticks
+    assert r["inferences"] > 3 and r["deadline_misses"] == 2 * (r["inferences"] - 1)
+    assert r["actions_dropped"] == 0
+
+
+def test_rate_defaults_to_the_tasks_control_rate() -> None:
+    class TwentyHz(TickEnv):
+        fps = 20.0  # lift, can, square
+
+    r = Runner(TickPolicy(), TwentyHz(max_steps=5), realtime=False, latency_s=0.0, status=False).run()
+    assert r["rate_hz"] == 20.0
+
+
 def test_sync_with_stale_dropping_skips_the_actions_whose_time_passed() -> None:
     env, pol = TickEnv(max_steps=16), TickPolicy(horizon=8, n_obs_steps=2, n_action_steps=6)
     r = Runner(pol, env, mode="sync", realtime=False, latency_s=0.25, drop_stale=True, status=False).run()
