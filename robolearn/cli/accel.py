@@ -29,12 +29,14 @@ def calibration_observations(policy: Any, ckpt: Path, n: int, batch: int, *, see
     from robolearn.cli.runtime import checkpoint_run_config
     from robolearn.data.schema import StoreError
     from robolearn.data.sequence import SequenceDataset
+    from robolearn.data.storeset import store_paths
 
-    path = dataset or checkpoint_run_config(ckpt).get("dataset")
+    path = dataset or checkpoint_run_config(ckpt).get("dataset")  # a run on several stores names a list
     if not path:
         raise CLIError(f"{ckpt / 'config.yaml'} does not name the dataset it was trained on; give dataset=PATH")
-    if not Path(path).exists():
-        raise CLIError(f"calibration dataset {path} does not exist (the checkpoint's training data; give "
+    missing = next((p for p in store_paths(path) if not p.exists()), None)
+    if missing is not None:
+        raise CLIError(f"calibration dataset {missing} does not exist (the checkpoint's training data; give "
                        f"dataset=PATH to use another store of the same task)")
     try:
         ds = SequenceDataset(path, horizon=policy.horizon, n_obs_steps=policy.n_obs_steps,

@@ -11,6 +11,14 @@ fine-tuned policy into a fresh chunk policy trains on these) in the environment 
 schema, atomicity, success filter and resumption. Episode ``seed`` draws its chunks' noise from ``(seed, 0, c)``,
 so a rollout depends on its seed only, not on the number of workers; episodes land in seed order. An episode in which the policy returned a
 non-finite chunk (held, never executed) counts as a failure.
+
+Every episode records how it was made in its per-episode attributes (``source`` scripted | policy, ``expert`` and
+``noise`` or the ``policy`` checkpoint with its type and SHA-256, ``seed``, ``success``, and ``env_config_changes``
+where its environment differs from the store's): see :mod:`robolearn.data.provenance`. Appending with other
+settings than the store's episodes were made with (``expert.noise``, ``policy=``, an ``env.*`` override, or into a
+store of teleoperated episodes) is refused before any rollout, naming each setting with the store's value and the
+new one, unless ``append_mismatch=allow`` -- demonstrations of different quality in one store are usually an
+accident; on purpose, each episode says which it is and the store's root ``source`` says "mixed".
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from robolearn.cli import CLIError, print_json
-from robolearn.data import EpisodeStore, KeySpec
+from robolearn.data import EpisodeStore, KeySpec, provenance
 
 # Per-process state of a worker: one environment and the settings to build experts.
 _WORKER: dict[str, Any] = {}
@@ -141,6 +149,26 @@ def _policy_source(cfg: DictConfig, env_overrides: dict[str, Any]) -> tuple[Any,
     return policy, overrides, source
 
 
+def _check_append(cfg: DictConfig, store: EpisodeStore, source: dict[str, Any],
+                  env_config: dict[str, Any]) -> dict[str, Any]:
+    """Refuse (closing the store) to mix episodes made otherwise than the store's unless ``append_mismatch=allow``;
+    return the provenance attributes every new episode carries."""
+    prov = provenance.root_to_provenance(source)
+    base_env = store.env_config if store.is_robolearn else None
+    differing, mismatches = provenance.append_mismatches(store.all_episode_attrs(), store.attrs.get("source"),
+                                                         base_env, prov, env_config)
+    if mismatches and cfg.append_mismatch != "allow":
+        path, n = store.path, store.n_episodes
+        store.close()
+        names = {m["setting"] for m in mismatches}
+        tag = (f"noise{float(cfg.expert.noise):g}" if "expert.noise" in names
+               else prov.get("source", "new") if names & {"source", "policy"} else "env")
+        other = path.with_name(f"{path.stem}_{tag}{path.suffix}")
+        raise CLIError(provenance.mismatch_message(path, n, differing, mismatches, f"out={other}"))
+    changes = provenance.env_changes(env_config, base_env) if base_env is not None else {}
+    return {**prov, **({"env_config_changes": changes} if changes else {})}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     import sim
     from tqdm import tqdm
@@ -149,15 +177,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError(f"episodes must be >= 1, got {cfg.episodes}")
     if cfg.workers < 1:
         raise CLIError(f"workers must be >= 1, got {cfg.workers}")
+    if cfg.append_mismatch not in ("refuse", "allow"):
+        raise CLIError(f"append_mismatch must be refuse or allow, got {cfg.append_mismatch!r}")
     env_overrides = OmegaConf.to_container(cfg.env, resolve=True) or {}
     policy = None
     source: dict[str, Any] = {"kind": "scripted_expert", "noise": float(cfg.expert.noise)}
+    facts: dict[str, Any] = {}  # per-episode attributes that are not provenance
     if cfg.policy:
         policy, env_overrides, source = _policy_source(cfg, env_overrides)
     try:
         probe = sim.make(cfg.task, **env_overrides)  # fail fast: unknown task, bad override
         if policy is None:
-            sim.make_expert(cfg.task, noise=float(cfg.expert.noise), seed=0)
+            expert = sim.make_expert(cfg.task, noise=float(cfg.expert.noise), seed=0)
+            source["expert"] = facts["expert"] = type(expert).__name__
     except (ValueError, TypeError, KeyError) as e:
         raise CLIError(str(e).strip("'\"")) from None
     if policy is not None:
@@ -176,9 +208,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     out = Path(cfg.out or f"data/{cfg.task}.zarr")
     store = EpisodeStore.open_or_create(
-        out, schema, fps=fps, task=cfg.task, env_config=env_config,
+        out, schema, fps=fps, task=cfg.task, env_config=env_config, env_config_must_match=False,
         attrs={"source": source},
     )
+    episode_attrs = {**_check_append(cfg, store, source, env_config), **facts}
     state = dict(store.attrs.get("collect") or {})
     first_seed = max(int(cfg.seed), int(state.get("next_seed", cfg.seed)))
     max_attempts = int(cfg.max_attempts) if cfg.max_attempts is not None else 4 * int(cfg.episodes) + 10
@@ -201,7 +234,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 # duplicates an episode.
                 state["next_seed"] = max(seed + 1, int(state.get("next_seed", 0)))
                 store.update_attrs({"collect": dict(state)})
-                store.append_episode(episode)
+                store.append_episode(episode, attrs={**episode_attrs, "seed": seed, "success": bool(success)})
                 kept += 1
                 bar.update(1)
             bar.set_postfix(success=f"{successes / attempts:.2f}", attempts=attempts)

@@ -41,6 +41,9 @@ class CollectConfig:
     env: dict[str, Any] = field(default_factory=dict)  # overrides passed to sim.make(task, **env)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     policy: str | None = None  # a checkpoint folder: record its rollouts instead of the scripted expert's
+    # Appending episodes made otherwise (expert.noise, policy=, env.*) than the store's: refuse | allow (each
+    # episode records its own settings; the store's source then says "mixed").
+    append_mismatch: str = "refuse"
 
 
 @dataclass
@@ -140,7 +143,7 @@ class EvalLoopConfig:
 @dataclass
 class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
-    dataset: str | None = None  # overrides task.dataset
+    dataset: Any = None  # overrides task.dataset: a store path, or a list of them ([a.zarr,b.zarr]) read as one
     obs_keys: list[str] | None = None  # overrides task.obs_keys
     run_dir: str | None = None
     resume: bool = False

@@ -78,7 +78,7 @@ class _Data:
     """The dataset, checked against the task."""
 
     store: Any
-    path: Path
+    path: Path | str  # several stores: their paths joined by " + " (store.paths)
     obs_keys: list[str]
     env_config: dict[str, Any]
 
@@ -86,14 +86,17 @@ class _Data:
 def _open_dataset(cfg: DictConfig) -> _Data:
     import sim
 
-    from robolearn.data import EpisodeStore
+    from robolearn.data import open_stores
+    from robolearn.data.storeset import store_paths
 
     task = str(cfg.task.name)
-    path = Path(cfg.dataset or cfg.task.dataset or f"data/{task}.zarr")
+    paths = store_paths(cfg.dataset or cfg.task.dataset or f"data/{task}.zarr")  # dataset=[a.zarr,b.zarr]: several
+    path: Path | str = next((p for p in paths if not p.exists()), paths[0])
     if not path.exists():
         raise CLIError(f"dataset {path} does not exist; make one with: robolearn collect task={task} "
                        f"episodes=200 out={path}")
-    store = EpisodeStore.open(path)
+    store = open_stores(paths)  # several: refused as `data merge` refuses them, else read as one
+    path = store.path
     if store.task and store.task != task:
         raise CLIError(f"dataset {path} was recorded for task {store.task!r}, not {task!r}")
     if store.n_episodes == 0:
@@ -284,7 +287,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str, data: _Data, run_dir: Path, resume: bool,
            device: torch.device, distributed: bool, rank: int) -> dict[str, Any]:
-    from robolearn.data import SequenceDataset, StoreError
+    from robolearn.data import SequenceDataset, StoreError, dataset_ref
     from robolearn.policies import CheckpointError
     from robolearn.training import Trainer
 
@@ -299,7 +302,8 @@ def _train(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str, data: 
         raise CLIError(f"no training windows: {len(train_ds.episodes)} training episodes after holding out "
                        f"training.val_ratio={t.val_ratio} of {data.store.n_episodes}")
     run_config = {
-        "task": str(cfg.task.name), "task_config": OmegaConf.to_container(cfg.task), "dataset": str(data.path),
+        "task": str(cfg.task.name), "task_config": OmegaConf.to_container(cfg.task),
+        "dataset": dataset_ref(data.store),  # a path, or the list of paths of several stores
         "env_config": data.env_config, "obs_keys": data.obs_keys, "policy_name": policy_name,
         "policy": policy.config, "training": OmegaConf.to_container(t), "eval": OmegaConf.to_container(cfg.eval),
         "device": str(device),

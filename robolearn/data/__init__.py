@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from robolearn.data.provenance import source_lines, store_sources
 from robolearn.data.schema import KeySpec, StoreError
-from robolearn.data.store import EpisodeStore, merge_stores
+from robolearn.data.store import EpisodeStore, check_compatible, merge_stores
+from robolearn.data.storeset import StoreSet, dataset_ref, open_stores
 
 _LAZY = {
     "Normalizer": "robolearn.data.normalizer",
@@ -17,7 +19,8 @@ _LAZY = {
     "split_episodes": "robolearn.data.sequence",
 }
 
-__all__ = ["EpisodeStore", "KeySpec", "StoreError", "merge_stores", *_LAZY]
+__all__ = ["EpisodeStore", "KeySpec", "StoreError", "StoreSet", "check_compatible", "dataset_ref", "merge_stores",
+           "open_stores", "source_lines", "store_sources", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

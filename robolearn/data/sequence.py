@@ -9,11 +9,14 @@ never mixes two episodes.
 Data is read into memory first by default: slicing zarr for every window costs about 1.7 ms here, gathering
 rows from numpy a few microseconds for a whole batch. ``in_memory=False`` streams from zarr for stores
 larger than memory.
+
+Several stores (a list of paths, or a :class:`~robolearn.data.storeset.StoreSet`) are read as one: their episodes
+one after another, checked to fit together as ``data merge`` checks them, so windows, episode indices and the
+validation split run across all of them.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -21,6 +24,7 @@ import torch
 
 from robolearn.data.schema import StoreError
 from robolearn.data.store import EpisodeStore
+from robolearn.data.storeset import StoreSet, open_stores
 
 
 def split_episodes(n_episodes: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +100,7 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        source: str | os.PathLike | EpisodeStore,
+        source: str | os.PathLike | EpisodeStore | StoreSet | Sequence[str | os.PathLike],
         *,
         horizon: int,
         n_obs_steps: int = 1,
@@ -117,7 +121,7 @@ class SequenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"n_obs_steps must be in [1, horizon={horizon}], got {n_obs_steps}")
         if not 1 <= n_action_steps <= horizon:
             raise ValueError(f"n_action_steps must be in [1, horizon={horizon}], got {n_action_steps}")
-        store = source if isinstance(source, EpisodeStore) else EpisodeStore.open(Path(source))
+        store = source if isinstance(source, (EpisodeStore, StoreSet)) else open_stores(source)
         self.store = store
         schema = store.schema
         if obs_keys is None:
@@ -206,7 +210,7 @@ class SequenceDataset(torch.utils.data.Dataset):
             epoch += 1
 
     def stats(self) -> dict[str, dict[str, np.ndarray]]:
-        """Per-key statistics of the whole store (cached in the store's meta)."""
+        """Per-key statistics of the whole store, or of all stores of a set (cached in each store's meta)."""
         return self.store.stats()
 
 

@@ -8,6 +8,8 @@ Layout::
     root/meta attrs          ``stats`` (cached statistics) and, when a writer gave any, ``episode_attrs``: one
                              JSON object per episode (who or what recorded it, when), index-aligned with
                              ``episode_ends``
+    root.attrs["source"]     how the episodes were made: once an episode records its own ``source``, a summary
+                             kept true on every append ("mixed" when they differ; :mod:`robolearn.data.provenance`)
 
 Why it is safe to kill a writer: every zarr metadata and chunk write is atomic (zarr's LocalStore writes a
 temporary file and renames it), data rows are written before ``episode_ends`` grows, and ``episode_ends`` is
@@ -308,9 +310,14 @@ class EpisodeStore:
 
     @classmethod
     def open_or_create(
-        cls, path: str | os.PathLike, schema: Mapping[str, KeySpec], **create_kwargs: Any
+        cls, path: str | os.PathLike, schema: Mapping[str, KeySpec], *, env_config_must_match: bool = True,
+        **create_kwargs: Any
     ) -> "EpisodeStore":
-        """Open ``path`` for append if it exists (schemas must match), else create it: resumable collection."""
+        """Open ``path`` for append if it exists (schemas must match), else create it: resumable collection.
+
+        ``env_config_must_match=False``: an existing store recorded in another environment config opens anyway --
+        for a caller that checks it itself and records the difference per episode (``collect
+        append_mismatch=allow``); schema, fps and task must still match."""
         path = _norm(path)
         clean_leftovers(path)
         lock_fd = _resolve_backups(path, write=True)
@@ -325,7 +332,8 @@ class EpisodeStore:
         if diff is None and task and store.task and task != store.task:
             diff = f"task {store.task!r} in the store vs {task!r}"
         env_config = create_kwargs.get("env_config")
-        if diff is None and env_config is not None and store.is_robolearn and dict(env_config) != store.env_config:
+        if (diff is None and env_config_must_match and env_config is not None and store.is_robolearn
+                and dict(env_config) != store.env_config):
             changed = sorted(k for k in set(env_config) | set(store.env_config)
                              if env_config.get(k) != store.env_config.get(k))
             diff = "environment config differs in " + ", ".join(
@@ -523,10 +531,16 @@ class EpisodeStore:
             arr[n0 : n0 + total] = block
             new_stats[key] = _Welford.of(block, _stat_axes(spec))
         before = self._episode_attrs_entries(e0, attrs, len(episodes))
+        root_source = self._source_summary(before)
         if grows:
             before["growing_ends"] = {"from": e0, "to": e1}
         if before:
             self._root["meta"].attrs.update(before)
+        if root_source:
+            # Before the commit: a writer killed here leaves a root that already counts these episodes' source
+            # (at worst claiming a mix that never landed, until the next append or open for writing fixes it),
+            # never one that hides a committed episode's.
+            self._root.attrs.update(root_source)
         new_ends = n0 + np.cumsum(lengths, dtype=np.int64)
         ends.resize((e1,))
         # The commit point: these episodes exist from here on. Written chunk by chunk, in order, so a crash
@@ -807,6 +821,21 @@ class EpisodeStore:
         entries += attrs if attrs is not None else [{}] * count
         return {"episode_attrs": entries}
 
+    def _source_summary(self, update: dict[str, Any]) -> dict[str, Any]:
+        """Keep the root ``source`` honest about the episodes in ``update["episode_attrs"]`` (see
+        :mod:`robolearn.data.provenance`): once any episode records its own source, episodes that record none get
+        the root's claim as their attributes (``update`` is changed in place), and the root becomes the summary
+        of all of them. Returns the root attributes to set ({} when the root stays as it is)."""
+        from robolearn.data import provenance
+
+        entries = update.get("episode_attrs")
+        if not entries or not any(isinstance(e, dict) and "source" in e for e in entries):
+            return {}
+        root = self._root.attrs.get("source")
+        update["episode_attrs"] = entries = provenance.backfill(entries, root)
+        summary = provenance.root_summary(entries, root)
+        return {} if summary is None else {"source": summary}
+
     def _ends_array(self) -> zarr.Array:
         try:
             arr = self._root["meta"]["episode_ends"]
@@ -1036,7 +1065,11 @@ class EpisodeStore:
             ends.resize((len(self._ends),))
         entries = self._raw_episode_attrs()
         if len(entries) > self.n_episodes:
-            self._root["meta"].attrs["episode_attrs"] = entries[: self.n_episodes]
+            update: dict[str, Any] = {"episode_attrs": entries[: self.n_episodes]}
+            root_source = self._source_summary(update)  # the root may count the source of what was trimmed
+            self._root["meta"].attrs.update(update)
+            if root_source:
+                self._root.attrs.update(root_source)
         if self._root["meta"].attrs.get("growing_ends") is not None:  # its append is trimmed or committed
             self._root["meta"].attrs["growing_ends"] = None
         for partial in self.path.rglob("*.partial"):
@@ -1378,7 +1411,7 @@ def _copy_episodes(src: EpisodeStore, dst: EpisodeStore, episodes: Sequence[int]
     batch: list[int] = []
     steps = 0
     lengths = src.episode_lengths
-    src_attrs = src.all_episode_attrs() if src._raw_episode_attrs() else None
+    src_attrs = _provenance_attrs(src, dst)
     for i in list(episodes) + [None]:  # type: ignore[list-item]
         if i is not None and (steps + lengths[i] <= budget or not batch):
             batch.append(i)
@@ -1392,6 +1425,35 @@ def _copy_episodes(src: EpisodeStore, dst: EpisodeStore, episodes: Sequence[int]
         batch, steps = [i], int(lengths[i])
 
 
+def check_compatible(stores: Sequence[Any], verb: str = "merge") -> None:
+    """Refuse stores that cannot be read as one: a StoreError naming the first store, the one that differs and
+    the difference (a key's shape, dtype or role, a key only one has, fps, task). ``verb`` says what was being
+    done (``merge``, ``train on``). The one check behind ``data merge`` and training on several stores."""
+    first = stores[0]
+    for other in stores[1:]:
+        diff = schema_mismatch(first.schema, other.schema)
+        if diff:
+            raise StoreError(f"cannot {verb} {first.path} and {other.path}: schemas differ ({diff})")
+        if first.fps is not None and other.fps is not None and float(first.fps) != float(other.fps):
+            raise StoreError(f"cannot {verb} {first.path} and {other.path}: fps {first.fps} vs {other.fps}")
+        if first.task and other.task and first.task != other.task:
+            raise StoreError(f"cannot {verb} {first.path} and {other.path}: task {first.task!r} vs {other.task!r}")
+
+
+def _provenance_attrs(src: EpisodeStore, dst: EpisodeStore) -> list[dict[str, Any]] | None:
+    """``src``'s episode attributes as ``dst`` should keep them: each episode's source made explicit (the root of
+    ``src`` may be the only place that says it, and ``dst``'s root may say something else: a merge of a clean
+    and a noisy store), environment changes made relative to ``dst``'s environment. None: nothing to say."""
+    from robolearn.data import provenance
+
+    entries = provenance.backfill(src.all_episode_attrs(), src.attrs.get("source"))
+    if not any(entries):
+        return None
+    if src.is_robolearn and dst.env_config != src.env_config:
+        entries = provenance.rebase(entries, src.env_config, dst.env_config)
+    return entries
+
+
 def merge_stores(
     sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, zarr_format: int = 3, overwrite: bool = False
 ) -> EpisodeStore:
@@ -1400,14 +1462,7 @@ def merge_stores(
         raise StoreError("merge needs at least one source store")
     stores = [EpisodeStore.open(s) for s in sources]
     first = stores[0]
-    for other in stores[1:]:
-        diff = schema_mismatch(first.schema, other.schema)
-        if diff:
-            raise StoreError(f"cannot merge {first.path} and {other.path}: schemas differ ({diff})")
-        if first.fps is not None and other.fps is not None and float(first.fps) != float(other.fps):
-            raise StoreError(f"cannot merge {first.path} and {other.path}: fps {first.fps} vs {other.fps}")
-        if first.task and other.task and first.task != other.task:
-            raise StoreError(f"cannot merge {first.path} and {other.path}: task {first.task!r} vs {other.task!r}")
+    check_compatible(stores, "merge")
     outp = _norm(out)
     for s in stores:
         src, dst_abs = s.path.resolve(), outp.resolve()

@@ -77,6 +77,31 @@ def test_collect_into_store_of_another_schema_is_refused(tmp_path, capsys):
     assert EpisodeStore.open(out).n_episodes == 1
 
 
+def test_collect_refuses_to_mix_settings_in_one_store_unless_allowed(tmp_path, capsys):
+    out = tmp_path / "peg.zarr"
+    base = ["collect", "task=peg_insert", "episodes=1", f"out={out}", "progress=false"]
+    assert main(base) == 0
+    capsys.readouterr()
+    for extra, says in ((["expert.noise=0.3"], "expert.noise is 0.0 in the store but 0.3 in this run"),
+                        (["env.clearance=0.002"], "env.clearance is 0.001 in the store but 0.002 in this run")):
+        assert main([*base, *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"robolearn: error: cannot append to {out.resolve()}: its 1 episode was recorded "
+                              f"with other settings (")
+        assert says in err and "pass append_mismatch=allow" in err and "Traceback" not in err
+    assert EpisodeStore.open(out).n_episodes == 1  # refused before any rollout
+    assert main([*base, "append_mismatch=maybe"]) == 1
+    assert "append_mismatch must be refuse or allow, got 'maybe'" in capsys.readouterr().err
+    # Allowed on purpose: each episode says how it was made, and the store no longer claims one setting.
+    assert main([*base, "expert.noise=0.3", "append_mismatch=allow"]) == 0
+    store = EpisodeStore.open(out)
+    a0, a1 = store.all_episode_attrs()
+    assert (a0["source"], a0["noise"], a0["expert"], a0["success"]) == ("scripted", 0.0, "PegInsertExpert", True)
+    assert (a1["source"], a1["noise"], a1["seed"]) == ("scripted", 0.3, a0["seed"] + 1)
+    assert store.attrs["source"]["kind"] == "mixed"
+    assert [s["noise"] for s in store.attrs["source"]["sources"]] == [0.0, 0.3]
+
+
 def test_killed_collector_leaves_a_valid_store(tmp_path):
     out = tmp_path / "killed.zarr"
     proc = subprocess.Popen(

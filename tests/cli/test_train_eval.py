@@ -150,6 +150,27 @@ def test_train_on_an_empty_store_says_it_is_empty(peg_data, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_on_several_stores_at_once(peg_data, tmp_path, capsys):
+    import yaml
+
+    noisy, push = tmp_path / "noisy.zarr", tmp_path / "push.zarr"
+    for task, out, extra in (("peg_insert", noisy, ["expert.noise=0.3"]), ("push_t", push, [])):
+        assert main(["collect", f"task={task}", "episodes=1", f"out={out}", "progress=false", *extra]) == 0
+    run = tmp_path / "run"
+    assert train(f"[{peg_data},{noisy}]", run, "training.steps=2", "training.val_every=0", "training.ckpt_every=2",
+                 "training.val_ratio=0.2", "eval.episodes=0") == 0
+    out = capsys.readouterr().out
+    stores = [str(p.resolve()) for p in (peg_data, noisy)]
+    assert f"on {stores[0]} + {stores[1]}: 4 train / 1 val episodes" in out  # 4 + 1 episodes, one split
+    assert yaml.safe_load((run / "config.yaml").read_text())["dataset"] == stores
+    # Stores that do not fit together are refused as `data merge` refuses them, naming both and the key.
+    assert train(f"[{peg_data},{push}]", tmp_path / "bad", "training.steps=1", "eval.episodes=0") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"robolearn: error: cannot train on {stores[0]} and {push.resolve()}: schemas differ "
+                          f"(key '"), err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_ddp_two_gloo_processes(peg_data, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -82,9 +82,12 @@ def test_teleop_appends_to_a_scripted_store(tmp_path, capsys, write_log):
     assert summary["intervention_flag"] is False
     store = EpisodeStore.open(out)
     assert store.n_episodes == 2 and "intervention" not in store.schema
-    assert store.episode_attrs(0) == {}  # the scripted one
+    assert store.episode_attrs(0)["source"] == "scripted"  # the scripted one
     assert store.episode_attrs(1)["source"] == "teleop" and store.episode_attrs(1)["seed"] == next_seed
-    assert store.attrs["teleop"]["next_seed"] == next_seed + 1 and store.attrs["source"]["kind"] == "scripted_expert"
+    assert store.attrs["teleop"]["next_seed"] == next_seed + 1
+    # The root no longer claims that every episode came from the scripted expert.
+    assert store.attrs["source"]["kind"] == "mixed"
+    assert [s["source"] for s in store.attrs["source"]["sources"]] == ["scripted", "teleop"]
 
 
 def test_replayed_lift_session_drives_the_arm_and_gripper(tmp_path, capsys, write_log):
