@@ -72,6 +72,11 @@ from gymnasium.vector.utils import batch_space, concatenate, create_empty_array,
 EnvSpec = str | Callable[..., gym.Env]
 
 SUPPORTED_AUTORESET_MODES = (AutoresetMode.SAME_STEP, AutoresetMode.DISABLED)
+# Worker processes start with "spawn": each re-imports the main script, so a script that makes a vector env (or
+# runs robolearn's evaluation with workers) at its top level starts it again in every worker, which Python refuses.
+MAIN_GUARD_HINT = ("If this came from a script of yours: put the code that makes the vector env (or calls evaluation "
+                   "with workers) under `if __name__ == \"__main__\":` -- every worker process re-imports the main "
+                   "script -- or pass num_workers=0 to keep the environments in this process.")
 
 
 def _make_env(spec: EnvSpec, overrides: dict[str, Any]) -> gym.Env:
@@ -249,8 +254,10 @@ class VectorEnv(GymVectorEnv):
                 self._procs.append(proc)
             try:
                 obs_space, act_space, metadata, render_mode = self._recv_all()[0]
-            except Exception:
+            except Exception as e:
                 self.close()
+                if "died" in str(e) and context != "fork":
+                    raise RuntimeError(f"{e}\n{MAIN_GUARD_HINT}") from None
                 raise
         self.metadata = {**metadata, "autoreset_mode": self.autoreset_mode}
         self.render_mode = render_mode

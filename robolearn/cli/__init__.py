@@ -45,6 +45,22 @@ class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 1."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus the nearest command when one is mistyped (``robolearn trian`` -> did you mean 'train'?)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        import difflib
+        import re
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            message = (f"unknown command {m.group(1)!r}" + (f": did you mean {close[0]!r}?" if close else "")
+                       + f" (commands: {', '.join(choices)})")
+        return super().error(message)
+
+
 def print_json(summary: dict[str, Any]) -> None:
     """The last line of every command that computes something: one JSON object."""
     print(json.dumps(summary, default=_json_default), flush=True)
@@ -104,10 +120,11 @@ def _print_leftovers(path: Path) -> list[str]:
 
 
 def cmd_data_info(args: argparse.Namespace) -> None:
-    from robolearn.data import EpisodeStore
+    from robolearn.data import EpisodeStore, source_lines, store_sources
 
     _print_leftovers(args.path)
     store = EpisodeStore.open(args.path, validate=False)
+    sources = store_sources(store)  # attributes only, no data read
     lengths = store.episode_lengths
     size = store.size_bytes()
     keys = {k: {"shape": list(s.shape), "dtype": s.dtype, "role": s.role} for k, s in store.schema.items()}
@@ -126,6 +143,7 @@ def cmd_data_info(args: argparse.Namespace) -> None:
         "size_bytes": size,
         "keys": keys,
         "env_config": store.env_config,
+        "sources": sources,
     }
     print(f"store     {store.path}  (zarr format {store.zarr_format}, written by {summary['written_by']})")
     print(f"task      {store.task or 'unknown'}    fps {store.fps if store.fps is not None else 'unknown'}")
@@ -133,6 +151,8 @@ def cmd_data_info(args: argparse.Namespace) -> None:
     span = f"    length min/mean/max {el['min']}/{el['mean']}/{el['max']}" if el else ""
     print(f"episodes  {store.n_episodes:,}    steps {store.n_steps:,}{span}")
     print(f"size      {_human_bytes(size)} on disk")
+    for line in source_lines(sources):
+        print(line)
     print("keys")
     width = max([len(k) for k in keys] + [4])
     for k, s in store.schema.items():
@@ -178,6 +198,8 @@ def cmd_data_drop(args: argparse.Namespace) -> None:
 def cmd_data_merge(args: argparse.Namespace) -> None:
     from robolearn.data import merge_stores
 
+    if (args.out.exists() or args.out.is_symlink()) and not args.overwrite:
+        raise CLIError(f"{args.out} already exists: pass --overwrite to replace it, or give another --out")
     with merge_stores(args.sources, args.out, overwrite=args.overwrite) as out:
         print(f"merged {len(args.sources)} stores into {out.path}: {out.n_episodes} episodes, {out.n_steps} steps")
         print_json({"out": str(out.path), "episodes": out.n_episodes, "steps": out.n_steps})
@@ -198,9 +220,34 @@ def _hydra_job(name: str) -> Callable[[argparse.Namespace], None]:
                 module.check_config(cfg)
             print(OmegaConf.to_yaml(cfg), end="")
             return
+        _settle_common(name, cfg)
         getattr(module, func)(cfg)
 
     return run
+
+
+# Keys that name a checkpoint folder, per command (collect's and teleop's policy= is a checkpoint; run's may be ws://).
+_CHECKPOINT_KEYS = ("checkpoint", "policy")
+
+
+def _settle_common(name: str, cfg: Any) -> None:
+    """What every job shares: torch's thread count (``threads=``) and a run folder given where a checkpoint is
+    expected (``runs/train/<run>`` means its ``checkpoints/latest``)."""
+    from omegaconf import OmegaConf
+
+    from robolearn.policies.checkpoint import checkpoint_folder
+
+    for key in _CHECKPOINT_KEYS:
+        value = cfg.get(key) if key in cfg else None
+        if isinstance(value, str) and "://" not in value:
+            folder = checkpoint_folder(value)
+            if str(folder) != str(Path(value)):
+                print(f"{key}: {value} is a run folder; using its latest checkpoint, {folder}", file=sys.stderr)
+                OmegaConf.update(cfg, key, str(folder), merge=False)
+    if "threads" in cfg:
+        from robolearn.cli.threads import apply_threads
+
+        apply_threads(name, cfg.threads)
 
 
 # config name -> "module:function(cfg)"
@@ -220,7 +267,7 @@ _JOBS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="robolearn",
         description="Learn robot manipulation chunk policies from demonstrations, in MuJoCo.",
         epilog=EPILOG,
@@ -389,6 +436,10 @@ def _add_hydra_job(sub: Any, command: str, config: str, help_: str, description:
     settings = "\n".join(ln for ln in settings.splitlines() if not ln.startswith(("defaults:", "  - ")))
     epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
     epilog += f"\n\nsettings (key=value; defaults from {path}):\n{settings}"
+    if config == "train":  # the keys that live in dataclasses, not in the YAML
+        from robolearn.cli.config import policy_keys_help, training_keys_help
+
+        epilog += "\n\n" + policy_keys_help() + "\n\n" + training_keys_help()
     p = sub.add_parser(command, help=help_, description=description, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. task=push_t")

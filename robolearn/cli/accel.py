@@ -104,9 +104,9 @@ def _set_sampler(policy: Any, cfg: DictConfig) -> None:
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
+    from robolearn.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="obs", disable=not enabled, leave=False)
+    return progress_bar(total, desc=desc, unit="obs", disable=not enabled, leave=False)
 
 
 def apply_cache(policy: Any, ckpt: Path, cache: str | None, updates: int | None = None) -> Any:

@@ -171,7 +171,8 @@ def _check_append(cfg: DictConfig, store: EpisodeStore, source: dict[str, Any],
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     import sim
-    from tqdm import tqdm
+
+    from robolearn.progress import progress_bar
 
     if cfg.episodes < 1:
         raise CLIError(f"episodes must be >= 1, got {cfg.episodes}")
@@ -222,7 +223,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     kept = attempts = successes = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=int(cfg.episodes), desc=f"collect {cfg.task}", unit="ep", disable=not cfg.progress)
+    bar = progress_bar(int(cfg.episodes), desc=f"collect {cfg.task}", unit="ep", disable=not cfg.progress)
     interrupted = False
     failure: OSError | None = None
     try:

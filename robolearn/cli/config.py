@@ -41,6 +41,7 @@ class CollectConfig:
     env: dict[str, Any] = field(default_factory=dict)  # overrides passed to sim.make(task, **env)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     policy: str | None = None  # a checkpoint folder: record its rollouts instead of the scripted expert's
+    threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
     # Appending episodes made otherwise (expert.noise, policy=, env.*) than the store's: refuse | allow (each
     # episode records its own settings; the store's source then says "mixed").
     append_mismatch: str = "refuse"
@@ -71,6 +72,7 @@ class AccelCalibrateConfig:
     seed: int = 0
     plot: bool = True
     progress: bool = True
+    threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
 
 @dataclass
@@ -107,10 +109,17 @@ class QuickstartConfig:
     eval_episodes: int = 20
     train: list[str] = field(default_factory=list)  # more overrides for robolearn train
     progress: bool = True
+    threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
 
 @dataclass
 class TrainingConfig(TrainSettings):
+    steps: int = 3000
+    warmup_steps: int = 100
+    # null: chosen by robolearn train from the backbone preset (robolearn/cli/train.py, training_defaults)
+    batch_size: int | None = None  # type: ignore[assignment]
+    lr: float | None = None  # type: ignore[assignment]
+    eval_every: int | None = None  # type: ignore[assignment]
     val_ratio: float = 0.05  # episodes held out for the validation loss
 
 
@@ -151,6 +160,7 @@ class TrainConfig:
     policy: dict[str, Any] = field(default_factory=dict)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalLoopConfig = field(default_factory=EvalLoopConfig)
+    threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
 
 @dataclass
@@ -175,6 +185,7 @@ class EvalConfig:
     env: dict[str, Any] = field(default_factory=dict)  # overrides on top of the training data's env config
     cache: str | None = None  # block caching of a transformer base: bac | uniform | none
     cache_updates: int | None = None  # update steps per branch (default a quarter of the sampler's steps)
+    threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
 
 @dataclass
@@ -197,6 +208,7 @@ class RunConfig:
     status: bool = True  # live status line
     max_nonfinite_chunks: int = 3  # stop (exit 1) after this many action chunks holding NaN/inf (none is executed)
     video: bool = False  # an mp4 of every episode in run_dir/videos (the sent actions replayed after the run)
+    threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
     env: dict[str, Any] = field(default_factory=dict)
 
 
@@ -212,6 +224,7 @@ class ServeConfig:
     max_pending: int = 4  # requests one connection may have unanswered; more are answered with an error
     max_message_mb: float = 16.0
     key_map: dict[str, Any] = field(default_factory=dict)  # client observation name -> policy's name
+    threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
 
 @dataclass
@@ -230,6 +243,7 @@ class TeleopConfig:
     mode: str | None = None  # intervention mode: sync | async inference (default async; a replay: the log's)
     latency_s: float | None = None  # intervention mode: pad inference to at least this (default: a replay's own)
     env: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
 
 @dataclass
@@ -273,6 +287,7 @@ class FinetuneConfig:
     env: dict[str, Any] = field(default_factory=dict)  # sim.make overrides on top of the base's env config
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
     finetune: ResidualMethodConfig = field(default_factory=ResidualMethodConfig)
+    threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
 
 @dataclass
@@ -344,9 +359,11 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"{ov!r} is not a key=value setting; valid keys: {', '.join(valid)}")
         key = ov.split("=", 1)[0].lstrip("+~")
         if key not in valid and not key.startswith(FREE_FORM):
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = suggest_key(key, valid)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r} for {name}{hint}; valid keys: {', '.join(valid)}")
+        if key in valid:
+            check_value(key, ov.split("=", 1)[1], _key_types(schema).get(key))
     # Free-form dicts (environment overrides) take new keys without hydra's '+' prefix.
     overrides = [f"++{ov}" if ov.split("=", 1)[0].startswith(FREE_FORM) else ov for ov in overrides]
     for j, ov in enumerate(overrides):
@@ -357,7 +374,9 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
                 continue
             choices = sorted(p.stem for p in (config_dir() / key).glob("*.yaml"))
             shown = next((alias for alias, group in aliases.items() if group == key), key)
-            raise ConfigError(f"unknown {shown} {value!r}; choose one of: {', '.join(choices)}"
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+            hint = f" (did you mean {shown}={close[0]}?)" if close else ""
+            raise ConfigError(f"unknown {shown} {value!r}{hint}; choose one of: {', '.join(choices)}"
                               + (" (or robosuite/<EnvName>)" if key == "task" else ""))
     cdir = config_dir()
     if not (cdir / f"{name}.yaml").exists():
@@ -400,6 +419,66 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
     return merged  # type: ignore[return-value]
 
 
+def suggest_key(key: str, valid: Sequence[str]) -> str | None:
+    """The valid key a mistyped ``key`` most likely meant, or None when nothing is near.
+
+    Keys are compared part by part: the shared ``training.`` of ``training.foo`` and ``training.lr`` must not make
+    them look alike. Among keys with the same parent the last part must be close (``training.step`` ->
+    ``training.steps``); otherwise the whole key (``trainig.steps`` -> ``training.steps``)."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in valid if k.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.75)
+    if close:
+        return siblings[close[0]]
+    others = [k for k in valid if k.rpartition(".")[0] != parent]
+    close = difflib.get_close_matches(key, others, n=1, cutoff=0.85)
+    return close[0] if close else None
+
+
+def _key_types(schema: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> the annotated type of its dataclass field (nested dataclasses flattened)."""
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        tp = hints.get(f.name)
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out.update(_key_types(tp, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = tp
+    return out
+
+
+def check_value(key: str, value: str, tp: Any) -> None:
+    """Refuse, in plain words, a command-line value the key's type cannot take (OmegaConf's own message names
+    its internals: "Value '5000.0' of type 'float' could not be converted to Integer reference_type=...")."""
+    import types
+    import typing
+
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), tp) if args and (typing.get_origin(tp) in (typing.Union,
+                                                                         types.UnionType)) else tp
+    v = value.strip()
+    if optional and v in ("null", "~", ""):
+        return
+    if base is bool and v.lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        raise ConfigError(f"{key} takes true or false, got {value!r}")
+    if base is int and v.lstrip("+-").isdigit() is False:
+        try:
+            as_float = float(v)
+        except ValueError:
+            raise ConfigError(f"{key} takes a whole number, got {value!r}") from None
+        hint = f": write {int(as_float)}" if as_float.is_integer() else ""
+        raise ConfigError(f"{key} takes a whole number, got {value!r}{hint}")
+    if base is float:
+        try:
+            float(v)
+        except ValueError:
+            raise ConfigError(f"{key} takes a number, got {value!r}") from None
+
+
 def _group_alias(override: str, aliases: dict[str, str]) -> str:
     """``method=residual`` -> ``finetune=residual`` where ``method`` is an alias of the group ``finetune``."""
     key, eq, value = override.partition("=")
@@ -410,3 +489,72 @@ def _first_line(e: BaseException) -> str:
     """Hydra's message folded onto one line, without its full-key boilerplate."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip() and not ln.strip().startswith(("full_key", "object_type", "Key:"))]
     return " ".join(lines) if lines else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------------ --help text
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def _dataclass_defaults(cls: type) -> list[tuple[str, Any]]:
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in ("obs",):
+            continue
+        if f.default is not dataclasses.MISSING:
+            out.append((f.name, f.default))
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+            if not dataclasses.is_dataclass(value):
+                out.append((f.name, value))
+    return out
+
+
+def _wrap(prefix: str, items: list[str], width: int = 110) -> list[str]:
+    lines, line = [], prefix
+    for item in items:
+        if len(line) + len(item) + 2 > width and line.strip():
+            lines.append(line.rstrip())
+            line = " " * len(prefix)
+        line += item + "  "
+    lines.append(line.rstrip())
+    return lines
+
+
+def policy_keys_help() -> str:
+    """Every policy.* key with its default, from the typed configs (robolearn/policies/config.py)."""
+    from robolearn.models.transformer import PRESETS as TRANSFORMER
+    from robolearn.models.unet import PRESETS as UNET
+    from robolearn.policies.config import (DEFAULT_PRESET, ChunkPolicyConfig, DiffusionConfig, DiffusionSettings,
+                                           EncoderConfig, FlowConfig, FlowSettings)
+
+    common = [f"{k}={_fmt(v)}" for k, v in _dataclass_defaults(ChunkPolicyConfig)
+              if k not in ("backbone", "sampler", "encoder")]
+    lines = ["policy keys (policy.<key>=value; defaults in robolearn/policies/config.py):"]
+    lines += _wrap("  ", common)
+    for name, presets in (("unet", UNET), ("transformer", TRANSFORMER)):
+        shown = [p for p in presets if p != "default" or name != "transformer"]
+        keys = sorted(next(iter(presets.values())))
+        lines += _wrap(f"  backbone ({name}): ", [f"preset={'|'.join(shown)} (default {DEFAULT_PRESET[name]})",
+                                                  f"or any of {', '.join(keys)}"])
+    for cls, word in ((DiffusionConfig, "diffusion"), (FlowConfig, "flow")):
+        kind, steps = cls.default_kind_steps
+        lines.append(f"  sampler ({word}): sampler.kind={'|'.join(cls.samplers)} sampler.steps=N "
+                     f"(default {kind} {steps}, or the policy file's)")
+    lines += _wrap("  encoder.", [f"{k}={_fmt(v)}" for k, v in _dataclass_defaults(EncoderConfig)])
+    lines += _wrap("  diffusion.", [f"{k}={_fmt(v)}" for k, v in _dataclass_defaults(DiffusionSettings)])
+    lines += _wrap("  flow.", [f"{k}={_fmt(v)}" for k, v in _dataclass_defaults(FlowSettings)])
+    return "\n".join(lines)
+
+
+def training_keys_help() -> str:
+    """Every training.* key robolearn train accepts, with its default."""
+    items = [f"{k}={_fmt(v)}" for k, v in _dataclass_defaults(TrainingConfig)]
+    return "\n".join(["training keys (training.<key>=value; null: chosen from the policy's size):",
+                      *_wrap("  ", items)])

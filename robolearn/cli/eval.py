@@ -58,10 +58,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["cache"] = {"method": policy.schedule.method, "sampler": policy.schedule.sampler,
                             "compute_fraction": round(policy.schedule.compute_fraction, 4)}
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
-    print(f"{task}: success rate {summary['success_rate']:.2f} over {summary['episodes']} episodes "
-          f"(mean return {summary['mean_return']:.3f}); per-episode results in {run_dir / 'eval'}")
+    print(f"{task}: {describe_result(summary)}; per-episode results in {run_dir / 'eval'}")
     print_json(summary)
     return summary
+
+
+def describe_result(summary: dict[str, Any]) -> str:
+    """One human line: success rate, the task's score where it has one (Push-T's coverage score), mean return."""
+    text = f"success rate {summary['success_rate']:.2f} over {summary['episodes']} episodes"
+    if summary.get("score") is not None:
+        text += (f", coverage score {summary['score']:.3f} (mean of each episode's best clip(coverage / 0.95); "
+                 f"Diffusion Policy's Push-T metric)")
+    return text + f" (mean return {summary['mean_return']:.3f})"
 
 
 def _step(ckpt: Path) -> int:

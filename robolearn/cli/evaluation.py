@@ -57,22 +57,27 @@ class Evaluator:
         return self._venv
 
     def __call__(self, policy: torch.nn.Module, step: int) -> dict[str, Any]:
-        from tqdm import tqdm
-
         from robolearn.accel import default_kernels, kernels_in_use, use_kernels
         from robolearn.evaluation import evaluate
+        from robolearn.progress import progress_bar
 
         was_training = policy.training
         policy.eval()
         kernels = kernels_in_use(policy)
         if kernels == "gemm":  # the training path (train's EMA copy): the inference kernels while evaluating
             use_kernels(policy, default_kernels())
-        bar = tqdm(total=self.episodes, desc=f"eval @{step}", unit="ep", leave=False, disable=not self.progress)
+        bar = progress_bar(self.episodes, desc=f"eval @{step}", unit="ep", leave=False, disable=not self.progress)
 
         def tick(done: int, total: int) -> None:
             bar.update(done - bar.n)
 
         t0 = time.perf_counter()
+        # Environment worker processes share the cores with inference: one torch thread while they run (beside
+        # MuJoCo, 2 threads made a DDIM-10 chunk 4x slower here; tools/bench/threads.py). Training's own count
+        # comes back afterwards.
+        threads = torch.get_num_threads()
+        if self.workers > 0 and torch.device(self.device).type == "cpu" and threads > 1:
+            torch.set_num_threads(1)
         try:
             result = evaluate(policy, self._vector_env(), range(self.seed, self.seed + self.episodes),
                               noise_seed=self.seed, n_action_steps=self.n_action_steps, device=self.device,
@@ -83,6 +88,7 @@ class Evaluator:
 
             raise CLIError(f"evaluation @{step} in task {self.task}: {e}") from None
         finally:
+            torch.set_num_threads(threads)
             bar.close()
             if kernels == "gemm":
                 use_kernels(policy, "gemm")
@@ -93,6 +99,7 @@ class Evaluator:
             "mean_return": result["mean_return"],
             "mean_max_reward": result["mean_max_reward"],
             "mean_length": result["mean_length"],
+            "score": result.get("score"),
             "episodes": result["episodes"],
             "eval_s": round(time.perf_counter() - t0, 2),
             "nonfinite_chunks": result["nonfinite_chunks"],

@@ -93,6 +93,7 @@ def _open_dataset(cfg: DictConfig) -> _Data:
     paths = store_paths(cfg.dataset or cfg.task.dataset or f"data/{task}.zarr")  # dataset=[a.zarr,b.zarr]: several
     path: Path | str = next((p for p in paths if not p.exists()), paths[0])
     if not path.exists():
+        _check_task_exists(task)  # suggest a collect command only for a task that collect can run
         raise CLIError(f"dataset {path} does not exist; make one with: robolearn collect task={task} "
                        f"episodes=200 out={path}")
     store = open_stores(paths)  # several: refused as `data merge` refuses them, else read as one
@@ -114,6 +115,26 @@ def _open_dataset(cfg: DictConfig) -> _Data:
     finally:
         probe.close()
     return _Data(store, path, obs_keys, env_config)
+
+
+def _check_task_exists(task: str) -> None:
+    """``task=robosuite/<Env>`` must name an environment robosuite has (with the nearest one when it does not)."""
+    if not task.startswith("robosuite/"):
+        return
+    import difflib
+
+    from sim.robosuite_env import available_robosuite_envs
+
+    envs = available_robosuite_envs()
+    name = task.split("/", 1)[1]
+    if name not in envs:
+        import sim
+
+        lower = {e.lower(): f"robosuite/{e}" for e in envs}
+        lower.update({t: t for t in sim.available_tasks() if "/" not in t})  # robosuite/pusht -> push_t
+        close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.6)
+        hint = f" (did you mean task={lower[close[0]]}?)" if close else ""
+        raise CLIError(f"robosuite has no environment {name!r}{hint}; it has: {', '.join(envs)}")
 
 
 def _run_dir(cfg: DictConfig, policy_name: str, distributed: bool, rank: int) -> tuple[Path, bool, int | None]:
@@ -229,6 +250,31 @@ def _build_policy(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str,
     return policy
 
 
+# What the null training settings become: CPU-sized presets train fast with a large step size and a batch a laptop
+# computes quickly; the paper-sized ones (preset=dp) with Diffusion Policy's lr 1e-4 and batch 256.
+CPU_TRAINING = {"lr": 1e-3, "batch_size": 128}
+PAPER_TRAINING = {"lr": 1e-4, "batch_size": 256}
+EVALUATIONS = 4  # eval_every=null: this many evaluations over the run (the last one at the end)
+
+
+def training_defaults(t: DictConfig, policy_config: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``training.lr``, ``batch_size`` and ``eval_every`` where they are null (in place); returns what was
+    filled, so the run can say so."""
+    from robolearn.policies.config import PAPER_PRESETS
+
+    backbone = policy_config.get("backbone") or {}
+    paper = backbone.get("preset") in PAPER_PRESETS.get(str(backbone.get("name")), ())
+    chosen: dict[str, Any] = {}
+    for key, value in (PAPER_TRAINING if paper else CPU_TRAINING).items():
+        if t.get(key) is None:
+            chosen[key] = value
+    if t.get("eval_every") is None:
+        chosen["eval_every"] = max(1, int(t.steps) // EVALUATIONS) if int(t.steps) >= EVALUATIONS else 0
+    for key, value in chosen.items():
+        OmegaConf.update(t, key, value, merge=False)
+    return chosen
+
+
 def _train_settings(t: DictConfig) -> Any:
     from robolearn.training import TrainSettings
 
@@ -293,6 +339,7 @@ def _train(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str, data: 
 
     policy = _build_policy(cfg, policy_cfg, policy_name, data, run_dir, resume)
     t = cfg.training
+    filled = training_defaults(t, policy.config)
     settings = _train_settings(t)
     train_ds = SequenceDataset(data.store, split="train", horizon=policy.horizon, n_obs_steps=policy.n_obs_steps,
                                n_action_steps=policy.n_action_steps, obs_keys=data.obs_keys,
@@ -313,6 +360,8 @@ def _train(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str, data: 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        if filled:
+            print("defaults for this policy size: " + ", ".join(f"training.{k}={v}" for k, v in filled.items()))
         print(f"training {policy_name} ({n_params / 1e6:.2f}M parameters) on {data.path}: "
               f"{len(train_ds.episodes)} train / {len(val_ds.episodes)} val episodes, {len(train_ds):,} windows; "
               f"run folder {run_dir}")
@@ -346,6 +395,7 @@ def _summarize(cfg: DictConfig, trainer: Any, out: dict[str, Any], policy_name: 
         "finished": out["finished"],
         "final_loss": losses[-1] if losses else None,
         "success_rate": ev.get("success_rate"),
+        "score": ev.get("score"),
         "eval_episodes": ev.get("episodes"),
         "videos": ev.get("videos", []),
         "plots": [str(p) for p in sorted((run_dir / "plots").glob("*.png"))],
@@ -354,7 +404,9 @@ def _summarize(cfg: DictConfig, trainer: Any, out: dict[str, Any], policy_name: 
     }
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
     if ev:
-        print(f"success rate {ev['success_rate']:.2f} over {ev['episodes']} episodes")
+        from robolearn.cli.eval import describe_result
+
+        print(describe_result({"mean_return": ev.get("mean_return", 0.0), **ev}))
     print(f"checkpoint: {out['checkpoint']}")
     print_json(summary)
     return summary

@@ -69,6 +69,7 @@ class _Episode:
     def __init__(self, index: int, seed: int, env: int) -> None:
         self.index, self.seed, self.env = index, seed, env
         self.ret, self.best, self.length, self.success = 0.0, -np.inf, 0, False
+        self.score: float | None = None  # the best info["score"] seen, for tasks that report one (Push-T)
         self.nonfinite = 0
         self.actions: list[np.ndarray] = []
         self.rewards: list[float] = []
@@ -79,6 +80,8 @@ class _Episode:
                                # an episode ended before its first step (a refused first chunk): 0, as its return
                                "max_reward": round(float(self.best), 4) if self.length else 0.0,
                                "length": self.length, "terminated": terminated, "nonfinite_chunks": self.nonfinite}
+        if self.score is not None:
+            out["score"] = round(self.score, 4)
         if keep_steps:
             out["actions"] = np.stack(self.actions) if self.actions else np.zeros((0,))
             out["rewards"] = np.asarray(self.rewards)
@@ -194,7 +197,10 @@ def _evaluate(policy: Any, venv: Any, seeds: list[int], noise_seed: int | None, 
                 continue
             finished_here = bool(done[i]) and mode == "SameStep"
             success = bool(_info(infos, "success", i, finished_here, False))
-            plan.record(i, actions[i], float(rew[i]), success)
+            ep = plan.record(i, actions[i], float(rew[i]), success)
+            score = _info(infos, "score", i, finished_here)
+            if score is not None:
+                ep.score = max(float(score), ep.score if ep.score is not None else -np.inf)
             if not done[i]:
                 executor.observe_env(i, {k: v[i] for k, v in obs.items()})
                 continue
@@ -234,6 +240,10 @@ def summarize(results: list[dict[str, Any]], wall_s: float, executor: ChunkExecu
         "mean_return": mean("return"),
         "mean_max_reward": mean("max_reward"),
         "mean_length": mean("length", 2),
+        # A task's own score where it reports one as info["score"] (Push-T: clip(coverage / 0.95, 0, 1)), as the
+        # mean over episodes of each episode's best -- Diffusion Policy's Push-T metric.
+        "score": (round(float(np.mean([r["score"] for r in results])), 4)
+                  if results and all("score" in r for r in results) else None),
         "inference_ms_mean": round(1000 * executor.inference_s / max(calls, 1), 2) if executor else None,
         "nonfinite_chunks": int(sum(r.get("nonfinite_chunks", 0) for r in results)),
         "wall_s": round(wall_s, 2),

@@ -29,6 +29,31 @@ def _pad(frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
+def overlay(frame: np.ndarray, text: str, highlight: bool = False) -> np.ndarray:
+    """``frame`` with ``text`` in a dark band along its top (green when ``highlight``: the task reports success).
+
+    PIL's built-in bitmap font, so nothing is installed for it; frames narrower than 96 pixels (an 84x84 camera
+    image) are returned as they are: the text would cover the scene."""
+    frame = np.asarray(frame)
+    if frame.ndim != 3 or frame.shape[1] < 96:
+        return frame
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(np.ascontiguousarray(frame[:, :, :3]))
+    draw = ImageDraw.Draw(img, "RGBA")
+    font = ImageFont.load_default()
+    left, top, right, bottom = draw.textbbox((4, 3), text, font=font)
+    draw.rectangle((0, 0, min(img.width, right + 4), bottom + 3), fill=(0, 0, 0, 150))
+    draw.text((4, 3), text, fill=(90, 230, 90) if highlight else (255, 255, 255), font=font)
+    return np.asarray(img)
+
+
+def step_caption(step: int, reward: float | None, success: bool) -> str:
+    """What the evaluation videos print on each frame."""
+    text = f"step {step}" + (f"  reward {reward:.3f}" if reward is not None else "")
+    return text + ("  SUCCESS" if success else "")
+
+
 class VideoWriter:
     """``append(frame)`` RGB uint8 frames, then ``close()``; parent folders are created."""
 
@@ -79,12 +104,14 @@ def record_episode(
     seed: int | None = None,
     max_steps: int | None = None,
     fps: float | None = None,
+    captions: bool = True,
 ) -> dict[str, Any]:
     """Roll out one episode from ``env.reset(seed=seed)``, render every state, write an mp4.
 
     ``actor`` is ``obs -> action``, or an object with ``reset(env)`` and ``act(obs)`` (a scripted expert, or
     :class:`robolearn.evaluation.rollout.PolicyActor`), reset after the environment. The video has ``steps + 1``
     frames (the initial state and one per step). ``fps`` defaults to ``env.unwrapped.fps`` (real time).
+    ``captions``: each frame shows the step, the step's reward and whether the task reports success.
     Returns ``{"success", "steps", "path", "frames", "return"}``.
     """
     if hasattr(actor, "act") and hasattr(actor, "reset"):
@@ -98,14 +125,18 @@ def record_episode(
     if stateful is not None:
         stateful.reset(env)
     success, steps, ret = bool(info.get("success", False)), 0, 0.0
+    def frame(reward: float | None) -> np.ndarray:
+        img = env.render()
+        return overlay(img, step_caption(steps, reward, success), success) if captions else img
+
     with VideoWriter(path, fps) as writer:
-        writer.append(env.render())
+        writer.append(frame(None))
         while limit is None or steps < limit:
             obs, reward, terminated, truncated, info = env.step(act(obs))
             steps += 1
             ret += float(reward)
             success = success or bool(info.get("success", False))
-            writer.append(env.render())
+            writer.append(frame(float(reward)))
             if terminated or truncated:
                 break
     return {"success": success, "steps": steps, "path": writer.path, "frames": writer.count, "return": round(ret, 4)}

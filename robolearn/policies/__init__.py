@@ -29,6 +29,7 @@ _WHERE = {
     "DenoiseStep": "base",
     "CheckpointError": "checkpoint",
     "checkpoint_digest": "checkpoint",
+    "checkpoint_folder": "checkpoint",
     "load_policy": "checkpoint",
     "read_checkpoint_config": "checkpoint",
     "read_run_config": "checkpoint",

@@ -302,8 +302,18 @@ def _jsonable(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+def checkpoint_folder(folder: str | os.PathLike) -> Path:
+    """The checkpoint a path means: a training or fine-tuning run folder (``runs/train/<run>``, which holds
+    ``checkpoints/latest`` but no weights of its own) means its latest checkpoint; anything else itself."""
     folder = Path(folder)
+    latest = folder / "checkpoints" / "latest"
+    if folder.is_dir() and not (folder / WEIGHTS).exists() and latest.exists():
+        return latest
+    return folder
+
+
+def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    folder = checkpoint_folder(folder)
     if not folder.is_dir():
         _restore_moved_aside(folder)
     if not folder.is_dir():
@@ -412,7 +422,7 @@ def load_policy(
 
     ``expected_type``: refuse a checkpoint of another policy type (e.g. ``"diffusion"``).
     """
-    folder = Path(folder)
+    folder = checkpoint_folder(folder)
     path, doc = _read_config(folder)
     for name in (WEIGHTS, VERSION):
         if not (folder / name).is_file():

@@ -7,7 +7,7 @@ explicit), so a checkpoint never depends on defaults that may change later::
 
     {
       "type": "diffusion",                      # or "flow"
-      "backbone": {"name": "unet", "preset": "small", ...architecture},   # or "transformer" / "default"
+      "backbone": {"name": "unet", "preset": "cpu", ...architecture},   # or "transformer" / "small"
       "horizon": 16, "n_obs_steps": 2, "n_action_steps": 8,
       "obs": {"state": [20], "agentview_image": [84, 84, 3]},        # per-step shapes, in order
       "image_keys": [...], "action_key": "action", "action_dim": 2,
@@ -178,7 +178,11 @@ class FlowSettings:
 
 
 BACKBONES = ("unet", "transformer")
-DEFAULT_PRESET = {"unet": "small", "transformer": "default"}
+# CPU-sized by default (a newcomer's first run finishes in minutes); preset=dp is Diffusion Policy's size.
+DEFAULT_PRESET = {"unet": "cpu", "transformer": "small"}
+# The paper-sized presets, which train with Diffusion Policy's lr 1e-4 and batch 256 (robolearn train's defaults
+# for the CPU presets are lr 1e-3 and batch 128).
+PAPER_PRESETS = {"unet": ("dp",), "transformer": ("dp", "default")}
 
 
 @dataclass

@@ -134,8 +134,7 @@ class FinetuneRun:
         """Train until ``total_env_steps``; returns ``{env_steps, <counters>, checkpoint, success_rate_before,
         success_rate_after, eval, wall_s, env_steps_s, inference_s, plots}``. ``resume``: continue after
         :meth:`load_state`."""
-        from tqdm import tqdm
-
+        from robolearn.progress import progress_bar
         from robolearn.rl.log import RunLog, plot_success
 
         log = RunLog(self.run_dir, resume_at=self.env_steps if resume else None)
@@ -143,8 +142,8 @@ class FinetuneRun:
         t_start = time.perf_counter()
         train_s = 0.0
         started_at = self.env_steps
-        bar = tqdm(total=self.total_env_steps, initial=self.env_steps, desc="finetune", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(self.total_env_steps, desc="finetune", unit="step", initial=self.env_steps,
+                           disable=not self.progress)
         ckpt: Path | None = None
         try:
             if not resume and self.evaluate_fn is not None:

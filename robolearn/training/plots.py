@@ -41,12 +41,17 @@ def plot_metrics(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list
         ax.legend()
 
     def draw_success(ax: Any) -> None:
-        ax.plot(*series("success_rate"), "o-", color="tab:green")
+        ax.plot(*series("success_rate"), "o-", color="tab:green", label="success rate")
+        ss, sv = series("score")
+        if ss:  # the task's own score (Push-T: the coverage score, Diffusion Policy's metric)
+            ax.plot(ss, sv, "s--", color="tab:blue", label="score (mean of each episode's best)")
+            ax.legend(loc="lower right")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
 
     if series("loss")[0]:
         figure("loss.png", "training loss", "loss", draw_loss)
     if series("success_rate")[0]:
-        figure("success.png", "evaluation success rate", "success rate", draw_success)
+        title = "evaluation success rate" + (" and score" if series("score")[0] else "")
+        figure("success.png", title, "success rate" + (" / score" if series("score")[0] else ""), draw_success)
     return written

@@ -269,7 +269,7 @@ class Trainer:
         return float(np.mean(losses))
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        from tqdm import tqdm
+        from robolearn.progress import progress_bar
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.main:
@@ -288,8 +288,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if resume else None)
-        bar = tqdm(total=self.s.steps, initial=self.step, desc="train", unit="it",
-                   disable=not (self.main and self.s.progress), dynamic_ncols=True)
+        bar = progress_bar(self.s.steps, desc="train", unit="it", initial=self.step,
+                           disable=not (self.main and self.s.progress))
         self.policy.train()
         t_last, n_last = time.perf_counter(), self.step
         last_eval: dict[str, Any] | None = None

@@ -216,7 +216,10 @@ class PushTEnv(MujocoTaskEnv):
     def _info(self, success: bool | None = None) -> dict[str, Any]:
         if success is None:
             success = self._coverage > self.config.success_threshold
-        return {"success": bool(success), "coverage": self._coverage}
+        # score: Diffusion Policy's per-step Push-T score, clip(coverage / 0.95, 0, 1), whatever reward_type is;
+        # evaluation reports the mean over episodes of each one's best (the "coverage score" papers quote).
+        score = min(max(self._coverage / self.config.success_threshold, 0.0), 1.0)
+        return {"success": bool(success), "coverage": self._coverage, "score": score}
 
     def _obs(self) -> dict[str, np.ndarray]:
         q = self.data.qpos

@@ -58,7 +58,7 @@ def test_collect_with_worker_processes_keeps_failures(tmp_path, capsys):
         (["task=pusht"], "unknown task 'pusht'. Did you mean 'push_t'?"),
         (["task=peg_insert", "env.clearence=0.001"], "unknown override 'clearence'"),
         (["task=peg_insert", "epsiodes=3"], "unknown config key 'epsiodes' for collect (did you mean 'episodes'?)"),
-        (["task=peg_insert", "episodes=many"], "bad value for 'episodes'"),
+        (["task=peg_insert", "episodes=many"], "episodes takes a whole number, got 'many'"),
         (["task=peg_insert", "episodes=0"], "episodes must be >= 1"),
     ],
 )
@@ -141,7 +141,8 @@ def test_bench_env_writes_json(tmp_path, capsys):
 def test_quickstart_runs_the_whole_main_job(tmp_path, capsys):
     argv = ["quickstart", "task=peg_insert", "episodes=3", "workers=1", f"out_dir={tmp_path / 'data'}",
             f"run_dir={tmp_path / 'run'}", "train_steps=4", "eval_episodes=2", "progress=false",
-            "train=['policy.backbone.preset=tiny','training.batch_size=8','eval.num_envs=2']"]
+            "train=['policy.backbone.preset=tiny','training.batch_size=8','eval.num_envs=2','training.eval_every=0',"
+            "'eval.workers=0','task.eval.max_steps=40']"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     summary = last_json(out)

@@ -35,7 +35,7 @@ def test_train_writes_checkpoint_metrics_plots_and_evaluates(peg_data, tmp_path,
     run = tmp_path / "run"
     assert train(peg_data, run, "training.steps=12", "training.log_every=4", "training.val_every=6",
                  "training.ckpt_every=6", "eval.episodes=2", "eval.num_envs=2", "eval.workers=0",
-                 "eval.videos=1") == 0
+                 "eval.videos=1", "task.eval.max_steps=40") == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["step"] == 12 and summary["finished"] and Path(summary["checkpoint"]).is_dir()
     assert 0.0 <= summary["success_rate"] <= 1.0 and summary["eval_episodes"] == 2
@@ -44,7 +44,8 @@ def test_train_writes_checkpoint_metrics_plots_and_evaluates(peg_data, tmp_path,
         assert (run / "checkpoints" / "latest" / f).is_file(), f
     metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [4, 8, 12]
-    assert any("val_loss" in m for m in metrics) and any("success_rate" in m for m in metrics)
+    assert any("val_loss" in m for m in metrics)
+    assert [m["step"] for m in metrics if "success_rate" in m] == [3, 6, 9, 12]  # by default 4 evaluations
     assert {Path(p).name for p in summary["plots"]} == {"loss.png", "success.png"}
     assert Path(summary["videos"][0]).stat().st_size > 1000
     assert list((run / "tb").iterdir())  # TensorBoard events
@@ -75,7 +76,7 @@ def test_resume_continues_the_exact_step_and_loss_curve(peg_data, tmp_path, caps
         (["obs_keys=[ee_pos,gripper]"], "obs key 'gripper' is not in dataset"),
         (["policy.backbone.bogus=1"], "bogus"),
         (["policy.horizon_len=4"], "unknown policy config key(s) ['horizon_len']"),
-        (["policy=flowunet"], "unknown policy 'flowunet'; choose one of"),
+        (["policy=flowunet"], "unknown policy 'flowunet' (did you mean policy=flow_unet?); choose one of"),
         (["training.stesp=3"], "did you mean 'training.steps'?"),
         (["resume=true"], "cannot resume: no checkpoint at"),
         (["training.keep_checkpoints=0"], "training.keep_checkpoints must be >= 1"),
@@ -107,7 +108,7 @@ def test_eval_command(peg_data, tmp_path, capsys):
     capsys.readouterr()
     ckpt = run / "checkpoints" / "latest"
     argv = ["eval", f"checkpoint={ckpt}", "episodes=3", "num_envs=2", "workers=0", "sampler.steps=3",
-            "video=true", "videos=1", f"run_dir={tmp_path / 'ev'}"]
+            "video=true", "videos=1", f"run_dir={tmp_path / 'ev'}", "env.max_episode_steps=40"]
     assert main(argv) == 0
     s = last_json(capsys.readouterr().out)
     assert s["episodes"] == 3 and s["sampler"] == {"kind": "ddim", "steps": 3} and s["task"] == "peg_insert"

@@ -116,7 +116,7 @@ def test_ddpm_given_noise_is_repeatable_and_varies_with_the_noise() -> None:
 def test_config_defaults_live_in_the_dataclass_and_errors_name_the_key() -> None:
     cfg = policy_config({"type": "flow", "obs": {"s": [3]}, "action_dim": 2})
     assert (cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps) == (16, 2, 8)
-    assert cfg.sampler.kind == "euler" and cfg.flow.time_sampling == "beta" and cfg.backbone["preset"] == "small"
+    assert cfg.sampler.kind == "euler" and cfg.flow.time_sampling == "beta" and cfg.backbone["preset"] == "cpu"
     assert policy_config(cfg.to_dict()).to_dict() == cfg.to_dict()  # the saved form round-trips
     bad = [({"n_action_steps": 20}, "policy.n_action_steps must be in \\[1, 15\\]"),
            ({"n_obs_steps": 0}, "policy.n_obs_steps"),
