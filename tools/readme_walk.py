@@ -31,37 +31,43 @@ REPO = Path(__file__).resolve().parents[1]
 # The README's Python snippets ("The episode store", "Loading a checkpoint from Python"), with small arrays.
 SNIPPET = textwrap.dedent('''
     import numpy as np
-    from robolearn.data import EpisodeStore, KeySpec, SequenceDataset, Normalizer
-    from robolearn.policies import load_policy
-
-    schema = {"agent_pos": KeySpec((2,), "float32", "obs"), "action": KeySpec((2,), "float32", "action")}
-    with EpisodeStore.create("data/mine.zarr", schema, fps=10, task="push_t") as store:
-        for n in (30, 40):
-            store.append_episode({"agent_pos": np.random.rand(n, 2).astype("float32"),
-                                  "action": np.random.rand(n, 2).astype("float32")})
-    ds = SequenceDataset("data/mine.zarr", horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=0.1, seed=0)
-    batch = next(iter(ds.batches(8, epochs=None)))
-    norm = Normalizer.from_stats(ds.stats(), {"agent_pos": "minmax", "action": "minmax"})
-
     import sim
+    from robolearn.data import EpisodeStore, KeySpec, SequenceDataset, Normalizer
     from robolearn.evaluation import PolicyActor, evaluate
+    from robolearn.policies import load_policy
+    from sim.vector import make_vector_env
 
-    policy = load_policy("runs/walk/peg")          # a run folder: its latest checkpoint
-    obs = {k: np.zeros((1, policy.n_obs_steps, *shape), np.float32) for k, shape in policy.obs_shapes.items()}
-    chunk = policy.predict_action(obs)             # (1, horizon, action_dim)
-    print("chunk", tuple(chunk.shape))
-    env = sim.make("peg_insert")
-    actor = PolicyActor(policy, noise_seed=0)
-    obs, info = env.reset(seed=0); actor.reset(env)
-    while True:
-        obs, reward, terminated, truncated, info = env.step(actor.act(obs))
-        if terminated or truncated:
-            break
+
+    def main() -> None:
+        schema = {"agent_pos": KeySpec((2,), "float32", "obs"), "action": KeySpec((2,), "float32", "action")}
+        with EpisodeStore.create("data/mine.zarr", schema, fps=10, task="push_t") as store:
+            for n in (30, 40):
+                store.append_episode({"agent_pos": np.random.rand(n, 2).astype("float32"),
+                                      "action": np.random.rand(n, 2).astype("float32")})
+        ds = SequenceDataset("data/mine.zarr", horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=0.1, seed=0)
+        batch = next(iter(ds.batches(8, epochs=None)))
+        norm = Normalizer.from_stats(ds.stats(), {"agent_pos": "minmax", "action": "minmax"})
+
+        policy = load_policy("runs/walk/peg")      # a run folder: its latest checkpoint
+        obs = {k: np.zeros((1, policy.n_obs_steps, *shape), np.float32) for k, shape in policy.obs_shapes.items()}
+        chunk = policy.predict_action(obs)
+        print("chunk", tuple(chunk.shape))
+        env = sim.make("peg_insert")
+        actor = PolicyActor(policy, noise_seed=0)
+        obs, info = env.reset(seed=0)
+        actor.reset(env)
+        while True:
+            obs, reward, terminated, truncated, info = env.step(actor.act(obs))
+            if terminated or truncated:
+                break
+        venv = make_vector_env("peg_insert", num_envs=2, num_workers=2)
+        print(evaluate(policy, venv, seeds=range(2))["success_rate"])
+
 
     if __name__ == "__main__":
-        from sim.vector import make_vector_env
-        print(evaluate(policy, make_vector_env("peg_insert", num_envs=2, num_workers=2), seeds=range(2))["success_rate"])
+        main()
 ''')
+
 
 
 def steps(python: str) -> list[tuple[str, str]]:

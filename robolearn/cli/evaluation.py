@@ -40,11 +40,15 @@ class Evaluator:
     def __init__(
         self, task: str, env_config: dict[str, Any], *, episodes: int, num_envs: int, workers: int, seed: int,
         videos: int, run_dir: Path, device: torch.device, progress: bool = True, n_action_steps: int | None = None,
+        video_from_step: int = 0,
     ) -> None:
+        """``video_from_step``: record videos only at evaluations of this step or later (training passes its last
+        step: on a CPU, rendering every evaluation's episodes cost more than the evaluations themselves)."""
         self.task, self.env_config = task, dict(env_config)
         self.episodes, self.num_envs, self.workers, self.seed = episodes, max(1, num_envs), workers, seed
         self.videos, self.run_dir, self.device, self.progress = videos, Path(run_dir), device, progress
         self.n_action_steps = n_action_steps
+        self.video_from_step = int(video_from_step)
         self._venv: Any = None
 
     def _vector_env(self) -> Any:
@@ -82,7 +86,7 @@ class Evaluator:
             result = evaluate(policy, self._vector_env(), range(self.seed, self.seed + self.episodes),
                               noise_seed=self.seed, n_action_steps=self.n_action_steps, device=self.device,
                               progress=tick)
-            videos = self._videos(policy, step)
+            videos = self._videos(policy, step) if step >= self.video_from_step else []
         except NonFiniteObservationError as e:
             from robolearn.cli import CLIError
 

@@ -300,7 +300,7 @@ def _evaluator(cfg: DictConfig, data: _Data, run_dir: Path, device: torch.device
         env_config["max_episode_steps"] = int(task_eval.max_steps)
     return Evaluator(str(cfg.task.name), env_config, episodes=episodes, num_envs=int(e.num_envs),
                      workers=int(e.workers), seed=int(e.seed), videos=int(e.videos), run_dir=run_dir, device=device,
-                     progress=bool(cfg.training.progress))
+                     progress=bool(cfg.training.progress), video_from_step=int(cfg.training.steps))
 
 
 def check_config(cfg: DictConfig) -> tuple[dict[str, Any], str]:
