@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the new store (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_data_merge)
+    from robolearn.cli.data_io import add_parsers as add_data_io_parsers
+
+    add_data_io_parsers(dsub)  # data import FORMAT / data export FORMAT (robolearn/cli/data_io.py)
 
     for name, (help_, description, examples) in _HYDRA_COMMANDS.items():
         _add_hydra_job(sub, name, name, help_, description, examples)
