@@ -24,12 +24,14 @@ test: $(STAMP)
 
 venv: $(STAMP)
 
-# torch goes first, pinned: its CPU build is on local disk; anything else pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# The exact versions tested live in constraints.txt (the package metadata has ranges). torch goes first: its CPU
+# build is on local disk; anything else pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing robolearn into $(VENV) (about 2 minutes on a fresh machine; log: $(PIP_LOG))"
-	@$(BIN)/pip install torch==2.13.0 > $(PIP_LOG) 2>&1 || (tail -40 $(PIP_LOG); exit 1)
-	@$(BIN)/pip install -e ".[test]" >> $(PIP_LOG) 2>&1 || (tail -40 $(PIP_LOG); exit 1)
+	@$(BIN)/pip install -c constraints.txt torch > $(PIP_LOG) 2>&1 || (tail -40 $(PIP_LOG); exit 1)
+	@$(BIN)/pip uninstall -y robolearn >> $(PIP_LOG) 2>&1 || true  # the distribution's name before 0.2.0
+	@$(BIN)/pip install -c constraints.txt -e ".[test]" >> $(PIP_LOG) 2>&1 || (tail -40 $(PIP_LOG); exit 1)
 	@touch $(STAMP)
 
 bench: $(STAMP)

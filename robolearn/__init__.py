@@ -6,4 +6,4 @@ fast CPU inference kernels, residual RL fine-tuning (a wrapper kind). Coming, as
 steering, block caching.
 See docs/ARCHITECTURE.md.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

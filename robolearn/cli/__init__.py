@@ -4,7 +4,7 @@ Two styles of argument, each where it fits:
 
 - ``robolearn data ...`` and other file utilities take ordinary flags (``--json``, ``--episodes 3,5``);
 - jobs with many settings (``collect``, ``bench env``, later ``train``/``eval``) take hydra overrides
-  (``task=push_t episodes=50 expert.noise=0.1``), validated against dataclass-backed configs in ``configs/``.
+  (``task=push_t episodes=50 expert.noise=0.1``), validated against dataclass-backed configs in ``robolearn/configs/``.
 
 Every command that computes a result prints a one-line JSON summary as its last line of standard output.
 """
@@ -354,9 +354,9 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "train": (
         "train a chunk policy (diffusion or flow matching) from an episode store",
         "Train a chunk policy from an episode store, with evaluation rollouts in MuJoCo.\n"
-        "task= picks a file of configs/task/ (push_t, peg_insert, lift, can, square: the simulation task, its\n"
+        "task= picks a file of robolearn/configs/task/ (push_t, peg_insert, lift, can, square: the simulation task, its\n"
         "dataset, observation keys, env overrides, evaluation length); a new task is one YAML file there.\n"
-        "policy= picks one of configs/policy/: diffusion_unet, diffusion_transformer, flow_unet,\n"
+        "policy= picks one of robolearn/configs/policy/: diffusion_unet, diffusion_transformer, flow_unet,\n"
         "flow_transformer; any policy.* key can be overridden (defaults: robolearn/policies/config.py).\n"
         "--cfg job prints the composed config without running.",
         ["robolearn train task=can policy=flow_unet",
@@ -404,9 +404,9 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "finetune": (
         "reinforcement-learning fine-tuning of a frozen chunk policy (method=residual: ResiP | steer: DSRL)",
         "Fine-tune a checkpoint in its task's MuJoCo environments without retraining it.\n"
-        "  method=residual (configs/finetune/residual.yaml): PPO trains a small per-step residual MLP over the\n"
+        "  method=residual (robolearn/configs/finetune/residual.yaml): PPO trains a small per-step residual MLP over the\n"
         "    frozen base, which runs as deployed (chunks queued, batched inference for all environments).\n"
-        "  method=steer (configs/finetune/steer.yaml): SAC (finetune.variant=sac) or noise aliasing (=na) trains\n"
+        "  method=steer (robolearn/configs/finetune/steer.yaml): SAC (finetune.variant=sac) or noise aliasing (=na) trains\n"
         "    an actor that picks the base's initial noise; the base must sample deterministically (ddim, euler,\n"
         "    midpoint; finetune.base_sampler=ddim steers a DDPM-trained diffusion policy).\n"
         "The result is evaluated on held-out seeds before, during and after; it is a 'residual' or 'steered'\n"
@@ -458,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     from robolearn.data.schema import StoreError
+    from robolearn.extras import MissingExtra
     from robolearn.policies.checkpoint import CheckpointError
     from robolearn.policies.config import ConfigError
 
@@ -469,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
-    except (CLIError, StoreError, ConfigError, CheckpointError) as e:
+    except (CLIError, StoreError, ConfigError, CheckpointError, MissingExtra) as e:
         print(f"robolearn: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # any other file-system or network refusal: one line naming the file and the errno

@@ -1,4 +1,4 @@
-"""Hydra configs backed by dataclasses: defaults in ``configs/<name>.yaml``, types and keys in the dataclass.
+"""Hydra configs backed by dataclasses: defaults in ``robolearn/configs/<name>.yaml``, types and keys in the dataclass.
 
 ``compose(name, overrides)`` returns a validated ``DictConfig``. A key that is not in the dataclass, or a value
 of the wrong type, is refused before any work starts, with a message naming the key and listing valid ones.
@@ -131,7 +131,7 @@ class TaskEvalConfig:
 
 @dataclass
 class TaskConfig:
-    """One task: a file in configs/task/ (``robolearn train task=<file name>``)."""
+    """One task: a file in robolearn/configs/task/ (``robolearn train task=<file name>``)."""
 
     name: str = "push_t"  # the simulation task: push_t | peg_insert | lift | can | square | robosuite/<EnvName>
     dataset: str | None = None  # default: data/<name>.zarr
@@ -161,6 +161,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalLoopConfig = field(default_factory=EvalLoopConfig)
     threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
+    logger: str = "tensorboard"  # tensorboard | wandb (offline unless WANDB_MODE says otherwise) | none
 
 
 @dataclass
@@ -248,14 +249,14 @@ class TeleopConfig:
 
 @dataclass
 class ResidualMethodConfig(ResidualSettings):
-    """``configs/finetune/residual.yaml``: ResiP's hyperparameters (robolearn/rl/settings.py), as ``finetune.*``."""
+    """``robolearn/configs/finetune/residual.yaml``: ResiP's hyperparameters (robolearn/rl/settings.py), as ``finetune.*``."""
 
     name: str = "residual"
 
 
 @dataclass
 class SteerMethodConfig(SteerSettings):
-    """``configs/finetune/steer.yaml``: DSRL's hyperparameters (robolearn/rl/settings.py), as ``finetune.*``."""
+    """``robolearn/configs/finetune/steer.yaml``: DSRL's hyperparameters (robolearn/rl/settings.py), as ``finetune.*``."""
 
     name: str = "steer"
 
@@ -297,10 +298,10 @@ class SteerFinetuneConfig(FinetuneConfig):
     finetune: SteerMethodConfig = field(default_factory=SteerMethodConfig)  # type: ignore[assignment]
 
 
-# Config groups (folders of configs/) each command composes from: `train task=can policy=flow_unet`.
+# Config groups (folders of robolearn/configs/) each command composes from: `train task=can policy=flow_unet`.
 GROUPS: dict[str, set[str]] = {"train": {"task", "policy"}, "finetune": {"finetune"}}
 # A command-line key that picks a group under another name: `finetune method=residual` chooses
-# configs/finetune/residual.yaml, whose settings are then `finetune.*` keys.
+# robolearn/configs/finetune/residual.yaml, whose settings are then `finetune.*` keys.
 GROUP_ALIASES: dict[str, dict[str, str]] = {"finetune": {"method": "finetune"}}
 
 # A command whose schema depends on a group choice: `finetune method=steer` validates against SteerFinetuneConfig.
@@ -318,11 +319,15 @@ SCHEMAS: dict[str, type] = {
 
 
 def config_dir() -> Path:
-    """``configs/`` beside the package (an editable install or a checkout), or ``$ROBOLEARN_CONFIG_DIR``."""
+    """The hydra configs: ``robolearn/configs/`` inside the installed package (found through
+    :mod:`importlib.resources`, so a plain ``pip install`` of the wheel has them), or ``$ROBOLEARN_CONFIG_DIR`` (a
+    copy of that folder with your own tasks and policies added)."""
     env = os.environ.get("ROBOLEARN_CONFIG_DIR")
     if env:
         return Path(env).resolve()
-    return (Path(__file__).resolve().parents[2] / "configs").resolve()
+    from importlib.resources import files
+
+    return Path(str(files("robolearn").joinpath("configs"))).resolve()
 
 
 def _valid_keys(schema: type, prefix: str = "") -> list[str]:
@@ -337,7 +342,7 @@ def _valid_keys(schema: type, prefix: str = "") -> list[str]:
 
 
 def compose(name: str, overrides: Sequence[str]) -> DictConfig:
-    """Compose ``configs/<name>.yaml`` with ``overrides`` and validate it against its dataclass."""
+    """Compose ``robolearn/configs/<name>.yaml`` with ``overrides`` and validate it against its dataclass."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

@@ -29,6 +29,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task = run_cfg.get("task")
     if not task:
         raise CLIError(f"{ckpt / 'config.yaml'} does not say which task the policy was trained on ('run.task')")
+    if task == "none":
+        raise CLIError(f"{ckpt} was trained without a simulator (task=none): there is no environment to evaluate it "
+                       f"in; serve it (robolearn serve checkpoint={ckpt}) to a robot, or train on a simulated task")
     env_config = {**(run_cfg.get("env_config") or {}), **OmegaConf.to_container(cfg.env, resolve=True)}
     probe_task(task, env_config, policy)
     if cfg.sampler.kind is not None or cfg.sampler.steps is not None:

@@ -206,6 +206,10 @@ def _record_videos(runner: Any, report: dict[str, Any], *, task: str, env_config
 
 def _connect(url: str, token: str | None) -> Any:
     """The policy server as a :class:`RemotePolicy` (its metadata says its keys and sizes), errors as CLIError."""
+    from robolearn.extras import require
+
+    for module in ("websockets", "msgpack"):
+        require(module, "server", "a policy=ws://... server")
     from websockets.exceptions import WebSocketException
 
     from robolearn.runtime.client import RemotePolicy, RemotePolicyError
@@ -217,6 +221,10 @@ def _connect(url: str, token: str | None) -> Any:
 
 
 def serve(cfg: DictConfig) -> None:
+    from robolearn.extras import require
+
+    for module in ("websockets", "msgpack"):
+        require(module, "server", "robolearn serve")
     from robolearn.runtime.jobs import serve_job
     from robolearn.runtime.server import is_loopback
 

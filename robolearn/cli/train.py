@@ -1,7 +1,7 @@
 """``robolearn train``: a chunk policy from an episode store, evaluated in the task's MuJoCo environment.
 
-``task=`` picks a file of ``configs/task/`` (the simulation task, its dataset, observation keys, environment
-overrides and evaluation length) and ``policy=`` one of ``configs/policy/``: N tasks and M policies cost N + M files.
+``task=`` picks a file of ``robolearn/configs/task/`` (the simulation task, its dataset, observation keys, environment
+overrides and evaluation length) and ``policy=`` one of ``robolearn/configs/policy/``: N tasks and M policies cost N + M files.
 
 Everything that can be wrong with the inputs is checked before the first training step: the dataset opens,
 validates and holds episodes, its task and observation keys match the environment, the policy config builds, and
@@ -90,6 +90,8 @@ def _open_dataset(cfg: DictConfig) -> _Data:
     from robolearn.data.storeset import store_paths
 
     task = str(cfg.task.name)
+    if task == "none" and not (cfg.dataset or cfg.task.dataset):
+        raise CLIError("task=none trains without a simulator on a store you give: add dataset=<store.zarr>")
     paths = store_paths(cfg.dataset or cfg.task.dataset or f"data/{task}.zarr")  # dataset=[a.zarr,b.zarr]: several
     path: Path | str = next((p for p in paths if not p.exists()), paths[0])
     if not path.exists():
@@ -98,8 +100,13 @@ def _open_dataset(cfg: DictConfig) -> _Data:
                        f"episodes=200 out={path}")
     store = open_stores(paths)  # several: refused as `data merge` refuses them, else read as one
     path = store.path
+    if task == "none":
+        return _no_simulator(cfg, store, path)
     if store.task and store.task != task:
-        raise CLIError(f"dataset {path} was recorded for task {store.task!r}, not {task!r}")
+        hint = ""
+        if not _has_environment(store.task):
+            hint = f" (no simulation task is called {store.task!r}: train without one with task=none)"
+        raise CLIError(f"dataset {path} was recorded for task {store.task!r}, not {task!r}{hint}")
     if store.n_episodes == 0:
         raise CLIError(f"dataset {path} holds no episodes; record some with: robolearn collect task={task} "
                        f"episodes=200 out={path} (or by hand: robolearn teleop task={task} out={path})")
@@ -115,6 +122,30 @@ def _open_dataset(cfg: DictConfig) -> _Data:
     finally:
         probe.close()
     return _Data(store, path, obs_keys, env_config)
+
+
+def _no_simulator(cfg: DictConfig, store: Any, path: Path) -> _Data:
+    """``task=none``: the store's own keys, no environment to check them against or to evaluate in."""
+    if store.n_episodes == 0:
+        raise CLIError(f"dataset {path} holds no episodes")
+    chosen = cfg.obs_keys or cfg.task.obs_keys
+    obs_keys = list(chosen) if chosen else [k for k, s in store.schema.items() if s.role == "obs"]
+    for key in obs_keys:
+        if key not in store.schema:
+            raise CLIError(f"obs key {key!r} is not in dataset {path}; it has: {', '.join(store.schema)}")
+    if not obs_keys:
+        raise CLIError(f"dataset {path} has no observation keys (role obs); name them with obs_keys=[...]")
+    if "action" not in store.schema:
+        raise CLIError(f"dataset {path} has no 'action' key")
+    print(f"task=none: no simulator; training on {', '.join(obs_keys)} -> action from {path} (its task: "
+          f"{store.task or 'unnamed'}); the validation loss is the measure", flush=True)
+    return _Data(store, path, obs_keys, dict(store.env_config))
+
+
+def _has_environment(task: str) -> bool:
+    import sim
+
+    return task.startswith("robosuite/") or task in sim.available_tasks()
 
 
 def _check_task_exists(task: str) -> None:
@@ -292,6 +323,8 @@ def _train_settings(t: DictConfig) -> Any:
 
 def _evaluator(cfg: DictConfig, data: _Data, run_dir: Path, device: torch.device) -> Evaluator | None:
     e, task_eval = cfg.eval, cfg.task.eval
+    if str(cfg.task.name) == "none":
+        return None  # no simulator to evaluate in: the validation loss is what training reports
     episodes = int(e.episodes if e.episodes is not None else task_eval.episodes)
     if episodes <= 0:
         return None
@@ -366,8 +399,11 @@ def _train(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str, data: 
               f"{len(train_ds.episodes)} train / {len(val_ds.episodes)} val episodes, {len(train_ds):,} windows; "
               f"run folder {run_dir}")
         evaluator = _evaluator(cfg, data, run_dir, device)
-    trainer = Trainer(policy, train_ds, settings, run_dir, run_config, val_dataset=val_ds, evaluate=evaluator,
-                      device=device)
+    try:
+        trainer = Trainer(policy, train_ds, settings, run_dir, run_config, val_dataset=val_ds, evaluate=evaluator,
+                          device=device, logger=str(cfg.logger))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     try:
         out = trainer.fit(resume=resume)
     except (StoreError, CheckpointError, FileNotFoundError) as e:
@@ -394,6 +430,7 @@ def _summarize(cfg: DictConfig, trainer: Any, out: dict[str, Any], policy_name: 
         "step": out["step"],
         "finished": out["finished"],
         "final_loss": losses[-1] if losses else None,
+        "val_loss": next((m["val_loss"] for m in reversed(trainer.metrics()) if "val_loss" in m), None),
         "success_rate": ev.get("success_rate"),
         "score": ev.get("score"),
         "eval_episodes": ev.get("episodes"),
@@ -403,6 +440,8 @@ def _summarize(cfg: DictConfig, trainer: Any, out: dict[str, Any], policy_name: 
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
+    if summary["task"] == "none" and summary["val_loss"] is not None:
+        print(f"validation loss {summary['val_loss']:.4f} (no simulator: task=none)")
     if ev:
         from robolearn.cli.eval import describe_result
 

@@ -14,11 +14,12 @@ from robolearn.training.trainer import parse_metrics_line
 class RunLog:
     """Appends records to ``run_dir/metrics.jsonl`` and TensorBoard (``run_dir/tb``)."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, resume_at: int | None = None) -> None:
+    def __init__(self, run_dir: str | os.PathLike, *, resume_at: int | None = None, logger: str = "tensorboard"
+                 ) -> None:
         """``resume_at``: the env-step count of the checkpoint a run resumes from -- records written after it by
         the interrupted run are dropped (they will be redone), so curves have no duplicates. None: a new run
         (an old ``metrics.jsonl`` is removed)."""
-        from torch.utils.tensorboard import SummaryWriter
+        from robolearn.training.loggers import make_logger
 
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -31,11 +32,13 @@ class RunLog:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, self.path)
-        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=None if resume_at is None else resume_at + 1)
+        self.tb = make_logger(logger, self.run_dir, purge_step=None if resume_at is None else resume_at + 1)
 
     def log(self, record: dict[str, Any], prefix: str = "") -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is None:
+            return
         for k, v in record.items():
             if k != "env_steps" and isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.tb.add_scalar(prefix + k, v, record["env_steps"])
@@ -46,7 +49,8 @@ class RunLog:
         return [rec for ln in self.path.read_text().splitlines() if (rec := parse_metrics_line(ln)) is not None]
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def plot_success(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str, train_label: str,

@@ -281,8 +281,8 @@ class SpaceMouseDevice(_AxisDevice):
             import hid  # type: ignore[import-not-found]
         except ImportError:
             raise DeviceError(
-                "device=spacemouse needs the 'hid' module: install it with `.venv/bin/pip install hidapi` (its "
-                "wheel bundles the HID library; on Debian `apt-get install libhidapi-hidraw0` also works), then "
+                "device=spacemouse needs the 'hid' module: install it with `pip install 'robolearn-mujoco[teleop]'` "
+                "(or `.venv/bin/pip install hidapi` in a checkout; its wheel bundles the HID library; on Debian `apt-get install libhidapi-hidraw0` also works), then "
                 "give your user read access to /dev/hidraw* (a udev rule) or use device=keyboard"
             ) from None
         found = [d for d in hid.enumerate() if d.get("vendor_id") in self.VENDORS

@@ -144,7 +144,15 @@ class Trainer:
         val_dataset: Any = None,
         evaluate: Callable[[nn.Module, int], dict[str, Any]] | None = None,
         device: str | torch.device = "cpu",
+        logger: str = "tensorboard",
     ) -> None:
+        """``logger``: where scalars go besides ``metrics.jsonl``: tensorboard | wandb | none
+        (:mod:`robolearn.training.loggers`)."""
+        from robolearn.training.loggers import LOGGERS
+
+        if logger not in LOGGERS:
+            raise ValueError(f"logger must be one of {', '.join(LOGGERS)}, got {logger!r}")
+        self.logger_kind = logger
         self.s = settings
         self.run_dir = Path(run_dir)
         self.config = config
@@ -285,9 +293,10 @@ class Trainer:
         elif self.main and (self.run_dir / "metrics.jsonl").exists():
             (self.run_dir / "metrics.jsonl").unlink()
         if self.main:
-            from torch.utils.tensorboard import SummaryWriter
+            from robolearn.training.loggers import make_logger
 
-            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if resume else None)
+            self.tb = make_logger(self.logger_kind, self.run_dir, purge_step=self.step + 1 if resume else None,
+                                  config=self.config)
         bar = progress_bar(self.s.steps, desc="train", unit="it", initial=self.step,
                            disable=not (self.main and self.s.progress))
         self.policy.train()

@@ -9,7 +9,7 @@ import pytest
 from robolearn.cli import main
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints" / "v1_push_t_flow_transformer"
-TASKS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "task").glob("*.yaml"))
+TASKS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "robolearn" / "configs" / "task").glob("*.yaml"))
 POLICIES = ["diffusion_unet", "diffusion_transformer", "flow_unet", "flow_transformer"]
 
 
@@ -44,8 +44,8 @@ def test_train_composes_every_task_with_every_policy(task: str, capsys) -> None:
 
 
 def test_config_errors_name_the_key(tmp_path: Path, capsys) -> None:
-    assert main(["train", "task=nope"]) == 1
-    assert "unknown task 'nope'; choose one of: can, lift, peg_insert, push_t, square" in capsys.readouterr().err
+    assert main(["train", "task=xyzzy"]) == 1
+    assert "unknown task 'xyzzy'; choose one of: can, lift, none, peg_insert, push_t, square" in capsys.readouterr().err
     assert main(["train", "task=push_t", "task.evl.episodes=3"]) == 1
     assert "task.evl.episodes" in capsys.readouterr().err
     argv = ["eval", f"checkpoint={FIXTURE}", "episodes=1", "sampler.kind=ddim", f"run_dir={tmp_path}"]

@@ -201,3 +201,43 @@ def test_image_observations_end_to_end(tmp_path, capsys):
     assert summary["eval_episodes"] == 1
     policy = load_policy(Path(summary["checkpoint"]))
     assert policy.obs_shapes["image"] == (32, 32, 3) and "image" in policy.config["image_keys"]
+
+
+def test_task_none_trains_diffusion_policys_push_t_store_and_serves_it(tmp_path, capsys):
+    """No simulator: Diffusion Policy's own Push-T layout (float img, state, keypoint, action; zarr 2) trains with
+    task=none, reports the validation loss, and the checkpoint serves through the policy server."""
+    import numcodecs
+    import zarr
+
+    from robolearn.runtime.client import RemotePolicy
+    from robolearn.runtime.server import PolicyServer
+
+    lengths, rng = (20, 16, 18), np.random.default_rng(0)
+    n = sum(lengths)
+    root = zarr.open_group(str(tmp_path / "pusht_dp.zarr"), mode="w", zarr_format=2)
+    blosc = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSHUFFLE)
+    data = root.create_group("data")
+    for key, shape in (("img", (24, 24, 3)), ("state", (5,)), ("keypoint", (9, 2)), ("action", (2,))):
+        arr = data.create_array(key, shape=(n, *shape), chunks=(n, *shape), dtype="float32", compressors=blosc)
+        arr[:] = rng.random((n, *shape), dtype=np.float32) * (255 if key == "img" else 1)
+    root.create_group("meta").create_array("episode_ends", shape=(3,), chunks=(3,), dtype="int64",
+                                           compressors=blosc)[:] = np.cumsum(lengths)
+    run = tmp_path / "run"
+    assert main(["train", "task=none", f"dataset={tmp_path / 'pusht_dp.zarr'}", f"run_dir={run}", *TINY,
+                 "training.steps=3", "training.val_every=3", "training.val_ratio=0.34",
+                 "policy.encoder.image_widths=[8,16]", "policy.encoder.num_keypoints=8"]) == 0
+    out = capsys.readouterr().out
+    summary = last_json(out)
+    assert summary["task"] == "none" and summary["success_rate"] is None and summary["val_loss"] > 0
+    assert "validation loss" in out
+    policy = load_policy(run)
+    assert sorted(policy.obs_keys) == ["img", "keypoint", "state"] and policy.cfg.image_keys == ["img"]
+    with PolicyServer(policy) as srv:
+        remote = RemotePolicy(srv.url)
+        obs = {"img": np.zeros((1, 2, 24, 24, 3), np.float32), "state": np.zeros((1, 2, 5), np.float32),
+               "keypoint": np.zeros((1, 2, 9, 2), np.float32)}
+        chunk = remote.predict_action(obs)
+        assert np.asarray(chunk).shape == (1, policy.horizon, 2) and np.isfinite(np.asarray(chunk)).all()
+        remote.close()
+    assert main(["eval", f"checkpoint={run}"]) == 1
+    assert "trained without a simulator (task=none)" in capsys.readouterr().err
