@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -21,8 +22,14 @@ def installed(tmp_path_factory) -> Path:
     environment's site-packages (copying torch and MuJoCo would take minutes). A path line does not run that
     folder's own .pth files, so the checkout's editable install is not visible there."""
     root = tmp_path_factory.mktemp("pkg")
+    src = root / "src"  # a copy of what the wheel is built from: an in-tree build would leave build/ in the checkout
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("robolearn", "sim"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     dist = root / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(dist)], check=True, capture_output=True, cwd=root, timeout=300)
     wheels = list(dist.glob("robolearn_mujoco-*.whl"))
     assert len(wheels) == 1, wheels
