@@ -85,13 +85,13 @@ def test_the_noise_space_environment_records_each_chunk_as_one_transition(tmp_pa
 
 
 def test_sac_learns_the_noise_that_cancels_the_offset(tmp_path):
-    sac, out = toy_run(tmp_path, 3072)
+    sac, out = toy_run(tmp_path, 2048)
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_mean_return"] for r in records if "eval_mean_return" in r]
     zero_noise = -EPISODE * float(np.sum(OFFSET ** 2))  # the base on w = 0
     assert evals[-1] > 0.5 * zero_noise, evals  # more than half of the offset cancelled by the chosen noise
     assert evals[-1] > evals[0] + 1.0
-    assert out["grad_steps"] == out["transitions"] - 200 and out["env_steps"] == 3072
+    assert out["grad_steps"] == out["transitions"] - 200 and out["env_steps"] == 2048
     loaded = load_policy(out["checkpoint"])
     assert isinstance(loaded, SteeredPolicy) and loaded.policy_type == "steered"
     goal = {"goal": torch.tensor([[[0.3, -0.5]]])}
@@ -100,7 +100,7 @@ def test_sac_learns_the_noise_that_cancels_the_offset(tmp_path):
 
 
 def test_noise_aliasing_distils_the_action_critic_into_the_noise_critic(tmp_path):
-    sac, out = toy_run(tmp_path, 3072, variant="na", alias_samples=2)
+    sac, out = toy_run(tmp_path, 2048, variant="na", alias_samples=2)
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     distill = [r["distill_loss"] for r in records if r.get("distill_loss") is not None]
     assert len(distill) >= 5 and min(distill[-3:]) < 0.5 * max(distill[:3]), distill
@@ -146,7 +146,7 @@ def test_behavior_targets_bootstrap_at_the_decision_the_run_took_next(tmp_path):
 
 
 def test_sac_with_behavior_targets_still_learns_the_toy(tmp_path):
-    _, out = toy_run(tmp_path, 3072, td_target="behavior")
+    _, out = toy_run(tmp_path, 2048, td_target="behavior")
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_mean_return"] for r in records if "eval_mean_return" in r]
     assert evals[-1] > 0.5 * -EPISODE * float(np.sum(OFFSET ** 2)), evals
