@@ -60,6 +60,15 @@ class _Parser(argparse.ArgumentParser):
                        + f" (commands: {', '.join(choices)})")
         return super().error(message)
 
+    def format_help(self) -> str:
+        # Help text that needs heavy imports (the policy keys need the models, hence torch) is built only when
+        # --help is asked for, so `robolearn data info` does not pay for it.
+        lazy = getattr(self, "lazy_epilog", None)
+        if lazy is not None:
+            self.epilog = (self.epilog or "") + lazy()
+            self.lazy_epilog = None
+        return super().format_help()
+
 
 def print_json(summary: dict[str, Any]) -> None:
     """The last line of every command that computes something: one JSON object."""
@@ -439,12 +448,15 @@ def _add_hydra_job(sub: Any, command: str, config: str, help_: str, description:
     settings = "\n".join(ln for ln in settings.splitlines() if not ln.startswith(("defaults:", "  - ")))
     epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
     epilog += f"\n\nsettings (key=value; defaults from {path}):\n{settings}"
-    if config == "train":  # the keys that live in dataclasses, not in the YAML
-        from robolearn.cli.config import policy_keys_help, training_keys_help
+    lazy = None
+    if config == "train":  # the keys that live in dataclasses, not in the YAML (built when --help is asked for)
+        def lazy() -> str:
+            from robolearn.cli.config import policy_keys_help, training_keys_help
 
-        epilog += "\n\n" + policy_keys_help() + "\n\n" + training_keys_help()
+            return "\n\n" + policy_keys_help() + "\n\n" + training_keys_help()
     p = sub.add_parser(command, help=help_, description=description, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.lazy_epilog = lazy
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. task=push_t")
     p.add_argument("--cfg", choices=["job"], default=None,
                    help="print the composed config (defaults, groups and overrides) and exit without running")
