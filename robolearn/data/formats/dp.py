@@ -64,6 +64,7 @@ def export_dp(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     from robolearn.data.store import (
         EpisodeStore,
         _acquire_lock,
+        _frame_writer,
         _hidden_path,
         _norm,
         _release_lock,
@@ -107,9 +108,13 @@ def export_dp(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
                                     compressors=dp_compressor(), fill_value=0)
             arr = arr.with_config({"write_empty_chunks": True})
             rows = c * max(1, _COPY_BYTES // max(1, c * spec.bytes_per_step))  # whole chunks per write
+            frames = _frame_writer(arr, tmp)  # images: one file per frame without zarr's per-chunk overhead
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
-                arr[lo:hi] = src.read_rows(key, lo, hi)
+                if frames is not None:
+                    frames(lo, src.read_rows(key, lo, hi))
+                else:
+                    arr[lo:hi] = src.read_rows(key, lo, hi)
                 bar.update((hi - lo) * spec.bytes_per_step)
         meta = root.create_group("meta")
         ends = meta.create_array("episode_ends", shape=(src.n_episodes,), chunks=(src.n_episodes,),

@@ -140,6 +140,14 @@ def open_file(path: str | os.PathLike) -> Any:
         raise RobomimicError(f"{path}: {why} (h5py: {text})") from None
 
 
+def _dataset(gid: Any, demo: str, key: str) -> Any:
+    """The low-level dataset ``<demo>/<key>`` under the group ``gid`` (KeyError when absent or not a dataset).
+
+    Why low-level: h5py's high-level ``group[path]`` costs ~0.1 ms of Python per lookup; a 200-demo file has
+    3,000 arrays, looked up once to check the file and once to read it, which was most of a low-dim import."""
+    return _h5py().h5d.open(gid, f"{demo}/{key}".encode())
+
+
 def _decode(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
@@ -245,18 +253,19 @@ def _read_header(path: Path, f: Any, filter: str | None, obs_keys: Sequence[str]
             raise RobomimicError(f"{path}: data/{demos[0]}/{a} has {arrays[a]} values per step, robomimic has one")
     expect: dict[str, tuple[int, ...]] = {f"obs/{k}": shape for k, (shape, _) in obs.items()}
     expect.update(arrays)
+    gid = data.id
     for name in demos:
-        g = data[name]
         n = lengths[name]
         if n < 1:
             raise RobomimicError(f"{path}: data/{name} is empty (num_samples {n})")
         for key, shape in expect.items():
-            if key not in g:
+            try:
+                ds = _dataset(gid, name, key)
+            except KeyError as e:
+                if "not a dataset" in str(e):
+                    raise RobomimicError(f"{path}: data/{name}/{key} is a group, not an array") from None
                 raise RobomimicError(f"{path}: data/{name}/{key} is missing (data/{demos[0]} has it; every demo "
-                                     f"must hold the same keys)")
-            ds = g[key]
-            if not isinstance(ds, h5py.Dataset):
-                raise RobomimicError(f"{path}: data/{name}/{key} is a group, not an array")
+                                     f"must hold the same keys)") from None
             if tuple(ds.shape[1:]) != shape:
                 raise RobomimicError(f"{path}: data/{name}/{key} has per-step shape {tuple(ds.shape[1:])}, "
                                      f"data/{demos[0]}/{key} has {shape}")
@@ -328,16 +337,20 @@ def read_demo(f: Any, header: RobomimicHeader, name: str, schema: Mapping[str, K
     """One demo as a store episode (keys renamed, dtypes as the schema says). An array HDF5 cannot read (a damaged
     or truncated file) is a :class:`RobomimicError` naming it; so is a cast that would change a value where the
     schema promises it cannot (``done`` not 0/1, an integer that does not fit)."""
-    g = f["data"][name]
+    gid, everything = f["data"].id, _h5py().h5s.ALL
     out: dict[str, np.ndarray] = {}
     wanted = [(f"obs/{k}", k) for k in header.obs] + [(a, DEMO_ARRAYS[a][0]) for a in header.arrays]
     for h5key, key in wanted:
+        target = np.dtype(schema[key].dtype)
         try:
-            x = g[h5key][()]
+            ds = _dataset(gid, name, h5key)
+            # Floats are converted by HDF5 as it reads (float64 -> float32 without a second copy); anything else
+            # is read as stored and cast below, where a value that would change is refused.
+            x = np.empty(ds.shape, target if target.kind == "f" and ds.dtype.kind == "f" else ds.dtype)
+            ds.read(everything, everything, x)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise RobomimicError(f"{header.path}: cannot read data/{name}/{h5key} ({type(e).__name__}: {e}); "
                                  f"the file is damaged there") from None
-        target = np.dtype(schema[key].dtype)
         if x.dtype != target:
             y = x.astype(target)
             if target.kind != "f" and not np.array_equal(y, x):
@@ -443,7 +456,12 @@ def import_file(header: RobomimicHeader, out: str | os.PathLike, *, schema: Mapp
     done: set[str] = set()
     resumed = False
     if (out.exists() or out.is_symlink()) and not overwrite:
-        ok, why = existing_import(out, header, schema)
+        try:
+            ok, why = existing_import(out, header, schema)
+        except StoreError as e:
+            raise RobomimicError(f"cannot import {header.path} into {out}: {out} already exists and cannot be read "
+                                 f"as an episode store ({e}); pass --overwrite to replace it (only a store is "
+                                 f"ever replaced), or choose another --out") from None
         if not ok:
             raise RobomimicError(f"cannot import {header.path} into {out}: {out} already exists and {why}; pass "
                                  f"--overwrite to replace it, or choose another --out")

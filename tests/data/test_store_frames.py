@@ -1,0 +1,55 @@
+"""The store writes one-frame image chunks itself (zarr's per-chunk bookkeeping capped imports near 800 frames/s):
+the files must be byte for byte what zarr writes, in zarr 3 (blosc + crc32c) and zarr 2 (blosc), and the
+per-channel statistics of uint8 images must match the float64 computation."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from robolearn.data import EpisodeStore, KeySpec
+from robolearn.data.store import _frame_writer, _Welford
+
+SCHEMA = {"cam_image": KeySpec((6, 5, 3), "uint8", "obs"), "action": KeySpec((2,), "float32", "action")}
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_frames_written_as_zarr_writes_them(tmp_path, zarr_format):
+    rng = np.random.default_rng(zarr_format)
+    eps = [{"cam_image": rng.integers(0, 256, (n, 6, 5, 3), dtype=np.uint8),
+            "action": rng.standard_normal((n, 2)).astype(np.float32)} for n in (4, 3, 130)]  # 137 frames: threaded
+    eps[1]["cam_image"][1] = 0  # an all-zero frame is written too
+    path = tmp_path / "s.zarr"
+    with EpisodeStore.create(path, SCHEMA, zarr_format=zarr_format) as s:
+        assert _frame_writer(s.array("cam_image"), path) is not None  # the store's own path, not zarr's
+        assert _frame_writer(s.array("action"), path) is None
+        s.append_episodes(eps)
+    ours = sorted(p for p in (path / "data" / "cam_image").rglob("*") if p.is_file() and not p.name.startswith("."))
+    frames = [p for p in ours if p.name not in ("zarr.json", ".zarray", ".zattrs")]
+    assert len(frames) == 137 and not list(path.rglob("*.partial"))
+    copy = tmp_path / "zarr_wrote.zarr"
+    shutil.copytree(path, copy)
+    for f in (copy / "data" / "cam_image").rglob("*"):
+        if f.is_file() and f.name not in ("zarr.json", ".zarray", ".zattrs"):
+            f.unlink()
+    arr = zarr.open_array(str(copy / "data" / "cam_image"), mode="r+").with_config({"write_empty_chunks": True})
+    block = np.concatenate([e["cam_image"] for e in eps])
+    arr[:] = block  # zarr's own write path
+    for f in frames:
+        assert f.read_bytes() == (copy / f.relative_to(path)).read_bytes(), f
+    back = EpisodeStore.open(path)
+    np.testing.assert_array_equal(back.load(["cam_image"])["cam_image"], block)
+    assert back.validate(read_all=True)["ok"]
+
+
+def test_uint8_channel_statistics_match_float64():
+    x = np.random.default_rng(0).integers(0, 256, (9, 7, 5, 3), dtype=np.uint8)
+    fast = _Welford.of(x, (0, 1, 2))
+    xf = x.astype(np.float64)
+    assert fast["count"] == 9 * 7 * 5
+    np.testing.assert_allclose(fast["mean"], xf.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(fast["m2"], ((xf - xf.mean(axis=(0, 1, 2))) ** 2).sum(axis=(0, 1, 2)), rtol=1e-10)
+    np.testing.assert_array_equal(fast["min"], xf.min(axis=(0, 1, 2)))
+    np.testing.assert_array_equal(fast["max"], xf.max(axis=(0, 1, 2)))
