@@ -245,19 +245,24 @@ def cmd_import_robomimic(args: argparse.Namespace) -> None:
 
     obs_keys = [k.strip() for k in args.obs_keys.split(",") if k.strip()] if args.obs_keys else None
     header = read_header(args.file, filter=args.filter, obs_keys=obs_keys)
-    subset = f", filter {header.filter}" if header.filter else ""
-    print(f"{header.path}: {len(header.demos)} demos, {header.steps} steps{subset}; robosuite {header.env_name}")
-    plan = plan_environment(header)
-    for note in plan.notes:
-        print(f"note: {note}")
-    schema = store_schema(header, plan.roles)
+    try:
+        subset = f", filter {header.filter}" if header.filter else ""
+        print(f"{header.path}: {len(header.demos)} demos, {header.steps} steps{subset}; robosuite {header.env_name}")
+        plan = plan_environment(header)
+        for note in plan.notes:
+            print(f"note: {note}")
+        schema = store_schema(header, plan.roles)
 
-    def resumed(have: int, total: int) -> None:
-        print(f"resuming: {args.out} holds {have} of the {total} demos already; importing the other {total - have}")
+        def resumed(have: int, total: int) -> None:
+            print(f"resuming: {args.out} holds {have} of the {total} demos already; importing the other "
+                  f"{total - have}")
 
-    t0 = time.perf_counter()
-    result = import_file(header, args.out, schema=schema, task=plan.task, fps=plan.fps, env_config=plan.env_config,
-                         overwrite=args.overwrite, progress=args.progress, on_resume=resumed)
+        t0 = time.perf_counter()
+        result = import_file(header, args.out, schema=schema, task=plan.task, fps=plan.fps,
+                             env_config=plan.env_config, overwrite=args.overwrite, progress=args.progress,
+                             on_resume=resumed)
+    finally:
+        header.close()
     seconds = time.perf_counter() - t0
     rate = result.steps / seconds if seconds > 0 else 0.0
     print(f"imported {len(result.imported)} demos ({result.steps} steps) into {result.out} in {seconds:.1f} s; it "

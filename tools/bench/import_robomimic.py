@@ -3,8 +3,8 @@
 
 Writes both files with h5py in robomimic's layout and shapes (Lift low-dim: the 11 observation keys of robomimic's
 ``low_dim_v141.hdf5``; the image file adds ``agentview_image`` and ``robot0_eye_in_hand_image``, 84x84 uint8,
-uncompressed as ``dataset_states_to_obs.py`` writes them by default), demo lengths around 50 steps, then imports
-each into a fresh store and reports steps per second:
+uncompressed as ``dataset_states_to_obs.py`` writes them by default; a third file has ``agentview_image`` only),
+demo lengths around 50 steps, then imports each into a fresh store and reports steps per second:
 
 - ``import``: the import itself (:func:`robolearn.data.formats.robomimic.import_file`: read, convert, append,
   commit), what the targets (>= 20,000 low-dim, >= 2,000 image steps/s) are about;
@@ -47,7 +47,7 @@ ENV_ARGS = {"env_name": "Lift", "env_version": "1.4.1", "type": 1,
                            "reward_shaping": False}}
 
 
-def write_file(path: Path, demos: int, images: bool, seed: int = 0) -> int:
+def write_file(path: Path, demos: int, cameras: tuple[str, ...], seed: int = 0) -> int:
     """A Lift-like robomimic file; returns its number of steps."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(40, 61, demos)
@@ -62,13 +62,13 @@ def write_file(path: Path, demos: int, images: bool, seed: int = 0) -> int:
             g.attrs["num_samples"] = n
             for key, d in LIFT_LOW_DIM.items():
                 g.create_dataset(f"obs/{key}", data=rng.standard_normal((n, d)))
-            if images:
-                for cam in CAMERAS:
-                    # Smooth frames with a moving blob and noise: compress like camera frames, not like noise.
-                    cx = 20 + np.arange(n)[:, None, None] * 0.5
-                    frame = 120 + 80 * np.exp(-((xx[None] - cx) ** 2 + (yy[None] - 42) ** 2) / 200.0)
-                    frame = frame[..., None] + rng.normal(0, 3, (n, 84, 84, 3))
-                    g.create_dataset(f"obs/{cam}_image", data=np.clip(frame, 0, 255).astype(np.uint8))
+            for cam in cameras:
+                # A moving blob plus noise: blosc-zstd compresses these frames at about the ratio and speed of
+                # rendered Lift frames (1.8x and 0.37 ms/frame here against 2.4-3.3x and 0.44-0.47 ms/frame).
+                cx = 20 + np.arange(n)[:, None, None] * 0.5
+                frame = 120 + 80 * np.exp(-((xx[None] - cx) ** 2 + (yy[None] - 42) ** 2) / 200.0)
+                frame = frame[..., None] + rng.normal(0, 3, (n, 84, 84, 3))
+                g.create_dataset(f"obs/{cam}_image", data=np.clip(frame, 0, 255).astype(np.uint8))
             g.create_dataset("actions", data=rng.uniform(-1, 1, (n, 7)))
             g.create_dataset("rewards", data=(np.arange(n) == n - 1).astype(np.float64))
             g.create_dataset("dones", data=(np.arange(n) == n - 1).astype(np.int64))
@@ -111,9 +111,9 @@ def main() -> None:
                     "targets_steps_per_s": {"low_dim": 20000, "image": 2000}}
     with tempfile.TemporaryDirectory(prefix="bench_rm_") as tmp:
         tmp = Path(tmp)
-        for kind, images in (("low_dim", False), ("image", True)):
+        for kind, cameras in (("low_dim", ()), ("image", CAMERAS), ("image_one_camera", CAMERAS[:1])):
             path = tmp / f"lift_{kind}.hdf5"
-            steps = write_file(path, args.demos, images)
+            steps = write_file(path, args.demos, cameras)
             runs = []
             for r in range(args.repeats):
                 runs.append(time_import(path, tmp / f"{kind}_{r}.zarr"))
@@ -122,16 +122,17 @@ def main() -> None:
             entry = {"file_steps": steps, "file_mb": round(path.stat().st_size / 2**20, 1), "runs": runs,
                      "best_steps_per_s": best["steps_per_s"],
                      "median_steps_per_s": float(np.median([x["steps_per_s"] for x in runs])),
-                     "keys": len(LIFT_LOW_DIM) + (len(CAMERAS) if images else 0) + 4}
+                     "keys": len(LIFT_LOW_DIM) + len(cameras) + 4, "cameras": list(cameras)}
             if args.cli:
                 entry["cli"] = time_cli(path, tmp / f"{kind}_cli.zarr")
                 print(f"{kind} cli: {entry['cli']}", flush=True)
-            entry["meets_target"] = entry["median_steps_per_s"] >= result["targets_steps_per_s"][kind]
+            target = result["targets_steps_per_s"]["low_dim" if kind == "low_dim" else "image"]
+            entry["meets_target"] = entry["median_steps_per_s"] >= target
             result[kind] = entry
     result["load_after"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k]["median_steps_per_s"] for k in ("low_dim", "image")}))
+    print(json.dumps({k: result[k]["median_steps_per_s"] for k in ("low_dim", "image", "image_one_camera")}))
 
 
 if __name__ == "__main__":
