@@ -244,7 +244,7 @@ def _settle_common(name: str, cfg: Any) -> None:
     expected (``runs/train/<run>`` means its ``checkpoints/latest``)."""
     from omegaconf import OmegaConf
 
-    from robolearn.policies.checkpoint import checkpoint_folder
+    from robolearn.policies.folders import checkpoint_folder
 
     for key in _CHECKPOINT_KEYS:
         value = cfg.get(key) if key in cfg else None
@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from robolearn.data.schema import StoreError
     from robolearn.extras import MissingExtra
-    from robolearn.policies.checkpoint import CheckpointError
+    from robolearn.policies.folders import CheckpointError
     from robolearn.policies.config import ConfigError
 
     try:

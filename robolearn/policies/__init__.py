@@ -27,9 +27,9 @@ from typing import Any
 _WHERE = {
     "ChunkPolicy": "base",
     "DenoiseStep": "base",
-    "CheckpointError": "checkpoint",
+    "CheckpointError": "folders",
     "checkpoint_digest": "checkpoint",
-    "checkpoint_folder": "checkpoint",
+    "checkpoint_folder": "folders",
     "load_policy": "checkpoint",
     "read_checkpoint_config": "checkpoint",
     "read_run_config": "checkpoint",

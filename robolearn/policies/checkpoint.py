@@ -49,18 +49,13 @@ from safetensors.torch import load_file, save_file
 import robolearn
 from robolearn.data.normalizer import Normalizer
 from robolearn.policies.config import ConfigError
+from robolearn.policies.folders import (CONFIG, EXTRA, NORMALIZER, VERSION, WEIGHTS,  # noqa: F401 (re-exported)
+                                       CheckpointError, checkpoint_folder)
 from robolearn.policies.registry import policy_class
 
 FORMAT_VERSION = 1
-WEIGHTS, CONFIG, NORMALIZER, VERSION, EXTRA = (
-    "model.safetensors", "config.yaml", "normalizer.json", "version.json", "extra.json"
-)
 _DIGESTED = (WEIGHTS, CONFIG, NORMALIZER, VERSION)
 _MAX_DEPTH = 8  # wrappers of wrappers of ...
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message names the folder, file or key at fault."""
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -302,16 +297,6 @@ def _jsonable(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def checkpoint_folder(folder: str | os.PathLike) -> Path:
-    """The checkpoint a path means: a training or fine-tuning run folder (``runs/train/<run>``, which holds
-    ``checkpoints/latest`` but no weights of its own) means its latest checkpoint; anything else itself."""
-    folder = Path(folder)
-    latest = folder / "checkpoints" / "latest"
-    if folder.is_dir() and not (folder / WEIGHTS).exists() and latest.exists():
-        return latest
-    return folder
-
-
 def _read_config(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     folder = checkpoint_folder(folder)
     if not folder.is_dir():
