@@ -630,8 +630,8 @@ class EpisodeStore:
         total = int(sum(lengths))
         # Never write into a chunk whose file is missing: zarr would merge the new rows into zeros and the hole
         # in the committed rows before them would be filled with zeros for good.
-        for key in self.schema:
-            arr = self.array(key)
+        arrays = {key: self.array(key) for key in self.schema}  # opened once: each open reads its zarr.json
+        for arr in arrays.values():
             hole = next(self._missing_chunks(arr, n0 - n0 % _grid(arr)[0], min(n0, int(arr.shape[0]))), None)
             if hole is not None:
                 raise self._missing_error(arr, *hole)
@@ -642,7 +642,7 @@ class EpisodeStore:
         new_stats: dict[str, Any] = {}
         for key, spec in self.schema.items():
             block = np.concatenate([ep[key] for ep in checked]) if len(checked) > 1 else checked[0][key]
-            arr = self.array(key)
+            arr = arrays[key]
             arr.resize((n0 + total, *spec.shape))
             frames = _frame_writer(arr, self.path)
             if frames is not None:
