@@ -79,6 +79,7 @@ def write_file(path: Path, demos: int, cameras: tuple[str, ...], seed: int = 0) 
 
 def time_import(path: Path, out: Path) -> dict:
     """The import alone (every observation as 'obs'; the CLI's task probe is timed separately)."""
+    os.sync()  # the file just written (and the last import's store) go to disk first, not during this import
     t0 = time.perf_counter()
     header = rm.read_header(path)
     schema = rm.store_schema(header, {})
@@ -90,6 +91,7 @@ def time_import(path: Path, out: Path) -> dict:
 
 def time_cli(path: Path, out: Path) -> dict:
     exe = Path(sys.executable).with_name("robolearn")
+    os.sync()
     t0 = time.perf_counter()
     run = subprocess.run([str(exe), "data", "import", "robomimic", str(path), "--out", str(out), "--no-progress"],
                          capture_output=True, text=True, check=True)
