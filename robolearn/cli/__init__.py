@@ -247,7 +247,7 @@ def _settle_common(name: str, cfg: Any) -> None:
     from robolearn.policies.folders import checkpoint_folder
 
     for key in _CHECKPOINT_KEYS:
-        value = cfg.get(key) if key in cfg else None
+        value = cfg.get(key)
         if isinstance(value, str) and "://" not in value:
             folder = checkpoint_folder(value)
             if str(folder) != str(Path(value)):

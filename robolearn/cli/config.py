@@ -357,6 +357,7 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
         choice = next((ov.split("=", 1)[1] for ov in overrides if ov.split("=", 1)[0] == group), None)
         schema = by_choice.get(choice, schema) if choice is not None else schema
     valid = _valid_keys(schema)
+    types = _key_types(schema)
     for ov in overrides:
         if ov.split("=", 1)[0] in groups:  # a config group choice: policy=flow_unet
             continue
@@ -368,7 +369,7 @@ def compose(name: str, overrides: Sequence[str]) -> DictConfig:
             hint = f" (did you mean {close!r}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r} for {name}{hint}; valid keys: {', '.join(valid)}")
         if key in valid:
-            check_value(key, ov.split("=", 1)[1], _key_types(schema).get(key))
+            check_value(key, ov.split("=", 1)[1], types.get(key))
     # Free-form dicts (environment overrides) take new keys without hydra's '+' prefix.
     overrides = [f"++{ov}" if ov.split("=", 1)[0].startswith(FREE_FORM) else ov for ov in overrides]
     for j, ov in enumerate(overrides):
@@ -461,10 +462,10 @@ def check_value(key: str, value: str, tp: Any) -> None:
     import types
     import typing
 
-    args = typing.get_args(tp)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), tp) if args and (typing.get_origin(tp) in (typing.Union,
-                                                                         types.UnionType)) else tp
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    members = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
+    optional = union and len(members) < len(typing.get_args(tp))
+    base = members[0] if len(members) == 1 else None  # a value typed by several types is left to OmegaConf
     v = value.strip()
     if optional and v in ("null", "~", ""):
         return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["DEFAULT_THREADS", "apply_threads", "available_cores"]
+__all__ = ["DEFAULT_THREADS", "apply_threads"]
 
 # command -> default torch threads when threads= is not given; None keeps torch's own default (one per core).
 DEFAULT_THREADS: dict[str, int | None] = {
@@ -28,14 +28,6 @@ DEFAULT_THREADS: dict[str, int | None] = {
     "accel_calibrate": None,
     "bench_latency": None,
 }
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def apply_threads(command: str, threads: Any) -> int:

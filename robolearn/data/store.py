@@ -281,7 +281,29 @@ def _stat_axes(spec: KeySpec) -> tuple[int, ...]:
     return (0, 1, 2) if spec.is_image else (0,)
 
 
-class EpisodeStore:
+class EpisodeIndex:
+    """Episode counts and boundaries from cumulative ends (``self._ends``): shared by a store and a set of stores."""
+
+    _ends: np.ndarray
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        return self._ends.copy()
+
+    @property
+    def n_episodes(self) -> int:
+        return len(self._ends)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    @property
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(self._ends, prepend=0)
+
+
+class EpisodeStore(EpisodeIndex):
     """A zarr episode store. Use :meth:`create`, :meth:`open` or :meth:`open_or_create`."""
 
     def __init__(self, path: Path, root: zarr.Group, writable: bool, lock_fd: int | None) -> None:
@@ -499,22 +521,6 @@ class EpisodeStore:
     def is_robolearn(self) -> bool:
         """False for stores written by other tools (diffusion_policy), whose schema was inferred."""
         return "robolearn" in self._root.attrs
-
-    @property
-    def episode_ends(self) -> np.ndarray:
-        return self._ends.copy()
-
-    @property
-    def n_episodes(self) -> int:
-        return len(self._ends)
-
-    @property
-    def n_steps(self) -> int:
-        return int(self._ends[-1]) if len(self._ends) else 0
-
-    @property
-    def episode_lengths(self) -> np.ndarray:
-        return np.diff(self._ends, prepend=0)
 
     @property
     def keys(self) -> list[str]:

@@ -20,10 +20,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from robolearn.data.schema import Schema, StoreError
-from robolearn.data.store import EpisodeStore, _finish_stats, _Welford, check_compatible
+from robolearn.data.store import EpisodeIndex, EpisodeStore, _finish_stats, _Welford, check_compatible
 
 
-class StoreSet:
+class StoreSet(EpisodeIndex):
     """Read-only union of several stores, in the order given. Use :func:`open_stores`."""
 
     def __init__(self, stores: Sequence[EpisodeStore]) -> None:
@@ -71,22 +71,6 @@ class StoreSet:
     @property
     def keys(self) -> list[str]:
         return list(self.schema)
-
-    @property
-    def episode_ends(self) -> np.ndarray:
-        return self._ends.copy()
-
-    @property
-    def n_episodes(self) -> int:
-        return len(self._ends)
-
-    @property
-    def n_steps(self) -> int:
-        return int(self._ends[-1]) if len(self._ends) else 0
-
-    @property
-    def episode_lengths(self) -> np.ndarray:
-        return np.diff(self._ends, prepend=0)
 
     def locate(self, episode: int) -> tuple[EpisodeStore, int]:
         """The store that holds episode ``episode`` of the set, and its index there."""
