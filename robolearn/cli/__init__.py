@@ -211,7 +211,10 @@ def cmd_data_merge(args: argparse.Namespace) -> None:
         raise CLIError(f"{args.out} already exists: pass --overwrite to replace it, or give another --out")
     with merge_stores(args.sources, args.out, overwrite=args.overwrite) as out:
         print(f"merged {len(args.sources)} stores into {out.path}: {out.n_episodes} episodes, {out.n_steps} steps")
-        print_json({"out": str(out.path), "episodes": out.n_episodes, "steps": out.n_steps})
+        filled = out.attrs.get("filled_flags") or {}
+        for src, keys in filled.items():
+            print(f"  {src} has no {', '.join(keys)}: written as false for its episodes")
+        print_json({"out": str(out.path), "episodes": out.n_episodes, "steps": out.n_steps, "filled_flags": filled})
 
 
 # -------------------------------------------------------------------------------------------- hydra jobs
@@ -299,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.add_argument("--episodes", required=True, help="indices and ranges, e.g. 3,5,10-12")
     p.set_defaults(func=cmd_data_drop)
-    p = dsub.add_parser("merge", help="concatenate stores with the same schema into a new store")
+    p = dsub.add_parser("merge", help="concatenate stores with the same schema into a new store (flag keys such as "
+                                      "intervention that only some have are filled with false)")
     p.add_argument("sources", type=Path, nargs="+", help="two or more stores")
     p.add_argument("--out", type=Path, required=True, help="the new store (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -307,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     from robolearn.cli.data_io import add_parsers as add_data_io_parsers
 
     add_data_io_parsers(dsub)  # data import FORMAT / data export FORMAT (robolearn/cli/data_io.py)
+    from robolearn.cli.audit import add_parsers as add_audit_parsers
+
+    add_audit_parsers(dsub)  # data audit / data filter (robolearn/cli/audit.py)
 
     for name, (help_, description, examples) in _HYDRA_COMMANDS.items():
         _add_hydra_job(sub, name, name, help_, description, examples)

@@ -121,6 +121,8 @@ class TrainingConfig(TrainSettings):
     lr: float | None = None  # type: ignore[assignment]
     eval_every: int | None = None  # type: ignore[assignment]
     val_ratio: float = 0.05  # episodes held out for the validation loss
+    episode_weights: str | None = None  # a score file (data audit's scores.jsonl): each episode's 'weight' in the loss
+    intervention_weight: float | None = None  # loss weight of steps flagged 'intervention' (a person drove)
 
 
 @dataclass

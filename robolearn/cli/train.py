@@ -81,6 +81,7 @@ class _Data:
     path: Path | str  # several stores: their paths joined by " + " (store.paths)
     obs_keys: list[str]
     env_config: dict[str, Any]
+    step_weights: Any = None  # per-row loss weights (training.episode_weights, training.intervention_weight)
 
 
 def _open_dataset(cfg: DictConfig) -> _Data:
@@ -352,11 +353,51 @@ def check_config(cfg: DictConfig) -> tuple[dict[str, Any], str]:
     return policy_cfg, policy_name
 
 
+def step_weights(t: DictConfig, store: Any) -> Any:
+    """Per-row loss weights from ``training.episode_weights`` (a score file's ``weight`` per episode, e.g. the
+    ``scores.jsonl`` of ``robolearn data audit``) and ``training.intervention_weight`` (rows a person drove, flagged
+    ``intervention``, weigh W; the others 1: HG-DAgger's emphasis on corrections). None when neither is set."""
+    import numpy as np
+
+    path, iw = t.get("episode_weights"), t.get("intervention_weight")
+    if path is None and iw is None:
+        return None
+    w = np.ones(store.n_steps, np.float32)
+    lengths = np.asarray(store.episode_lengths)
+    if path is not None:
+        from robolearn.audit.rules import episode_weights
+
+        try:
+            ew = episode_weights(path, store.n_episodes, lengths, store=str(store.path))
+        except (OSError, ValueError) as e:
+            raise CLIError(f"training.episode_weights: {e}") from None
+        w *= np.repeat(ew, lengths).astype(np.float32)
+        print(f"training.episode_weights: {path}: mean weight {ew.mean():.3f}, {int((ew == 0).sum())} of "
+              f"{len(ew)} episodes at 0, {int((ew < 0.5).sum())} below 0.5", file=sys.stderr)
+    if iw is not None:
+        iw = float(iw)
+        if not np.isfinite(iw) or iw < 0:
+            raise CLIError(f"training.intervention_weight must be >= 0, got {iw}")
+        spec = store.schema.get("intervention")
+        if spec is None or spec.role != "flag":
+            raise CLIError(f"training.intervention_weight={iw:g} needs an 'intervention' flag in the dataset; "
+                           f"{store.path} has keys {', '.join(store.schema)} (teleop in intervention mode records "
+                           f"it; data merge fills it with false for stores without it)")
+        flags = np.asarray(store.load(["intervention"])["intervention"]).reshape(-1).astype(bool)
+        w *= np.where(flags, iw, 1.0).astype(np.float32)
+        print(f"training.intervention_weight: {int(flags.sum()):,} of {len(flags):,} steps were driven by a person "
+              f"and weigh {iw:g}", file=sys.stderr)
+    if not (w > 0).any():
+        raise CLIError("training.episode_weights / intervention_weight leave every step at weight 0")
+    return w
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     policy_cfg, policy_name = check_config(cfg)
     device = pick_device(str(cfg.device))
     distributed, rank, device = _init_distributed(device)
     data = _open_dataset(cfg)
+    data.step_weights = step_weights(cfg.training, data.store)
     run_dir, resume, lock = _run_dir(cfg, policy_name, distributed, rank)
     try:
         return _train(cfg, policy_cfg, policy_name, data, run_dir, resume, device, distributed, rank)
@@ -376,7 +417,7 @@ def _train(cfg: DictConfig, policy_cfg: dict[str, Any], policy_name: str, data: 
     settings = _train_settings(t)
     train_ds = SequenceDataset(data.store, split="train", horizon=policy.horizon, n_obs_steps=policy.n_obs_steps,
                                n_action_steps=policy.n_action_steps, obs_keys=data.obs_keys,
-                               val_ratio=float(t.val_ratio), seed=int(t.seed))
+                               val_ratio=float(t.val_ratio), seed=int(t.seed), step_weights=data.step_weights)
     val_ds = train_ds.split("val")
     if len(train_ds) == 0:
         raise CLIError(f"no training windows: {len(train_ds.episodes)} training episodes after holding out "

@@ -72,12 +72,18 @@ def guess_role(key: str) -> str:
     return "obs"
 
 
-def schema_mismatch(a: Mapping[str, KeySpec], b: Mapping[str, KeySpec]) -> str | None:
-    """Human-readable first difference between two schemas, or None when they match."""
+def schema_mismatch(a: Mapping[str, KeySpec], b: Mapping[str, KeySpec], *,
+                    missing_flags_ok: bool = False) -> str | None:
+    """Human-readable first difference between two schemas, or None when they match. ``missing_flags_ok``: a
+    ``flag`` key only one of them has is no difference (``data merge`` fills it with false)."""
     for key in sorted(set(a) | set(b)):
         if key not in a:
+            if missing_flags_ok and b[key].role == "flag":
+                continue
             return f"key {key!r} only in the second store"
         if key not in b:
+            if missing_flags_ok and a[key].role == "flag":
+                continue
             return f"key {key!r} only in the first store"
         if a[key].shape != b[key].shape:
             return f"key {key!r} has shape {a[key].shape} vs {b[key].shape}"

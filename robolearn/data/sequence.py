@@ -94,6 +94,9 @@ class WindowIndex:
 class SequenceDataset(torch.utils.data.Dataset):
     """Windows of an episode store as dict batches: ``{"obs": {key: (B, n_obs_steps, ...)}, "action": (B, horizon, A)}``.
 
+    ``step_weights`` (one per store row, >= 0): batches also carry ``"weight"`` (B, horizon), each predicted
+    action's weight in the loss (episode weights from an audit, ``training.intervention_weight``).
+
     ``__getitem__`` serves torch's DataLoader one window at a time; :meth:`batches` and :meth:`get_batch`
     gather a whole batch in one numpy indexing call per key, which is what training should use.
     """
@@ -113,6 +116,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         seed: int = 0,
         in_memory: bool = True,
         max_episodes: int | None = None,
+        step_weights: np.ndarray | None = None,
         _shared: Mapping[str, Any] | None = None,
     ) -> None:
         if split not in ("train", "val", "all"):
@@ -137,10 +141,18 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.horizon, self.n_obs_steps, self.n_action_steps = horizon, n_obs_steps, n_action_steps
         self.obs_keys, self.action_key, self.extra_keys = list(obs_keys), action_key, list(extra_keys)
         self.in_memory = in_memory
+        if step_weights is not None:
+            step_weights = np.asarray(step_weights, dtype=np.float32).reshape(-1)
+            if len(step_weights) != store.n_steps:
+                raise ValueError(f"step_weights has {len(step_weights)} entries; store {store.path} has "
+                                 f"{store.n_steps} steps")
+            if not np.isfinite(step_weights).all() or (step_weights < 0).any():
+                raise ValueError("step_weights must be finite and >= 0")
+        self.step_weights = step_weights
         self._kw = dict(
             horizon=horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps, obs_keys=obs_keys,
             action_key=action_key, extra_keys=extra_keys, val_ratio=val_ratio, seed=seed, in_memory=in_memory,
-            max_episodes=max_episodes,
+            max_episodes=max_episodes, step_weights=step_weights,
         )
         n_eps = store.n_episodes if max_episodes is None else min(store.n_episodes, max_episodes)
         train, val = split_episodes(n_eps, val_ratio, seed)
@@ -185,6 +197,8 @@ class SequenceDataset(torch.utils.data.Dataset):
         batch["action"] = self._gather(self.action_key, rows_act)
         for k in self.extra_keys:
             batch[k] = self._gather(k, rows_act)
+        if self.step_weights is not None:  # (B, horizon): each predicted action's weight in the loss
+            batch["weight"] = self.step_weights[rows_act]
         return batch
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -1531,7 +1531,17 @@ def _release_lock(fd: int | None) -> None:
 
 
 def _copy_episodes(src: EpisodeStore, dst: EpisodeStore, episodes: Sequence[int]) -> None:
-    """Append ``episodes`` of ``src`` to ``dst`` in blocks of about 64 MB, keeping memory bounded."""
+    """Append ``episodes`` of ``src`` to ``dst`` in blocks of about 64 MB, keeping memory bounded. A ``flag`` key
+    ``dst`` has and ``src`` lacks is written as false."""
+    fill = {k: spec for k, spec in dst.schema.items() if k not in src.schema}
+
+    def episode(j: int) -> dict[str, np.ndarray]:
+        ep = src.get_episode(j)
+        n = int(lengths[j])
+        for k, spec in fill.items():
+            ep[k] = np.zeros((n, *spec.shape), dtype=spec.dtype)
+        return ep
+
     bytes_per_step = max(1, sum(s.bytes_per_step for s in src.schema.values()))
     budget = max(1, _COPY_BLOCK_BYTES // bytes_per_step)
     batch: list[int] = []
@@ -1545,19 +1555,20 @@ def _copy_episodes(src: EpisodeStore, dst: EpisodeStore, episodes: Sequence[int]
             continue
         if batch:
             attrs = [src_attrs[j] for j in batch] if src_attrs is not None else None
-            dst.append_episodes([src.get_episode(j) for j in batch], attrs)
+            dst.append_episodes([episode(j) for j in batch], attrs)
         if i is None:
             break
         batch, steps = [i], int(lengths[i])
 
 
-def check_compatible(stores: Sequence[Any], verb: str = "merge") -> None:
+def check_compatible(stores: Sequence[Any], verb: str = "merge", *, missing_flags_ok: bool = False) -> None:
     """Refuse stores that cannot be read as one: a StoreError naming the first store, the one that differs and
     the difference (a key's shape, dtype or role, a key only one has, fps, task). ``verb`` says what was being
-    done (``merge``, ``train on``). The one check behind ``data merge`` and training on several stores."""
+    done (``merge``, ``train on``). The one check behind ``data merge`` and training on several stores.
+    ``missing_flags_ok``: a ``flag`` key (``intervention``) that only some stores have is allowed (merge fills it)."""
     first = stores[0]
     for other in stores[1:]:
-        diff = schema_mismatch(first.schema, other.schema)
+        diff = schema_mismatch(first.schema, other.schema, missing_flags_ok=missing_flags_ok)
         if diff:
             raise StoreError(f"cannot {verb} {first.path} and {other.path}: schemas differ ({diff})")
         if first.fps is not None and other.fps is not None and float(first.fps) != float(other.fps):
@@ -1580,15 +1591,49 @@ def _provenance_attrs(src: EpisodeStore, dst: EpisodeStore) -> list[dict[str, An
     return entries
 
 
+def _union_schema(stores: Sequence[EpisodeStore]) -> tuple[dict[str, KeySpec], dict[str, list[str]]]:
+    """Every store's keys in one schema (flag keys some lack included), and the flag keys each store lacks."""
+    union: dict[str, KeySpec] = {}
+    for s in stores:
+        for key, spec in s.schema.items():
+            if key in union and union[key] != spec:
+                owner = next(o for o in stores if key in o.schema and o.schema[key] == union[key])
+                raise StoreError(f"cannot merge {owner.path} and {s.path}: key {key!r} is {union[key]} vs {spec}")
+            union.setdefault(key, spec)
+    filled = {str(s.path): [k for k in union if k not in s.schema] for s in stores}
+    return union, {p: keys for p, keys in filled.items() if keys}
+
+
 def merge_stores(
-    sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, zarr_format: int = 3, overwrite: bool = False
+    sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, zarr_format: int = 3, overwrite: bool = False,
+    episodes: Sequence[Sequence[int] | None] | None = None, attrs: Mapping[str, Any] | None = None,
 ) -> EpisodeStore:
-    """Concatenate stores into a new one at ``out``. Schemas and fps must match."""
+    """Concatenate stores into a new one at ``out``. Schemas and fps must match, except for ``flag`` keys
+    (``intervention``) that only some sources have: the merged store has them, false in the episodes of the
+    sources that lacked them, and its ``filled_flags`` attribute says which keys were filled for which source.
+
+    ``episodes``: per source, the episode indices to copy, in order (None: all of them; what ``data filter``
+    uses). ``attrs``: more root attributes for the new store.
+    """
     if len(sources) < 1:
         raise StoreError("merge needs at least one source store")
     stores = [EpisodeStore.open(s) for s in sources]
     first = stores[0]
-    check_compatible(stores, "merge")
+    check_compatible(stores, "merge", missing_flags_ok=True)
+    schema, filled = _union_schema(stores)
+    if episodes is None:
+        episodes = [None] * len(stores)
+    if len(episodes) != len(stores):
+        raise StoreError(f"merge got {len(stores)} stores but {len(episodes)} episode selections")
+    chosen = []
+    for s, sel in zip(stores, episodes):
+        if sel is None:
+            chosen.append(list(range(s.n_episodes)))
+            continue
+        bad = [i for i in sel if not 0 <= int(i) < s.n_episodes]
+        if bad:
+            raise StoreError(f"{s.path} has no episode {bad[0]} (it holds {s.n_episodes})")
+        chosen.append([int(i) for i in sel])
     outp = _norm(out)
     for s in stores:
         src, dst_abs = s.path.resolve(), outp.resolve()
@@ -1613,12 +1658,16 @@ def merge_stores(
     tmp = _hidden_path(outp, "merge")
     dst = None
     try:
+        root_attrs: dict[str, Any] = {"merged_from": [str(s.path) for s in stores]}
+        if filled:
+            root_attrs["filled_flags"] = filled
+        root_attrs.update(attrs or {})
         dst = EpisodeStore.create(
-            tmp, first.schema, fps=first.fps, task=first.task, env_config=first.env_config,
-            attrs={"merged_from": [str(s.path) for s in stores]}, zarr_format=zarr_format, _in_place=True,
+            tmp, schema, fps=first.fps, task=first.task, env_config=first.env_config,
+            attrs=root_attrs, zarr_format=zarr_format, _in_place=True,
         )
-        for s in stores:
-            _copy_episodes(s, dst, range(s.n_episodes))
+        for s, sel in zip(stores, chosen):
+            _copy_episodes(s, dst, sel)
         if exists:
             trash = _swap_in(outp, tmp, "merge")
         else:

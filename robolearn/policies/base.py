@@ -35,6 +35,18 @@ from torch import nn
 from robolearn.data.normalizer import Normalizer
 from robolearn.policies.config import ChunkPolicyConfig, check_geometry
 
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of (B, horizon, A) chunks. With ``weight`` (B, horizon): each predicted action's error
+    (averaged over action dimensions) weighs ``weight[b, t]``, and the sum is divided by the weights' sum, so
+    uniform weights give the plain mean whatever their size, and a zero weight takes an action out of the loss
+    (a batch whose weights are all zero gives a zero loss with zero gradients)."""
+    err = (pred - target) ** 2
+    if weight is None:
+        return err.mean()
+    per_action = err.mean(dim=-1)
+    return (per_action * weight).sum() / weight.sum().clamp_min(1e-12)
+
 #: A sampler: yields ``(x, t)`` per backbone call (t a 0-d tensor, the backbone's timestep), receives the
 #: backbone's float32 output, returns the final normalized chunk.
 Solver = Generator[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]
@@ -323,11 +335,18 @@ class ChunkPolicy(nn.Module, ABC):
                 f"batch['action'] must have shape (B, {self.horizon}, {self.action_dim}), got {tuple(action.shape)}"
             )
         cond = self.encode_obs(batch["obs"])
-        return self.loss(cond, self.normalizer.normalize(self.action_key, action))
+        weight = batch.get("weight")
+        if weight is not None:
+            weight = self._to_device(weight).float()
+            if tuple(weight.shape) != tuple(action.shape[:2]):
+                raise ValueError(f"batch['weight'] must have shape {tuple(action.shape[:2])} (B, horizon), "
+                                 f"got {tuple(weight.shape)}")
+        return self.loss(cond, self.normalizer.normalize(self.action_key, action), weight)
 
     @abstractmethod
-    def loss(self, cond: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Training objective given the encoded condition and the normalized action chunk."""
+    def loss(self, cond: torch.Tensor, action: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Training objective given the encoded condition and the normalized action chunk; ``weight`` (B, horizon)
+        weighs each predicted action (:func:`weighted_mse`)."""
 
     def extra_repr(self) -> str:
         return (f"type={self.policy_type}, horizon={self.horizon}, n_obs_steps={self.n_obs_steps}, "

@@ -18,10 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from robolearn.policies.base import ChunkPolicy, Solver
+from robolearn.policies.base import ChunkPolicy, Solver, weighted_mse
 from robolearn.policies.config import DiffusionConfig
 from robolearn.policies.registry import register_policy
 
@@ -100,11 +99,11 @@ class DiffusionPolicy(ChunkPolicy):
         return x
 
     # ------------------------------------------------------------------ training
-    def loss(self, cond: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def loss(self, cond: torch.Tensor, action: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         B = action.shape[0]
         noise = torch.randn_like(action)
         t = torch.randint(0, self.num_train_timesteps, (B,), device=action.device)
         noisy = self.noise_scheduler.add_noise(action, noise, t)
         pred = self.backbone(noisy, t.float(), cond)
         target = noise if self.prediction_type == "epsilon" else action
-        return F.mse_loss(pred, target)
+        return weighted_mse(pred, target, weight)

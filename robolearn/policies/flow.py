@@ -25,9 +25,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from robolearn.policies.base import ChunkPolicy, Solver
+from robolearn.policies.base import ChunkPolicy, Solver, weighted_mse
 from robolearn.policies.config import FlowConfig
 from robolearn.policies.registry import register_policy
 
@@ -94,11 +93,11 @@ class FlowPolicy(ChunkPolicy):
         )
         return self.beta_s * (1.0 - dist.sample((batch,)))
 
-    def loss(self, cond: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def loss(self, cond: torch.Tensor, action: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         B = action.shape[0]
         noise = torch.randn_like(action)
         t = self.sample_time(B, action.device)
         tb = t[:, None, None]
         x_t = (1.0 - tb) * noise + tb * action
         pred = self.backbone(x_t, t * self.time_scale, cond)
-        return F.mse_loss(pred, action - noise)
+        return weighted_mse(pred, action - noise, weight)
