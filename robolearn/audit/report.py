@@ -56,7 +56,13 @@ def plot(out: Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any], n_w
         if not ok.any():
             ax.text(0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes)
         else:
-            bins = np.histogram_bin_edges(vals[ok], bins=min(40, max(5, int(np.sqrt(ok.sum())))))
+            n_bins = min(40, max(5, int(np.sqrt(ok.sum()))))
+            pos = vals[ok]
+            if pos.min() > 0 and pos.max() > 20 * np.median(pos):  # heavy tail: log bins show both ends
+                bins = np.geomspace(pos.min(), pos.max(), n_bins + 1)
+                ax.set_xscale("log")
+            else:
+                bins = np.histogram_bin_edges(pos, bins=n_bins)
             ax.hist(vals[ok & ~marked], bins=bins, color="#4C72B0", label="episodes")
             if (ok & marked).any():
                 ax.hist(vals[ok & marked], bins=bins, color="#C44E52", label=f"worst {len(bad)}")

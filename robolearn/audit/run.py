@@ -2,8 +2,9 @@
 
 ``overall`` puts the scores that say "this episode is unlike the rest" on one scale: for each of action
 divergence, transition diversity, idle share and action jerk, a robust z-score (distance from the store's median
-in units of 1.4826 x the median absolute deviation, which is the standard deviation for normal data, floored so
-a score that is the same almost everywhere does not blow up), and ``overall`` is the largest of them, with
+in units of 1.4826 x the median absolute deviation, which is the standard deviation for normal data, floored at a
+tenth of the standard deviation and of the median, and for idle share at 0.05, so a score that is the same almost
+everywhere does not blow up), and ``overall`` is the largest of them, with
 ``worst_score`` naming which. ``weight`` (what ``training.episode_weights`` reads) is 1 for an episode whose action
 divergence is within 2 robust deviations above the median and falls off as ``exp(-(z - 2) / 2)`` beyond.
 """
@@ -21,14 +22,21 @@ from robolearn.audit.features import AuditData, load
 RANKED = ("action_divergence", "transition_diversity", "idle_share", "action_jerk")
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
+# The smallest deviation that counts as one unit, per score: an episode idle for 1% of its steps in a store where
+# nobody idles is not 40 deviations out, whatever the median absolute deviation (0) says.
+MIN_SCALE = {"idle_share": 0.05}
+
+
+def robust_z(values: np.ndarray, min_scale: float = 0.0) -> np.ndarray:
+    """(value - median) / (1.4826 x median absolute deviation), the scale floored at a tenth of the standard
+    deviation, a tenth of the median's size and ``min_scale``."""
     v = np.asarray(values, dtype=np.float64)
     finite = v[np.isfinite(v)]
     if len(finite) < 2:
         return np.zeros_like(v)
     med = float(np.median(finite))
     mad = 1.4826 * float(np.median(np.abs(finite - med)))
-    floor = max(0.1 * float(np.std(finite)), 1e-3 * max(abs(med), 1e-9), 1e-12)
+    floor = max(0.1 * float(np.std(finite)), 0.1 * abs(med), min_scale, 1e-12)
     return (v - med) / max(mad, floor)
 
 
@@ -70,7 +78,7 @@ def audit_store(store: Any, *, policy: Any = None, folds: int = 5, fit_steps: in
         bar.close()
     timings["transition_diversity_s"] = time.perf_counter() - t0
     scores = {"action_divergence": dv["per_episode"], "transition_diversity": td["per_episode"], **plain}
-    z = {k: robust_z(scores[k]) for k in RANKED}
+    z = {k: robust_z(scores[k], MIN_SCALE.get(k, 0.0)) for k in RANKED}
     zmat = np.stack([np.nan_to_num(z[k], nan=-np.inf) for k in RANKED], axis=1)
     overall = zmat.max(axis=1)
     worst = [RANKED[i] for i in zmat.argmax(axis=1)]

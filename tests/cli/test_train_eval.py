@@ -241,3 +241,27 @@ def test_task_none_trains_diffusion_policys_push_t_store_and_serves_it(tmp_path,
         remote.close()
     assert main(["eval", f"checkpoint={run}"]) == 1
     assert "trained without a simulator (task=none)" in capsys.readouterr().err
+
+
+def test_audit_against_a_checkpoint_then_train_with_its_weights(peg_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    fast = ["training.steps=3", "eval.episodes=1", "eval.num_envs=1", "eval.workers=0", "eval.videos=0",
+            "task.eval.max_steps=5", "logger=none"]
+    assert train(peg_data, run, *fast) == 0
+    capsys.readouterr()
+    aud = tmp_path / "aud"
+    assert main(["data", "audit", str(peg_data), f"checkpoint={run}", f"out={aud}", "videos=0", "progress=false"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["action_divergence"]["method"] == "checkpoint"
+    assert summary["action_divergence"]["checkpoint"].endswith("latest") or "step_" in \
+        summary["action_divergence"]["checkpoint"]
+    rows = [json.loads(ln) for ln in (aud / "scores.jsonl").read_text().splitlines()[:-1]]
+    assert len(rows) == 4 and all(r["action_divergence"] is not None and r["action_divergence"] > 0 for r in rows)
+    # the audit's weights drive a training run (zero for one episode: written by hand on top of the audit's)
+    rows[0]["weight"] = 0.0
+    (aud / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train(peg_data, tmp_path / "weighted", *fast, f"training.episode_weights={aud / 'scores.jsonl'}") == 0
+    captured = capsys.readouterr()
+    assert "1 of 4 episodes at 0" in captured.err and last_json(captured.out)["finished"]
+    assert train(peg_data, tmp_path / "bad", *fast, "training.intervention_weight=2") == 1
+    assert "needs an 'intervention' flag" in capsys.readouterr().err
