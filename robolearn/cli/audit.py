@@ -6,7 +6,7 @@ import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 AUDIT_KEYS = {
     "checkpoint": (str, None, "score action divergence against this trained policy instead of cross-fitting"),
@@ -138,7 +138,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
                                           progress=_bar_factory(opts["progress"]))
         summary["options"] = {k: v for k, v in opts.items() if k not in ("progress", "threads")}
         worst = report.worst(rows, max(opts["worst"], opts["videos"]))
-        videos, why = report.replay_videos(out, store, [r["episode"] for r in worst[: opts["videos"]]], data)
+        videos, why = replay_videos(out, store, [r["episode"] for r in worst[: opts["videos"]]], data)
     summary["worst"] = [{"episode": r["episode"], "seed": r["seed"], "overall": r["overall"],
                          "worst_score": r["worst_score"], **({"video": videos[r["episode"]]}
                                                               if r["episode"] in videos else {})}
@@ -201,6 +201,53 @@ def cmd_filter(args: argparse.Namespace) -> None:
         result["out"] = str(out.path)
         result["steps"] = out.n_steps
     print_json(result)
+
+
+def replay_videos(out: Path, store: Any, episodes: Sequence[int], data: Any) -> tuple[dict[int, str], str | None]:
+    """Replay ``episodes`` from their seeds with their recorded actions and write ``out/videos/ep<N>.mp4``. Returns the videos
+    written and why there are none (a store from elsewhere, no seeds, a task that cannot render), if so."""
+    import numpy as np
+
+    if not episodes:
+        return {}, None
+    task = store.task
+    if not task:
+        return {}, "the store names no task: nothing to replay"
+    try:
+        import sim
+        from robolearn.evaluation import record_episode
+    except Exception as e:  # noqa: BLE001 - the audit stands without videos
+        return {}, f"cannot import the simulation ({type(e).__name__}: {e})"
+    if task not in sim.registry.available_tasks() and not task.startswith("robosuite/"):
+        return {}, f"the store's task {task!r} is not a robolearn simulation task: nothing to replay"
+    written: dict[int, str] = {}
+    why = None
+    env_config = dict(store.env_config or {})
+    env_config.pop("render_mode", None)
+    actions_all = store.load([data.action_key])[data.action_key]
+    envs: dict[str, Any] = {}
+    try:
+        for e in episodes:
+            a = data.attrs[e] if e < len(data.attrs) else {}
+            if a.get("seed") is None:
+                why = why or f"episode {e} has no recorded seed: it cannot be replayed"
+                continue
+            cfg = {**env_config, **dict(a.get("env_config_changes") or {})}
+            key = json.dumps(cfg, sort_keys=True, default=str)
+            if key not in envs:
+                envs[key] = sim.make(task, **{**cfg, "render_mode": "rgb_array"})
+            s, n = int(data.starts[e]), int(data.lengths[e])
+            it = iter(np.asarray(actions_all[s:s + n]))
+            res = record_episode(envs[key], lambda obs, it=it: next(it), out / "videos" / f"ep{e}.mp4",
+                                 seed=int(a["seed"]), max_steps=n)
+            written[e] = res["path"]
+    except Exception as e:  # noqa: BLE001 - the scores are written; say why the videos are not
+        why = f"replaying task {task!r} failed ({type(e).__name__}: {e})"
+        print(f"robolearn data audit: warning: {why}", file=sys.stderr, flush=True)
+    finally:
+        for env in envs.values():
+            env.close()
+    return written, why
 
 
 def add_parsers(dsub: Any) -> None:
