@@ -36,7 +36,8 @@ OUT/report.html (a histogram per score, the worst episodes with their seeds) and
 episodes replayed from their seeds and recorded actions). The last printed line is the summary as JSON.
 
 options (key=value):
-""" + "\n".join(f"  {k:<12} {h} (default {d})" for k, (_, d, h) in AUDIT_KEYS.items()) + """
+""" + "\n".join(f"  {k:<12} {h}" + (f" (default {d})" if d is not None else "")
+                for k, (_, d, h) in AUDIT_KEYS.items()) + """
 
 examples:
   robolearn data audit data/push_t.zarr
@@ -133,6 +134,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
     with EpisodeStore.open(args.path) as store:
         out.mkdir(parents=True, exist_ok=True)
+        for old in (out / "videos").glob("ep*.mp4"):  # an earlier audit's: the report must not link them
+            old.unlink()
         rows, summary, data = audit_store(store, policy=policy, folds=opts["folds"], fit_steps=opts["fit_steps"],
                                           seed=opts["seed"], max_queries=opts["max_queries"],
                                           progress=_bar_factory(opts["progress"]))

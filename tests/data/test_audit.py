@@ -325,3 +325,20 @@ def test_step_weights_from_a_score_file_and_interventions(tmp_path):
         w0 = tmp_path / "w0.jsonl"
         w0.write_text(json.dumps({"episode": 0, "weight": 0}) + "\n")
         episode_weights(w0, 1)
+
+
+def test_a_camera_only_store_is_audited_on_pooled_frames(tmp_path, capsys):
+    schema = {"cam": KeySpec((16, 16, 3), "uint8", "obs"), "action": KeySpec((2,), "float32", "action")}
+    rng = np.random.default_rng(0)
+    with EpisodeStore.create(tmp_path / "cam.zarr", schema, fps=10) as s:
+        for i in range(6):
+            frames = np.zeros((12, 16, 16, 3), np.uint8)
+            for t in range(12):  # a bright square sliding right; the action says how far
+                frames[t, 4:8, t:t + 4] = 200
+            s.append_episode({"cam": frames, "action": np.tile([1.0, 0.0], (12, 1)).astype(np.float32)
+                              + rng.normal(0, 0.01, (12, 2)).astype(np.float32)})
+    assert main(["data", "audit", str(tmp_path / "cam.zarr"), f"out={tmp_path / 'a'}", "fit_steps=20",
+                 "progress=false"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["state_from_cameras"] and summary["state_keys"] == ["cam"] and summary["episodes"] == 6
+    assert "names no task" in summary["videos_note"]
