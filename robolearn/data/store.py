@@ -367,6 +367,10 @@ class EpisodeStore(EpisodeIndex):
             data = root.create_group("data")
             for key, spec in schema.items():
                 n = time_chunk_len(spec)
+                # One file per camera frame: named c.<i>.0.0.0 in the array's folder rather than zarr 3's default
+                # c/<i>/0/0/0, which made three folders per frame (0.4 ms of a frame's 0.85 ms to write).
+                flat = {"chunk_key_encoding": {"name": "default", "separator": "."}} \
+                    if spec.is_image and zarr_format == 3 else {}
                 data.create_array(
                     key,
                     shape=(0, *spec.shape),
@@ -374,6 +378,7 @@ class EpisodeStore(EpisodeIndex):
                     chunks=(n, *spec.shape),
                     compressors=_compressor(spec, zarr_format),
                     fill_value=0,
+                    **flat,
                 )
             meta = root.create_group("meta")
             meta.create_array(
