@@ -133,6 +133,18 @@ def main() -> None:
             "precision": round(hit / len(dropped), 3) if dropped else None,
             "recall": round(hit / len(noisy_ids), 3) if noisy_ids else None,
         }
+        # how each score alone would have split the store (its `auto` rule), against the hidden labels
+        from robolearn.audit.rules import read_scores, select_episodes
+
+        scores = read_scores(audit_dir / "scores.jsonl")
+        by_score = {}
+        for score in ("action_divergence", "transition_diversity", "action_jerk", "idle_share", "overall"):
+            picked = select_episodes(scores, drop=[f"{score}>auto"])
+            d = set(picked["dropped"])
+            h = len(d & noisy_ids)
+            by_score[score] = {"dropped": len(d), "precision": round(h / len(d), 3) if d else None,
+                               "recall": round(h / len(noisy_ids), 3) if noisy_ids else None}
+        row["audit"]["auto_split_by_score"] = by_score
         row["filtered"] = train(task, args.policy, filtered, base / "run_filtered", args.steps, args.episodes,
                                 args.workers)
         row["filtered_minus_all"] = round(row["filtered"]["success_rate"] - row["all"]["success_rate"], 3)
