@@ -55,8 +55,8 @@ def reach_store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("audit") / "reach.zarr"
     with EpisodeStore.create(path, SCHEMA, fps=10, task="reach_unit") as store:
         kinds = ["good"] * N_GOOD + ["noise", "noise", "shuffled", "shuffled", "idle", "idle"]
-        for i, kind in enumerate(kinds):
-            store.append_episode(reach_episode(i, kind), attrs={"seed": i, "success": True})
+        store.append_episodes([reach_episode(i, kind) for i, kind in enumerate(kinds)],
+                              [{"seed": i, "success": True} for i in range(len(kinds))])
     return path
 
 
@@ -68,7 +68,7 @@ def audited(reach_store, tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["data", "audit", str(reach_store), f"out={out}", "fit_steps=150", "folds=4",
+        assert main(["data", "audit", str(reach_store), f"out={out}", "fit_steps=100", "folds=4",
                      "progress=false", "videos=2"]) == 0
     summary = json.loads(buf.getvalue().strip().splitlines()[-1])
     return out, summary
@@ -242,7 +242,7 @@ def test_policy_loss_weights_each_sample(kind, reach_store):
     def loss(weight=None):
         torch.manual_seed(0)
         b = dict(batch) if weight is None else {**batch, "weight": torch.tensor(weight, dtype=torch.float32)}
-        return float(policy.compute_loss(b))
+        return float(policy.compute_loss(b).detach())
 
     plain, first, second = loss(), loss([[1.0] * 4, [0.0] * 4]), loss([[0.0] * 4, [1.0] * 4])
     assert plain == pytest.approx((first + second) / 2, rel=1e-5)
