@@ -94,10 +94,11 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=ROOT / "runs" / "audit_experiment")
     ap.add_argument("--out", type=Path, default=ROOT / "tools/bench/results/audit_experiment.json")
     ap.add_argument("--fresh", action="store_true", help="delete earlier stores and runs of these tasks first")
+    ap.add_argument("--tag", default="", help="appended to the task's folder and result key (another noise level)")
     args = ap.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {"tasks": {}}
     for task in args.tasks:
-        base = args.dir / task
+        base = args.dir / f"{task}{args.tag}"
         if args.fresh and base.exists():
             shutil.rmtree(base)
         base.mkdir(parents=True, exist_ok=True)
@@ -149,13 +150,13 @@ def main() -> None:
                                 args.workers)
         row["filtered_minus_all"] = round(row["filtered"]["success_rate"] - row["all"]["success_rate"], 3)
         row["clean_minus_filtered"] = round(row["clean"]["success_rate"] - row["filtered"]["success_rate"], 3)
-        results["tasks"][task] = row
+        results["tasks"][f"{task}{args.tag}"] = row
         results.update({"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, "
                                    f"Python {platform.python_version()}",
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
-        print(json.dumps({task: row}), flush=True)
+        print(json.dumps({f"{task}{args.tag}": row}), flush=True)
 
 
 if __name__ == "__main__":
