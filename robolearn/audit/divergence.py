@@ -21,21 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from robolearn.audit.features import AuditData
+from robolearn.audit.features import AuditData, fold_of_episodes
 from robolearn.audit.signals import per_episode_mean, sample_rows
 
 
 def _mlp(d_in: int, d_out: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                          nn.Linear(hidden, d_out))
-
-
-def fold_of_episodes(n_episodes: int, folds: int, seed: int) -> np.ndarray:
-    """Fold index (0..folds-1) of each episode: a seeded random permutation cut into near-equal parts."""
-    perm = np.random.default_rng(seed).permutation(n_episodes)
-    out = np.empty(n_episodes, np.int64)
-    out[perm] = np.arange(n_episodes) % folds
-    return out
 
 
 def cross_fit(data: AuditData, *, folds: int = 5, steps: int = 1500, batch_size: int = 512, hidden: int = 256,

@@ -138,3 +138,11 @@ def load(store: EpisodeStore, *, action_key: str | None = None, state_keys: list
     return AuditData(path=str(store.path), task=store.task, state_keys=list(state_keys), state=state, action=action,
                      delta=delta, episode=episode, starts=starts, lengths=lengths, intervention=intervention,
                      reward=reward, attrs=attrs, action_key=action_key, images=images)
+
+
+def fold_of_episodes(n_episodes: int, folds: int, seed: int) -> np.ndarray:
+    """Fold index (0..folds-1) of each episode: a seeded random permutation cut into near-equal parts."""
+    perm = np.random.default_rng(seed).permutation(n_episodes)
+    out = np.empty(n_episodes, np.int64)
+    out[perm] = np.arange(n_episodes) % folds
+    return out

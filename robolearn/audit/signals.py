@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from robolearn.audit.features import AuditData
+from robolearn.audit.features import AuditData, fold_of_episodes
 
 IDLE_FRACTION = 0.1   # a step is idle when its state change is under this share of the median step change
 PCA_DIMS = 16
@@ -120,8 +120,6 @@ def transition_diversity(data: AuditData, *, max_queries: int = 40_000, max_refe
     scale = float(np.mean(np.sum(data.delta[ref] ** 2, axis=1))) or 1.0
     # Neighbours come from other episodes only: the episodes are split into groups, and a query's neighbours are
     # searched among the other groups' steps (an episode's own next steps are always its nearest).
-    from robolearn.audit.divergence import fold_of_episodes
-
     groups = max(2, min(5, E))
     group = fold_of_episodes(E, groups, seed)
     dev = np.full(len(queries), np.nan)
