@@ -32,7 +32,7 @@ def _mlp(d_in: int, d_out: int, hidden: int) -> nn.Module:
 
 def cross_fit(data: AuditData, *, folds: int = 5, steps: int = 1500, batch_size: int = 512, hidden: int = 256,
               lr: float = 2e-3, seed: int = 0, tick: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Per-step and per-episode cross-fitted action divergence. ``tick(n)`` after every ``n`` training steps."""
+    """Per-episode cross-fitted action divergence. ``tick(n)`` after every ``n`` training steps."""
     E = data.n_episodes
     if E < 2:
         raise ValueError(f"cross-fitting needs at least 2 episodes; {data.path} holds {E} (pass checkpoint=)")
@@ -74,7 +74,7 @@ def cross_fit(data: AuditData, *, folds: int = 5, steps: int = 1500, batch_size:
             for lo in range(0, len(held), 65536):
                 r = torch.from_numpy(held[lo:lo + 65536])
                 err[held[lo:lo + 65536]] = ((model(x[r]) - y[r]) ** 2).mean(dim=1).double().numpy()
-    return {"per_step": err, "per_episode": per_episode_mean(err, data.episode, E), "folds": folds,
+    return {"per_episode": per_episode_mean(err, data.episode, E), "folds": folds,
             "fit_steps": steps, "train_loss": train_loss, "method": "cross_fit"}
 
 

@@ -101,7 +101,7 @@ def audit_store(store: Any, *, policy: Any = None, folds: int = 5, fit_steps: in
     summary = {
         "store": str(store.path), "task": store.task, "episodes": data.n_episodes, "steps": data.n_steps,
         "state_keys": data.state_keys, "state_from_cameras": data.images, "action_key": data.action_key,
-        "action_divergence": {k: v for k, v in dv.items() if k not in ("per_step", "per_episode")},
+        "action_divergence": {k: v for k, v in dv.items() if k != "per_episode"},
         "transition_diversity": {"store_mean": round(td["store"], 6) if np.isfinite(td["store"]) else None,
                                  "queries": td["queries"], "reference": td.get("reference")},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},

@@ -110,7 +110,7 @@ def _bar_factory(enabled: bool) -> Any:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from robolearn.cli import CLIError, print_json
+    from robolearn.cli import print_json
     from robolearn.data import EpisodeStore
 
     opts = parse_options(args.options)
@@ -152,8 +152,6 @@ def cmd_audit(args: argparse.Namespace) -> None:
     report.write_scores(out, rows, summary)
     summary["report"] = str(report.plot(out, rows, summary, opts["worst"]))
     report.write_html(out, rows, summary, opts["worst"], videos)
-    if not rows:
-        raise CLIError("nothing scored")
     lines = [f"audited {summary['episodes']:,} episodes ({summary['steps']:,} steps) of {args.path} in "
              f"{sum(summary['timings_s'].values()):.1f} s; scores: {out / 'scores.jsonl'}, report: {out / 'report.html'}"]
     lines.append("worst episodes (overall = largest robust z-score): " + ", ".join(
@@ -227,7 +225,6 @@ def replay_videos(out: Path, store: Any, episodes: Sequence[int], data: Any) -> 
     why = None
     env_config = dict(store.env_config or {})
     env_config.pop("render_mode", None)
-    actions_all = store.load([data.action_key])[data.action_key]
     envs: dict[str, Any] = {}
     try:
         for e in episodes:
@@ -239,8 +236,8 @@ def replay_videos(out: Path, store: Any, episodes: Sequence[int], data: Any) -> 
             key = json.dumps(cfg, sort_keys=True, default=str)
             if key not in envs:
                 envs[key] = sim.make(task, **{**cfg, "render_mode": "rgb_array"})
-            s, n = int(data.starts[e]), int(data.lengths[e])
-            it = iter(np.asarray(actions_all[s:s + n]))
+            n = int(data.lengths[e])
+            it = iter(np.asarray(store.get_episode(e, [data.action_key])[data.action_key]))
             res = record_episode(envs[key], lambda obs, it=it: next(it), out / "videos" / f"ep{e}.mp4",
                                  seed=int(a["seed"]), max_steps=n)
             written[e] = res["path"]

@@ -537,8 +537,8 @@ def _wrap(prefix: str, items: list[str], width: int = 110) -> list[str]:
 
 def policy_keys_help() -> str:
     """Every policy.* key with its default, from the typed configs (robolearn/policies/config.py)."""
-    from robolearn.models.transformer import PRESETS as TRANSFORMER
-    from robolearn.models.unet import PRESETS as UNET
+    from robolearn.models.presets import TRANSFORMER_PRESETS as TRANSFORMER
+    from robolearn.models.presets import UNET_PRESETS as UNET
     from robolearn.policies.config import (DEFAULT_PRESET, ChunkPolicyConfig, DiffusionConfig, DiffusionSettings,
                                            EncoderConfig, FlowConfig, FlowSettings)
 

@@ -6,9 +6,20 @@ backbones ignore it), plus
 ``backbone.prepare(cond)`` that precomputes the observation-dependent part once per action chunk (pass its
 result as ``cond`` at each denoising step).
 """
-from robolearn.models.encoders import ImageTrunk, ObsEncoder, SpatialSoftmax, crop_images
-from robolearn.models.transformer import BRANCH_NAMES, DenoiserBlock, TransformerDenoiser
-from robolearn.models.unet import ConditionalUnet1D
+import importlib
+from typing import Any
+
+# Names load on first use (PEP 562): robolearn.models.presets (plain data) imports without torch.
+_WHERE = {"ImageTrunk": "encoders", "ObsEncoder": "encoders", "SpatialSoftmax": "encoders", "crop_images": "encoders",
+          "BRANCH_NAMES": "transformer", "DenoiserBlock": "transformer", "TransformerDenoiser": "transformer",
+          "ConditionalUnet1D": "unet"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"robolearn.models.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'robolearn.models' has no attribute {name!r}")
+
 
 __all__ = [
     "BRANCH_NAMES",

@@ -31,19 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robolearn.models.embeddings import SinusoidalEmbedding
+from robolearn.models.presets import TRANSFORMER_PRESETS as PRESETS
 
 BRANCH_NAMES: tuple[str, ...] = ("self_attn", "cross_attn", "ff")
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Diffusion Policy's transformer size (8 layers x 256): ~9M parameters.
-    "dp": dict(d_model=256, n_layers=8, n_heads=4, ff_mult=4, dropout=0.0),
-    # The same model under the name checkpoints written before 2026-12-02 carry (it was the default then).
-    "default": dict(d_model=256, n_layers=8, n_heads=4, ff_mult=4, dropout=0.0),
-    # ~1.3M parameters, the default: trains in minutes on a laptop CPU.
-    "small": dict(d_model=128, n_layers=4, n_heads=4, ff_mult=4, dropout=0.0),
-    "tiny": dict(d_model=32, n_layers=2, n_heads=2, ff_mult=2, dropout=0.0),
-}
-
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift[:, None], x, 1.0 + scale[:, None])

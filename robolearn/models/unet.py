@@ -33,18 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robolearn.models.embeddings import TimestepMLP
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Diffusion Policy's CNN: ~64M parameters for obs_dim 20 x 2 obs steps, action dim 2.
-    "dp": dict(down_dims=(256, 512, 1024), kernel_size=5, n_groups=8, step_embed_dim=128),
-    # ~4M parameters.
-    "small": dict(down_dims=(64, 128, 256), kernel_size=5, n_groups=8, step_embed_dim=64),
-    # ~1.2M parameters, the default: trains in minutes on a laptop CPU (the README's results table used it).
-    "cpu": dict(down_dims=(32, 64, 128), kernel_size=5, n_groups=8, step_embed_dim=64),
-    # For unit tests.
-    "tiny": dict(down_dims=(16, 32, 64), kernel_size=3, n_groups=4, step_embed_dim=32),
-}
-
+from robolearn.models.presets import UNET_PRESETS as PRESETS
 
 class GemmConv1d(nn.Conv1d):
     """``nn.Conv1d`` (same parameters, same state_dict) computed as unfold + one matrix product.

@@ -284,8 +284,7 @@ class ChunkPolicyConfig:
             settings.clip_sample = self.normalization[self.action_key] == "minmax"
 
     def _derive_backbone(self) -> None:
-        from robolearn.models.transformer import PRESETS as TRANSFORMER_PRESETS
-        from robolearn.models.unet import PRESETS as UNET_PRESETS
+        from robolearn.models.presets import TRANSFORMER_PRESETS, UNET_PRESETS
 
         bb = dict(self.backbone or {})
         name = bb.pop("name", "unet")
