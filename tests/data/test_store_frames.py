@@ -53,3 +53,41 @@ def test_uint8_channel_statistics_match_float64():
     np.testing.assert_allclose(fast["m2"], ((xf - xf.mean(axis=(0, 1, 2))) ** 2).sum(axis=(0, 1, 2)), rtol=1e-10)
     np.testing.assert_array_equal(fast["min"], xf.min(axis=(0, 1, 2)))
     np.testing.assert_array_equal(fast["max"], xf.max(axis=(0, 1, 2)))
+
+
+def test_uint8_statistics_over_several_blocks_and_episodes(tmp_path):
+    """Sums run in blocks of 128 frames and the store merges them episode by episode: the stored statistics of
+    a threaded append (300 frames in 3 episodes) equal the float64 ones of all frames."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (300, 6, 5, 3), dtype=np.uint8)
+    x[:, 0, 0, 0] = 255  # sums near the uint32 bound of a block
+    fast = _Welford.of(x, (0, 1, 2))
+    xf = x.astype(np.float64)
+    np.testing.assert_allclose(fast["mean"], xf.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(fast["m2"], ((xf - xf.mean(axis=(0, 1, 2))) ** 2).sum(axis=(0, 1, 2)), rtol=1e-10)
+    eps = [{"cam_image": x[a:b], "action": np.zeros((b - a, 2), np.float32)} for a, b in ((0, 90), (90, 200),
+                                                                                           (200, 300))]
+    with EpisodeStore.create(tmp_path / "s.zarr", SCHEMA) as s:
+        s.append_episodes(eps)
+        stats = s.stats()["cam_image"]
+    np.testing.assert_allclose(stats["mean"], xf.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(stats["std"], xf.std(axis=(0, 1, 2)), rtol=1e-9)
+
+
+def test_a_frame_that_cannot_be_written_commits_nothing(tmp_path):
+    """Frames are written in background threads; one that fails (here a folder stands where its file goes) stops
+    the append before its commit: the episodes saved before are intact and the failed ones are not there."""
+    rng = np.random.default_rng(2)
+    ep = {"cam_image": rng.integers(0, 256, (70, 6, 5, 3), dtype=np.uint8), "action": np.zeros((70, 2), np.float32)}
+    path = tmp_path / "s.zarr"
+    with EpisodeStore.create(path, SCHEMA) as s:
+        s.append_episode(ep)
+        arr = s.array("cam_image")
+        blocker = path / "data" / "cam_image" / arr.metadata.encode_chunk_key((70 + 40, 0, 0, 0))
+        blocker.mkdir(parents=True)
+        with pytest.raises(OSError):
+            s.append_episodes([ep, ep])
+        assert s.n_episodes == 1
+    back = EpisodeStore.open(path)
+    assert back.n_episodes == 1
+    np.testing.assert_array_equal(back.load(["cam_image"])["cam_image"], ep["cam_image"])

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
@@ -63,6 +64,7 @@ def export_dp(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
 
     from robolearn.data.store import (
         EpisodeStore,
+        _FRAME_THREADS,
         _acquire_lock,
         _frame_writer,
         _hidden_path,
@@ -112,7 +114,9 @@ def export_dp(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
                 if frames is not None:
-                    frames(lo, src.read_rows(key, lo, hi))
+                    with ThreadPoolExecutor(_FRAME_THREADS) as pool:
+                        for f in frames(lo, src.read_rows(key, lo, hi), pool):
+                            f.result()
                 else:
                     arr[lo:hi] = src.read_rows(key, lo, hi)
                 bar.update((hi - lo) * spec.bytes_per_step)
