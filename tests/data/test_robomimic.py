@@ -260,3 +260,40 @@ def test_cli_maps_lift_and_the_store_fits_the_task(tmp_path, capsys):
 def test_mapping_of_environments():
     assert [rm.task_for_env(e) for e in ("Lift", "PickPlaceCan", "NutAssemblySquare", "Stack")] == \
         ["lift", "can", "square", "robosuite/Stack"]
+
+
+def test_prefetch_hands_over_items_errors_and_stops_early():
+    """The import reads its next batch in a thread: items arrive in order, an error of the reader is raised where
+    its item would have been, and a consumer that stops early stops the reader (close() returns)."""
+    import threading
+
+    from robolearn.data.formats.robomimic import _Prefetch
+
+    assert list(_Prefetch(iter(range(5)))) == [0, 1, 2, 3, 4]
+
+    def failing():
+        yield "a"
+        raise ValueError("demo_7 is damaged")
+
+    got = []
+    with pytest.raises(ValueError, match="demo_7"):
+        for item in _Prefetch(failing()):
+            got.append(item)
+    assert got == ["a"]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    p = _Prefetch(endless())
+    for item in p:
+        if item == 2:
+            break
+    p.close()
+    assert not any(t.name == "robolearn-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) <= 5  # one item ahead at most (plus the one blocked in the queue's put)
