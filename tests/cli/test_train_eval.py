@@ -116,7 +116,8 @@ def test_eval_command(peg_data, tmp_path, capsys):
     assert len(per_episode) == 3 and all("success" in e and "return" in e for e in per_episode)
     assert Path(s["videos"][0]).exists()
     assert s["n_action_steps"] == 8  # the checkpoint's own
-    assert main([*argv[:3], "n_action_steps=3", "video=false", f"run_dir={tmp_path / 'ev3'}"]) == 0
+    assert main([argv[0], argv[1], "episodes=1", "num_envs=1", "workers=0", "sampler.steps=3", "n_action_steps=3",
+                 "env.max_episode_steps=20", f"run_dir={tmp_path / 'ev3'}"]) == 0
     assert last_json(capsys.readouterr().out)["n_action_steps"] == 3
     assert main([*argv[:3], "n_action_steps=99"]) == 1
     assert "n_action_steps=99" in capsys.readouterr().err
