@@ -13,8 +13,8 @@ Layout::
 
 Why it is safe to kill a writer: every zarr metadata and chunk write is atomic (zarr's LocalStore writes a
 temporary file and renames it; camera frames, one file each, are written in place, always past the committed
-rows, where a torn file is an orphan row like any other), data rows are written before ``episode_ends`` grows, and ``episode_ends`` is
-created with fill value -1. So a writer killed at any moment leaves either orphan data rows past the last
+rows, where a torn file is an orphan row like any other), data rows are written before ``episode_ends`` grows,
+and ``episode_ends`` is created with fill value -1. So a writer killed at any moment leaves either orphan data rows past the last
 committed end (ignored by readers, trimmed when the store is next opened for append) or a trailing -1 in
 ``episode_ends`` (an append whose end never landed: ignored and trimmed the same way). Per-episode attributes
 are written before ``episode_ends`` grows too, so a killed writer can leave an entry past the last committed
@@ -117,7 +117,10 @@ def time_chunk_len(spec: KeySpec) -> int:
     return int(max(1, CHUNK_BYTES // max(1, spec.bytes_per_step)))
 
 
-def _frame_writer(arr: zarr.Array, root: Path) -> Callable[..., list["Future[None]"]] | None:
+_FrameWrite = Callable[[int, np.ndarray, ThreadPoolExecutor], "list[Future[None]]"]
+
+
+def _frame_writer(arr: zarr.Array, root: Path) -> _FrameWrite | None:
     """For a uint8 array of one frame per chunk (camera images), a function writing frames ``start, start+1, ...``
     as one chunk file each, with the bytes zarr would write (its own blosc codec, then the crc32c zarr 3 appends)
     (in place: see ``write_range``). None for any other array or codec chain: zarr writes those.
@@ -178,14 +181,11 @@ def _frame_writer(arr: zarr.Array, root: Path) -> Callable[..., list["Future[Non
             finally:
                 os.close(fd)
 
-    def write(start: int, block: np.ndarray, pool: "ThreadPoolExecutor | None" = None) -> list["Future[None]"]:
-        """Write the frames; with ``pool``, in its threads, returning the futures to wait on (blosc and file
-        writes release the GIL: threads overlap compression, the file system and the caller's own work)."""
+    def write(start: int, block: np.ndarray, pool: ThreadPoolExecutor) -> list[Future[None]]:
+        """Submit the frames to ``pool``'s threads and return the futures to wait on (blosc and file writes
+        release the GIL: threads overlap compression, the file system and the caller's own work)."""
         block = np.ascontiguousarray(block)
         n = len(block)
-        if pool is None:
-            write_range(start, block, 0, n)
-            return []
         parts = min(_FRAME_THREADS, max(1, n // 64))
         bounds = np.linspace(0, n, parts + 1).astype(int)
         return [pool.submit(write_range, start, block, int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
@@ -683,18 +683,16 @@ class EpisodeStore(EpisodeIndex):
                 arr.resize((n0 + total, *spec.shape))
                 frames = _frame_writer(arr, self.path)
                 if frames is not None:
-                    # Episode by episode, never concatenated: a copy of a batch of frames cost more in page
-                    # faults than writing them.
-                    if pool is None and total >= 64:
+                    # Episode by episode, never concatenated (a copy of a batch of frames cost more in page
+                    # faults than writing them); their statistics in the pool too (numpy's reductions release
+                    # the GIL).
+                    if pool is None:
                         pool = ThreadPoolExecutor(_FRAME_THREADS, thread_name_prefix="robolearn-frames")
                     start = n0
                     for ep in checked:
                         pending += frames(start, ep[key], pool)
                         start += len(ep[key])
-                    if pool is None:
-                        new_stats[key] = _Welford.of(np.concatenate([ep[key] for ep in checked]), _stat_axes(spec))
-                    else:  # statistics in the pool's threads too (numpy's reductions release the GIL)
-                        image_stats[key] = [pool.submit(_Welford.of, ep[key], _stat_axes(spec)) for ep in checked]
+                    image_stats[key] = [pool.submit(_Welford.of, ep[key], _stat_axes(spec)) for ep in checked]
                     continue
                 block = np.concatenate([ep[key] for ep in checked]) if len(checked) > 1 else checked[0][key]
                 arr[n0 : n0 + total] = block

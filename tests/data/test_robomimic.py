@@ -267,9 +267,9 @@ def test_prefetch_hands_over_items_errors_and_stops_early():
     its item would have been, and a consumer that stops early stops the reader (close() returns)."""
     import threading
 
-    from robolearn.data.formats.robomimic import _Prefetch
+    from robolearn.data.formats.robomimic import _read_ahead
 
-    assert list(_Prefetch(iter(range(5)))) == [0, 1, 2, 3, 4]
+    assert list(_read_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
 
     def failing():
         yield "a"
@@ -277,7 +277,7 @@ def test_prefetch_hands_over_items_errors_and_stops_early():
 
     got = []
     with pytest.raises(ValueError, match="demo_7"):
-        for item in _Prefetch(failing()):
+        for item in _read_ahead(failing()):
             got.append(item)
     assert got == ["a"]
 
@@ -290,10 +290,10 @@ def test_prefetch_hands_over_items_errors_and_stops_early():
             yield i
             i += 1
 
-    p = _Prefetch(endless())
+    p = _read_ahead(endless())
     for item in p:
         if item == 2:
             break
     p.close()
-    assert not any(t.name == "robolearn-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name.startswith("robolearn-prefetch") and t.is_alive() for t in threading.enumerate())
     assert len(produced) <= 5  # one item ahead at most (plus the one blocked in the queue's put)

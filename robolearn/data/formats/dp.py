@@ -94,6 +94,7 @@ def export_dp(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     n = src.n_steps
     tmp = _hidden_path(outp, "create")
     lock = None
+    pool = ThreadPoolExecutor(_FRAME_THREADS, thread_name_prefix="robolearn-frames")  # threads only once used
     total_bytes = sum(s.bytes_per_step for s in src.schema.values()) * n
     bar = progress_bar(total_bytes, desc="export dp", unit="B", disable=not progress)
     try:
@@ -114,9 +115,8 @@ def export_dp(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
                 if frames is not None:
-                    with ThreadPoolExecutor(_FRAME_THREADS) as pool:
-                        for f in frames(lo, src.read_rows(key, lo, hi), pool):
-                            f.result()
+                    for f in frames(lo, src.read_rows(key, lo, hi), pool):
+                        f.result()
                 else:
                     arr[lo:hi] = src.read_rows(key, lo, hi)
                 bar.update((hi - lo) * spec.bytes_per_step)
@@ -141,6 +141,7 @@ def export_dp(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
                              f"{'it is unchanged' if exists else 'nothing was written there'}") from None
         raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         _release_lock(lock)
         src.close()

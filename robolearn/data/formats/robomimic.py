@@ -42,6 +42,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -423,56 +424,16 @@ def _iter_batches(f: Any, header: RobomimicHeader, names: Sequence[str], schema:
         yield names_b, eps, None
 
 
-class _Prefetch:
-    """Runs an iterator one item ahead in a thread, so reading the next batch (h5py, decompression) overlaps
-    writing this one. Errors of the iterator are raised where the item would have been; ``close()`` stops the
-    thread and waits for it (before the file it reads is closed)."""
-
-    _END = object()
-
-    def __init__(self, items: Iterator[Any]) -> None:
-        import queue
-        import threading
-
-        self._queue: Any = queue.Queue(maxsize=1)
-        self._stop = threading.Event()
-        self._items = items
-        self._thread = threading.Thread(target=self._run, name="robolearn-prefetch", daemon=True)
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for item in self._items:
-                if not self._put((item, None)):
-                    return
-        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, raised there
-            self._put((None, e))
-            return
-        self._put((self._END, None))
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            item, error = self._queue.get()
-            if error is not None:
-                raise error
-            if item is self._END:
-                return
+def _read_ahead(items: Iterator[Any]) -> Iterator[Any]:
+    """``items``, with the next one already being made in a thread, so reading the next batch (h5py,
+    decompression) overlaps writing this one. An error of ``items`` is raised where its item would have been;
+    closing this generator waits for the item in flight (before the file it reads is closed)."""
+    end = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="robolearn-prefetch") as pool:
+        ahead = pool.submit(next, items, end)
+        while (item := ahead.result()) is not end:
+            ahead = pool.submit(next, items, end)
             yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @dataclass
@@ -552,9 +513,8 @@ def import_file(header: RobomimicHeader, out: str | os.PathLike, *, schema: Mapp
     bar = progress_bar(len(header.demos), desc="import robomimic", unit="demo", initial=len(skipped),
                        disable=not progress)
     f = header._file if header._file is not None else open_file(header.path)
-    batches: _Prefetch | None = None
+    batches = _read_ahead(_iter_batches(f, header, todo, schema, batch_bytes, batch_seconds))
     try:
-        batches = _Prefetch(_iter_batches(f, header, todo, schema, batch_bytes, batch_seconds))
         for names, eps, error in batches:
             if eps:
                 if store is None:
@@ -572,8 +532,7 @@ def import_file(header: RobomimicHeader, out: str | os.PathLike, *, schema: Mapp
                                      f"command again to continue)")
         episodes = store.n_episodes if store is not None else 0
     finally:
-        if batches is not None:
-            batches.close()
+        batches.close()
         bar.close()
         if f is header._file:
             header.close()
