@@ -1,5 +1,5 @@
-"""Inference kernels for a trained policy: which matrix-product kernel the U-Net's layers run on, and the
-backbone's dtype.
+"""Inference kernels for a trained policy: which matrix-product kernel the U-Net's layers run on, which code path
+the transformer denoiser takes, and the backbone's dtype.
 
 At batch 1 every convolution of the 1-D U-Net is a product of a large weight matrix with only 4-16 rows of
 unfolded input, so a denoiser call is bound by streaming the weights (64M float32 parameters = 256 MB for
@@ -22,6 +22,14 @@ the ``"dp"`` preset). Three kernel sets compute the same function (they agree to
     op; anything else (training, a GPU, a bfloat16 backbone) falls back to ``F.linear``, so a policy switched
     to ``"onednn"`` still trains and still runs anywhere. The default of :func:`prepare_for_inference`.
 
+The transformer denoiser has the same three sets: ``"gemm"`` and ``"stock"`` run the models' own code (its
+``nn.Linear`` layers on MKL's sgemm: Diffusion Policy's path), ``"onednn"`` the fused inference path of
+:mod:`robolearn.accel.fast_transformer` (prepacked oneDNN inner products, each timestep's conditioning kept,
+modulated LayerNorms in one call, the cross-attention's projections absorbed into the chunk's keys and values):
+0.57-0.59x the time of Diffusion Policy's ``TransformerForDiffusion`` for a batch-1 DDIM-10 chunk, against
+0.86-0.89x for the models' own code, in the same two runs (``tools/bench/transformer_vs_dp.py``, 2 threads, this
+2-core development machine, 2026-12-02).
+
 The switch changes only which ``forward`` each layer runs -- :func:`use_kernels` reassigns the instance's
 class to a subclass that overrides ``forward`` alone -- so parameters, buffers, state_dict keys, module names
 and ``isinstance`` checks are unchanged, weights are never touched, and switching back restores the models'
@@ -39,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robolearn.accel.fast_transformer import FastDenoiserBlock, FastTransformerDenoiser
+from robolearn.models.transformer import DenoiserBlock, TransformerDenoiser
 from robolearn.models.unet import ConditionalUnet1D, GemmConv1d, GemmUpsample1d
 
 KERNELS = ("onednn", "gemm", "stock")
@@ -129,10 +139,26 @@ class _StockLinear(nn.Linear):
     _accel_base = nn.Linear
 
 
+class _StockTransformerDenoiser(TransformerDenoiser):
+    """The transformer's own code, as ``"gemm"`` (nn.Linear layers: Diffusion Policy's path): a tag."""
+
+    _accel_kernels = "stock"
+    _accel_base = TransformerDenoiser
+
+
+class _StockDenoiserBlock(DenoiserBlock):
+    _accel_kernels = "stock"
+    _accel_base = DenoiserBlock
+
+
 _VARIANTS: dict[type[nn.Module], dict[str, type[nn.Module]]] = {
     GemmConv1d: {"onednn": _OneDNNConv1d, "gemm": GemmConv1d, "stock": _StockConv1d},
     GemmUpsample1d: {"onednn": _OneDNNUpsample1d, "gemm": GemmUpsample1d, "stock": _StockUpsample1d},
     nn.Linear: {"onednn": _OneDNNLinear, "gemm": nn.Linear, "stock": _StockLinear},
+    # The transformer: "onednn" is the fused inference path of robolearn/accel/fast_transformer.py.
+    TransformerDenoiser: {"onednn": FastTransformerDenoiser, "gemm": TransformerDenoiser,
+                          "stock": _StockTransformerDenoiser},
+    DenoiserBlock: {"onednn": FastDenoiserBlock, "gemm": DenoiserBlock, "stock": _StockDenoiserBlock},
 }
 
 
@@ -140,12 +166,14 @@ def _base_class(m: nn.Module) -> type[nn.Module]:
     return getattr(type(m), "_accel_base", type(m))
 
 
-_LAYERS = {cls for base in (GemmConv1d, GemmUpsample1d) for cls in _VARIANTS[base].values()}
+_LAYERS = {cls for base in (GemmConv1d, GemmUpsample1d, TransformerDenoiser, DenoiserBlock)
+           for cls in _VARIANTS[base].values()}
 _FILM = set(_VARIANTS[nn.Linear].values())
 
 
 def _switchable(module: nn.Module) -> list[nn.Module]:
-    """Every GemmConv1d / GemmUpsample1d under ``module`` and each ConditionalUnet1D's ``film_time``.
+    """Every GemmConv1d / GemmUpsample1d under ``module``, each ConditionalUnet1D's ``film_time``, and every
+    TransformerDenoiser and its DenoiserBlocks.
 
     Subclasses of those layers other than our own variants are left alone: their forward is someone's choice.
     """
@@ -159,12 +187,13 @@ def _switchable(module: nn.Module) -> list[nn.Module]:
 
 
 def use_kernels(module: nn.Module, kernels: str = "onednn") -> nn.Module:
-    """Switch the U-Net layers under ``module`` to the kernel set ``kernels`` and return ``module``.
+    """Switch the U-Net layers and transformer denoisers under ``module`` to the kernel set ``kernels`` and
+    return ``module``.
 
     ``kernels``: ``"onednn"`` (inference default), ``"gemm"`` (the models' plain forwards: what training runs)
     or ``"stock"`` (PyTorch's ``Conv1d``/``ConvTranspose1d``/``Linear``: Diffusion Policy's path, the
     benchmark's baseline); see the module docstring for why and the measured numbers. ``module``: a policy, a
-    wrapper around one, a backbone, or any module containing them; modules with no U-Net are returned
+    wrapper around one, a backbone, or any module containing them; modules with neither are returned
     unchanged. Reversible, and the state_dict is unchanged: only each layer's class (hence its ``forward``)
     is switched, to a subclass of the models' own class.
     """
@@ -176,8 +205,8 @@ def use_kernels(module: nn.Module, kernels: str = "onednn") -> nn.Module:
 
 
 def kernels_in_use(module: nn.Module) -> str | None:
-    """The kernel set of the U-Net layers under ``module``: ``"onednn"``, ``"gemm"`` or ``"stock"``; ``None``
-    when it has no U-Net layers; ``"mixed"`` when parts of it were switched separately."""
+    """The kernel set of the U-Net layers and transformer denoisers under ``module``: ``"onednn"``, ``"gemm"`` or
+    ``"stock"``; ``None`` when it has neither; ``"mixed"`` when parts of it were switched separately."""
     names = {getattr(type(m), "_accel_kernels", "gemm") for m in _switchable(module)}
     if not names:
         return None

@@ -28,6 +28,7 @@ from robolearn.accel.cache import (
     uniform_schedule,
     uniform_steps,
 )
+from robolearn.accel import use_kernels
 from robolearn.cli import main
 from robolearn.policies import load_policy, make_policy, save_policy
 
@@ -61,8 +62,9 @@ def obs(batch: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("ptype,sampler", [("diffusion", {"kind": "ddim", "steps": 10}),
                                            ("diffusion", {"kind": "ddpm", "steps": 20}),
                                            ("flow", {"kind": "midpoint", "steps": 4})])
-def test_every_step_an_update_equals_the_uncached_policy_exactly(ptype, sampler):
-    policy = transformer_policy(ptype, sampler)
+@pytest.mark.parametrize("kernels", ["gemm", "onednn"])  # the models' code; the fused inference path
+def test_every_step_an_update_equals_the_uncached_policy_exactly(ptype, sampler, kernels):
+    policy = use_kernels(transformer_policy(ptype, sampler), kernels)
     o, noise = obs(), torch.randn(policy.noise_shape(3))
     plain = policy.predict_action(o, noise)
     total = 2 * sampler["steps"] if sampler["kind"] == "midpoint" else sampler["steps"]

@@ -9,13 +9,16 @@ observations as condition tokens, MLP condition encoder) with robolearn's shapes
 observation steps, 2-d actions, horizon 16), and sampled the way DP's ``conditional_sample`` does: diffusers'
 ``DDIMScheduler``, the model called once per step. robolearn's side is ``predict_action`` of the ``default``
 transformer preset (9.4M) after ``robolearn.accel.prepare_for_inference`` (observation normalization and encoding
-included), in float32 and with a bfloat16 backbone (``--dtypes``). Both run on random weights: speed does not
+included), for each ``--rows`` entry ``KERNELS:DTYPE``: by default the inference path (``onednn``: the fused path of
+``robolearn/accel/fast_transformer.py``) in float32, the models' own code (``stock``) in float32, and a bfloat16
+backbone. Both run on random weights: speed does not
 depend on them.
 
     python tools/bench/transformer_vs_dp.py --dp-repo /work/.mirror/real-stanford+diffusion_policy/repo \\
         --threads 2 --out tools/bench/results/transformer_vs_dp.json
 
-Prints a table; last line JSON with ``ratio_float32`` (robolearn's float32 median / DP's median) and every row.
+Prints a table; last line JSON with ``ratio_float32`` (robolearn's ``onednn`` float32 median / DP's median, same
+run) and every row.
 """
 from __future__ import annotations
 
@@ -80,15 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="DDIM steps")
-    p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"],
-                   help="robolearn backbone dtypes to time (robolearn.accel.set_inference_dtype); DP stays float32")
+    p.add_argument("--rows", nargs="*", default=["onednn:float32", "stock:float32", "onednn:bfloat16"],
+                   help="robolearn variants to time, KERNELS:DTYPE (robolearn.accel.use_kernels: onednn is the "
+                        "inference default, stock the models' own code; set_inference_dtype); DP stays float32")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import DDIMScheduler
 
-    from robolearn.accel import prepare_for_inference, set_inference_dtype
+    from robolearn.accel import prepare_for_inference, set_inference_dtype, use_kernels
     from robolearn.policies import make_policy
 
     TFD = import_dp(args.dp_repo)
@@ -122,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     obs = {"state": cond}
     fns: dict[str, Callable[[], Any]] = {"diffusion_policy": dp_sample}
     rows = []
-    for dtype in args.dtypes:
+    for spec in args.rows:
+        kernels, _, dtype = spec.partition(":")
+        dtype = dtype or "float32"
+        use_kernels(ours, kernels)
         set_inference_dtype(ours, dtype)
         times = timed_pair({"diffusion_policy": dp_sample, "robolearn": lambda: ours.predict_action(obs, noise)},
                            args.repeats, args.warmup)
         dp_ms, our_ms = statistics.median(times["diffusion_policy"]), statistics.median(times["robolearn"])
-        rows.append({"robolearn_dtype": dtype, "robolearn_ms": round(our_ms, 2), "diffusion_policy_ms": round(dp_ms, 2),
+        rows.append({"robolearn_kernels": kernels, "robolearn_dtype": dtype, "robolearn_ms": round(our_ms, 2),
+                     "diffusion_policy_ms": round(dp_ms, 2),
                      "ratio": round(our_ms / dp_ms, 3), "robolearn_min_ms": round(min(times["robolearn"]), 2),
                      "diffusion_policy_min_ms": round(min(times["diffusion_policy"]), 2)})
     del fns
@@ -143,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"DDIM-{args.steps}, batch 1, {torch.get_num_threads()} threads; parameters robolearn {n_ours:.2f}M, "
           f"Diffusion Policy {n_dp:.2f}M")
-    print(f"{'robolearn dtype':<16} {'robolearn ms':>13} {'DP ms (fp32)':>13} {'ratio':>6}")
+    print(f"{'robolearn kernels:dtype':<24} {'robolearn ms':>13} {'DP ms (fp32)':>13} {'ratio':>6}")
     for r in rows:
-        print(f"{r['robolearn_dtype']:<16} {r['robolearn_ms']:>13.1f} {r['diffusion_policy_ms']:>13.1f} "
-              f"{r['ratio']:>6.2f}")
+        print(f"{r['robolearn_kernels'] + ':' + r['robolearn_dtype']:<24} {r['robolearn_ms']:>13.1f} "
+              f"{r['diffusion_policy_ms']:>13.1f} {r['ratio']:>6.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({"ratio_float32": next((r["ratio"] for r in rows if r["robolearn_dtype"] == "float32"), None),
+    print(json.dumps({"ratio_float32": next((r["ratio"] for r in rows if r["robolearn_dtype"] == "float32"
+                                             and r["robolearn_kernels"] == "onednn"), None),
                       "rows": rows}))
     return 0
 
