@@ -13,12 +13,12 @@ so a rollout depends on its seed only, not on the number of workers; episodes la
 non-finite chunk (held, never executed) counts as a failure.
 
 Every episode records how it was made in its per-episode attributes (``source`` scripted | policy, ``expert`` and
-``noise`` or the ``policy`` checkpoint with its type and SHA-256, ``seed``, ``success``, and ``env_config_changes``
-where its environment differs from the store's): see :mod:`robolearn.data.provenance`. Appending with other
-settings than the store's episodes were made with (``expert.noise``, ``policy=``, an ``env.*`` override, or into a
-store of teleoperated episodes) is refused before any rollout, naming each setting with the store's value and the
-new one, unless ``append_mismatch=allow`` -- demonstrations of different quality in one store are usually an
-accident; on purpose, each episode says which it is and the store's root ``source`` says "mixed".
+``noise`` (and ``bias`` when set) or the ``policy`` checkpoint with its type and SHA-256, ``seed``, ``success``,
+and ``env_config_changes`` where its environment differs from the store's): see :mod:`robolearn.data.provenance`.
+Appending with other settings than the store's episodes were made with (``expert.noise``, ``expert.bias``,
+``policy=``, an ``env.*`` override, or into a store of teleoperated episodes) is refused before any rollout, naming
+each setting with the store's value and the new one, unless ``append_mismatch=allow`` -- demonstrations of
+different quality in one store are usually an accident; on purpose, each episode says which it is and the store's root ``source`` says "mixed".
 """
 from __future__ import annotations
 
@@ -80,8 +80,16 @@ def rollout(env: Any, expert: Any, seed: int, post_success_steps: int) -> tuple[
     return episode, success
 
 
-def _worker_init(task: str, env_overrides: dict[str, Any], noise: float, post_success_steps: int,
-                 policy: Any = None) -> None:
+def _expert_options(cfg: DictConfig) -> dict[str, float]:
+    """The scripted expert's options: ``noise`` always, ``bias`` only when set (experts without it refuse it)."""
+    opts = {"noise": float(cfg.expert.noise)}
+    if float(cfg.expert.get("bias", 0.0) or 0.0) != 0.0:
+        opts["bias"] = float(cfg.expert.bias)
+    return opts
+
+
+def _worker_init(task: str, env_overrides: dict[str, Any], expert_options: dict[str, float],
+                 post_success_steps: int, policy: Any = None) -> None:
     """``policy``: None (the scripted expert), a loaded policy (in-process) or its checkpoint path (a worker
     process loads its own copy, one torch thread: the workers are the parallelism)."""
     import sim
@@ -93,7 +101,7 @@ def _worker_init(task: str, env_overrides: dict[str, Any], noise: float, post_su
 
         torch.set_num_threads(1)
         policy = load_checkpoint(Path(policy))
-    _WORKER.update(env=sim.make(task, **env_overrides), task=task, noise=noise, post=post_success_steps,
+    _WORKER.update(env=sim.make(task, **env_overrides), task=task, expert=expert_options, post=post_success_steps,
                    policy=policy)
 
 
@@ -101,7 +109,7 @@ def _worker_run(seed: int) -> tuple[int, dict[str, np.ndarray], bool]:
     import sim
 
     if _WORKER["policy"] is None:
-        expert = sim.make_expert(_WORKER["task"], noise=_WORKER["noise"], seed=seed)
+        expert = sim.make_expert(_WORKER["task"], **_WORKER["expert"], seed=seed)
         episode, success = rollout(_WORKER["env"], expert, seed, _WORKER["post"])
         return seed, episode, success
     from robolearn.evaluation import PolicyActor
@@ -113,7 +121,7 @@ def _worker_run(seed: int) -> tuple[int, dict[str, np.ndarray], bool]:
 
 def _results(cfg: DictConfig, seeds: Iterator[int], env_overrides: dict[str, Any],
              policy: Any = None) -> Iterator[tuple[int, dict, bool]]:
-    init_args = (cfg.task, env_overrides, float(cfg.expert.noise), int(cfg.post_success_steps))
+    init_args = (cfg.task, env_overrides, _expert_options(cfg), int(cfg.post_success_steps))
     if cfg.workers <= 1:
         _worker_init(*init_args, policy)
         for s in seeds:
@@ -134,8 +142,9 @@ def _policy_source(cfg: DictConfig, env_overrides: dict[str, Any]) -> tuple[Any,
     from robolearn.policies import checkpoint_digest
 
     path = Path(cfg.policy)
-    if float(cfg.expert.noise) != 0.0:
-        raise CLIError("expert.noise applies to the scripted expert; with policy= the policy acts (leave it out)")
+    if set(_expert_options(cfg)) != {"noise"} or float(cfg.expert.noise) != 0.0:
+        raise CLIError("expert.noise and expert.bias apply to the scripted expert; with policy= the policy acts "
+                       "(leave them out)")
     if not path.exists():
         raise CLIError(f"policy checkpoint {path} does not exist")
     policy = load_checkpoint(path)
@@ -162,6 +171,7 @@ def _check_append(cfg: DictConfig, store: EpisodeStore, source: dict[str, Any],
         store.close()
         names = {m["setting"] for m in mismatches}
         tag = (f"noise{float(cfg.expert.noise):g}" if "expert.noise" in names
+               else f"bias{float(cfg.expert.bias):g}" if "expert.bias" in names
                else prov.get("source", "new") if names & {"source", "policy"} else "env")
         other = path.with_name(f"{path.stem}_{tag}{path.suffix}")
         raise CLIError(provenance.mismatch_message(path, n, differing, mismatches, f"out={other}"))
@@ -182,14 +192,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError(f"append_mismatch must be refuse or allow, got {cfg.append_mismatch!r}")
     env_overrides = OmegaConf.to_container(cfg.env, resolve=True) or {}
     policy = None
-    source: dict[str, Any] = {"kind": "scripted_expert", "noise": float(cfg.expert.noise)}
+    source: dict[str, Any] = {"kind": "scripted_expert", **_expert_options(cfg)}
     facts: dict[str, Any] = {}  # per-episode attributes that are not provenance
     if cfg.policy:
         policy, env_overrides, source = _policy_source(cfg, env_overrides)
     try:
         probe = sim.make(cfg.task, **env_overrides)  # fail fast: unknown task, bad override
         if policy is None:
-            expert = sim.make_expert(cfg.task, noise=float(cfg.expert.noise), seed=0)
+            expert = sim.make_expert(cfg.task, **_expert_options(cfg), seed=0)
             source["expert"] = facts["expert"] = type(expert).__name__
     except (ValueError, TypeError, KeyError) as e:
         raise CLIError(str(e).strip("'\"")) from None

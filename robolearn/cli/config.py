@@ -25,6 +25,7 @@ __all__ = ["ConfigError", "SCHEMAS", "compose", "config_dir"]
 @dataclass
 class ExpertConfig:
     noise: float = 0.0  # scale of the expert's imperfection: 0 is the clean expert
+    bias: float = 0.0  # peg_insert: per-episode misjudgment of the hole's position (std, mm); 0 is none
 
 
 @dataclass

@@ -30,10 +30,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 # Per-episode attribute keys that say how an episode was made (expert, seed, success, times... are facts of one
 # episode).
-PROVENANCE_KEYS = ("source", "noise", "policy", "policy_type", "policy_sha256", "env_config_changes")
+PROVENANCE_KEYS = ("source", "noise", "bias", "policy", "policy_type", "policy_sha256", "env_config_changes")
 
 # Settings compared before an append, in the words the ``collect`` command line uses.
-_SETTING_NAMES = {"source": "source", "noise": "expert.noise", "policy": "policy"}
+_SETTING_NAMES = {"source": "source", "noise": "expert.noise", "bias": "expert.bias", "policy": "policy"}
 
 
 def root_to_provenance(root_source: Any) -> dict[str, Any]:
@@ -52,6 +52,8 @@ def _root_claim(root_source: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"source": "scripted"}
         if root_source.get("noise") is not None:
             out["noise"] = float(root_source["noise"])
+        if root_source.get("bias"):
+            out["bias"] = float(root_source["bias"])
         return out
     if kind == "policy":
         out = {"source": "policy"}
@@ -68,7 +70,7 @@ def provenance_to_root(prov: Mapping[str, Any]) -> dict[str, Any]:
     """The root ``source`` attribute for a store whose episodes all share ``prov`` (the format collect writes)."""
     source = prov.get("source")
     if source == "scripted":
-        out: dict[str, Any] = {"kind": "scripted_expert", "noise": prov.get("noise")}
+        out: dict[str, Any] = {"kind": "scripted_expert", "noise": prov.get("noise"), "bias": prov.get("bias")}
     elif source == "policy":
         out = {"kind": "policy", "checkpoint": prov.get("policy"), "policy_type": prov.get("policy_type"),
                "sha256": prov.get("policy_sha256")}
@@ -182,6 +184,8 @@ def _setting_diffs(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     for k in ("noise", "policy"):
         if k in old and k in new and old[k] != new[k]:
             out.append(k)
+    if new.get("source") == "scripted" and float(old.get("bias") or 0.0) != float(new.get("bias") or 0.0):
+        out.append("bias")  # recorded only when set: a scripted episode without it had none
     return out
 
 
@@ -218,6 +222,8 @@ def _value(name: str, prov: Mapping[str, Any], env: Mapping[str, Any] | None) ->
     if name.startswith("env."):
         return (env or {}).get(name[4:])
     key = {v: k for k, v in _SETTING_NAMES.items()}[name]
+    if key == "bias" and prov.get("source") == "scripted":
+        return float(prov.get("bias") or 0.0)  # recorded only when set
     return prov.get(key)
 
 
@@ -274,6 +280,8 @@ def describe(prov: Mapping[str, Any]) -> str:
         text = "scripted expert"
         if prov.get("noise") is not None:
             text += f", noise {prov['noise']:g}"
+        if prov.get("bias"):
+            text += f", bias {prov['bias']:g}"
     elif source == "policy":
         text = f"policy {prov.get('policy')}" + (f" ({prov['policy_type']})" if prov.get("policy_type") else "")
     else:

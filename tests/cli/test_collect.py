@@ -60,6 +60,8 @@ def test_collect_with_worker_processes_keeps_failures(tmp_path, capsys):
         (["task=peg_insert", "epsiodes=3"], "unknown config key 'epsiodes' for collect (did you mean 'episodes'?)"),
         (["task=peg_insert", "episodes=many"], "episodes takes a whole number, got 'many'"),
         (["task=peg_insert", "episodes=0"], "episodes must be >= 1"),
+        (["task=push_t", "expert.bias=1"], "['bias']"),  # only peg_insert's expert has a bias
+        (["task=peg_insert", "expert.bias=-1"], "noise and bias must be >= 0"),
     ],
 )
 def test_collect_bad_input(tmp_path, capsys, argv, message):
@@ -83,6 +85,7 @@ def test_collect_refuses_to_mix_settings_in_one_store_unless_allowed(tmp_path, c
     assert main(base) == 0
     capsys.readouterr()
     for extra, says in ((["expert.noise=0.3"], "expert.noise is 0.0 in the store but 0.3 in this run"),
+                        (["expert.bias=2"], "expert.bias is 0.0 in the store but 2.0 in this run"),
                         (["env.clearance=0.002"], "env.clearance is 0.001 in the store but 0.002 in this run")):
         assert main([*base, *extra]) == 1
         err = capsys.readouterr().err
@@ -100,6 +103,9 @@ def test_collect_refuses_to_mix_settings_in_one_store_unless_allowed(tmp_path, c
     assert (a1["source"], a1["noise"], a1["seed"]) == ("scripted", 0.3, a0["seed"] + 1)
     assert store.attrs["source"]["kind"] == "mixed"
     assert [s["noise"] for s in store.attrs["source"]["sources"]] == [0.0, 0.3]
+    assert main([*base, "expert.bias=2", "append_mismatch=allow"]) == 0  # the peg expert's systematic flaw
+    a2 = EpisodeStore.open(out).all_episode_attrs()[2]
+    assert (a2["source"], a2["noise"], a2["bias"]) == ("scripted", 0.0, 2.0) and "bias" not in a0
 
 
 def test_killed_collector_leaves_a_valid_store(tmp_path):

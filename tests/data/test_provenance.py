@@ -83,3 +83,17 @@ def test_append_mismatches_name_each_setting_with_the_stores_values():
     _, found = provenance.append_mismatches([{}], ran, None, new, None)
     assert found == [{"setting": "policy", "store": [("/runs/a/latest", 1)], "new": "/runs/b/latest"}]
     assert provenance.append_mismatches([{}], ran, None, {**new, "policy_sha256": "aa"}, None) == (0, [])
+
+
+def test_expert_bias_is_a_setting_recorded_only_when_set():
+    biased = {"source": "scripted", "noise": 0.0, "bias": 2.0}
+    assert provenance.describe(biased) == "scripted expert, noise 0, bias 2"
+    assert provenance.describe(CLEAN) == "scripted expert, noise 0"
+    root = provenance.provenance_to_root(biased)
+    assert root == {"kind": "scripted_expert", "noise": 0.0, "bias": 2.0}
+    assert provenance.root_to_provenance(root) == biased
+    assert "bias" not in provenance.provenance_to_root(CLEAN)  # clean stores' attributes are what they were
+    # a scripted episode without the key had no bias: appending biased episodes to it names the setting
+    _, found = provenance.append_mismatches([CLEAN], None, None, biased, None)
+    assert found == [{"setting": "expert.bias", "store": [(0.0, 1)], "new": 2.0}]
+    assert provenance.append_mismatches([biased], None, None, biased, None) == (0, [])

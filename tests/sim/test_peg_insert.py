@@ -124,6 +124,40 @@ def test_expert_solves_fixed_seeds(seed: int) -> None:
     assert obs["peg_tip_pos"][2] <= HOLE_TOP - 0.8 * HOLE_DEPTH + 1e-6
 
 
+def test_biased_expert_misjudges_the_hole_jams_corrects_and_gets_in() -> None:
+    env = make_env()
+    seed = 7
+    runs = {}
+    for bias in (0.0, 3.0):
+        expert = sim.make_expert("peg_insert", seed=seed, bias=bias)
+        obs, _ = env.reset(seed=seed)
+        expert.reset(env)
+        aim0 = expert._aim.copy()
+        backoffs, actions = 0, []
+        for _ in range(env.max_episode_steps):
+            a = expert.act(obs)
+            backoffs += expert._backoff == 3  # a jam was just detected
+            actions.append(a)
+            obs, _, terminated, truncated, info = env.step(a)
+            if terminated or truncated:
+                break
+        runs[bias] = (aim0, expert._aim.copy(), backoffs, len(actions), info["success"])
+    clean, biased = runs[0.0], runs[3.0]
+    assert clean[2] == 0 and not clean[0].any() and clean[4]
+    assert np.hypot(*biased[0]) > 0.0005  # this seed's misjudgment is wider than the clearance: it jams...
+    assert biased[2] >= 1 and np.allclose(biased[1], biased[0] * 0.5 ** biased[2])  # ...halving it each time
+    assert biased[4] and biased[3] > clean[3]  # and still gets in, later
+    # bias 0 draws nothing: the noisy expert's random stream (its actions) is what it was before bias existed
+    a, b = sim.make_expert("peg_insert", seed=1, noise=0.5), sim.make_expert("peg_insert", seed=1, noise=0.5, bias=0.0)
+    obs, _ = env.reset(seed=1)
+    a.reset(env), b.reset(env)
+    assert all(np.array_equal(a.act(obs), b.act(obs)) for _ in range(20))
+    with pytest.raises(ValueError, match="bias"):
+        sim.make_expert("peg_insert", bias=-1.0)
+    with pytest.raises(TypeError, match="valid: noise, seed, bias"):
+        sim.make_expert("peg_insert", offset=1.0)
+
+
 def test_render_and_image_observation() -> None:
     env = make_env(obs_mode="image", render_size=64)
     try:

@@ -46,11 +46,11 @@ def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
-def collect(task: str, out: Path, demos: int, seed: int, noise: float, workers: int) -> None:
+def collect(task: str, out: Path, demos: int, seed: int, noise: float, workers: int, bias: float = 0.0) -> None:
     if out.exists():
         return
     sh([EXE, "collect", f"task={task}", f"episodes={demos}", f"out={out}", f"workers={workers}", f"seed={seed}",
-        f"expert.noise={noise}", "progress=false"])
+        f"expert.noise={noise}", *([f"expert.bias={bias}"] if bias else []), "progress=false"])
 
 
 def train(task: str, policy: str, data: Path, run_dir: Path, steps: int, episodes: int, workers: int) -> dict:
@@ -78,7 +78,7 @@ def hidden_labels(store_path: Path) -> list[bool]:
 
     with EpisodeStore.open(store_path) as store:
         entries = provenance.backfill(store.all_episode_attrs(), store.attrs.get("source"))
-    return [float((e or {}).get("noise") or 0.0) > 0 for e in entries]
+    return [float((e or {}).get("noise") or 0.0) > 0 or float((e or {}).get("bias") or 0.0) > 0 for e in entries]
 
 
 def main() -> None:
@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--policy", default="flow_unet")
     ap.add_argument("--demos", type=int, default=100, help="clean demonstrations, and as many noisy ones")
     ap.add_argument("--noise", type=float, default=1.0, help="the noisy half's expert.noise")
+    ap.add_argument("--bias", type=float, default=0.0,
+                    help="the noisy half's expert.bias (peg_insert: a systematic misjudgment of the hole, mm)")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--episodes", type=int, default=100, help="evaluation episodes per policy")
     ap.add_argument("--workers", type=int, default=2)
@@ -104,10 +106,10 @@ def main() -> None:
         base.mkdir(parents=True, exist_ok=True)
         clean, noisy, mixed = base / "clean.zarr", base / "noisy.zarr", base / "mixed.zarr"
         collect(task, clean, args.demos, 0, 0.0, args.workers)
-        collect(task, noisy, args.demos, 50000, args.noise, args.workers)
+        collect(task, noisy, args.demos, 50000, args.noise, args.workers, args.bias)
         if not mixed.exists():
             sh([EXE, "data", "merge", str(clean), str(noisy), "--out", str(mixed)])
-        row: dict = {"demos_per_half": args.demos, "noise": args.noise, "policy": args.policy,
+        row: dict = {"demos_per_half": args.demos, "noise": args.noise, "bias": args.bias, "policy": args.policy,
                      "steps": args.steps, "rule": args.rule}
         row["clean"] = train(task, args.policy, clean, base / "run_clean", args.steps, args.episodes, args.workers)
         row["all"] = train(task, args.policy, mixed, base / "run_all", args.steps, args.episodes, args.workers)
