@@ -142,9 +142,10 @@ def _policy_source(cfg: DictConfig, env_overrides: dict[str, Any]) -> tuple[Any,
     from robolearn.policies import checkpoint_digest
 
     path = Path(cfg.policy)
-    if set(_expert_options(cfg)) != {"noise"} or float(cfg.expert.noise) != 0.0:
-        raise CLIError("expert.noise and expert.bias apply to the scripted expert; with policy= the policy acts "
-                       "(leave them out)")
+    given = [f"expert.{k}" for k, v in _expert_options(cfg).items() if v != 0.0]
+    if given:
+        raise CLIError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the scripted expert; "
+                       "with policy= the policy acts (leave it out)")
     if not path.exists():
         raise CLIError(f"policy checkpoint {path} does not exist")
     policy = load_checkpoint(path)

@@ -61,6 +61,7 @@ def test_collect_with_worker_processes_keeps_failures(tmp_path, capsys):
         (["task=peg_insert", "episodes=many"], "episodes takes a whole number, got 'many'"),
         (["task=peg_insert", "episodes=0"], "episodes must be >= 1"),
         (["task=push_t", "expert.bias=1"], "['bias']"),  # only peg_insert's expert has a bias
+        (["task=peg_insert", "policy=runs/x", "expert.bias=1"], "expert.bias applies to the scripted expert"),
         (["task=peg_insert", "expert.bias=-1"], "noise and bias must be >= 0"),
     ],
 )
