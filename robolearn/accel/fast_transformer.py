@@ -137,6 +137,12 @@ def _vectors(mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple((1.0 + m[i]).contiguous() if i in (1, 4, 7) else m[i].contiguous() for i in range(9))
 
 
+def _fused(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` may take the fused path for ``x``: no autograd, eval mode, CPU, float32."""
+    return (not torch.is_grad_enabled() and not module.training and x.device.type == "cpu"
+            and x.dtype == torch.float32)
+
+
 def _uniform_t(t: torch.Tensor) -> bool:
     """Whether every row of ``t`` has the same timestep, without a data-dependent check where the layout says
     so (the samplers' ``t.expand(B)``)."""
@@ -189,7 +195,7 @@ class FastDenoiserBlock(DenoiserBlock):
 
     def branch(self, name: str, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         vecs = getattr(ctx, "vecs", None)
-        if vecs is None or ctx.kv is None or not _fast_ok(x, self):
+        if vecs is None or ctx.kv is None or not _fused(self, x):
             return super().branch(name, x, ctx)
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
@@ -202,11 +208,6 @@ class FastDenoiserBlock(DenoiserBlock):
         else:
             return super().branch(name, x, ctx)  # raises the models' KeyError
         return out.view(B, T, D)
-
-
-def _fast_ok(x: torch.Tensor, module: nn.Module) -> bool:
-    return (not torch.is_grad_enabled() and not module.training and x.device.type == "cpu"
-            and x.dtype == torch.float32)
 
 
 class FastTransformerDenoiser(TransformerDenoiser):
@@ -242,17 +243,20 @@ class FastTransformerDenoiser(TransformerDenoiser):
             memo[key] = hit
         return hit
 
-    def _fast(self, device: torch.device) -> bool:
-        return (not torch.is_grad_enabled() and not self.training and device.type == "cpu"
-                and self.in_proj.weight.dtype == torch.float32)
+    def _fast(self, x: torch.Tensor) -> bool:
+        """:func:`_fused` for ``x``, and float32 weights (a bfloat16 backbone takes the models' path)."""
+        return _fused(self, x) and self.in_proj.weight.dtype == torch.float32
+
+    def _absorbed(self, prepared: TransformerCond) -> list:
+        """Each block's absorbed cross-attention from :meth:`prepare`, or ``None`` per block."""
+        return getattr(prepared, "absorbed", None) or [None] * len(self.blocks)
 
     #: absorb the cross-attention projections while heads x observation tokens <= d_model / ABSORB_RATIO
     ABSORB_RATIO = 4
 
     def prepare(self, cond: Any) -> TransformerCond:
         prepared = super().prepare(cond)
-        if isinstance(prepared, FastTransformerCond) or not self._fast(prepared.memory.device) \
-                or prepared.memory.dtype != torch.float32:
+        if isinstance(prepared, FastTransformerCond) or not self._fast(prepared.memory):
             return prepared
         N = prepared.memory.shape[1]
         absorbed = None
@@ -262,7 +266,7 @@ class FastTransformerDenoiser(TransformerDenoiser):
 
     def time_conditioning(self, t: torch.Tensor) -> TimeCond:
         tc = super().time_conditioning(t)
-        if not (self._fast(t.device) and _uniform_t(t)):
+        if not (self._fast(self.in_proj.weight) and t.device.type == "cpu" and _uniform_t(t)):
             return tc
         block_vecs, final_vecs = self._vecs(t)
         return FastTimeCond(tc.block_mods, tc.final_mod, block_vecs, final_vecs)
@@ -273,23 +277,22 @@ class FastTransformerDenoiser(TransformerDenoiser):
         tc = self.time_conditioning(t) if time_cond is None else time_cond
         prepared = self.prepare(cond)
         ctx = super().begin(x, t, prepared, tc)
-        if not isinstance(tc, FastTimeCond) or tc.block_vecs is None or not self._fast(x.device):
+        if not isinstance(tc, FastTimeCond) or tc.block_vecs is None or not self._fast(x):
             return ctx
-        absorbed = getattr(prepared, "absorbed", None) or [None] * len(self.blocks)
         block_ctx = [FastBlockContext(bc.mod, bc.memory, bc.kv, vecs, ab)
-                     for bc, vecs, ab in zip(ctx.block_ctx, tc.block_vecs, absorbed)]
+                     for bc, vecs, ab in zip(ctx.block_ctx, tc.block_vecs, self._absorbed(prepared))]
         return FastStepContext(ctx.x, block_ctx, ctx.final_mod, ctx.T, tc.final_vecs)
 
     def head(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         final_vecs = getattr(ctx, "final_vecs", None)
-        if final_vecs is None or not self._fast(h.device):
+        if final_vecs is None or not self._fast(h):
             return super().head(h, ctx)
         shift, scale1 = final_vecs
         return F.linear(F.layer_norm(h, (self.d_model,), scale1, shift, 1e-6), self.out_proj.weight,
                         self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
-        if not (self._fast(x.device) and x.dtype == torch.float32 and _uniform_t(t)):
+        if not (self._fast(x) and _uniform_t(t)):
             return super().forward(x, t, cond, step)
         B, T, A = x.shape
         if T > self.horizon:
@@ -298,8 +301,7 @@ class FastTransformerDenoiser(TransformerDenoiser):
         prepared = self.prepare(cond)
         h = F.linear(x, self.in_proj.weight, self.in_proj.bias) + self.pos[:T]
         h = h.reshape(B * T, self.d_model)
-        absorbed = getattr(prepared, "absorbed", None) or [None] * len(self.blocks)
-        for blk, v, kv, ab in zip(self.blocks, block_vecs, prepared.kv, absorbed):
+        for blk, v, kv, ab in zip(self.blocks, block_vecs, prepared.kv, self._absorbed(prepared)):
             h = FastDenoiserBlock.fast_forward(blk, h, v, T, kv, ab)
         h = F.layer_norm(h, (self.d_model,), scale1, shift, 1e-6)
         return F.linear(h, self.out_proj.weight, self.out_proj.bias).view(B, T, -1)

@@ -30,10 +30,10 @@ modulated LayerNorms in one call, the cross-attention's projections absorbed int
 0.86-0.89x for the models' own code, in the same two runs (``tools/bench/transformer_vs_dp.py``, 2 threads, this
 2-core development machine, 2026-12-02).
 
-The switch changes only which ``forward`` each layer runs -- :func:`use_kernels` reassigns the instance's
-class to a subclass that overrides ``forward`` alone -- so parameters, buffers, state_dict keys, module names
-and ``isinstance`` checks are unchanged, weights are never touched, and switching back restores the models'
-own classes. Switch before serving, not while another thread is calling the policy.
+The switch changes only which code each layer runs -- :func:`use_kernels` reassigns the instance's class to a
+subclass that overrides methods only (``forward``; for the transformer also its step methods) -- so parameters,
+buffers, state_dict keys, module names and ``isinstance`` checks are unchanged, weights are never touched, and
+switching back restores the models' own classes. Switch before serving, not while another thread is calling the policy.
 
 Environment: ``ROBOLEARN_FAST_LINEAR=0`` makes :func:`prepare_for_inference` default to ``"gemm"`` instead of
 ``"onednn"`` (for comparisons, or a machine where oneDNN misbehaves); an explicit ``kernels=`` wins.
@@ -107,11 +107,16 @@ class _StockConv1d(GemmConv1d):
     forward = nn.Conv1d.forward
 
 
-class _OneDNNUpsample1d(GemmUpsample1d):
-    """:class:`GemmUpsample1d` unchanged (its product is a batched matmul, not a 2-D inner product): a tag."""
+def _tag(name: str, base: type[nn.Module], kernels: str) -> type[nn.Module]:
+    """A subclass of ``base`` that changes no code and only says which kernel set the layer is switched to (so
+    ``kernels_in_use`` can tell): where a set has nothing of its own for that layer. Module-level, by name, so
+    a switched model still pickles."""
+    return type(name, (base,), {"_accel_kernels": kernels, "_accel_base": base, "__module__": __name__,
+                                "__doc__": f"{base.__name__} unchanged, switched to {kernels!r}: a tag."})
 
-    _accel_kernels = "onednn"
-    _accel_base = GemmUpsample1d
+
+# The upsampling's product is a batched matmul, not a 2-D inner product: oneDNN has nothing to offer it.
+_OneDNNUpsample1d = _tag("_OneDNNUpsample1d", GemmUpsample1d, "onednn")
 
 
 class _StockUpsample1d(GemmUpsample1d):
@@ -132,23 +137,10 @@ class _OneDNNLinear(nn.Linear):
         return onednn_linear(input, self.weight, self.bias)
 
 
-class _StockLinear(nn.Linear):
-    """The U-Net's ``film_time`` projection on ``nn.Linear``'s own forward (the same as "gemm"): a tag."""
-
-    _accel_kernels = "stock"
-    _accel_base = nn.Linear
-
-
-class _StockTransformerDenoiser(TransformerDenoiser):
-    """The transformer's own code, as ``"gemm"`` (nn.Linear layers: Diffusion Policy's path): a tag."""
-
-    _accel_kernels = "stock"
-    _accel_base = TransformerDenoiser
-
-
-class _StockDenoiserBlock(DenoiserBlock):
-    _accel_kernels = "stock"
-    _accel_base = DenoiserBlock
+# "stock" is the models' own code for these, as "gemm" is: nn.Linear's forward (Diffusion Policy's path).
+_StockLinear = _tag("_StockLinear", nn.Linear, "stock")
+_StockTransformerDenoiser = _tag("_StockTransformerDenoiser", TransformerDenoiser, "stock")
+_StockDenoiserBlock = _tag("_StockDenoiserBlock", DenoiserBlock, "stock")
 
 
 _VARIANTS: dict[type[nn.Module], dict[str, type[nn.Module]]] = {

@@ -10,7 +10,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from omegaconf import DictConfig
@@ -279,8 +279,9 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError(str(e)) from None
     memo = CachedPolicy(base, all_steps(branch_keys(base.backbone), cached.schedule.sampler, cached.schedule.total))
     cached.denoiser.reset_counts()
-    times = _time_policies({"uncached": base, "cached": cached, "memo_only": memo}, sample,
-                           int(cfg.repeats), int(cfg.warmup))
+    times = time_alternately({name: (lambda p=pol: sample(p, 0)) for name, pol in
+                              (("uncached", base), ("cached", cached), ("memo_only", memo))},
+                             int(cfg.repeats), int(cfg.warmup))
     unc, cac = statistics.median(times["uncached"]), statistics.median(times["cached"])
     mem = statistics.median(times["memo_only"])
     sched = cached.schedule
@@ -313,16 +314,17 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _time_policies(pols: Mapping[str, Any], sample: Any, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Milliseconds per ``sample(policy, 0)`` (one chunk at batch 1) of each policy, alternating call by call (so
-    a change in the machine's load falls on all of them)."""
+def time_alternately(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each of ``fns``, alternating call by call (so a change in the machine's load falls
+    on all of them), after ``warmup`` untimed rounds. What ``bench latency`` and the latency benchmarks under
+    ``tools/bench/`` time with."""
     for _ in range(warmup):
-        for pol in pols.values():
-            sample(pol, 0)
-    out: dict[str, list[float]] = {k: [] for k in pols}
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        for name, pol in pols.items():
+        for name, fn in fns.items():
             t0 = time.perf_counter()
-            sample(pol, 0)
+            fn()
             out[name].append((time.perf_counter() - t0) * 1000)
     return out

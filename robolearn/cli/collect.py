@@ -18,7 +18,8 @@ and ``env_config_changes`` where its environment differs from the store's): see 
 Appending with other settings than the store's episodes were made with (``expert.noise``, ``expert.bias``,
 ``policy=``, an ``env.*`` override, or into a store of teleoperated episodes) is refused before any rollout, naming
 each setting with the store's value and the new one, unless ``append_mismatch=allow`` -- demonstrations of
-different quality in one store are usually an accident; on purpose, each episode says which it is and the store's root ``source`` says "mixed".
+different quality in one store are usually an accident; on purpose, each episode says which it is and the store's
+root ``source`` says "mixed".
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def rollout(env: Any, expert: Any, seed: int, post_success_steps: int) -> tuple[
 def _expert_options(cfg: DictConfig) -> dict[str, float]:
     """The scripted expert's options: ``noise`` always, ``bias`` only when set (experts without it refuse it)."""
     opts = {"noise": float(cfg.expert.noise)}
-    if float(cfg.expert.get("bias", 0.0) or 0.0) != 0.0:
+    if float(cfg.expert.bias) != 0.0:
         opts["bias"] = float(cfg.expert.bias)
     return opts
 

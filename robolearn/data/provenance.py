@@ -184,9 +184,14 @@ def _setting_diffs(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     for k in ("noise", "policy"):
         if k in old and k in new and old[k] != new[k]:
             out.append(k)
-    if new.get("source") == "scripted" and float(old.get("bias") or 0.0) != float(new.get("bias") or 0.0):
-        out.append("bias")  # recorded only when set: a scripted episode without it had none
+    if new.get("source") == "scripted" and _bias(old) != _bias(new):
+        out.append("bias")
     return out
+
+
+def _bias(prov: Mapping[str, Any]) -> float:
+    """A scripted episode's ``expert.bias``: recorded only when set, so one without it had none."""
+    return float(prov.get("bias") or 0.0)
 
 
 def append_mismatches(entries: Sequence[Mapping[str, Any] | None], root_source: Any,
@@ -223,7 +228,7 @@ def _value(name: str, prov: Mapping[str, Any], env: Mapping[str, Any] | None) ->
         return (env or {}).get(name[4:])
     key = {v: k for k, v in _SETTING_NAMES.items()}[name]
     if key == "bias" and prov.get("source") == "scripted":
-        return float(prov.get("bias") or 0.0)  # recorded only when set
+        return _bias(prov)
     return prov.get(key)
 
 

@@ -296,4 +296,4 @@ def test_prefetch_hands_over_items_errors_and_stops_early():
             break
     p.close()
     assert not any(t.name.startswith("robolearn-prefetch") and t.is_alive() for t in threading.enumerate())
-    assert len(produced) <= 5  # one item ahead at most (plus the one blocked in the queue's put)
+    assert len(produced) <= 5  # the reader runs one item ahead at most

@@ -31,19 +31,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def timed(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            out[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in out.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=None)
@@ -56,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from robolearn.accel import prepare_for_inference, use_kernels
     from robolearn.accel.cache import CachedPolicy, branch_keys, uniform_schedule
+    from robolearn.cli.accel import time_alternately
     from robolearn.policies import make_policy
 
     def s(d: int) -> dict[str, np.ndarray]:
@@ -89,14 +77,15 @@ def main(argv: list[str] | None = None) -> int:
 
             fns[f"{kernels}/uncached"], fns[f"{kernels}/cached"] = plain, cache
         repeats = args.repeats or (8 if steps >= 50 else 30)
-        ms = timed(fns, repeats)
+        ms = {k: statistics.median(v) for k, v in time_alternately(fns, repeats, warmup=2).items()}
         for kernels in ("onednn", "stock"):
             rows.append({"sampler": f"{kind}-{steps}", "updates": updates,
                          "compute_fraction": round(sched.compute_fraction, 3), "kernels": kernels,
                          "uncached_ms": round(ms[f"{kernels}/uncached"], 1),
                          "cached_ms": round(ms[f"{kernels}/cached"], 1),
-                         "speedup": round(ms[f"{kernels}/uncached"] / ms[f"{kernels}/cached"], 2)})
-        rows[-2]["fused_over_stock_uncached"] = round(ms["onednn/uncached"] / ms["stock/uncached"], 3)
+                         "speedup": round(ms[f"{kernels}/uncached"] / ms[f"{kernels}/cached"], 2),
+                         **({"fused_over_stock_uncached": round(ms["onednn/uncached"] / ms["stock/uncached"], 3)}
+                            if kernels == "onednn" else {})})
     result = {"bench": "uniform-cache speedup per transformer kernel set, default preset, batch 1", "rows": rows,
               "threads": torch.get_num_threads(),
               "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -63,19 +63,6 @@ def import_dp(repo: Path) -> Any:
     return mod.TransformerForDiffusion
 
 
-def timed_pair(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            out[k].append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dp-repo", type=Path, required=True, help="diffusion_policy checkout or bare git mirror")
@@ -93,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import DDIMScheduler
 
     from robolearn.accel import prepare_for_inference, set_inference_dtype, use_kernels
+    from robolearn.cli.accel import time_alternately
     from robolearn.policies import make_policy
 
     TFD = import_dp(args.dp_repo)
@@ -124,26 +112,25 @@ def main(argv: list[str] | None = None) -> int:
                        {"state": s(obs_dim), "action": s(act_dim)}).eval()
     prepare_for_inference(ours)
     obs = {"state": cond}
-    fns: dict[str, Callable[[], Any]] = {"diffusion_policy": dp_sample}
     rows = []
     for spec in args.rows:
         kernels, _, dtype = spec.partition(":")
         dtype = dtype or "float32"
         use_kernels(ours, kernels)
         set_inference_dtype(ours, dtype)
-        times = timed_pair({"diffusion_policy": dp_sample, "robolearn": lambda: ours.predict_action(obs, noise)},
-                           args.repeats, args.warmup)
+        times = time_alternately({"diffusion_policy": dp_sample,
+                                  "robolearn": lambda: ours.predict_action(obs, noise)}, args.repeats, args.warmup)
         dp_ms, our_ms = statistics.median(times["diffusion_policy"]), statistics.median(times["robolearn"])
         rows.append({"robolearn_kernels": kernels, "robolearn_dtype": dtype, "robolearn_ms": round(our_ms, 2),
                      "diffusion_policy_ms": round(dp_ms, 2),
                      "ratio": round(our_ms / dp_ms, 3), "robolearn_min_ms": round(min(times["robolearn"]), 2),
                      "diffusion_policy_min_ms": round(min(times["diffusion_policy"]), 2)})
-    del fns
     n_dp = sum(p.numel() for p in dp.parameters()) / 1e6
     n_ours = sum(p.numel() for p in ours.parameters()) / 1e6
     result = {
         "bench": "transformer DDIM chunk latency, robolearn vs Diffusion Policy's TransformerForDiffusion",
-        "steps": args.steps, "batch": 1, "params_m": {"robolearn": round(n_ours, 2), "diffusion_policy": round(n_dp, 2)},
+        "steps": args.steps, "batch": 1,
+        "params_m": {"robolearn": round(n_ours, 2), "diffusion_policy": round(n_dp, 2)},
         "rows": rows, "threads": torch.get_num_threads(), "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
