@@ -111,29 +111,45 @@ warnings.filterwarnings("ignore", message=r"Object at \.robolearn\.lock is not r
 
 
 def time_chunk_len(spec: KeySpec) -> int:
-    """Rows per chunk: one frame for images, about ``CHUNK_BYTES`` for everything else."""
+    """Rows per chunk: ``IMAGE_CHUNK_FRAMES`` frames for images (fewer when frames are large), about
+    ``CHUNK_BYTES`` for everything else."""
     if spec.is_image:
-        return 1
+        return int(max(1, min(IMAGE_CHUNK_FRAMES, IMAGE_CHUNK_BYTES // max(1, spec.bytes_per_step))))
     return int(max(1, CHUNK_BYTES // max(1, spec.bytes_per_step)))
 
 
-_FrameWrite = Callable[[int, np.ndarray, ThreadPoolExecutor], "list[Future[None]]"]
+# Camera frames: 16 to a chunk file (at most 1 MiB of frames). One file per frame, as Diffusion Policy's stores have,
+# spent most of an image import creating files -- the kernel serializes file creation in one folder, and 20,000
+# files per 10,000 two-camera steps cost more than compressing them (tools/bench/frame_layout_ab.py); 16 frames of
+# 84x84 are 340 KB, which a reader of one frame decodes in about a third of a millisecond.
+IMAGE_CHUNK_FRAMES = 16
+IMAGE_CHUNK_BYTES = 1024 * 1024
+
+_FrameWrite = Callable[..., "list[Future[None]]"]
 
 
 def _frame_writer(arr: zarr.Array, root: Path) -> _FrameWrite | None:
-    """For a uint8 array of one frame per chunk (camera images), a function writing frames ``start, start+1, ...``
-    as one chunk file each, with the bytes zarr would write (its own blosc codec, then the crc32c zarr 3 appends)
-    (in place: see ``write_range``). None for any other array or codec chain: zarr writes those.
+    """For a uint8 array chunked by whole frames (camera images), a function writing rows ``start, start+1, ...``
+    chunk file by chunk file, with the bytes zarr would write (its own blosc codec, then the crc32c zarr 3
+    appends). None for any other array or codec chain: zarr writes those.
 
-    Why: zarr-python spends about a millisecond of asyncio and buffer bookkeeping per chunk, which capped image
-    appends near 800 frames/s on two cores -- under 400 steps/s for two cameras -- while encoding and writing a
-    frame takes a tenth of that. ``tests/data/test_store_frames.py`` checks the files are byte-identical to zarr's.
+    ``write(start, blocks, pool, head=None)``: ``blocks`` are consecutive row blocks (an append's episodes, never
+    concatenated) that begin at row ``start``; when ``start`` is not on a chunk boundary, ``head`` holds the rows
+    of its chunk before ``start`` (committed rows: that one file is replaced atomically, through a temporary file
+    renamed over it, so a kill leaves the old chunk or the new one, never a torn one). Every other file lies past
+    the committed rows and is written in place (see ``write_chunks``). The last chunk is padded with the fill value,
+    as zarr pads a chunk at the array's end.
+
+    Why: zarr-python spends about a millisecond of asyncio and buffer bookkeeping per chunk, which capped one-frame
+    chunks near 800 frames/s on two cores, while encoding and writing a frame takes a tenth of that.
+    ``tests/data/test_store_frames.py`` checks the files are byte-identical to zarr's.
     """
     if arr.dtype != np.uint8 or arr.ndim < 2:
         return None
     grid = _grid(arr)
-    if grid[0] != 1 or tuple(grid[1:]) != tuple(arr.shape[1:]):
+    if tuple(grid[1:]) != tuple(arr.shape[1:]):
         return None
+    k = int(grid[0])
     md = arr.metadata
     encode: Callable[[np.ndarray], bytes]
     if md.zarr_format == 3:
@@ -147,8 +163,8 @@ def _frame_writer(arr: zarr.Array, root: Path) -> _FrameWrite | None:
             return None
         import google_crc32c
 
-        def encode(frame: np.ndarray) -> bytes:
-            packed = blosc.encode(frame)
+        def encode(rows: np.ndarray) -> bytes:
+            packed = blosc.encode(rows)
             return bytes(packed) + int(google_crc32c.value(packed)).to_bytes(4, "little")
     elif md.zarr_format == 2:
         import numcodecs
@@ -157,38 +173,75 @@ def _frame_writer(arr: zarr.Array, root: Path) -> _FrameWrite | None:
             return None
         compressor = md.compressor
 
-        def encode(frame: np.ndarray) -> bytes:
-            return bytes(compressor.encode(frame))
+        def encode(rows: np.ndarray) -> bytes:
+            return bytes(compressor.encode(rows))
     else:
         return None
     folder = os.path.join(str(root), arr.path, "")
     rest = (0,) * (arr.ndim - 1)
+    frame = tuple(int(s) for s in arr.shape[1:])
+    fill = np.uint8(arr.fill_value or 0)
 
-    def write_range(start: int, block: np.ndarray, lo: int, hi: int) -> None:
+    def write_chunks(start: int, blocks: Sequence[np.ndarray], offsets: np.ndarray, head: np.ndarray | None,
+                     c_lo: int, c_hi: int) -> None:
         made = {folder.rstrip(os.sep)}
-        for i in range(lo, hi):
-            path = folder + md.encode_chunk_key((start + i, *rest))
+        end = start + int(offsets[-1])
+        for c in range(c_lo, c_hi):
+            a, b = c * k, (c + 1) * k
+            parts = [head] if a < start and head is not None else []
+            lo, hi = max(a, start) - start, min(b, end) - start  # rows of the blocks in this chunk
+            i = int(np.searchsorted(offsets, lo, side="right")) - 1
+            while lo < hi:
+                take = min(hi, int(offsets[i + 1])) - lo
+                parts.append(blocks[i][lo - int(offsets[i]): lo - int(offsets[i]) + take])
+                lo += take
+                i += 1
+            if b > end:
+                parts.append(np.full((b - end, *frame), fill, np.uint8))
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            data = memoryview(encode(np.ascontiguousarray(rows)))
+            path = folder + md.encode_chunk_key((c, *rest))
             _make_parents(path, made)
-            # Written in place, not through a renamed temporary file as zarr does: every frame written here lies
-            # past the committed rows (appends, and copies into a hidden store), so a file torn by a kill is an
-            # orphan row that readers never see and the next writer trims or overwrites. Renaming cost a third
-            # of a frame's write.
-            data = memoryview(encode(block[i]))
-            fd = os.open(path, _WRITE_FLAGS, 0o666)  # os.open: open()'s buffered file object cost a fifth more
+            # Every chunk but one lies past the committed rows (appends, and copies into a hidden store), so a
+            # file torn by a kill is an orphan that readers never see and the next writer trims or overwrites:
+            # written in place (renaming cost a third of a one-frame chunk's write). The chunk holding committed
+            # rows before ``start`` is replaced whole through a renamed temporary file, as zarr writes.
+            target = path
+            if a < start:
+                target = f"{path}.{uuid.uuid4().hex}.partial"  # the name zarr's own temporaries have: trimmed
+            fd = os.open(target, _WRITE_FLAGS, 0o666)  # os.open: open()'s buffered file object cost a fifth more
             try:
                 while data:
                     data = data[os.write(fd, data):]
             finally:
                 os.close(fd)
+            if target != path:
+                try:
+                    os.replace(target, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(target)
+                    raise
 
-    def write(start: int, block: np.ndarray, pool: ThreadPoolExecutor) -> list[Future[None]]:
-        """Submit the frames to ``pool``'s threads and return the futures to wait on (blosc and file writes
+    def write(start: int, blocks: Sequence[np.ndarray], pool: ThreadPoolExecutor,
+              head: np.ndarray | None = None) -> list[Future[None]]:
+        """Submit the chunks to ``pool``'s threads and return the futures to wait on (blosc and file writes
         release the GIL: threads overlap compression, the file system and the caller's own work)."""
-        block = np.ascontiguousarray(block)
-        n = len(block)
-        parts = min(_FRAME_THREADS, max(1, n // 64))
-        bounds = np.linspace(0, n, parts + 1).astype(int)
-        return [pool.submit(write_range, start, block, int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
+        blocks = [b for b in blocks if len(b)]
+        if not blocks:
+            return []
+        if start % k:
+            if head is None or len(head) != start % k:
+                raise ValueError(f"{arr.path}: rows from {start} start inside a chunk of {k}: the "
+                                 f"{start % k} rows before them are needed (head=)")
+        else:
+            head = None
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blocks])])
+        c0, c1 = start // k, -(-(start + int(offsets[-1])) // k)
+        parts = min(_FRAME_THREADS, max(1, (c1 - c0) * k // 64))
+        bounds = np.linspace(c0, c1, parts + 1).astype(int)
+        return [pool.submit(write_chunks, start, blocks, offsets, head, int(a), int(b))
+                for a, b in zip(bounds, bounds[1:]) if b > a]
 
     return write
 
@@ -388,8 +441,9 @@ class EpisodeStore(EpisodeIndex):
             data = root.create_group("data")
             for key, spec in schema.items():
                 n = time_chunk_len(spec)
-                # One file per camera frame: named c.<i>.0.0.0 in the array's folder rather than zarr 3's default
-                # c/<i>/0/0/0, which made three folders per frame (0.4 ms of a frame's 0.85 ms to write).
+                # Camera chunks are named c.<i>.0.0.0 in the array's folder rather than zarr 3's default
+                # c/<i>/0/0/0, which made three folders per chunk (when chunks were one frame, 0.4 ms of a
+                # frame's 0.85 ms to write).
                 flat = {"chunk_key_encoding": {"name": "default", "separator": "."}} \
                     if spec.is_image and zarr_format == 3 else {}
                 data.create_array(
@@ -572,7 +626,7 @@ class EpisodeStore(EpisodeIndex):
         """Raise a StoreError naming the first chunk file that committed rows need and that does not exist.
 
         ``light`` (what opening a store does): every chunk of low-dimensional keys (a few files each), but only
-        the last of image keys, which have one file per frame (a million frames cost seconds to check; reading a
+        the last of image keys, which have a file per 16 frames (a million frames cost a second to check; reading a
         frame checks its own file, and ``robolearn data validate`` / ``info`` check them all)."""
         for key, spec in self.schema.items():
             arr = self.array(key)
@@ -683,15 +737,14 @@ class EpisodeStore(EpisodeIndex):
                 arr.resize((n0 + total, *spec.shape))
                 frames = _frame_writer(arr, self.path)
                 if frames is not None:
-                    # Episode by episode, never concatenated (a copy of a batch of frames cost more in page
-                    # faults than writing them); their statistics in the pool too (numpy's reductions release
-                    # the GIL).
+                    # The episodes' frames, never concatenated (a copy of a batch of frames cost more in page
+                    # faults than writing them: only a chunk spanning two episodes is copied); their
+                    # statistics in the pool too (numpy's reductions release the GIL).
                     if pool is None:
                         pool = ThreadPoolExecutor(_FRAME_THREADS, thread_name_prefix="robolearn-frames")
-                    start = n0
-                    for ep in checked:
-                        pending += frames(start, ep[key], pool)
-                        start += len(ep[key])
+                    k = _grid(arr)[0]
+                    head = self._read(arr, n0 - n0 % k, n0) if n0 % k else None  # committed rows sharing a chunk
+                    pending += frames(n0, [ep[key] for ep in checked], pool, head=head)
                     image_stats[key] = [pool.submit(_Welford.of, ep[key], _stat_axes(spec)) for ep in checked]
                     continue
                 block = np.concatenate([ep[key] for ep in checked]) if len(checked) > 1 else checked[0][key]
@@ -1080,8 +1133,8 @@ class EpisodeStore(EpisodeIndex):
 
     def _chunk_files(self, arr: zarr.Array, lo: int, hi: int,
                      as_str: bool = False) -> Iterator[tuple[tuple[int, ...], Any]]:
-        """(chunk coordinates, file) of every chunk file rows ``lo:hi`` of ``arr`` need (one per frame for
-        images: kept cheap, about 5 us each)."""
+        """(chunk coordinates, file) of every chunk file rows ``lo:hi`` of ``arr`` need (one per 16 frames
+        for images; one per frame in older stores: kept cheap, about 5 us each)."""
         grid = _grid(arr)
         hi = min(hi, int(arr.shape[0]))
         if hi <= lo:

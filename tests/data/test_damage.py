@@ -27,8 +27,9 @@ def _store(tmp_path: Path, zarr_format: int = 3, lengths=LENGTHS) -> Path:
 
 
 def _chunk(path: Path, array: str, coords: tuple[int, ...]) -> Path:
+    """The chunk file holding row ``coords[0]`` (images: several frames to a file) at ``coords[1:]``."""
     arr = zarr.open_group(str(path), mode="r")[array]
-    return path / array / arr.metadata.encode_chunk_key(coords)
+    return path / array / arr.metadata.encode_chunk_key((coords[0] // arr.chunks[0], *coords[1:]))
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -66,8 +67,8 @@ def test_missing_data_chunk_is_named_never_read_as_zeros(tmp_path, capsys, zarr_
     chunk = _chunk(path, array, coords)
     key = str(chunk.relative_to(path / array))
     chunk.unlink()
-    if array == "data/image":  # opening checks only an image key's last frame (one file per frame: cheap to read,
-        EpisodeStore.open(path).close()  # costly to stat a million of); reading, info and validate check them all
+    if array == "data/image":  # opening checks only an image key's last chunk (a file per 16 frames: cheap to read,
+        EpisodeStore.open(path).close()  # costly to stat 60,000 of); reading, info and validate check them all
     else:
         with pytest.raises(StoreError, match=rf"{array}.*chunk {key} .*is missing"):
             EpisodeStore.open(path)
@@ -133,9 +134,9 @@ def test_unreadable_chunk_names_the_file(tmp_path, capsys, how, array, coords, z
 
 
 def test_garbage_observation_chunk_stops_reading(tmp_path):
-    path = _store(tmp_path, lengths=(5, 7, 3))
+    path = _store(tmp_path, lengths=(16, 16, 3))
     EpisodeStore.open(path).stats()  # cached: training reads the frames, not the statistics
-    chunk = _chunk(path, "data/image", (6, 0, 0, 0))  # episode 1
+    chunk = _chunk(path, "data/image", (20, 0, 0, 0))  # episode 1's frames, 16 to a chunk
     chunk.write_bytes(b"not blosc at all")
     store = EpisodeStore.open(path)  # the cheap checks pass; the frame is read when used
     with pytest.raises(StoreError, match=rf"{chunk}.*cannot be read.*episode 1"):

@@ -38,13 +38,15 @@ def test_layout_is_diffusion_policy_replay_buffer(store_factory, tmp_path):
     assert set(root["data"].array_keys()) == set(SCHEMA)
     assert root["meta"]["episode_ends"].dtype == np.int64
     assert root["data"]["state"].shape == (15, 3)
-    # Images: uint8, one frame per chunk, compressed. Low-dim: time chunks of about 2 MB.
+    # Images: uint8, 16 frames per chunk (fewer when 16 exceed 1 MiB), compressed. Low-dim: time chunks of ~2 MB.
     img = root["data"]["image"]
-    assert img.dtype == np.uint8 and img.chunks == (1, 12, 12, 3)
+    assert img.dtype == np.uint8 and img.chunks == (16, 12, 12, 3)
     assert [type(c).__name__ for c in img.compressors] == ["BloscCodec", "Crc32cCodec"]  # compressed, checksummed
     state_chunk = root["data"]["state"].chunks[0]
     assert 1 * 2**20 <= state_chunk * 3 * 4 <= 4 * 2**20
-    assert time_chunk_len(KeySpec((84, 84, 3), "uint8")) == 1
+    assert time_chunk_len(KeySpec((84, 84, 3), "uint8")) == 16
+    assert time_chunk_len(KeySpec((224, 224, 3), "uint8")) == 6
+    assert time_chunk_len(KeySpec((480, 640, 3), "uint8")) == 1
 
 
 def test_stats_cached_and_refreshed(store_factory):

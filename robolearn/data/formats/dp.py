@@ -111,11 +111,11 @@ def export_dp(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
                                     compressors=dp_compressor(), fill_value=0)
             arr = arr.with_config({"write_empty_chunks": True})
             rows = c * max(1, _COPY_BYTES // max(1, c * spec.bytes_per_step))  # whole chunks per write
-            frames = _frame_writer(arr, tmp)  # images: one file per frame without zarr's per-chunk overhead
+            frames = _frame_writer(arr, tmp)  # images: a file per frame without zarr's per-chunk overhead
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
                 if frames is not None:
-                    for f in frames(lo, src.read_rows(key, lo, hi), pool):
+                    for f in frames(lo, [src.read_rows(key, lo, hi)], pool):
                         f.result()
                 else:
                     arr[lo:hi] = src.read_rows(key, lo, hi)
