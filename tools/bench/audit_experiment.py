@@ -2,7 +2,7 @@
 """Does the data audit find the bad half of a mixed dataset, and does dropping it train a better policy?
 
 For each task: collect ``--demos`` clean scripted demonstrations and ``--demos`` from the same expert with heavy
-noise (``--noise``), merge them into one store (the audit is not told which is which: it never reads the episodes'
+noise (``--noise``; its successes, or with ``--keep-failures`` its first ``--demos`` attempts, failed ones included), merge them into one store (the audit is not told which is which: it never reads the episodes'
 provenance), then train the same policy with the same budget three times:
 
 - ``all``: on the whole mixed store;
@@ -46,11 +46,13 @@ def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
-def collect(task: str, out: Path, demos: int, seed: int, noise: float, workers: int, bias: float = 0.0) -> None:
+def collect(task: str, out: Path, demos: int, seed: int, noise: float, workers: int, bias: float = 0.0,
+            keep_failures: bool = False) -> None:
     if out.exists():
         return
     sh([EXE, "collect", f"task={task}", f"episodes={demos}", f"out={out}", f"workers={workers}", f"seed={seed}",
-        f"expert.noise={noise}", *([f"expert.bias={bias}"] if bias else []), "progress=false"])
+        f"expert.noise={noise}", *([f"expert.bias={bias}"] if bias else []),
+        *(["keep_failures=true"] if keep_failures else []), "progress=false"])
 
 
 def train(task: str, policy: str, data: Path, run_dir: Path, steps: int, episodes: int, workers: int) -> dict:
@@ -89,6 +91,9 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=1.0, help="the noisy half's expert.noise")
     ap.add_argument("--bias", type=float, default=0.0,
                     help="the noisy half's expert.bias (peg_insert: a systematic misjudgment of the hole, mm)")
+    ap.add_argument("--keep-failures", action="store_true",
+                    help="the noisy half is the expert's first --demos attempts, failed ones included (default: "
+                         "its first --demos successes)")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--episodes", type=int, default=100, help="evaluation episodes per policy")
     ap.add_argument("--workers", type=int, default=2)
@@ -106,10 +111,11 @@ def main() -> None:
         base.mkdir(parents=True, exist_ok=True)
         clean, noisy, mixed = base / "clean.zarr", base / "noisy.zarr", base / "mixed.zarr"
         collect(task, clean, args.demos, 0, 0.0, args.workers)
-        collect(task, noisy, args.demos, 50000, args.noise, args.workers, args.bias)
+        collect(task, noisy, args.demos, 50000, args.noise, args.workers, args.bias, args.keep_failures)
         if not mixed.exists():
             sh([EXE, "data", "merge", str(clean), str(noisy), "--out", str(mixed)])
-        row: dict = {"demos_per_half": args.demos, "noise": args.noise, "bias": args.bias, "policy": args.policy,
+        row: dict = {"demos_per_half": args.demos, "noise": args.noise, "bias": args.bias,
+                     "keep_failures": args.keep_failures, "policy": args.policy,
                      "steps": args.steps, "rule": args.rule}
         row["clean"] = train(task, args.policy, clean, base / "run_clean", args.steps, args.episodes, args.workers)
         row["all"] = train(task, args.policy, mixed, base / "run_all", args.steps, args.episodes, args.workers)
