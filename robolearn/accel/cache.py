@@ -47,7 +47,7 @@ from robolearn.accel.kernels import _backbone_owner
 from robolearn.policies.registry import register_policy
 from robolearn.policies.wrapper import PolicyWrapper
 
-METHODS = ("bac", "uniform", "none")
+METHODS = ("bac", "shared", "uniform", "none")
 METRICS = ("cosine", "l1")
 SCHEDULE_VERSION = 1
 
@@ -304,6 +304,21 @@ def bac_schedule(similarity: Mapping[str, np.ndarray], n_blocks: int, sampler: s
     return CacheSchedule("bac", sampler, S, merged, fingerprint, meta)
 
 
+def shared_schedule(similarity: Mapping[str, np.ndarray], sampler: str, updates: int, *,
+                    fingerprint: str | None = None, info: Mapping[str, Any] | None = None) -> CacheSchedule:
+    """One adaptive set of update steps for every branch: the scheduler's dynamic program on the branches' mean
+    similarity matrix. Between uniform caching (the same steps for all, evenly spaced) and BAC (steps chosen per
+    branch): the steps adapt to where the outputs change, but every branch is refreshed at the same step, so the
+    residual stream never sums outputs computed at different steps."""
+    keys = list(similarity)
+    mean = np.mean([np.asarray(similarity[k], dtype=np.float64) for k in keys], axis=0)
+    steps = dp_update_steps(mean, updates)
+    meta = dict(info or {})
+    meta.update(updates=int(updates), steps=list(steps),
+                error={k: round(caching_error(similarity[k], steps), 6) for k in keys})
+    return CacheSchedule("shared", sampler, int(mean.shape[0]), {k: steps for k in keys}, fingerprint, meta)
+
+
 # ---------------------------------------------------------------------------------------------- the cached call
 class CachedDenoiser:
     """Calls ``backbone``'s blocks itself, recomputing each branch only at its update steps.
@@ -463,6 +478,8 @@ def schedule_from_calibration(cal: Calibration, method: str = "bac", updates: in
     if method == "bac":
         return bac_schedule(cal.similarity, cal.n_blocks, cal.sampler, k, bubble=bubble,
                             fingerprint=cal.fingerprint, info=info)
+    if method == "shared":
+        return shared_schedule(cal.similarity, cal.sampler, k, fingerprint=cal.fingerprint, info=info)
     if method == "uniform":
         sched = uniform_schedule(keys, cal.sampler, cal.total, k)
     elif method == "none":

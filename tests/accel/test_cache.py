@@ -25,6 +25,7 @@ from robolearn.accel.cache import (
     dp_update_steps,
     next_ff,
     schedule_from_calibration,
+    shared_schedule,
     uniform_schedule,
     uniform_steps,
 )
@@ -149,6 +150,25 @@ def test_bubbling_union_on_a_hand_built_ranking():
     assert out["0.cross_attn"] == (0, 2) and out["1.ff"] == (0, 6) and out["1.self_attn"] == (0, 1)
     assert next_ff("1.ff", 2) is None and next_ff("0.cross_attn", 2) == "0.ff"
     assert bubbling_union(updates, errors, 2, 0)[1] == []
+
+
+def test_shared_schedule_is_the_dp_optimum_of_the_mean_similarity_for_every_branch():
+    a = np.eye(6) + np.triu(np.full((6, 6), 0.9), 1)  # changes little anywhere
+    b = np.array([  # changes sharply after step 2 and after step 4 (the hand-worked matrix above)
+        [1.0, 0.9, 0.8, 0.1, 0.1, 0.0],
+        [0.0, 1.0, 0.9, 0.2, 0.1, 0.0],
+        [0.0, 0.0, 1.0, 0.3, 0.2, 0.1],
+        [0.0, 0.0, 0.0, 1.0, 0.9, 0.2],
+        [0.0, 0.0, 0.0, 0.0, 1.0, 0.3],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+    ])
+    sched = shared_schedule({"0.self_attn": a, "0.ff": b}, "ddim-6", 2)
+    # mean: {0, 3} scores 0.9 + 0.85 (steps 1, 2) + 0.9 + 0.55 (steps 4, 5) = 3.2; next best {0, 4}: 2.85
+    assert sched.updates == {"0.self_attn": (0, 3), "0.ff": (0, 3)}
+    assert sched.updates["0.ff"] == dp_update_steps((a + b) / 2, 2)
+    assert sched.method == "shared" and sched.compute_fraction == pytest.approx(2 / 6)
+    assert sched.info["error"]["0.ff"] == pytest.approx(caching_error(b, (0, 3)), abs=1e-6)
+    assert CacheSchedule.from_dict(sched.to_dict()).updates == sched.updates
 
 
 def test_uniform_steps():
