@@ -102,16 +102,19 @@ def test_warm_start_through_the_cache_equals_the_uncached_warm_start_with_every_
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
+# 6 steps; outputs change sharply after step 2 and again after step 4.
+HAND_SIM = np.array([
+    [1.0, 0.9, 0.8, 0.1, 0.1, 0.0],
+    [0.0, 1.0, 0.9, 0.2, 0.1, 0.0],
+    [0.0, 0.0, 1.0, 0.3, 0.2, 0.1],
+    [0.0, 0.0, 0.0, 1.0, 0.9, 0.2],
+    [0.0, 0.0, 0.0, 0.0, 1.0, 0.3],
+    [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+])
+
+
 def test_dp_picks_the_hand_worked_optimum():
-    # 6 steps; outputs change sharply after step 2 and again after step 4.
-    sim = np.array([
-        [1.0, 0.9, 0.8, 0.1, 0.1, 0.0],
-        [0.0, 1.0, 0.9, 0.2, 0.1, 0.0],
-        [0.0, 0.0, 1.0, 0.3, 0.2, 0.1],
-        [0.0, 0.0, 0.0, 1.0, 0.9, 0.2],
-        [0.0, 0.0, 0.0, 0.0, 1.0, 0.3],
-        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
-    ])
+    sim = HAND_SIM
     # k=2: {0,3} scores 0.9+0.8 (steps 1,2 from 0) + 0.9+0.2 (4,5 from 3) = 2.8, the best of the five choices
     assert dp_update_steps(sim, 2) == (0, 3)
     # k=3: {0,3,5}: 0.9+0.8 + 0.9 = 2.6; {0,3,4}: 0.9+0.8 + 0.3 = 2.0; {0,2,3}: 0.9 + 0.9+0.2 = 2.0;
@@ -154,14 +157,7 @@ def test_bubbling_union_on_a_hand_built_ranking():
 
 def test_shared_schedule_is_the_dp_optimum_of_the_mean_similarity_for_every_branch():
     a = np.eye(6) + np.triu(np.full((6, 6), 0.9), 1)  # changes little anywhere
-    b = np.array([  # changes sharply after step 2 and after step 4 (the hand-worked matrix above)
-        [1.0, 0.9, 0.8, 0.1, 0.1, 0.0],
-        [0.0, 1.0, 0.9, 0.2, 0.1, 0.0],
-        [0.0, 0.0, 1.0, 0.3, 0.2, 0.1],
-        [0.0, 0.0, 0.0, 1.0, 0.9, 0.2],
-        [0.0, 0.0, 0.0, 0.0, 1.0, 0.3],
-        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
-    ])
+    b = HAND_SIM  # changes sharply after step 2 and after step 4
     sched = shared_schedule({"0.self_attn": a, "0.ff": b}, "ddim-6", 2)
     # mean: {0, 3} scores 0.9 + 0.85 (steps 1, 2) + 0.9 + 0.55 (steps 4, 5) = 3.2; next best {0, 4}: 2.85
     assert sched.updates == {"0.self_attn": (0, 3), "0.ff": (0, 3)}
