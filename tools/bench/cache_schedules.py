@@ -10,6 +10,8 @@ observations, every branch recorded at every step, cosine and negative-L1 simila
 - ``bac_nobubble``: the same without Bubbling Union;
 - ``shared``: one set of k adaptive steps for every branch (the dynamic program on the branches' mean similarity);
 - ``uniform``: every branch at k evenly spaced steps; and ``uniform_matched``: at BAC's compute after the union;
+- ``shared_searched`` (``--search K``): the shared set of k steps with the smallest action error on one
+  calibration batch, by exhaustive search (other observations and noise than those the error is reported on);
 - ``bac_weighted`` / ``shared_weighted``: the same dynamic programs with each skipped step's similarity loss
   weighted by that step's measured sensitivity (:func:`step_sensitivity`: how far the chunk moves when that
   step's denoiser output is perturbed),
@@ -75,6 +77,30 @@ def step_sensitivity(policy, batches, seed: int = 0, eps: float = 0.05) -> list[
     return out
 
 
+def searched_shared(policy, cal, batch, k: int):
+    """The shared set of ``k`` update steps (step 0 and ``k - 1`` others) whose chunks are closest to the uncached
+    ones on ``batch`` (same noise): an exhaustive search, C(S-1, k-1) cached samplings."""
+    import itertools
+
+    import torch
+
+    from robolearn.accel.cache import CachedPolicy, CacheSchedule
+
+    noise = torch.randn(policy.noise_shape(int(next(iter(batch.values())).shape[0])),
+                        generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = policy.predict_action(batch, noise)
+        best, best_err = None, float("inf")
+        for rest in itertools.combinations(range(1, cal.total), k - 1):
+            steps = (0, *rest)
+            sched = CacheSchedule("shared", cal.sampler, cal.total, {key: steps for key in cal.similarity})
+            out = CachedPolicy(policy, sched).predict_action(batch, noise)
+            err = float(((out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+            if err < best_err:
+                best, best_err = sched, err
+    return best
+
+
 def weigh(sim, weights):
     """A similarity matrix whose dynamic program minimizes the sensitivity-weighted loss of the skipped steps:
     entry ``[i, j]`` = ``w_j * (sim[i, j] - sim[j, j])`` (0 at an update step, negative where step ``j`` reusing
@@ -95,6 +121,9 @@ def main() -> None:
     ap.add_argument("--observations", type=int, default=256, help="calibration observations")
     ap.add_argument("--eval-observations", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--search", type=int, default=0,
+                    help="also search every shared set of k update steps (k up to this) for the smallest action "
+                         "error on one calibration batch (not the observations the error is reported on)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -150,6 +179,8 @@ def main() -> None:
             shared_steps = dp_update_steps(mean_w, k)
             scheds["shared_weighted"] = CacheSchedule("shared", cal.sampler, cal.total,
                                                       {key: shared_steps for key in cal.similarity})
+            if args.search and metric == args.metrics[0] and k <= args.search:
+                scheds["shared_searched"] = searched_shared(policy, cal, cal_obs[0], k)
             matched = max(1, round(bac.compute_fraction * cal.total))
             if matched != k:
                 scheds["uniform_matched"] = uniform_schedule(list(cal.similarity), cal.sampler, cal.total, matched)
