@@ -32,7 +32,8 @@ class KeySpec:
 
     @property
     def is_image(self) -> bool:
-        """uint8 ``H x W x C`` arrays are camera images: chunked by whole frames (16 to a chunk), per-channel statistics."""
+        """uint8 ``H x W x C`` arrays are camera images: chunked by whole frames (16 to a chunk), per-channel
+        statistics."""
         return np.dtype(self.dtype) == np.uint8 and len(self.shape) == 3
 
     @property

@@ -120,8 +120,10 @@ def time_chunk_len(spec: KeySpec) -> int:
 
 # Camera frames: 16 to a chunk file (at most 1 MiB of frames). One file per frame, as Diffusion Policy's stores have,
 # spent most of an image import creating files -- the kernel serializes file creation in one folder, and 20,000
-# files per 10,000 two-camera steps cost more than compressing them (tools/bench/frame_layout_ab.py); 16 frames of
-# 84x84 are 340 KB, which a reader of one frame decodes in about a third of a millisecond.
+# files per 10,000 two-camera steps cost more than compressing them (a perf profile of the import; 16 frames a file
+# made two-camera imports 2.03x faster: tools/bench/import_robomimic_ab.py, results/import_robomimic_ab_chunks16.json).
+# 16 frames of 84x84 are 340 KB, which a reader of one frame decodes in 0.36 ms against 0.03 ms for one frame, while
+# zarr's own bookkeeping for that read takes about 1.4 ms either way (tools/bench/frame_read.py).
 IMAGE_CHUNK_FRAMES = 16
 IMAGE_CHUNK_BYTES = 1024 * 1024
 
@@ -188,7 +190,8 @@ def _frame_writer(arr: zarr.Array, root: Path) -> _FrameWrite | None:
         end = start + int(offsets[-1])
         for c in range(c_lo, c_hi):
             a, b = c * k, (c + 1) * k
-            parts = [head] if a < start and head is not None else []
+            replace = a < start  # the one chunk holding committed rows: ``head`` is those rows
+            parts = [head] if replace else []
             lo, hi = max(a, start) - start, min(b, end) - start  # rows of the blocks in this chunk
             i = int(np.searchsorted(offsets, lo, side="right")) - 1
             while lo < hi:
@@ -206,16 +209,14 @@ def _frame_writer(arr: zarr.Array, root: Path) -> _FrameWrite | None:
             # file torn by a kill is an orphan that readers never see and the next writer trims or overwrites:
             # written in place (renaming cost a third of a one-frame chunk's write). The chunk holding committed
             # rows before ``start`` is replaced whole through a renamed temporary file, as zarr writes.
-            target = path
-            if a < start:
-                target = f"{path}.{uuid.uuid4().hex}.partial"  # the name zarr's own temporaries have: trimmed
+            target = f"{path}.{uuid.uuid4().hex}.partial" if replace else path  # zarr's temporaries' name: trimmed
             fd = os.open(target, _WRITE_FLAGS, 0o666)  # os.open: open()'s buffered file object cost a fifth more
             try:
                 while data:
                     data = data[os.write(fd, data):]
             finally:
                 os.close(fd)
-            if target != path:
+            if replace:
                 try:
                     os.replace(target, path)
                 except BaseException:
@@ -626,8 +627,8 @@ class EpisodeStore(EpisodeIndex):
         """Raise a StoreError naming the first chunk file that committed rows need and that does not exist.
 
         ``light`` (what opening a store does): every chunk of low-dimensional keys (a few files each), but only
-        the last of image keys, which have a file per 16 frames (a million frames cost a second to check; reading a
-        frame checks its own file, and ``robolearn data validate`` / ``info`` check them all)."""
+        the last of image keys, which have a file per 16 frames (a million frames are 62,500 files at about 3 us
+        each to check; reading a frame checks its own file, and ``robolearn data validate`` / ``info`` check them all)."""
         for key, spec in self.schema.items():
             arr = self.array(key)
             hi = min(self.n_steps, int(arr.shape[0]))

@@ -40,6 +40,11 @@ import numpy as np
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 
+def rel_error(out, ref):
+    """Per chunk of a batch: ||out - ref|| / ||ref||."""
+    return (out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
 def step_sensitivity(policy, batches, seed: int = 0, eps: float = 0.05) -> list[float]:
     """How much the chunk moves when the denoiser's output at one step moves: per step ``j``, the mean relative
     change of the final action when step ``j``'s output gets Gaussian noise of ``eps`` times its RMS, over
@@ -71,8 +76,8 @@ def step_sensitivity(policy, batches, seed: int = 0, eps: float = 0.05) -> list[
         out = []
         for j in range(total):
             d = Perturbed(j, torch.Generator().manual_seed(seed + 1 + j))
-            rel = [float(((policy.predict_action(b, n, denoiser=d) - a).flatten(1).norm(dim=1)
-                          / a.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()) for b, n, a in zip(batches, noises, base)]
+            rel = [float(rel_error(policy.predict_action(b, n, denoiser=d), a).mean())
+                   for b, n, a in zip(batches, noises, base)]
             out.append(sum(rel) / len(rel) / eps)
     return out
 
@@ -95,7 +100,7 @@ def searched_shared(policy, cal, batch, k: int):
             steps = (0, *rest)
             sched = CacheSchedule("shared", cal.sampler, cal.total, {key: steps for key in cal.similarity})
             out = CachedPolicy(policy, sched).predict_action(batch, noise)
-            err = float(((out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+            err = float(rel_error(out, ref).mean())
             if err < best_err:
                 best, best_err = sched, err
     return best
@@ -130,8 +135,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from robolearn.accel.cache import (CachedPolicy, CacheSchedule, calibrate, dp_update_steps,
-                                       schedule_from_calibration, uniform_schedule)
+    from robolearn.accel.cache import (CachedPolicy, CacheSchedule, bac_schedule, calibrate,
+                                       schedule_from_calibration, shared_schedule, uniform_schedule)
     from robolearn.cli.accel import calibration_observations
     from robolearn.cli.runtime import load_checkpoint
 
@@ -152,8 +157,7 @@ def main() -> None:
         errs = []
         with torch.no_grad():
             for o, n, a in zip(test_obs, noises, reference):
-                c = cached.predict_action(o, n)
-                errs.append(float((c - a).norm() / a.norm().clamp_min(1e-12)))
+                errs.append(float(rel_error(cached.predict_action(o, n), a)))
         return {"action_rel_error": round(statistics.mean(errs), 5),
                 "action_rel_error_median": round(statistics.median(errs), 5),
                 "compute_fraction": round(sched.compute_fraction, 4)}
@@ -173,12 +177,8 @@ def main() -> None:
                 "uniform": uniform_schedule(list(cal.similarity), cal.sampler, cal.total, k),
             }
             weighted = {key: weigh(sim, weights) for key, sim in cal.similarity.items()}
-            scheds["bac_weighted"] = CacheSchedule("bac", cal.sampler, cal.total,
-                                                   {key: dp_update_steps(w, k) for key, w in weighted.items()})
-            mean_w = np.mean(list(weighted.values()), axis=0)
-            shared_steps = dp_update_steps(mean_w, k)
-            scheds["shared_weighted"] = CacheSchedule("shared", cal.sampler, cal.total,
-                                                      {key: shared_steps for key in cal.similarity})
+            scheds["bac_weighted"] = bac_schedule(weighted, cal.n_blocks, cal.sampler, k, bubble=0)
+            scheds["shared_weighted"] = shared_schedule(weighted, cal.sampler, k)
             if args.search and metric == args.metrics[0] and k <= args.search:
                 scheds["shared_searched"] = searched_shared(policy, cal, cal_obs[0], k)
             matched = max(1, round(bac.compute_fraction * cal.total))
@@ -188,9 +188,7 @@ def main() -> None:
                 if metric != args.metrics[0] and name.startswith("uniform"):
                     continue  # the same schedules as under the first metric
                 row = {"metric": metric, "updates": k, "schedule": name, **action_error(sched)}
-                if name.startswith("shared"):
-                    row["steps"] = list(next(iter(sched.updates.values())))
-                elif name.startswith("uniform"):
+                if name.startswith(("shared", "uniform")):  # one set of steps for every branch
                     row["steps"] = list(next(iter(sched.updates.values())))
                 else:
                     row["updates_per_branch"] = {b: list(s) for b, s in sched.updates.items()}
