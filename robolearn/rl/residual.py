@@ -88,18 +88,51 @@ class Step:
 class RolloutCorrector:
     """The executor's per-step hook while training: sample the residual from the current actor, remember the step
     (:attr:`last`), return the corrected raw actions. Sampling uses its own generator, so it is reproducible and
-    its state is saved with a checkpoint."""
+    its state is saved with a checkpoint.
 
-    def __init__(self, policy: ResidualPolicy, critic: Critic, generator: torch.Generator) -> None:
+    ``noise_corr`` > 0 makes each environment's exploration noise an AR(1) process, ``e_t = c e_(t-1) +
+    sqrt(1 - c^2) xi_t``: every step's noise is still N(0, 1) (the log-probability PPO uses is the per-step
+    Gaussian's), but successive steps push the same way, so the residual explores offsets of a few steps' worth of
+    motion instead of jitter (the idea of gSDE and of coloured-noise exploration). :meth:`restart` starts an
+    environment's noise afresh at a new episode."""
+
+    def __init__(self, policy: ResidualPolicy, critic: Critic, generator: torch.Generator,
+                 noise_corr: float = 0.0) -> None:
         self.policy, self.critic, self.generator = policy, critic, generator
+        self.noise_corr = float(noise_corr)
         self.last: Step | None = None
+        self._noise: torch.Tensor | None = None  # (num_envs, action_dim), the AR(1) state
+        self._fresh: set[int] = set()
+
+    def restart(self, env_id: int) -> None:
+        self._fresh.add(int(env_id))
+
+    def _draw(self, shape: torch.Size, env_ids: np.ndarray) -> torch.Tensor:
+        xi = torch.randn(shape, generator=self.generator, device=self.generator.device)
+        if self.noise_corr == 0.0:
+            return xi
+        ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long)
+        if self._noise is None or self._noise.shape[0] <= int(ids.max()):
+            grown = torch.zeros(int(ids.max()) + 1, shape[-1], device=xi.device)
+            if self._noise is not None:
+                grown[: self._noise.shape[0]] = self._noise
+            self._fresh.update(range(0 if self._noise is None else self._noise.shape[0], grown.shape[0]))
+            self._noise = grown
+        c = self.noise_corr
+        e = c * self._noise[ids] + math.sqrt(1.0 - c * c) * xi
+        fresh = [j for j, i in enumerate(env_ids) if int(i) in self._fresh]
+        if fresh:
+            e[fresh] = xi[fresh]
+            self._fresh.difference_update(int(env_ids[j]) for j in fresh)
+        self._noise[ids] = e
+        return e
 
     @torch.no_grad()
     def __call__(self, obs: Mapping[str, np.ndarray], base_actions: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
         p = self.policy
         obs_f, base_n = p.features(obs, base_actions, update_stats=True)
         dist = p.actor(p.actor_input(obs_f, base_n))
-        noise = torch.randn(dist.mean.shape, generator=self.generator, device=self.generator.device)
+        noise = self._draw(dist.mean.shape, env_ids)
         residual = dist.mean + dist.stddev * noise.to(dist.mean.device)
         self.last = Step(np.asarray(env_ids), obs_f, base_n, residual, dist.log_prob(residual).sum(-1),
                          self.critic(obs_f))
@@ -163,7 +196,7 @@ class ResidualPPO(FinetuneRun):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=settings.critic_lr, eps=1e-5)
         self.sample_gen = torch.Generator(device=self.device).manual_seed(self.seed)
         self.shuffle_gen = torch.Generator().manual_seed(self.seed + 1)
-        self.corrector = RolloutCorrector(policy, self.critic, self.sample_gen)
+        self.corrector = RolloutCorrector(policy, self.critic, self.sample_gen, settings.noise_corr)
         # The base runs as deployed: batched inference for every environment whose queue ran out.
         self.executor = ChunkExecutor(policy.base, self.num_envs, seed=self.seed, corrector=self.corrector)
         self.updates = 0
@@ -178,6 +211,8 @@ class ResidualPPO(FinetuneRun):
         self.executor.reset(obs, episodes=range(self.next_episode, self.next_episode + self.num_envs))
         self.next_episode += self.num_envs
         self._ep_return[:], self._ep_length[:] = 0.0, 0
+        for i in range(self.num_envs):
+            self.corrector.restart(i)
 
     @torch.no_grad()
     def collect(self) -> tuple[Rollout, torch.Tensor, dict[str, Any]]:
@@ -218,6 +253,7 @@ class ResidualPPO(FinetuneRun):
                 successes.append(bool(final_info(infos, "success", i) or False))
                 self._ep_return[i], self._ep_length[i] = 0.0, 0
                 self.executor.reset_env(i, row, episode=self.next_episode)  # obs row: the next episode's first
+                self.corrector.restart(i)
                 self.next_episode += 1
         last_value = self.critic(self.policy.obs_features(self.executor.newest()))
         stats = {"episodes": len(returns),
@@ -301,6 +337,9 @@ class ResidualPPO(FinetuneRun):
         buf, last_value, episodes = self.collect()
         t1 = time.perf_counter()
         advantages, returns = gae(buf, last_value, self.s.gamma, self.s.gae_lambda)
+        if self.s.actor_gae_lambda is not None and self.s.actor_gae_lambda != self.s.gae_lambda:
+            # the actor's advantages at their own lambda; the critic still regresses on gae_lambda's returns
+            advantages, _ = gae(buf, last_value, self.s.gamma, self.s.actor_gae_lambda)
         stats = self.update(buf, advantages, returns)
         t2 = time.perf_counter()
         self.env_steps += self.s.rollout_steps * self.num_envs

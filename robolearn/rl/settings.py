@@ -45,12 +45,14 @@ class ResidualSettings:
     action_scale: float = 0.1  # residual output x this, added to the base action in normalized action space
     actor_hidden: list[int] = field(default_factory=lambda: [256, 256])
     init_log_std: float = -1.0  # exploration noise of the residual's output (std 0.37 before action_scale)
+    noise_corr: float = 0.0  # exploration noise correlation from one step to the next (AR(1), same marginal std); 0: white
     obs_norm: str = "running"  # "running": standardize the residual's inputs by the visited states' running mean/std; "base": the base's normalizer only
     # -- the critic
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
     # -- PPO
     gamma: float = 0.999  # long horizon, sparse success reward
     gae_lambda: float = 0.95
+    actor_gae_lambda: float | None = None  # GAE lambda of the actor's advantages (null: gae_lambda); the critic's targets keep gae_lambda
     clip_coef: float = 0.2  # ratio clipping
     value_clip: float | None = 0.2  # clip the value change per update to +-this (null: no value clipping)
     target_kl: float | None = 0.1  # stop the update before a minibatch step once approx. KL exceeds this (null: never)
@@ -73,6 +75,8 @@ class ResidualSettings:
         require(("action_scale",), _positive, "> 0 (the residual's share of the action; 0 would never change the base)")
         require(("actor_lr", "critic_lr", "max_grad_norm", "clip_coef"), _positive, "> 0")
         require(("gamma", "gae_lambda"), _unit, "in [0, 1]")
+        require(("actor_gae_lambda",), lambda v: v is None or _unit(v), "in [0, 1] or null (the same as gae_lambda)")
+        require(("noise_corr",), lambda v: 0 <= v < 1, "in [0, 1) (0: white noise; 0.9: a step's noise keeps 90% of the last one's)")
         require(("rollout_steps", "update_epochs", "minibatches"), lambda v: v >= 1, ">= 1")
         require(("ent_coef", "vf_coef"), lambda v: v >= 0, ">= 0")
         require(("value_clip", "target_kl"), lambda v: v is None or v > 0, "> 0 or null (off)")

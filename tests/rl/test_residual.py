@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from robolearn.policies import ChunkExecutor, load_policy, save_policy
-from robolearn.rl.residual import ResidualPPO, Rollout, gae
+from robolearn.rl.residual import Critic, ResidualPPO, RolloutCorrector, Rollout, gae
 from robolearn.rl.residual_policy import ResidualPolicy
 from robolearn.rl.settings import ResidualSettings
 from sim.vector import make_vector_env
@@ -157,6 +157,15 @@ def test_ppo_learns_the_constant_correction_the_base_misses(tmp_path):
     assert list((tmp_path / "run" / "tb").iterdir())
 
 
+def test_ppo_with_td_advantages_and_correlated_noise_still_learns_the_correction(tmp_path):
+    """The two exploration/variance knobs beyond ResiP (finetune.actor_gae_lambda, finetune.noise_corr) keep PPO
+    working on the toy task: the actor from one-step TD advantages, the critic from lambda-returns."""
+    _, out, _ = toy_run(tmp_path, 4096, actor_gae_lambda=0.0, noise_corr=0.5)
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_mean_return"] for r in records if "eval_mean_return" in r]
+    assert evals[-1] > evals[0] + 0.5 * abs(evals[0]), evals
+
+
 def test_resume_continues_counters_optimizers_and_rng(tmp_path):
     first, out, _ = toy_run(tmp_path, 2048)
     state = first.actor_opt.state_dict()
@@ -175,12 +184,38 @@ def test_resume_continues_counters_optimizers_and_rng(tmp_path):
     assert out2["success_rate_after"] is not None
 
 
+def test_exploration_noise_is_ar1_with_the_set_correlation_and_restarts_fresh(tmp_path):
+    policy = ResidualPolicy(toy_base(tmp_path), init_log_std=0.0, obs_norm="base")  # residual = mean 0 + 1 x noise
+    obs, base = {"goal": np.zeros((3, 2), np.float32)}, np.zeros((3, 2), np.float32)
+
+    def draws(corr: float, restart_at: int | None = None) -> np.ndarray:
+        corrector = RolloutCorrector(policy, Critic(policy.obs_dim, [8]), torch.Generator().manual_seed(0), corr)
+        out = []
+        for t in range(3000):
+            if t == restart_at:
+                corrector.restart(1)  # environment 1 begins a new episode
+            corrector(obs, base, np.arange(3))
+            out.append(corrector.last.residual.numpy().copy())
+        return np.stack(out)  # (steps, envs, action_dim)
+
+    xi, e = draws(0.0), draws(0.9, restart_at=1500)  # white noise: the fresh draws the AR(1) is built from
+    lag1 = lambda x: np.mean([np.corrcoef(x[:-1, i, j], x[1:, i, j])[0, 1] for i in range(3) for j in range(2)])
+    assert abs(lag1(xi)) < 0.05 and lag1(e) == pytest.approx(0.9, abs=0.03)
+    assert np.allclose(e.std(axis=0), 1.0, atol=0.2)  # each step's noise keeps the actor's std
+    np.testing.assert_allclose(e[0], xi[0])  # every episode's first step: fresh noise
+    np.testing.assert_allclose(e[1], 0.9 * e[0] + np.sqrt(1 - 0.81) * xi[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(e[1500, 1], xi[1500, 1])  # the restarted environment starts afresh ...
+    np.testing.assert_allclose(e[1500, [0, 2]], 0.9 * e[1499, [0, 2]] + np.sqrt(0.19) * xi[1500, [0, 2]],
+                               rtol=1e-5, atol=1e-6)  # ... the others carry on
+
+
 def test_settings_refuse_nonsense_naming_the_key():
     from robolearn.policies import ConfigError
 
     for bad, key in ((dict(action_scale=0.0), "finetune.action_scale"), (dict(gamma=1.5), "finetune.gamma"),
                      (dict(minibatches=0), "finetune.minibatches"), (dict(target_kl=0.0), "finetune.target_kl"),
-                     (dict(actor_hidden=[]), "finetune.actor_hidden")):
+                     (dict(actor_hidden=[]), "finetune.actor_hidden"), (dict(noise_corr=1.0), "finetune.noise_corr"),
+                     (dict(actor_gae_lambda=1.5), "finetune.actor_gae_lambda")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             ResidualSettings(**bad).check()
     with pytest.raises(ValueError, match="action_scale"):

@@ -90,7 +90,7 @@ def plot(rows: list[dict], path: Path, title: str, budget: int | None, target: f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4 + 0.22 * len(rows)), sharey=True)
     for row in rows:
         if row["evaluations"]:
             steps, success, wall = zip(*row["evaluations"])
@@ -107,8 +107,10 @@ def plot(rows: list[dict], path: Path, title: str, budget: int | None, target: f
     if budget:
         ax.axvline(budget / 1e6, color="grey", ls="--", lw=1, label=f"budget {budget:,}")
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    # below both panels, so long labels never hide the curves
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2 if len(rows) > 3 else 1, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
