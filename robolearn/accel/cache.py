@@ -21,6 +21,9 @@ The pieces, each usable alone:
   worst that has a feed-forward branch downstream also updates at that feed-forward branch's update steps
   (``i.self_attn`` and ``i.cross_attn`` at ``i.ff``'s, ``i.ff`` at ``i+1.ff``'s), so a stale upstream output is
   refreshed before the feed-forward layer that would amplify it.
+- :func:`searched_schedule`: one set of update steps for every branch chosen by the chunk itself -- every set of
+  ``k`` steps tried on calibration observations, the one whose chunks stay closest to the uncached ones kept
+  (few-step samplers only: DDIM-10 at k=5 is 126 sets).
 - :func:`uniform_schedule` (every branch at the same evenly spaced steps: the baseline) and :func:`all_steps`
   (every step an update: equals the uncached policy exactly).
 - :class:`CachedDenoiser`: calls the base backbone's branches itself, computing at update steps and reusing
@@ -34,6 +37,7 @@ The pieces, each usable alone:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -47,7 +51,8 @@ from robolearn.accel.kernels import _backbone_owner
 from robolearn.policies.registry import register_policy
 from robolearn.policies.wrapper import PolicyWrapper
 
-METHODS = ("bac", "shared", "uniform", "none")
+METHODS = ("bac", "shared", "searched", "uniform", "none")
+SEARCH_LIMIT = 3000  # candidate step sets searched_schedule tries at most (C(total - 1, updates - 1))
 METRICS = ("cosine", "l1")
 SCHEDULE_VERSION = 1
 
@@ -317,6 +322,66 @@ def shared_schedule(similarity: Mapping[str, np.ndarray], sampler: str, updates:
     meta.update(updates=int(updates), steps=list(steps),
                 error={k: round(caching_error(similarity[k], steps), 6) for k in keys})
     return CacheSchedule("shared", sampler, int(mean.shape[0]), {k: steps for k in keys}, fingerprint, meta)
+
+
+def searched_schedule(policy: Any, observations: Sequence[Mapping[str, Any]], updates: int, *, seed: int = 0,
+                      info: Mapping[str, Any] | None = None,
+                      progress: Callable[[int], None] | None = None) -> CacheSchedule:
+    """One set of ``updates`` update steps for every branch (step 0 and ``updates - 1`` others), chosen by what
+    matters downstream: every such set is tried on ``observations`` (batches of observation histories) with the
+    same initial noise, and the set whose chunks are closest to the uncached ones (mean relative L2 error) wins.
+
+    Why: a branch's similarity between steps does not say how much a stale output at that step moves the chunk
+    (a DDIM step near the end barely moves it; a reused output also feeds later steps), so similarity-driven
+    schedules can lose to evenly spaced ones at few steps; the chunk error itself cannot. Exhaustive, so only for
+    few-step samplers: more than :data:`SEARCH_LIMIT` candidate sets (DDPM-100 at 25 updates has ~10^23) is
+    refused. ``progress(n)`` is called after each candidate."""
+    sc = policy.sampler_config
+    sampler, steps = str(sc["kind"]), int(sc["steps"])
+    name = f"{sampler}-{steps}"
+    total = backbone_calls(policy, sampler, steps)
+    k = int(updates)
+    if not 1 <= k <= total:
+        raise CacheError(f"updates={k} must be between 1 and the {total} denoiser calls of {name}")
+    candidates = math.comb(total - 1, k - 1)
+    if candidates > SEARCH_LIMIT:
+        raise CacheError(f"a searched schedule tries every set of {k} of {name}'s {total} steps: {candidates:.3g} "
+                         f"sets, more than the {SEARCH_LIMIT} it allows; use method=bac or uniform for this sampler, "
+                         f"or search a few-step one (e.g. sampler=ddim steps=10)")
+    batches = list(observations)
+    if not batches:
+        raise CacheError("a searched schedule needs observations to compare chunks on")
+    keys = branch_keys(policy.backbone)
+    gen = torch.Generator().manual_seed(int(seed))
+    noises = [torch.randn(policy.noise_shape(int(next(iter(b.values())).shape[0])), generator=gen) for b in batches]
+    fingerprint = backbone_fingerprint(policy.backbone)
+
+    def chunk_error(chunks: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+        num = sum(float(((c - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1).clamp_min(1e-12)).sum())
+                  for c, r in zip(chunks, ref))
+        return num / sum(int(r.shape[0]) for r in ref)
+
+    with torch.no_grad():
+        ref = [policy.predict_action(b, n) for b, n in zip(batches, noises)]
+        best: tuple[int, ...] | None = None
+        best_err, tried = float("inf"), {}
+        for rest in itertools.combinations(range(1, total), k - 1):
+            steps_k = (0, *rest)
+            trial = CachedPolicy(policy, CacheSchedule("searched", name, total, {key: steps_k for key in keys},
+                                                       fingerprint))
+            err = chunk_error([trial.predict_action(b, n) for b, n in zip(batches, noises)], ref)
+            tried[steps_k] = err
+            if err < best_err:
+                best, best_err = steps_k, err
+            if progress is not None:
+                progress(1)
+    assert best is not None
+    uniform_k = uniform_steps(total, k)
+    meta = dict(info or {})
+    meta.update(updates=k, steps=list(best), candidates=candidates, action_rel_error=round(best_err, 6),
+                uniform_action_rel_error=round(tried[tuple(uniform_k)], 6) if tuple(uniform_k) in tried else None,
+                observations=sum(int(r.shape[0]) for r in ref))
+    return CacheSchedule("searched", name, total, {key: best for key in keys}, fingerprint, meta)
 
 
 # ---------------------------------------------------------------------------------------------- the cached call

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from robolearn.cli import CLIError, print_json
 
-CACHES = ("bac", "uniform", "none")
+CACHES = ("bac", "searched", "uniform", "none")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -56,9 +56,11 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
                 metric: str = "cosine", observations: int = 256, batch: int = 32, seed: int = 0,
                 dataset: str | None = None, progress: bool = True) -> tuple[Any, Any]:
     """A :class:`~robolearn.accel.cache.CachedPolicy` over ``policy`` with a ``method`` schedule for its current
-    sampler (``bac`` calibrates on the training data); returns it and the calibration (None unless bac)."""
+    sampler (``bac`` calibrates on the training data, ``searched`` tries every shared set of ``updates`` steps on
+    it); returns it and the calibration (None unless bac)."""
     from robolearn.accel.cache import (CacheError, CachedPolicy, all_steps, backbone_calls, branch_keys, calibrate,
-                                       default_updates, schedule_from_calibration, uniform_schedule)
+                                       default_updates, schedule_from_calibration, searched_schedule,
+                                       uniform_schedule)
 
     if method not in CACHES:
         raise CLIError(f"cache={method!r} is not one of {list(CACHES)}")
@@ -84,6 +86,18 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
         finally:
             bar.close()
         schedule = schedule_from_calibration(cal, "bac", k, bubble=bubble)
+    elif method == "searched":
+        obs = calibration_observations(policy, ckpt, observations, batch, seed=seed, dataset=dataset)
+        bar = None
+        try:
+            n_sets = math.comb(total - 1, k - 1)
+            bar = _bar(n_sets, f"searching {n_sets} step sets of {name}", progress)
+            schedule = searched_schedule(policy, obs, k, seed=seed, progress=bar.update)
+        except CacheError as e:
+            raise CLIError(str(e)) from None
+        finally:
+            if bar is not None:
+                bar.close()
     elif method == "uniform":
         schedule = uniform_schedule(keys, name, total, k)
     else:
@@ -160,8 +174,9 @@ def calibrate_cmd(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(out), "base": str(ckpt), "method": sched.method, "sampler": sched.sampler,
         "steps": sched.total, "updates": _k(sched), "compute_fraction": round(sched.compute_fraction, 4),
         "bubbled": sched.info.get("bubbled", []), "metric": cfg.metric if cal is not None else None,
-        "observations": cal.observations if cal is not None else 0,
+        "observations": cal.observations if cal is not None else int(sched.info.get("observations", 0)),
         "mean_caching_error": round(float(np.mean(list(errors.values()))), 6) if errors else None,
+        "action_rel_error": sched.info.get("action_rel_error"),  # searched: its chunks' error on the observations
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     print(f"{sched.method} schedule for {sched.sampler}: {summary['compute_fraction']:.0%} of the branch "

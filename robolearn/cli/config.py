@@ -60,7 +60,7 @@ class BenchEnvConfig:
 @dataclass
 class AccelCalibrateConfig:
     checkpoint: str | None = None  # a diffusion/flow transformer checkpoint
-    method: str = "bac"  # bac | uniform | none
+    method: str = "bac"  # bac | searched | uniform | none
     updates: int | None = None  # update steps per branch; default a quarter of the sampler's steps
     bubble: int = 4  # Bubbling Union: how many of the worst-cached branches take their downstream FFN's steps
     metric: str = "cosine"  # cosine | l1
@@ -79,7 +79,7 @@ class AccelCalibrateConfig:
 @dataclass
 class BenchLatencyConfig:
     checkpoint: str | None = None  # a base checkpoint (cached per cache=) or a cached one (against its base)
-    cache: str | None = None  # bac | uniform | none; default bac (for a base checkpoint)
+    cache: str | None = None  # bac | searched | uniform | none; default bac (for a base checkpoint)
     updates: int | None = None
     sampler: str | None = None
     steps: int | None = None
@@ -187,7 +187,7 @@ class EvalConfig:
     sampler: SamplerOverride = field(default_factory=SamplerOverride)
     n_action_steps: int | None = None  # override: actions executed per chunk before re-planning
     env: dict[str, Any] = field(default_factory=dict)  # overrides on top of the training data's env config
-    cache: str | None = None  # block caching of a transformer base: bac | uniform | none
+    cache: str | None = None  # block caching of a transformer base: bac | searched | uniform | none
     cache_updates: int | None = None  # update steps per branch (default a quarter of the sampler's steps)
     threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
@@ -195,7 +195,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     checkpoint: str | None = None  # a checkpoint folder ...
-    cache: str | None = None  # block caching of a transformer checkpoint: bac | uniform | none
+    cache: str | None = None  # block caching of a transformer checkpoint: bac | searched | uniform | none
     cache_updates: int | None = None
     policy: str | None = None  # ... or a policy server, ws://host:port
     task: str | None = None  # default: the task the checkpoint was trained on
@@ -219,7 +219,7 @@ class RunConfig:
 @dataclass
 class ServeConfig:
     checkpoint: str | None = None
-    cache: str | None = None  # block caching of a transformer base: bac | uniform | none
+    cache: str | None = None  # block caching of a transformer base: bac | searched | uniform | none
     cache_updates: int | None = None
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000

@@ -24,7 +24,9 @@ from robolearn.accel.cache import (
     calibrate,
     dp_update_steps,
     next_ff,
+    SEARCH_LIMIT,
     schedule_from_calibration,
+    searched_schedule,
     shared_schedule,
     uniform_schedule,
     uniform_steps,
@@ -165,6 +167,41 @@ def test_shared_schedule_is_the_dp_optimum_of_the_mean_similarity_for_every_bran
     assert sched.method == "shared" and sched.compute_fraction == pytest.approx(2 / 6)
     assert sched.info["error"]["0.ff"] == pytest.approx(caching_error(b, (0, 3)), abs=1e-6)
     assert CacheSchedule.from_dict(sched.to_dict()).updates == sched.updates
+
+
+def test_searched_schedule_is_the_set_with_the_smallest_chunk_error_by_brute_force():
+    policy = transformer_policy(sampler={"kind": "ddim", "steps": 6})
+    batches = [obs(4, 2), obs(4, 3)]
+    sched = searched_schedule(policy, batches, 3, seed=5)
+    keys = branch_keys(policy.backbone)
+    steps = sched.updates[keys[0]]
+    assert sched.method == "searched" and sched.sampler == "ddim-6" and steps[0] == 0 and len(steps) == 3
+    assert all(v == steps for v in sched.updates.values())  # one set of steps for every branch
+    assert sched.info["candidates"] == 10 and sched.info["observations"] == 8  # C(5, 2) sets, 8 observations
+    # recompute every candidate's error independently (same noise rule): the chosen one is the smallest
+    gen = torch.Generator().manual_seed(5)
+    noises = [torch.randn(policy.noise_shape(4), generator=gen) for _ in batches]
+    with torch.no_grad():
+        ref = [policy.predict_action(b, n) for b, n in zip(batches, noises)]
+
+        def err(st):
+            c = CachedPolicy(policy, CacheSchedule("searched", "ddim-6", 6, {k: st for k in keys}))
+            outs = [c.predict_action(b, n) for b, n in zip(batches, noises)]
+            return float(torch.cat([(o - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1)
+                                    for o, r in zip(outs, ref)]).mean())
+
+        errors = {(0, *rest): err((0, *rest)) for rest in itertools.combinations(range(1, 6), 2)}
+    assert min(errors, key=errors.get) == steps
+    assert sched.info["action_rel_error"] == pytest.approx(errors[steps], rel=1e-4)
+    assert sched.info["action_rel_error"] <= sched.info["uniform_action_rel_error"] + 1e-9
+    # all steps: exactly the uncached policy
+    assert searched_schedule(policy, batches[:1], 6).info["action_rel_error"] == 0.0
+    assert CacheSchedule.from_dict(sched.to_dict()).updates == sched.updates
+    # many-step samplers: refused before any sampling, naming what to use instead
+    ddpm = transformer_policy(sampler={"kind": "ddpm", "steps": 100})
+    with pytest.raises(CacheError, match=r"more than the 3000 it allows; use method=bac or uniform"):
+        searched_schedule(ddpm, batches, 25)
+    assert SEARCH_LIMIT == 3000
 
 
 def test_uniform_steps():
@@ -308,6 +345,13 @@ def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys)
     for argv, message in cases:
         assert main(argv) == 1, argv
         assert message in capsys.readouterr().err, argv
+    # the searched schedule through the command: a cached checkpoint eval takes
+    searched = tmp_path / "searched"
+    assert main(["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=searched", "updates=2",
+                 "observations=8", "batch=4", f"out={searched}", "plot=false", "progress=false"]) == 0
+    found = last_json(capsys.readouterr().out)
+    assert found["method"] == "searched" and found["compute_fraction"] == 0.5 and found["action_rel_error"] >= 0
+    assert load_policy(searched).schedule.info["candidates"] == 3  # euler-4: step 0 and one of 3 others
     out = tmp_path / "uni"
     assert main(["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=uniform", "updates=2", f"out={out}",
                  "plot=false"]) == 0
