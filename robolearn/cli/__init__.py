@@ -344,10 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "their step x step similarity, and let the worst-cached blocks update with the feed-forward\n"
                    "block after them (Bubbling Union). The result is a 'cached' checkpoint naming its base, used\n"
                    "by eval, run and serve like any checkpoint; schedule.png shows the schedule. method=uniform\n"
-                   "(every n-th step) is the baseline.",
+                   "(every n-th step) is the baseline. method=searched (few-step samplers) tries every set of\n"
+                   "`updates` steps shared by all blocks and keeps the one whose chunks stay closest to the\n"
+                   "uncached policy's: at DDIM-10 on lift it beat both (README).",
                    ["robolearn accel calibrate checkpoint=runs/train/<run>/checkpoints/latest",
                     "robolearn accel calibrate checkpoint=... updates=20 bubble=6 metric=l1",
                     "robolearn accel calibrate checkpoint=... sampler=ddim steps=10 updates=5",
+                    "robolearn accel calibrate checkpoint=... sampler=ddim steps=10 method=searched updates=4",
                     "robolearn eval checkpoint=runs/train/<run>/checkpoints/latest-bac-ddpm-100-k25 episodes=50"])
     return parser
 
