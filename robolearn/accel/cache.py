@@ -324,6 +324,25 @@ def shared_schedule(similarity: Mapping[str, np.ndarray], sampler: str, updates:
     return CacheSchedule("shared", sampler, int(mean.shape[0]), {k: steps for k in keys}, fingerprint, meta)
 
 
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per chunk of a batch ``(B, ...)``: ``||out - ref|| / ||ref||`` (how far caching moved each chunk)."""
+    return (out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def search_candidates(total: int, updates: int, sampler: str) -> int:
+    """How many step sets :func:`searched_schedule` would try (step 0 and ``updates - 1`` of the other
+    ``total - 1`` steps); refuses a bad ``updates`` or more than :data:`SEARCH_LIMIT` sets, before any work."""
+    k = int(updates)
+    if not 1 <= k <= total:
+        raise CacheError(f"updates={k} must be between 1 and the {total} denoiser calls of {sampler}")
+    n = math.comb(total - 1, k - 1)
+    if n > SEARCH_LIMIT:
+        raise CacheError(f"a searched schedule tries every set of {k} of {sampler}'s {total} steps: {n:.3g} "
+                         f"sets, more than the {SEARCH_LIMIT} it allows; use method=bac or uniform for this sampler, "
+                         f"or search a few-step one (e.g. sampler=ddim steps=10)")
+    return n
+
+
 def searched_schedule(policy: Any, observations: Sequence[Mapping[str, Any]], updates: int, *, seed: int = 0,
                       info: Mapping[str, Any] | None = None,
                       progress: Callable[[int], None] | None = None) -> CacheSchedule:
@@ -337,51 +356,39 @@ def searched_schedule(policy: Any, observations: Sequence[Mapping[str, Any]], up
     few-step samplers: more than :data:`SEARCH_LIMIT` candidate sets (DDPM-100 at 25 updates has ~10^23) is
     refused. ``progress(n)`` is called after each candidate."""
     sc = policy.sampler_config
-    sampler, steps = str(sc["kind"]), int(sc["steps"])
-    name = f"{sampler}-{steps}"
-    total = backbone_calls(policy, sampler, steps)
+    name = f"{sc['kind']}-{sc['steps']}"
+    total = backbone_calls(policy, str(sc["kind"]), int(sc["steps"]))
     k = int(updates)
-    if not 1 <= k <= total:
-        raise CacheError(f"updates={k} must be between 1 and the {total} denoiser calls of {name}")
-    candidates = math.comb(total - 1, k - 1)
-    if candidates > SEARCH_LIMIT:
-        raise CacheError(f"a searched schedule tries every set of {k} of {name}'s {total} steps: {candidates:.3g} "
-                         f"sets, more than the {SEARCH_LIMIT} it allows; use method=bac or uniform for this sampler, "
-                         f"or search a few-step one (e.g. sampler=ddim steps=10)")
+    candidates = search_candidates(total, k, name)
     batches = list(observations)
     if not batches:
         raise CacheError("a searched schedule needs observations to compare chunks on")
     keys = branch_keys(policy.backbone)
     gen = torch.Generator().manual_seed(int(seed))
     noises = [torch.randn(policy.noise_shape(int(next(iter(b.values())).shape[0])), generator=gen) for b in batches]
-    fingerprint = backbone_fingerprint(policy.backbone)
-
-    def chunk_error(chunks: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-        num = sum(float(((c - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1).clamp_min(1e-12)).sum())
-                  for c, r in zip(chunks, ref))
-        return num / sum(int(r.shape[0]) for r in ref)
+    uniform_k = uniform_steps(total, k)
 
     with torch.no_grad():
         ref = [policy.predict_action(b, n) for b, n in zip(batches, noises)]
-        best: tuple[int, ...] | None = None
-        best_err, tried = float("inf"), {}
+        count = sum(int(r.shape[0]) for r in ref)
+        best, best_err, uniform_err = uniform_k, float("inf"), None
         for rest in itertools.combinations(range(1, total), k - 1):
             steps_k = (0, *rest)
-            trial = CachedPolicy(policy, CacheSchedule("searched", name, total, {key: steps_k for key in keys},
-                                                       fingerprint))
-            err = chunk_error([trial.predict_action(b, n) for b, n in zip(batches, noises)], ref)
-            tried[steps_k] = err
+            # trial schedules carry no fingerprint: the policy is the one searched, so its weights need no hash
+            trial = CachedPolicy(policy, CacheSchedule("searched", name, total, {key: steps_k for key in keys}))
+            err = sum(float(relative_error(trial.predict_action(b, n), r).sum())
+                      for b, n, r in zip(batches, noises, ref)) / count
+            if steps_k == uniform_k:
+                uniform_err = err
             if err < best_err:
                 best, best_err = steps_k, err
             if progress is not None:
                 progress(1)
-    assert best is not None
-    uniform_k = uniform_steps(total, k)
     meta = dict(info or {})
     meta.update(updates=k, steps=list(best), candidates=candidates, action_rel_error=round(best_err, 6),
-                uniform_action_rel_error=round(tried[tuple(uniform_k)], 6) if tuple(uniform_k) in tried else None,
-                observations=sum(int(r.shape[0]) for r in ref))
-    return CacheSchedule("searched", name, total, {key: best for key in keys}, fingerprint, meta)
+                uniform_action_rel_error=None if uniform_err is None else round(uniform_err, 6), observations=count)
+    return CacheSchedule("searched", name, total, {key: best for key in keys},
+                         backbone_fingerprint(policy.backbone), meta)
 
 
 # ---------------------------------------------------------------------------------------------- the cached call

@@ -59,8 +59,8 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
     sampler (``bac`` calibrates on the training data, ``searched`` tries every shared set of ``updates`` steps on
     it); returns it and the calibration (None unless bac)."""
     from robolearn.accel.cache import (CacheError, CachedPolicy, all_steps, backbone_calls, branch_keys, calibrate,
-                                       default_updates, schedule_from_calibration, searched_schedule,
-                                       uniform_schedule)
+                                       default_updates, schedule_from_calibration, search_candidates,
+                                       searched_schedule, uniform_schedule)
 
     if method not in CACHES:
         raise CLIError(f"cache={method!r} is not one of {list(CACHES)}")
@@ -87,17 +87,18 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
             bar.close()
         schedule = schedule_from_calibration(cal, "bac", k, bubble=bubble)
     elif method == "searched":
-        obs = calibration_observations(policy, ckpt, observations, batch, seed=seed, dataset=dataset)
-        bar = None
         try:
-            n_sets = math.comb(total - 1, k - 1)
-            bar = _bar(n_sets, f"searching {n_sets} step sets of {name}", progress)
+            n_sets = search_candidates(total, k, name)  # refuse a search too large before reading any data
+        except CacheError as e:
+            raise CLIError(str(e)) from None
+        obs = calibration_observations(policy, ckpt, observations, batch, seed=seed, dataset=dataset)
+        bar = _bar(n_sets, f"searching {n_sets} step sets of {name}", progress)
+        try:
             schedule = searched_schedule(policy, obs, k, seed=seed, progress=bar.update)
         except CacheError as e:
             raise CLIError(str(e)) from None
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
     elif method == "uniform":
         schedule = uniform_schedule(keys, name, total, k)
     else:
@@ -283,13 +284,13 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
             return pol.predict_action(obs[i], noises[i])
         return pol.predict_action_warm(obs[i], prev[i], int(base.n_action_steps), int(warm), noises[i])
 
-    from robolearn.accel.cache import CachedPolicy, CacheError, all_steps, branch_keys
+    from robolearn.accel.cache import CachedPolicy, CacheError, all_steps, branch_keys, relative_error
 
     errs = []  # accuracy: the same observations and initial noise through both
     try:
         for i in range(len(obs)):
             a, c = sample(base, i), sample(cached, i)
-            errs.append(float((c - a).norm() / a.norm().clamp_min(1e-12)))
+            errs.append(float(relative_error(c, a).mean()))
     except CacheError as e:
         raise CLIError(str(e)) from None
     memo = CachedPolicy(base, all_steps(branch_keys(base.backbone), cached.schedule.sampler, cached.schedule.total))

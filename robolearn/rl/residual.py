@@ -47,7 +47,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -96,35 +96,27 @@ class RolloutCorrector:
     motion instead of jitter (the idea of gSDE and of coloured-noise exploration). :meth:`restart` starts an
     environment's noise afresh at a new episode."""
 
-    def __init__(self, policy: ResidualPolicy, critic: Critic, generator: torch.Generator,
+    def __init__(self, policy: ResidualPolicy, critic: Critic, generator: torch.Generator, num_envs: int,
                  noise_corr: float = 0.0) -> None:
         self.policy, self.critic, self.generator = policy, critic, generator
         self.noise_corr = float(noise_corr)
         self.last: Step | None = None
-        self._noise: torch.Tensor | None = None  # (num_envs, action_dim), the AR(1) state
-        self._fresh: set[int] = set()
+        device = generator.device
+        self._noise = torch.zeros(num_envs, policy.action_dim, device=device)  # each environment's AR(1) state
+        self._fresh = torch.ones(num_envs, dtype=torch.bool, device=device)  # its next draw starts afresh
 
-    def restart(self, env_id: int) -> None:
-        self._fresh.add(int(env_id))
+    def restart(self, env_ids: int | Sequence[int]) -> None:
+        """These environments begin new episodes: their next noise is a fresh draw."""
+        self._fresh[env_ids] = True
 
     def _draw(self, shape: torch.Size, env_ids: np.ndarray) -> torch.Tensor:
         xi = torch.randn(shape, generator=self.generator, device=self.generator.device)
         if self.noise_corr == 0.0:
             return xi
-        ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long)
-        if self._noise is None or self._noise.shape[0] <= int(ids.max()):
-            grown = torch.zeros(int(ids.max()) + 1, shape[-1], device=xi.device)
-            if self._noise is not None:
-                grown[: self._noise.shape[0]] = self._noise
-            self._fresh.update(range(0 if self._noise is None else self._noise.shape[0], grown.shape[0]))
-            self._noise = grown
+        ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long, device=xi.device)
         c = self.noise_corr
-        e = c * self._noise[ids] + math.sqrt(1.0 - c * c) * xi
-        fresh = [j for j, i in enumerate(env_ids) if int(i) in self._fresh]
-        if fresh:
-            e[fresh] = xi[fresh]
-            self._fresh.difference_update(int(env_ids[j]) for j in fresh)
-        self._noise[ids] = e
+        e = torch.where(self._fresh[ids, None], xi, c * self._noise[ids] + math.sqrt(1.0 - c * c) * xi)
+        self._noise[ids], self._fresh[ids] = e, False
         return e
 
     @torch.no_grad()
@@ -196,7 +188,7 @@ class ResidualPPO(FinetuneRun):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=settings.critic_lr, eps=1e-5)
         self.sample_gen = torch.Generator(device=self.device).manual_seed(self.seed)
         self.shuffle_gen = torch.Generator().manual_seed(self.seed + 1)
-        self.corrector = RolloutCorrector(policy, self.critic, self.sample_gen, settings.noise_corr)
+        self.corrector = RolloutCorrector(policy, self.critic, self.sample_gen, self.num_envs, settings.noise_corr)
         # The base runs as deployed: batched inference for every environment whose queue ran out.
         self.executor = ChunkExecutor(policy.base, self.num_envs, seed=self.seed, corrector=self.corrector)
         self.updates = 0
@@ -211,8 +203,7 @@ class ResidualPPO(FinetuneRun):
         self.executor.reset(obs, episodes=range(self.next_episode, self.next_episode + self.num_envs))
         self.next_episode += self.num_envs
         self._ep_return[:], self._ep_length[:] = 0.0, 0
-        for i in range(self.num_envs):
-            self.corrector.restart(i)
+        self.corrector.restart(list(range(self.num_envs)))
 
     @torch.no_grad()
     def collect(self) -> tuple[Rollout, torch.Tensor, dict[str, Any]]:

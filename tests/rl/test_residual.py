@@ -189,7 +189,7 @@ def test_exploration_noise_is_ar1_with_the_set_correlation_and_restarts_fresh(tm
     obs, base = {"goal": np.zeros((3, 2), np.float32)}, np.zeros((3, 2), np.float32)
 
     def draws(corr: float, restart_at: int | None = None) -> np.ndarray:
-        corrector = RolloutCorrector(policy, Critic(policy.obs_dim, [8]), torch.Generator().manual_seed(0), corr)
+        corrector = RolloutCorrector(policy, Critic(policy.obs_dim, [8]), torch.Generator().manual_seed(0), 3, corr)
         out = []
         for t in range(3000):
             if t == restart_at:

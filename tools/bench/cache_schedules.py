@@ -39,10 +39,7 @@ import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-
-def rel_error(out, ref):
-    """Per chunk of a batch: ||out - ref|| / ||ref||."""
-    return (out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+from robolearn.accel.cache import relative_error as rel_error  # noqa: E402
 
 
 def step_sensitivity(policy, batches, seed: int = 0, eps: float = 0.05) -> list[float]:
@@ -82,30 +79,6 @@ def step_sensitivity(policy, batches, seed: int = 0, eps: float = 0.05) -> list[
     return out
 
 
-def searched_shared(policy, cal, batch, k: int):
-    """The shared set of ``k`` update steps (step 0 and ``k - 1`` others) whose chunks are closest to the uncached
-    ones on ``batch`` (same noise): an exhaustive search, C(S-1, k-1) cached samplings."""
-    import itertools
-
-    import torch
-
-    from robolearn.accel.cache import CachedPolicy, CacheSchedule
-
-    noise = torch.randn(policy.noise_shape(int(next(iter(batch.values())).shape[0])),
-                        generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        ref = policy.predict_action(batch, noise)
-        best, best_err = None, float("inf")
-        for rest in itertools.combinations(range(1, cal.total), k - 1):
-            steps = (0, *rest)
-            sched = CacheSchedule("shared", cal.sampler, cal.total, {key: steps for key in cal.similarity})
-            out = CachedPolicy(policy, sched).predict_action(batch, noise)
-            err = float(rel_error(out, ref).mean())
-            if err < best_err:
-                best, best_err = sched, err
-    return best
-
-
 def weigh(sim, weights):
     """A similarity matrix whose dynamic program minimizes the sensitivity-weighted loss of the skipped steps:
     entry ``[i, j]`` = ``w_j * (sim[i, j] - sim[j, j])`` (0 at an update step, negative where step ``j`` reusing
@@ -136,7 +109,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from robolearn.accel.cache import (CachedPolicy, CacheSchedule, bac_schedule, calibrate,
-                                       schedule_from_calibration, shared_schedule, uniform_schedule)
+                                       schedule_from_calibration, searched_schedule, shared_schedule,
+                                       uniform_schedule)
     from robolearn.cli.accel import calibration_observations
     from robolearn.cli.runtime import load_checkpoint
 
@@ -180,7 +154,8 @@ def main() -> None:
             scheds["bac_weighted"] = bac_schedule(weighted, cal.n_blocks, cal.sampler, k, bubble=0)
             scheds["shared_weighted"] = shared_schedule(weighted, cal.sampler, k)
             if args.search and metric == args.metrics[0] and k <= args.search:
-                scheds["shared_searched"] = searched_shared(policy, cal, cal_obs[0], k)
+                # one calibration batch, its own noise (seed 7): not the observations the error is reported on
+                scheds["shared_searched"] = searched_schedule(policy, [cal_obs[0]], k, seed=7)
             matched = max(1, round(bac.compute_fraction * cal.total))
             if matched != k:
                 scheds["uniform_matched"] = uniform_schedule(list(cal.similarity), cal.sampler, cal.total, matched)
