@@ -5,9 +5,9 @@ the base on the same held-out seeds (the environments' initial states) under sev
 rule, the success rate, and across the ``--noise-seeds`` draws of N(0, I) noise:
 
 - ``per_seed_success``: each initial state's success frequency over the draws (how often *this* state succeeds);
-- ``oracle_any``: the fraction of initial states where at least one draw succeeded -- what a steering actor that
-  could pick the whole episode's noise per initial state would reach (a lower bound for per-chunk steering, which
-  picks again at every decision, and an upper bound for an actor that cannot tell the draws apart);
+- ``oracle_any``: the fraction of initial states where at least one draw succeeded -- what choosing one whole
+  episode's noise per initial state with hindsight would reach (choosing it afresh at every decision, as steering
+  does, can only do better with hindsight; a learned actor has no hindsight);
 - ``always`` / ``never``: states that succeeded under every draw / under none (no noise choice among those drawn
   helps them);
 - noise scales: ``w = scale x eps`` (``scale 0``: the base's mode-like deterministic chunk; ``1``: the base as
@@ -30,29 +30,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from robolearn.policies.wrapper import PolicyWrapper
 
-class ScaledNoise(torch.nn.Module):
+
+class ScaledNoise(PolicyWrapper):
     """The base with its initial noise multiplied by ``scale`` (and clipped to ``clip``, if given)."""
 
     def __init__(self, base: Any, scale: float, clip: float | None = None) -> None:
-        super().__init__()
-        self.base, self.scale, self.clip = base, float(scale), clip
+        super().__init__(base)
+        self.scale, self.clip = float(scale), clip
 
-    def predict_action(self, obs_history, noise=None):  # noqa: ANN001 -- the chunk-policy protocol
-        assert noise is not None
+    def predict_action(self, obs_history, noise=None, **kwargs):  # noqa: ANN001 -- the chunk-policy protocol
+        assert noise is not None, "evaluate always passes the chunk noise"
         w = noise * self.scale
         if self.clip is not None:
             w = w.clamp(-self.clip, self.clip)
-        return self.base.predict_action(obs_history, w)
-
-    def reset(self) -> None:
-        self.base.reset()
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base, name)
+        return self.base.predict_action(obs_history, w, **kwargs)
 
 
 def successes(policy: Any, task: str, seeds: list[int], noise_seed: int) -> np.ndarray:
