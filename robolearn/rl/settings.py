@@ -106,6 +106,8 @@ class SteerSettings:
     obs_norm: str = "running"  # as residual RL: standardize the actor's/critics' inputs by visited states' mean/std
     base_sampler: str | None = None  # steer the base under this sampler (null: its own); must be deterministic
     base_steps: int | None = None  # ... with this many steps (null: its own)
+    act: str = "mean"  # deployed and evaluated noise: mean (the actor's deterministic choice) | sample (a draw, as DSRL
+    #                    evaluates; keeps a multimodal base's modes where the mean w = 0 averages them)
     # -- critics and SAC
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
     gamma: float = 0.99  # per environment step: a chunk of k steps discounts its successor by gamma^k
@@ -121,14 +123,18 @@ class SteerSettings:
     #                               Q stays on the reward's scale (a success probability for sparse tasks)
     bootstrap_truncated: bool = True  # a time-limit end is valued by the critic at the last observation
     td_target: str = "actor"  # actor: bootstrap at the actor's noise for s' (SAC); behavior: at the noise/chunk the run
-    #                           actually chose next (SARSA-like: no maximization inside the target)
+    #                           actually chose next (SARSA-like: no maximization inside the target); mc: no bootstrap
+    #                           inside an episode -- the discounted return the run actually got to the episode's end
+    reward_offset: float = 0.0  # subtracted from every step's reward (DSRL's robomimic configs: 1, i.e. -1 per step
+    #                             until success: faster successes score higher, so chunks differ even when all succeed)
     alias_samples: int = 2  # na: extra chunks from w ~ N(0, I) per decision, for distilling the noise critic
 
     def check(self, prefix: str = "finetune.") -> None:
         require = _requirer(self, prefix)
         require(("variant",), lambda v: v in STEER_VARIANTS, "'sac' (SAC on the noise) or 'na' (noise aliasing)")
+        require(("act",), lambda v: v in ("mean", "sample"), "'mean' or 'sample'")
         require(("obs_norm",), lambda v: v in ("base", "running"), "'running' or 'base'")
-        require(("td_target",), lambda v: v in ("actor", "behavior"), "'actor' or 'behavior'")
+        require(("td_target",), lambda v: v in ("actor", "behavior", "mc"), "'actor', 'behavior' or 'mc'")
         require(("max_noise", "lr", "utd"), _positive, "> 0")
         require(("gamma", "tau"), _unit, "in [0, 1]")
         require(("batch_size", "buffer_size"), lambda v: v >= 1, ">= 1")
@@ -144,4 +150,4 @@ class SteerSettings:
         """What the steered policy's checkpoint keeps of these."""
         return {"max_noise": float(self.max_noise), "hidden": [int(w) for w in self.actor_hidden],
                 "obs_norm": str(self.obs_norm), "sampler": self.base_sampler,
-                "steps": None if self.base_steps is None else int(self.base_steps)}
+                "steps": None if self.base_steps is None else int(self.base_steps), "act": str(self.act)}

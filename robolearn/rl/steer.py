@@ -192,6 +192,8 @@ class SteeringSAC(FinetuneRun):
             else -0.5 * w_dim
         fields = {"obs": obs_dim, "w": w_dim, "act": act_dim, "reward": 1, "discount": 1, "done": 1,
                   "next_obs": obs_dim, "next_w": w_dim, "next_act": act_dim, "has_next": 1}
+        if settings.td_target == "mc":
+            fields["ret"] = 1  # the discounted return from this decision to the episode's end
         self.replay = Replay(settings.buffer_size, fields)
         self._no_next_w, self._no_next_act = np.zeros(w_dim, np.float32), np.zeros(act_dim, np.float32)
         self.alias = Replay(settings.buffer_size * max(1, settings.alias_samples),
@@ -206,6 +208,7 @@ class SteeringSAC(FinetuneRun):
         n = self.num_envs
         self._pending: list[dict[str, Any] | None] = [None] * n
         self._waiting: list[dict[str, Any] | None] = [None] * n  # td_target=behavior: a chunk awaiting the next one
+        self._episode: list[list[dict[str, Any]]] = [[] for _ in range(n)]  # td_target=mc: the episode's chunks so far
         self._ep_return = np.zeros(n)
         self._ep_length = np.zeros(n, dtype=np.int64)
 
@@ -216,6 +219,7 @@ class SteeringSAC(FinetuneRun):
         self.next_episode += self.num_envs
         self._pending = [None] * self.num_envs
         self._waiting = [None] * self.num_envs
+        self._episode = [[] for _ in range(self.num_envs)]
         self._ep_return[:], self._ep_length[:] = 0.0, 0
 
     def _store(self, rows: list[dict[str, Any]]) -> None:
@@ -245,7 +249,35 @@ class SteeringSAC(FinetuneRun):
             for i, row in zip(ids, rows):
                 self._waiting[i] = row
             return
+        if self.s.td_target == "mc":
+            self._store_returns(ids, rows, nxt, done, ran_out)
+            return
         self._store(rows)
+
+    def _store_returns(self, ids: list[int], rows: list[dict[str, Any]], nxt: np.ndarray, done: np.ndarray,
+                       ran_out: bool) -> None:
+        """``td_target="mc"``: a chunk waits in its environment's episode until the episode ends; then every chunk
+        of it enters the buffer with the discounted return from its decision on (a time-limit end that is not
+        ``done`` adds the target critic's value of the last observation under the actor's deterministic noise)."""
+        for i, row in zip(ids, rows):
+            self._episode[i].append(row)
+        if ran_out:
+            return
+        tails = np.zeros(len(ids))
+        if not bool(np.all(done)):
+            with torch.no_grad():
+                feats = self.policy.standardize(torch.as_tensor(nxt, device=self.device))
+                w = self.policy.actor.deterministic(feats) / self.policy.max_noise
+                tails = self.q_w_target(feats, w).min(0).values.cpu().numpy()
+        finished = []
+        for j, i in enumerate(ids):
+            g = 0.0 if done[j] else float(tails[j])
+            for row in reversed(self._episode[i]):
+                g = float(row["reward"]) + float(row["discount"]) * g
+                row["ret"] = g
+            finished += self._episode[i]
+            self._episode[i] = []
+        self._store(finished)
 
     def step(self) -> dict[str, Any]:
         """One step of every environment (deciding for those whose chunk ran out); returns finished episodes."""
@@ -282,7 +314,7 @@ class SteeringSAC(FinetuneRun):
         for i in range(n):
             pend = self._pending[i]
             assert pend is not None
-            pend["reward"] += pend["discount"] * float(reward[i])
+            pend["reward"] += pend["discount"] * (float(reward[i]) - s.reward_offset)
             pend["discount"] *= s.gamma
             row = {k: v[i] for k, v in obs.items()}
             if terminated[i] or truncated[i]:
@@ -321,20 +353,23 @@ class SteeringSAC(FinetuneRun):
         obs, nxt = p.standardize(b["obs"]), p.standardize(b["next_obs"])
         w_scale = 1.0 / p.max_noise  # critics see w in [-1, 1]
         alpha = self.log_alpha.exp().detach()
-        with torch.no_grad():
-            w2, logp2 = p.actor.sample(nxt)
-            bootstrap = self.q_w_target(nxt, w2 * w_scale).min(0).values
-            if s.variant == "sac" and s.backup_entropy:
-                bootstrap = bootstrap - alpha * logp2
-            if s.td_target == "behavior":  # the data's next decision where there is one (no maximization)
-                if s.variant == "sac":
-                    data = self.q_w_target(nxt, b["next_w"] * w_scale).min(0).values
-                else:
-                    assert self.q_a_target is not None
-                    data = self.q_a_target(nxt, b["next_act"]).min(0).values
-                has = b["has_next"][:, 0]
-                bootstrap = has * data + (1.0 - has) * bootstrap
-            target = b["reward"][:, 0] + b["discount"][:, 0] * (1.0 - b["done"][:, 0]) * bootstrap
+        if s.td_target == "mc":  # the return the run got: no bootstrap inside an episode
+            target = b["ret"][:, 0]
+        else:
+            with torch.no_grad():
+                w2, logp2 = p.actor.sample(nxt)
+                bootstrap = self.q_w_target(nxt, w2 * w_scale).min(0).values
+                if s.variant == "sac" and s.backup_entropy:
+                    bootstrap = bootstrap - alpha * logp2
+                if s.td_target == "behavior":  # the data's next decision where there is one (no maximization)
+                    if s.variant == "sac":
+                        data = self.q_w_target(nxt, b["next_w"] * w_scale).min(0).values
+                    else:
+                        assert self.q_a_target is not None
+                        data = self.q_a_target(nxt, b["next_act"]).min(0).values
+                    has = b["has_next"][:, 0]
+                    bootstrap = has * data + (1.0 - has) * bootstrap
+                target = b["reward"][:, 0] + b["discount"][:, 0] * (1.0 - b["done"][:, 0]) * bootstrap
         out: dict[str, float] = {}
         if s.variant == "sac":
             q = self.q_w(obs, b["w"] * w_scale)

@@ -100,12 +100,20 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
     ``max_noise``: the bound on ``|w|``. ``hidden``: the actor's widths. ``obs_keys``: observation keys the actor
     reads (default: the base's one-dimensional ones). ``obs_norm``: see :mod:`robolearn.rl.features`.
     ``sampler``/``steps``: run the base under this sampler (None: its own); it must be deterministic.
+    ``act``: ``"mean"`` deploys the actor's deterministic ``w = max_noise * tanh(mean)``; ``"sample"`` a draw from
+    the actor whose reparameterization noise is the caller's chunk noise (reproducible from the noise seed, as every
+    policy's evaluation is). DSRL evaluates by sampling; it matters where the base is multimodal: an untrained actor's
+    mean is ``w = 0``, the average of the modes (push_t: 0.29 against the base's 0.56), its sample the base's own
+    N(0, I)-like noise.
     """
 
     def __init__(self, base: Any, max_noise: float = 1.5, hidden: Sequence[int] = (256, 256),
                  obs_keys: Sequence[str] | None = None, obs_norm: str = "running", sampler: str | None = None,
-                 steps: int | None = None) -> None:
+                 steps: int | None = None, act: str = "mean") -> None:
         super().__init__(base)
+        if act not in ("mean", "sample"):
+            raise ValueError(f"act must be 'mean' or 'sample', got {act!r}")
+        self.act = act
         if not float(max_noise) > 0:
             raise ValueError(f"max_noise must be > 0, got {max_noise}")
         if sampler is not None or steps is not None:
@@ -128,7 +136,8 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
 
     def wrapper_config(self) -> dict[str, Any]:
         return {"max_noise": self.max_noise, "hidden": list(self.hidden), "obs_keys": list(self.feature_keys),
-                "obs_norm": self.obs_norm, "sampler": self.sampler, "steps": self.steps}
+                "obs_norm": self.obs_norm, "sampler": self.sampler, "steps": self.steps,
+                "act": self.act}
 
     def steer(self, obs_history: Mapping[str, Any], w: torch.Tensor) -> torch.Tensor:
         """The base's chunk ``(n, horizon, action_dim)`` (raw units) for flattened noise ``w`` ``(n, noise_dim)``."""
@@ -136,13 +145,18 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
         return self.base.predict_action(obs_history, noise)
 
     @torch.no_grad()
-    def choose_noise(self, obs_history: Mapping[str, Any]) -> torch.Tensor:
-        """The actor's deterministic ``w`` ``(n, noise_dim)`` for each row's newest observation."""
+    def choose_noise(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The actor's ``w`` ``(n, noise_dim)`` for each row's newest observation: its deterministic choice, or
+        with ``act="sample"`` its draw on reparameterization noise ``noise`` (drawn here when None)."""
         feats = self.obs_features(self.newest_frame(obs_history))
+        if self.act == "sample":
+            eps = None if noise is None else noise.reshape(noise.shape[0], -1).to(self.device, torch.float32)
+            return self.actor.sample(feats, eps)[0]
         return self.actor.deterministic(feats)
 
     def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None,
                        **kwargs: Any) -> torch.Tensor:
-        """The base's chunk on the actor's noise; ``noise`` is ignored (the actor chooses it)."""
+        """The base's chunk on the actor's noise (``noise``: the reparameterization noise of ``act="sample"``;
+        ignored by ``act="mean"``)."""
         with torch.no_grad():
-            return self.steer(obs_history, self.choose_noise(obs_history))
+            return self.steer(obs_history, self.choose_noise(obs_history, noise))

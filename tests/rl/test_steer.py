@@ -41,6 +41,27 @@ def test_a_pinned_noise_runs_the_bases_own_deterministic_chunk(tmp_path, name):
     assert not torch.allclose(base.predict_action(obs, other), want, atol=1e-3)  # the noise matters to the base
 
 
+def test_a_sampling_steered_policy_draws_on_the_callers_noise_and_keeps_that_choice_in_its_checkpoint(tmp_path):
+    base = fixture_base(tmp_path, "v1_push_t_flow_transformer")
+    policy = SteeredPolicy(base, act="sample")
+    obs = {k: torch.rand(3, base.n_obs_steps, *s, generator=torch.Generator().manual_seed(1))
+           for k, s in base.obs_shapes.items()}
+    eps = torch.randn(policy.noise_shape(3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        w, _ = policy.actor.sample(policy.obs_features(policy.newest_frame(obs)), eps.reshape(3, -1))
+    chunk = policy.predict_action(obs, eps)
+    torch.testing.assert_close(chunk, base.predict_action(obs, w.reshape(eps.shape)), rtol=0, atol=1e-5)
+    assert not torch.allclose(policy.predict_action(obs, -eps), chunk, atol=1e-3)  # the draw follows the noise
+    mean = SteeredPolicy(base)  # the deterministic choice ignores it
+    torch.testing.assert_close(mean.predict_action(obs, eps), mean.predict_action(obs, -eps))
+    save_policy(policy, tmp_path / "steered")
+    loaded = load_policy(tmp_path / "steered")
+    assert loaded.act == "sample"
+    torch.testing.assert_close(loaded.predict_action(obs, eps), chunk, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="act must be 'mean' or 'sample', got 'mode'"):
+        SteeredPolicy(base, act="mode")
+
+
 def test_a_stochastic_sampler_is_refused_naming_the_deterministic_one(tmp_path):
     base = fixture_base(tmp_path, "v1_push_t_diffusion_unet")
     base.set_sampler("ddpm")
@@ -113,7 +134,8 @@ def test_steer_settings_refuse_nonsense_naming_the_key():
     for bad, key in ((dict(variant="ppo"), "finetune.variant"), (dict(max_noise=0.0), "finetune.max_noise"),
                      (dict(tau=2.0), "finetune.tau"), (dict(batch_size=0), "finetune.batch_size"),
                      (dict(variant="na", alias_samples=0), "finetune.alias_samples"),
-                     (dict(critic_hidden=[]), "finetune.critic_hidden"), (dict(td_target="max"), "finetune.td_target")):
+                     (dict(critic_hidden=[]), "finetune.critic_hidden"), (dict(td_target="max"), "finetune.td_target"),
+                     (dict(act="mode"), "finetune.act")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             SteerSettings(**bad).check()
 
@@ -150,3 +172,29 @@ def test_sac_with_behavior_targets_still_learns_the_toy(tmp_path):
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_mean_return"] for r in records if "eval_mean_return" in r]
     assert evals[-1] > 0.5 * -EPISODE * float(np.sum(OFFSET ** 2)), evals
+
+
+def test_monte_carlo_targets_hold_each_episodes_discounted_return_with_the_reward_offset(tmp_path):
+    gamma, offset = 0.9, 1.0
+    sac, out = toy_run(tmp_path, 256, learning_starts=10_000, gamma=gamma, td_target="mc", reward_offset=offset,
+                       bootstrap_truncated=False)
+    r = {k: v[:sac.replay.size] for k, v in sac.replay.data.items()}
+    assert sac.replay.size == 256 // 2  # every episode ended within the run: all its chunks were stored
+    goal, w = r["obs"], r["w"].reshape(-1, 4, 2)
+    raw = goal[:, None] + OFFSET + NOISE_GAIN * w[:, :2]
+    step = -((raw - goal[:, None]) ** 2).sum(-1) - offset  # each step's reward less the offset
+    np.testing.assert_allclose(r["reward"][:, 0], step[:, 0] + gamma * step[:, 1], rtol=1e-5)
+    # an episode's chunks enter together, in order: the return runs backwards through them, 0 after the end
+    chunks = EPISODE // 2
+    ret, rew, disc = (r[k][:, 0].reshape(-1, chunks) for k in ("ret", "reward", "discount"))
+    np.testing.assert_allclose(ret[:, -1], rew[:, -1], rtol=1e-5)
+    np.testing.assert_allclose(ret[:, :-1], rew[:, :-1] + disc[:, :-1] * ret[:, 1:], rtol=1e-5)
+    assert ret[:, 0].max() < -offset * (1 - gamma ** EPISODE) / (1 - gamma)  # what the offset alone costs from the start
+
+
+def test_sac_on_monte_carlo_returns_learns_the_toy(tmp_path):
+    _, out = toy_run(tmp_path, 2048, td_target="mc")
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_mean_return"] for r in records if "eval_mean_return" in r]
+    zero_noise = -EPISODE * float(np.sum(OFFSET ** 2))  # the base on w = 0
+    assert evals[-1] > zero_noise and evals[-1] > evals[0] + 5.0, evals  # noisier targets than TD: a looser bar
