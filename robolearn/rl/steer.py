@@ -30,8 +30,8 @@ Variants (``SteerSettings.variant``):
   actor maximizes Q_W. Many noises map to similar chunks; Q_A sees that, Q_W learns it from Q_A.
 
 Updates: ``utd`` gradient steps per collected transition, run as transitions arrive (after ``learning_starts``).
-Evaluation (``evaluate(policy, env_steps)``): the steered policy, deterministic (``max_noise * tanh(mean)``), on
-held-out seeds; before training the *base* itself is evaluated (its own noise rule): that is
+Evaluation (``evaluate(policy, env_steps)``): the steered policy as deployed (``act``: its deterministic
+``max_noise * tanh(mean)``, or a draw on the evaluation's chunk noise), on held-out seeds; before training the *base* itself is evaluated (its own noise rule): that is
 ``success_rate_before``.
 
 Run folder (the loop both methods share, :mod:`robolearn.rl.loop`): ``metrics.jsonl``, ``tb/``, ``plots/success.png``,
@@ -170,7 +170,7 @@ class SteeringSAC(FinetuneRun):
 
     method = "steering"
     train_label = "training episodes (sampled noise)"
-    eval_label = "evaluation (deterministic noise, held-out seeds)"
+    eval_label = "evaluation (the actor's noise as deployed, held-out seeds)"
 
     def __init__(self, policy: SteeredPolicy, envs: Any, settings: SteerSettings, **run: Any) -> None:
         super().__init__(policy, envs, settings, **run)
@@ -267,7 +267,7 @@ class SteeringSAC(FinetuneRun):
         if not bool(np.all(done)):
             with torch.no_grad():
                 feats = self.policy.standardize(torch.as_tensor(nxt, device=self.device))
-                w = self.policy.actor.deterministic(feats) / self.policy.max_noise
+                w = self.policy.actor.sample(feats)[0] / self.policy.max_noise  # as the TD targets draw it
                 tails = self.q_w_target(feats, w).min(0).values.cpu().numpy()
         finished = []
         for j, i in enumerate(ids):
@@ -331,6 +331,11 @@ class SteeringSAC(FinetuneRun):
             finals = [final_obs(infos, i) for i in ended]
             last_obs = {k: np.stack([f[k] for f in finals]) for k in self.policy.feature_keys}
             done = np.array([terminated[i] or not s.bootstrap_truncated for i in ended])
+            if s.reward_offset and not s.bootstrap_truncated:  # a time-limit end valued as a failure: with an
+                for i in ended:  # offset that is paying it forever (0, a success's value, would reward the timeout)
+                    pend = self._pending[i]
+                    if not terminated[i] and pend is not None:
+                        pend["reward"] -= pend["discount"] * s.reward_offset / (1.0 - s.gamma)
             self._finish(ended, last_obs, done, ran_out=False)
             for i in ended:
                 self.executor.reset_env(i, {k: v[i] for k, v in obs.items()}, episode=self.next_episode)

@@ -9,10 +9,11 @@ action space of its own, and RL there changes what the base does without touchin
 :class:`NoiseActor`: a tanh-squashed Gaussian over ``w`` (flattened, ``horizon x action_dim`` numbers), bounded
 by ``max_noise`` (DSRL: tanh x ~1.5, so the base never sees noise far outside the N(0, I) it was trained on). It
 reads the newest low-dimensional observation, normalized (:mod:`robolearn.rl.features`). Deployment and
-evaluation use its deterministic choice ``max_noise * tanh(mean)``; training samples.
+evaluation use its deterministic choice ``max_noise * tanh(mean)`` (``act="mean"``) or a draw on the caller's
+chunk noise (``act="sample"``); training samples.
 
-:class:`SteeredPolicy` (``"steered"``): ``predict_action(obs_history, noise)`` ignores ``noise`` and runs the base
-on the actor's ``w``. Everything built on the executor (``robolearn eval``, ``run``, ``serve``, ``teleop
+:class:`SteeredPolicy` (``"steered"``): ``predict_action(obs_history, noise)`` runs the base on the actor's ``w``
+(``noise`` is ignored with ``act="mean"``, the draw's reparameterization noise with ``act="sample"``). Everything built on the executor (``robolearn eval``, ``run``, ``serve``, ``teleop
 policy=``, ``collect policy=``) takes it like any chunk policy. It has no warm start (a warm start skips the
 initial noise, which is what it steers). Checkpoints hold the actor and the observation statistics; the config
 names the base by relative path and content hash.

@@ -157,6 +157,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.checkpoint / 'rl_state.pt'} holds no action critic: probe a variant=na run")
     run_cfg = yaml.safe_load((args.checkpoint.parents[1] / "config.yaml").read_text())["finetune"]
     hidden = [int(h) for h in run_cfg["critic_hidden"]]
+    if args.fit == "mc" and run_cfg.get("td_target") == "mc":
+        raise SystemExit(f"{args.checkpoint}: a td_target=mc run's buffer holds no next-decision links to chain "
+                         f"(its rows already carry their returns): probe the run's own critic instead")
+    if args.fit and args.offset and float(run_cfg.get("reward_offset") or 0.0):
+        raise SystemExit(f"{args.checkpoint}: its rewards already carry reward_offset="
+                         f"{run_cfg['reward_offset']}; --offset would subtract it twice")
     act_dim = int(steered.n_action_steps) * int(steered.action_dim)
     fit_info: dict[str, Any] = {}
     if args.fit:
