@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError, executable
+from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError
 from robolearn.rl.loop import FinetuneRun, final_info, final_obs
 from robolearn.rl.settings import SteerSettings
 from robolearn.rl.steer_policy import SteeredPolicy, layer_norm_mlp
@@ -126,9 +126,7 @@ class TrainingView:
         self.aliases: dict[str, np.ndarray] | None = None
 
     def exec_norm(self, chunk: torch.Tensor) -> np.ndarray:
-        p = self.policy
-        part = executable(torch.as_tensor(chunk), p.n_obs_steps, p.n_action_steps).float()
-        return p.normalizer.normalize(p.action_key, part.to(p.device)).reshape(part.shape[0], -1).cpu().numpy()
+        return self.policy.critic_action(chunk).cpu().numpy()
 
     @torch.no_grad()
     def predict_action(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,17 +256,15 @@ class SteeringSAC(FinetuneRun):
                        ran_out: bool) -> None:
         """``td_target="mc"``: a chunk waits in its environment's episode until the episode ends; then every chunk
         of it enters the buffer with the discounted return from its decision on (a time-limit end that is not
-        ``done`` adds the target critic's value of the last observation under the actor's deterministic noise)."""
+        ``done`` adds :meth:`_actor_value` of the last observation)."""
         for i, row in zip(ids, rows):
             self._episode[i].append(row)
         if ran_out:
             return
         tails = np.zeros(len(ids))
         if not bool(np.all(done)):
-            with torch.no_grad():
-                feats = self.policy.standardize(torch.as_tensor(nxt, device=self.device))
-                w = self.policy.actor.sample(feats)[0] / self.policy.max_noise  # as the TD targets draw it
-                tails = self.q_w_target(feats, w).min(0).values.cpu().numpy()
+            feats = self.policy.standardize(torch.as_tensor(nxt, device=self.device))
+            tails = self._actor_value(feats)[0].cpu().numpy()
         finished = []
         for j, i in enumerate(ids):
             g = 0.0 if done[j] else float(tails[j])
@@ -318,6 +314,10 @@ class SteeringSAC(FinetuneRun):
             pend["discount"] *= s.gamma
             row = {k: v[i] for k, v in obs.items()}
             if terminated[i] or truncated[i]:
+                if truncated[i] and not terminated[i] and not s.bootstrap_truncated:
+                    # a time-limit end valued as a failure: with an offset, paying it forever after (a tail of
+                    # 0 would be a success's value and reward the timeout)
+                    pend["reward"] -= pend["discount"] * s.reward_offset / (1.0 - s.gamma)
                 ended.append(i)
                 finished["returns"].append(float(self._ep_return[i]))
                 finished["lengths"].append(int(self._ep_length[i]))
@@ -331,11 +331,6 @@ class SteeringSAC(FinetuneRun):
             finals = [final_obs(infos, i) for i in ended]
             last_obs = {k: np.stack([f[k] for f in finals]) for k in self.policy.feature_keys}
             done = np.array([terminated[i] or not s.bootstrap_truncated for i in ended])
-            if s.reward_offset and not s.bootstrap_truncated:  # a time-limit end valued as a failure: with an
-                for i in ended:  # offset that is paying it forever (0, a success's value, would reward the timeout)
-                    pend = self._pending[i]
-                    if not terminated[i] and pend is not None:
-                        pend["reward"] -= pend["discount"] * s.reward_offset / (1.0 - s.gamma)
             self._finish(ended, last_obs, done, ran_out=False)
             for i in ended:
                 self.executor.reset_env(i, {k: v[i] for k, v in obs.items()}, episode=self.next_episode)
@@ -346,6 +341,13 @@ class SteeringSAC(FinetuneRun):
         return finished
 
     # ------------------------------------------------------------------ 2. learning
+    @torch.no_grad()
+    def _actor_value(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target noise critic's value (min of the ensemble) at a draw of the actor's noise for standardized
+        features ``feats``, and that draw's log-probability: how TD targets and Monte Carlo tails bootstrap."""
+        w, logp = self.policy.actor.sample(feats)
+        return self.q_w_target(feats, w * (1.0 / self.policy.max_noise)).min(0).values, logp
+
     def _soft_update(self, net: nn.Module, target: nn.Module) -> None:
         with torch.no_grad():
             for p, tp in zip(net.parameters(), target.parameters()):
@@ -362,8 +364,7 @@ class SteeringSAC(FinetuneRun):
             target = b["ret"][:, 0]
         else:
             with torch.no_grad():
-                w2, logp2 = p.actor.sample(nxt)
-                bootstrap = self.q_w_target(nxt, w2 * w_scale).min(0).values
+                bootstrap, logp2 = self._actor_value(nxt)
                 if s.variant == "sac" and s.backup_entropy:
                     bootstrap = bootstrap - alpha * logp2
                 if s.td_target == "behavior":  # the data's next decision where there is one (no maximization)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
+from robolearn.policies.executor import executable
 from robolearn.policies.registry import register_policy
 from robolearn.policies.wrapper import PolicyWrapper
 from robolearn.rl.features import ObsFeatures
@@ -137,13 +138,18 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
 
     def wrapper_config(self) -> dict[str, Any]:
         return {"max_noise": self.max_noise, "hidden": list(self.hidden), "obs_keys": list(self.feature_keys),
-                "obs_norm": self.obs_norm, "sampler": self.sampler, "steps": self.steps,
-                "act": self.act}
+                "obs_norm": self.obs_norm, "sampler": self.sampler, "steps": self.steps, "act": self.act}
 
     def steer(self, obs_history: Mapping[str, Any], w: torch.Tensor) -> torch.Tensor:
         """The base's chunk ``(n, horizon, action_dim)`` (raw units) for flattened noise ``w`` ``(n, noise_dim)``."""
         noise = w.reshape(w.shape[0], *self.noise_dims).to(self.device, torch.float32)
         return self.base.predict_action(obs_history, noise)
+
+    def critic_action(self, chunk: torch.Tensor) -> torch.Tensor:
+        """What an action critic reads of ``chunk`` ``(n, horizon, action_dim)``: its executable part, normalized
+        by the base's normalizer, flattened to ``(n, n_action_steps * action_dim)``."""
+        part = executable(torch.as_tensor(chunk), self.n_obs_steps, self.n_action_steps).float().to(self.device)
+        return self.normalizer.normalize(self.action_key, part).reshape(part.shape[0], -1)
 
     @torch.no_grad()
     def choose_noise(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -106,8 +106,6 @@ class CriticRanked(PolicyWrapper):
         self.gen = torch.Generator().manual_seed(0)
 
     def predict_action(self, obs_history, noise=None, **kwargs):  # noqa: ANN001 -- the chunk-policy protocol
-        from robolearn.policies.executor import executable
-
         assert noise is not None, "evaluate always passes the chunk noise"
         if self.mode == "first":
             return self.base.predict_action(obs_history, noise, **kwargs)
@@ -118,14 +116,12 @@ class CriticRanked(PolicyWrapper):
                 for key, v in obs_history.items()}
         with torch.no_grad():
             chunks = self.base.predict_action(hist, w, **kwargs)
-            feats = sp.standardize(sp.base_features(sp.newest_frame(hist)))
+            feats = sp.obs_features(sp.newest_frame(obs_history)).repeat(k, 1)  # rows as ``hist`` stacks them
             if self.mode == "wbest":
                 flat = w.reshape(k * n, -1).clamp(-sp.max_noise, sp.max_noise) / sp.max_noise
                 score = self.q_w(feats, flat).min(0).values
             else:
-                part = executable(chunks, sp.n_obs_steps, sp.n_action_steps).float()
-                act = sp.normalizer.normalize(sp.action_key, part).reshape(k * n, -1)
-                score = self.q_a(feats, act).min(0).values
+                score = self.q_a(feats, sp.critic_action(chunks)).min(0).values
         score = score.reshape(k, n)
         pick = score.argmin(0) if self.mode == "worst" else score.argmax(0)
         return chunks.reshape(k, n, *chunks.shape[1:])[pick, torch.arange(n)]
