@@ -44,8 +44,13 @@ def _method_classes(settings: Settings) -> tuple[type, type]:
         from robolearn.rl.steer_policy import SteeredPolicy
 
         return SteeredPolicy, SteeringSAC
-    from robolearn.rl.residual import ResidualPPO
     from robolearn.rl.residual_policy import ResidualPolicy
+
+    if settings.learner == "td3":
+        from robolearn.rl.residual_td3 import ResidualTD3
+
+        return ResidualPolicy, ResidualTD3
+    from robolearn.rl.residual import ResidualPPO
 
     return ResidualPolicy, ResidualPPO
 
@@ -99,7 +104,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             evaluator = Evaluator(task, env_config, episodes=int(cfg.eval.episodes), num_envs=int(cfg.eval.num_envs),
                                   workers=int(cfg.eval.workers), seed=int(cfg.eval.seed),
                                   videos=int(cfg.eval.videos), run_dir=run_dir, device=device, progress=False)
-        what = "residual PPO" if method == "residual" else f"latent-noise steering ({settings.variant})"  # type: ignore[union-attr]
+        what = (f"residual {settings.learner.upper()}" if isinstance(settings, ResidualSettings)
+                else f"latent-noise steering ({settings.variant})")
         print(f"finetune: {what} over {base_path} ({type(base).__name__}) in {task}: {cfg.env_steps:,} env "
               f"steps, {cfg.num_envs} envs; run folder {run_dir}", file=sys.stderr, flush=True)
         try:
@@ -137,10 +143,13 @@ def _train(cfg: DictConfig, policy: Any, settings: Settings, task: str, env_conf
                            autoreset_mode="SameStep", **env_config)
     trainer = _method_classes(settings)[1]
     try:
-        job = trainer(policy, envs, settings, total_env_steps=int(cfg.env_steps), run_dir=run_dir,
-                      seed=int(cfg.seed), evaluate=evaluator, eval_every=int(cfg.eval.every),
-                      ckpt_every=int(cfg.ckpt_every), keep_checkpoints=int(cfg.keep_checkpoints),
-                      run_config=run_config, progress=bool(cfg.progress))
+        try:
+            job = trainer(policy, envs, settings, total_env_steps=int(cfg.env_steps), run_dir=run_dir,
+                          seed=int(cfg.seed), evaluate=evaluator, eval_every=int(cfg.eval.every),
+                          ckpt_every=int(cfg.ckpt_every), keep_checkpoints=int(cfg.keep_checkpoints),
+                          run_config=run_config, progress=bool(cfg.progress))
+        except ValueError as e:  # e.g. a PPO run's (unbounded) residual resumed with learner=td3
+            raise CLIError(f"cannot fine-tune in {run_dir}: {e}") from None
         if latest is not None:
             try:
                 job.load_state(latest)

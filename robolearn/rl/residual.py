@@ -182,6 +182,9 @@ class ResidualPPO(FinetuneRun):
 
     def __init__(self, policy: ResidualPolicy, envs: Any, settings: ResidualSettings, **run: Any) -> None:
         super().__init__(policy, envs, settings, **run)
+        if getattr(policy, "squash", False):
+            raise ValueError("this residual is tanh-bounded (squash=True, trained by learner=td3); PPO trains an "
+                             "unbounded Gaussian residual: resume it with finetune.learner=td3")
         torch.manual_seed(self.seed)  # the critic's initialisation
         self.critic = Critic(policy.obs_dim, list(settings.critic_hidden)).to(self.device)
         self.actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=settings.actor_lr, eps=1e-5)

@@ -89,16 +89,21 @@ class ResidualPolicy(ObsFeatures, PolicyWrapper):
     training, frozen in the checkpoint; clipped to +-``OBS_CLIP``). Why: the base's min-max scale spans the whole
     workspace, so a millimetre that decides an insertion is ~0.01 of a normalized unit; the visited states'
     spread is much smaller (see the README's residual RL section for what it changed on peg_insert).
+    ``squash``: the residual is ``tanh`` of the MLP's output, so a correction never exceeds ``action_scale`` (what
+    the off-policy learner, ``learner=td3``, trains: a critic's gradient would otherwise push the mean without
+    bound); ``tanh(0) = 0``, so it too starts exactly at the base.
     """
 
     def __init__(self, base: Any, action_scale: float = 0.1, hidden: Sequence[int] = (256, 256),
-                 init_log_std: float = -1.0, obs_keys: Sequence[str] | None = None, obs_norm: str = "base") -> None:
+                 init_log_std: float = -1.0, obs_keys: Sequence[str] | None = None, obs_norm: str = "base",
+                 squash: bool = False) -> None:
         super().__init__(base)
         if not float(action_scale) > 0:
             raise ValueError(f"action_scale must be > 0, got {action_scale}")
         self.action_scale = float(action_scale)
         self.hidden = [int(h) for h in hidden]
         self.init_log_std = float(init_log_std)
+        self.squash = bool(squash)
         self.init_features(base, obs_keys, obs_norm, "the residual")
         self.actor = GaussianActor(self.obs_dim + self.action_dim, self.action_dim, self.hidden, self.init_log_std)
         self.to(base.device)
@@ -112,7 +117,7 @@ class ResidualPolicy(ObsFeatures, PolicyWrapper):
 
     def wrapper_config(self) -> dict[str, Any]:
         return {"action_scale": self.action_scale, "hidden": list(self.hidden), "init_log_std": self.init_log_std,
-                "obs_keys": list(self.feature_keys), "obs_norm": self.obs_norm}
+                "obs_keys": list(self.feature_keys), "obs_norm": self.obs_norm, "squash": self.squash}
 
     # ------------------------------------------------------------------ features and the correction
     def features(self, obs: Mapping[str, Any], base_actions: Any, update_stats: bool = False
@@ -134,14 +139,19 @@ class ResidualPolicy(ObsFeatures, PolicyWrapper):
         shift = norm.unnormalize(key, nb + self.action_scale * residual.to(nb.dtype)) - norm.unnormalize(key, nb)
         return (base + shift).detach().cpu().numpy().astype(np.float32)
 
+    def residual_mean(self, actor_input: torch.Tensor) -> torch.Tensor:
+        """The residual the policy deploys (before ``action_scale``): the actor's mean, ``tanh``-bounded when
+        ``squash``."""
+        mean = self.actor.mean(actor_input)
+        return torch.tanh(mean) if self.squash else mean
+
     @torch.no_grad()
     def correct_actions(self, obs: Mapping[str, Any], base_actions: np.ndarray, env_ids: Any = None) -> np.ndarray:
         """The executor's per-step hook (picked up automatically): base actions plus the residual's *mean* --
         deterministic, what evaluation and deployment run. ``env_ids`` is not needed: the residual keeps no
         per-environment state."""
         obs_features, base_norm = self.features(obs, base_actions)
-        mean = self.actor.mean(self.actor_input(obs_features, base_norm))
-        return self.apply_residual(base_actions, mean)
+        return self.apply_residual(base_actions, self.residual_mean(self.actor_input(obs_features, base_norm)))
 
     # ------------------------------------------------------------------ chunk clients (the policy server)
     def corrected_chunk(self, obs_history: Mapping[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:

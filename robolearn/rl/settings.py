@@ -66,11 +66,33 @@ class ResidualSettings:
     ent_coef: float = 0.0  # the residual should stay near the base: no entropy bonus by default
     vf_coef: float = 1.0  # actor and critic have their own optimizers and learning rates; this only scales the critic's
     max_grad_norm: float = 1.0
+    # -- learner=td3: an off-policy learner instead of PPO (robolearn/rl/residual_td3.py); PPO ignores these
+    learner: str = "ppo"  # ppo (ResiP) | td3: a deterministic tanh-bounded residual, twin LayerNorm critics, replay
+    q_lr: float = 3e-4  # td3: the critics' learning rate (actor_lr is the actor's)
+    batch_size: int = 256  # td3: replay minibatch
+    buffer_size: int = 1_000_000  # td3: per-step transitions kept (oldest dropped)
+    utd: float = 0.25  # td3: gradient steps per environment step (64 envs x 0.25 = 16 per vector step)
+    tau: float = 0.005  # td3: target networks' Polyak rate
+    n_step: int = 3  # td3: n-step returns (sparse rewards reach back n steps per backup)
+    expl_std: float = 0.2  # td3: Gaussian exploration noise on the residual (before action_scale; it is in [-1, 1])
+    target_noise: float = 0.2  # td3: target policy smoothing noise std ...
+    target_noise_clip: float = 0.5  # ... clipped to +-this
+    policy_delay: int = 2  # td3: critic steps per actor (and target) step
+    learning_starts: int = 10_000  # td3: environment steps collected with the zero residual + noise before learning
+    critic_warmup: int = 2000  # td3: the first gradient steps train the critics only (the actor waits for a critic
+    #                            that has seen the data: a fresh critic's gradient would move it at random)
+    actor_penalty: float = 0.1  # td3: + this x mean(residual^2) in the actor's loss, a pull towards the base where
+    #                             the critic's gradient is weak (Adam moves a zero last layer fast in any direction)
 
     def check(self, prefix: str = "finetune.") -> None:
         """Refuse values that would crash late or silently do nothing; messages name the key (``finetune.gamma``)."""
 
         require = _requirer(self, prefix)
+        require(("learner",), lambda v: v in ("ppo", "td3"), "'ppo' (ResiP) or 'td3' (off-policy)")
+        require(("q_lr", "utd", "batch_size", "buffer_size", "n_step", "policy_delay"), _positive, "> 0")
+        require(("tau",), _unit, "in [0, 1]")
+        require(("expl_std", "target_noise", "target_noise_clip", "learning_starts", "critic_warmup", "actor_penalty"),
+                lambda v: v >= 0, ">= 0")
         require(("obs_norm",), lambda v: v in ("base", "running"), "'running' or 'base'")
         require(("action_scale",), _positive, "> 0 (the residual's share of the action; 0 would never change the base)")
         require(("actor_lr", "critic_lr", "max_grad_norm", "clip_coef"), _positive, "> 0")
@@ -85,7 +107,8 @@ class ResidualSettings:
     def policy_config(self) -> dict[str, object]:
         """What the residual policy's checkpoint keeps of these (the rest only shapes training)."""
         return {"action_scale": float(self.action_scale), "hidden": [int(w) for w in self.actor_hidden],
-                "init_log_std": float(self.init_log_std), "obs_norm": str(self.obs_norm)}
+                "init_log_std": float(self.init_log_std), "obs_norm": str(self.obs_norm),
+                "squash": self.learner == "td3"}
 
 
 STEER_VARIANTS = ("sac", "na")

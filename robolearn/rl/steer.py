@@ -61,11 +61,12 @@ REPLAY = "replay.npz"
 
 
 class QEnsemble(nn.Module):
-    """``n`` LayerNorm MLP critics Q(x, y) side by side; ``forward`` returns ``(n, batch)``."""
+    """``n`` LayerNorm MLP critics Q(x, y) side by side; ``forward`` returns ``(n, batch)``. ``out_gain``: the
+    heads' initial scale (small: every Q starts near 0)."""
 
-    def __init__(self, x_dim: int, y_dim: int, hidden: list[int], n: int = 2) -> None:
+    def __init__(self, x_dim: int, y_dim: int, hidden: list[int], n: int = 2, out_gain: float = 1.0) -> None:
         super().__init__()
-        self.nets = nn.ModuleList(layer_norm_mlp(x_dim + y_dim, hidden, 1) for _ in range(n))
+        self.nets = nn.ModuleList(layer_norm_mlp(x_dim + y_dim, hidden, 1, out_gain) for _ in range(n))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         xy = torch.cat([x, y], dim=-1)

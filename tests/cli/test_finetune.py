@@ -19,6 +19,7 @@ import torch
 
 from robolearn.cli import main
 from robolearn.policies import load_policy
+from robolearn.rl.residual_policy import ResidualPolicy
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 EXE = str(Path(sys.executable).with_name("robolearn"))
@@ -196,6 +197,24 @@ def test_finetune_over_a_diffusion_base(tmp_path, capsys):
     assert type(policy.base).__name__ == "DiffusionPolicy" and policy.hidden == [32, 32]
 
 
+def test_the_off_policy_learner_runs_resumes_and_is_not_resumed_as_ppo(tmp_path, capsys):
+    base, run = base_copy(tmp_path), tmp_path / "run"
+    td3 = ["finetune.learner=td3", "finetune.learning_starts=32", "finetune.critic_warmup=0",
+           "finetune.batch_size=16", "finetune.utd=0.5", "finetune.critic_hidden=[32,32]"]
+    assert finetune(base, run, "env_steps=128", "eval.episodes=1", *td3) == 0
+    summary = last_json(capsys.readouterr().out)
+    policy = load_policy(summary["checkpoint"])
+    assert isinstance(policy, ResidualPolicy) and policy.squash  # the same kind, tanh-bounded
+    assert summary["grad_steps"] == pytest.approx(0.5 * (128 - 32), abs=2) and summary["transitions"] > 0
+    assert (Path(summary["checkpoint"]) / "replay.npz").is_file()
+    assert finetune(base, run, "env_steps=256", "eval.episodes=0", "resume=true") == 1
+    err = capsys.readouterr().err
+    assert "finetune settings differ from its checkpoint in" in err and "learner ('td3' -> 'ppo')" in err, err
+    assert finetune(base, run, "env_steps=256", "eval.episodes=0", "resume=true", *td3) == 0
+    resumed = last_json(capsys.readouterr().out)
+    assert resumed["resumed"] and resumed["env_steps"] == 256 and resumed["grad_steps"] > summary["grad_steps"]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -204,6 +223,7 @@ def test_finetune_over_a_diffusion_base(tmp_path, capsys):
         (["task=peg_insert"], "was trained on task 'push_t', not 'peg_insert'"),
         (["finetune.action_scale=0"], "finetune.action_scale must be > 0"),
         (["finetune.action_scale=-0.1"], "finetune.action_scale must be > 0"),
+        (["finetune.learner=sac"], "finetune.learner must be 'ppo' (ResiP) or 'td3' (off-policy)"),
         (["finetune.gama=0.9"], "did you mean 'finetune.gamma'?"),
         (["method=dsrl"], "unknown method 'dsrl'; choose one of: residual"),
         (["num_envs=0"], "num_envs must be >= 1"),
