@@ -59,13 +59,32 @@ from robolearn.rl.steer import REPLAY, QEnsemble, Replay
 
 class ExploringCorrector:
     """The executor's per-step hook while training: the residual's mean plus Gaussian exploration noise (clipped to
-    the residual's [-1, 1]); remembers what it saw and drew in :attr:`last` (``env_ids``, base-normalized
+    the residual's [-1, 1]; with ``noise_corr`` > 0 each environment's noise is an AR(1) process of the same std,
+    fresh at each episode start: a sustained push of a few steps' worth of motion instead of jitter); remembers what it saw and drew in :attr:`last` (``env_ids``, base-normalized
     observation ``obs`` (n, obs_dim), normalized base action ``base``, residual ``res``). Folds the observations into
     the policy's running statistics (``obs_norm=running``), as PPO's rollouts do."""
 
-    def __init__(self, policy: ResidualPolicy, expl_std: float, generator: torch.Generator) -> None:
+    def __init__(self, policy: ResidualPolicy, expl_std: float, generator: torch.Generator, num_envs: int,
+                 noise_corr: float = 0.0) -> None:
         self.policy, self.expl_std, self.generator = policy, float(expl_std), generator
+        self.noise_corr = float(noise_corr)
         self.last: dict[str, Any] | None = None
+        self._noise = torch.zeros(num_envs, policy.action_dim)  # each environment's AR(1) state
+        self._fresh = torch.ones(num_envs, dtype=torch.bool)
+
+    def restart(self, env_ids: int | Sequence[int]) -> None:
+        """These environments begin new episodes: their next exploration noise is a fresh draw."""
+        self._fresh[env_ids] = True
+
+    def _draw(self, shape: torch.Size, env_ids: np.ndarray) -> torch.Tensor:
+        xi = torch.randn(shape, generator=self.generator)
+        if self.noise_corr == 0.0:
+            return xi
+        ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long)
+        c = self.noise_corr
+        e = torch.where(self._fresh[ids, None], xi, c * self._noise[ids] + (1.0 - c * c) ** 0.5 * xi)
+        self._noise[ids], self._fresh[ids] = e, False
+        return e
 
     @torch.no_grad()
     def __call__(self, obs: Mapping[str, np.ndarray], base_actions: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
@@ -76,7 +95,7 @@ class ExploringCorrector:
         base_n = p.normalizer.normalize(p.action_key, torch.as_tensor(np.asarray(base_actions),
                                                                       device=p.device).float()).float()
         mean = p.residual_mean(p.actor_input(p.standardize(raw), base_n))
-        noise = torch.randn(mean.shape, generator=self.generator, device=self.generator.device).to(mean.device)
+        noise = self._draw(mean.shape, env_ids).to(mean.device)
         res = (mean + self.expl_std * noise).clamp(-1.0, 1.0)
         self.last = {"env_ids": np.asarray(env_ids), "obs": raw.cpu().numpy(), "base": base_n.cpu().numpy(),
                      "res": res.cpu().numpy()}
@@ -111,7 +130,8 @@ class ResidualTD3(FinetuneRun):
         self.rng = np.random.default_rng(self.seed + 1)  # minibatches
         self.noise_gen = torch.Generator().manual_seed(self.seed)  # exploration
         self.smooth_gen = torch.Generator().manual_seed(self.seed + 2)  # target smoothing
-        self.corrector = ExploringCorrector(policy, settings.expl_std, self.noise_gen)
+        self.corrector = ExploringCorrector(policy, settings.expl_std, self.noise_gen, self.num_envs,
+                                            settings.noise_corr)
         self.executor = ChunkExecutor(policy.base, self.num_envs, seed=self.seed, corrector=self.corrector)
         self.transitions = 0
         self.grad_steps = 0
@@ -127,6 +147,7 @@ class ResidualTD3(FinetuneRun):
         self.next_episode += self.num_envs
         self._waiting = [[] for _ in range(self.num_envs)]
         self._ep_return[:], self._ep_length[:] = 0.0, 0
+        self.corrector.restart(list(range(self.num_envs)))
 
     def _complete(self, steps: Sequence[dict[str, Any]], next_obs: np.ndarray | None, next_base: np.ndarray | None
                   ) -> list[dict[str, Any]]:
@@ -188,6 +209,7 @@ class ResidualTD3(FinetuneRun):
             finished["successes"].append(bool(final_info(infos, "success", i) or False))
             self._ep_return[i], self._ep_length[i] = 0.0, 0
             self.executor.reset_env(i, row, episode=self.next_episode)
+            self.corrector.restart(i)
             self.next_episode += 1
         self._store(rows)
         if self.env_steps > s.learning_starts:

@@ -141,3 +141,26 @@ def test_td3_settings_refuse_nonsense_naming_the_key():
             ResidualSettings(**bad).check()
     assert ResidualSettings(learner="td3").policy_config()["squash"] is True
     assert ResidualSettings().policy_config()["squash"] is False
+
+
+def test_td3_exploration_is_clipped_correlated_noise_around_the_mean(tmp_path):
+    from robolearn.rl.residual_td3 import ExploringCorrector
+
+    policy = ResidualPolicy(toy_base(tmp_path), obs_norm="base", squash=True)
+    goal = np.zeros((2, 2), np.float32)
+
+    def draws(corr: float) -> np.ndarray:
+        c = ExploringCorrector(policy, 0.3, torch.Generator().manual_seed(0), 2, corr)
+        out = []
+        for t in range(2000):
+            if t == 1000:
+                c.restart(1)
+            c({"goal": goal}, goal + OFFSET, np.arange(2))
+            out.append(c.last["res"].copy())
+        return np.stack(out)  # (steps, envs, action_dim): the zero mean plus noise
+
+    white, red = draws(0.0), draws(0.9)
+    lag1 = lambda x: np.mean([np.corrcoef(x[:-1, i, j], x[1:, i, j])[0, 1] for i in range(2) for j in range(2)])
+    assert abs(lag1(white)) < 0.06 and lag1(red) == pytest.approx(0.9, abs=0.04)
+    assert np.allclose(red.std(axis=0), 0.3, atol=0.06) and np.abs(red).max() <= 1.0
+    np.testing.assert_allclose(red[1000, 1], white[1000, 1], rtol=1e-5)  # a restarted environment draws afresh
