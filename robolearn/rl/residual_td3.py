@@ -35,13 +35,18 @@ Q1 - ``actor_penalty`` x mean(residual^2) -- after ``critic_warmup`` critic-only
 The replay buffer stores the base-normalized observation; the running standardization is applied when sampling,
 so it never goes stale.
 
-Run folder and resume: as PPO's (:mod:`robolearn.rl.loop`); the checkpoint also holds ``replay.npz`` (the buffer),
-so a resumed run continues with its data. Waiting steps of episodes in flight are lost, as with the other methods.
+Demonstrations (``demos=STORE``, ``demo_ratio``): a second buffer, built once from an episode store of successful
+demonstrations replayed through the base (:meth:`ResidualTD3.load_demos`); each minibatch draws ``demo_ratio`` of
+its rows from it (RLPD's symmetric sampling, as ResFiT uses demonstrations during online training).
+
+Run folder and resume: as PPO's (:mod:`robolearn.rl.loop`); the checkpoint also holds ``replay.npz`` (the online
+buffer; the demonstration buffer is rebuilt from its store), so a resumed run continues with its data. Waiting steps of episodes in flight are lost, as with the other methods.
 """
 from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -136,6 +141,10 @@ class ResidualTD3(FinetuneRun):
         self.transitions = 0
         self.grad_steps = 0
         self._owed = 0.0
+        self.demo: Replay | None = None
+        self.demo_stats: dict[str, Any] = {}
+        if settings.demos:
+            self.demo = self.load_demos(settings.demos)
         self._waiting: list[list[dict[str, Any]]] = [[] for _ in range(self.num_envs)]
         self._ep_return = np.zeros(self.num_envs)
         self._ep_length = np.zeros(self.num_envs, dtype=np.int64)
@@ -224,6 +233,88 @@ class ResidualTD3(FinetuneRun):
         wait.pop(0)
         return row
 
+    # ------------------------------------------------------------------ demonstrations
+    @torch.no_grad()
+    def load_demos(self, path: str) -> Replay:
+        """A second replay buffer from an episode store of successful demonstrations: every episode is replayed
+        through the base exactly as deployment runs it (one executor over all episodes, its observations fed in
+        place of an environment's), so each step has the base action the residual would have corrected; the
+        step's residual is ``(demo action - base action) / action_scale`` in normalized action space, clipped to
+        [-1, 1]; rewards are the store's, and an episode ends at its first rewarded step (the task terminates on
+        success; scripted collection records a few steps past it). n-step transitions as online."""
+        from robolearn.data.store import EpisodeStore
+
+        p, s = self.policy, self.s
+        base = p.base
+        keys = list(dict.fromkeys([*base.obs_keys, *p.feature_keys]))
+        try:
+            store = EpisodeStore.open(path)
+        except Exception as e:  # noqa: BLE001 -- any unreadable store: say which
+            raise ValueError(f"finetune.demos: cannot open {path}: {e}") from None
+        try:
+            missing = [k for k in (*keys, p.action_key, "reward") if k not in store.keys]
+            if missing:
+                raise ValueError(f"finetune.demos: {path} has no {missing} (it holds {sorted(store.keys)}): "
+                                 f"demonstrations of the base's task with rewards are needed")
+            episodes = [store.get_episode(i, [*keys, p.action_key, "reward"]) for i in range(store.n_episodes)]
+        finally:
+            store.close()
+        ends = []
+        for ep in episodes:  # the first rewarded step ends the episode (terminate on success)
+            hit = np.flatnonzero(np.asarray(ep["reward"]) > 0)
+            ends.append(int(hit[0]) + 1 if len(hit) else len(ep["reward"]))
+        n_ep = len(episodes)
+        if n_ep == 0:
+            raise ValueError(f"finetune.demos: {path} holds no episodes")
+        ex = ChunkExecutor(base, n_ep, seed=self.seed + 7)
+        ex.reset({k: np.stack([ep[k][0] for ep in episodes]) for k in base.obs_keys})
+        base_actions = [np.zeros((e, p.action_dim), np.float32) for e in ends]
+        for t in range(max(ends)):
+            active = np.array([t < e for e in ends])
+            acts = ex.act(active)
+            for i in np.flatnonzero(active):
+                base_actions[i][t] = acts[i]
+                if t + 1 < ends[i]:
+                    ex.observe_env(int(i), {k: episodes[i][k][t + 1] for k in base.obs_keys})
+        norm, scale = p.normalizer, self.s.action_scale
+        rows: list[dict[str, Any]] = []
+        clipped, total = 0, 0
+        for ep, e, b in zip(episodes, ends, base_actions):
+            obs = p.base_features({k: ep[k][:e] for k in p.feature_keys}).cpu().numpy()
+            bn = norm.normalize(p.action_key, torch.as_tensor(b)).float()
+            an = norm.normalize(p.action_key, torch.as_tensor(np.asarray(ep[p.action_key][:e], np.float32))).float()
+            raw_res = (an - bn) / scale
+            clipped += int((raw_res.abs() > 1.0).any(dim=1).sum())
+            total += e
+            res, bn = raw_res.clamp(-1.0, 1.0).cpu().numpy(), bn.cpu().numpy()
+            wait: list[dict[str, Any]] = []
+            for t in range(e):
+                if len(wait) >= s.n_step:
+                    rows.append(self._close_oldest(wait, obs[t], bn[t]))
+                wait.append({"obs": obs[t], "base": bn[t], "res": res[t], "reward": float(ep["reward"][t])})
+            rows += self._complete(wait, None, None)
+        buf = Replay(len(rows), {k: v.shape[1] for k, v in self.replay.data.items()})
+        buf.add(**{k: np.stack([np.asarray(r[k], np.float32).reshape(-1) for r in rows]) for k in buf.data})
+        self.demo_stats = {"demo_episodes": n_ep, "demo_transitions": len(rows),
+                           "demo_clipped_share": round(clipped / max(total, 1), 4),
+                           "demo_success_share": round(float(np.mean([float(np.max(ep["reward"]) > 0)
+                                                                      for ep in episodes])), 4)}
+        print(f"finetune: {len(rows):,} demonstration transitions from {n_ep} episodes of {path} "
+              f"({100 * self.demo_stats['demo_clipped_share']:.0f}% of steps' residuals clipped to the action_scale "
+              f"bound)", file=sys.stderr, flush=True)
+        return buf
+
+    def _sample(self) -> dict[str, torch.Tensor]:
+        """A minibatch: ``demo_ratio`` of it from the demonstrations when there are any, the rest online."""
+        s = self.s
+        if self.demo is None or s.demo_ratio == 0.0:
+            return self.replay.sample(s.batch_size, self.rng, self.device)
+        n_demo = int(round(s.batch_size * s.demo_ratio))
+        parts = [self.demo.sample(n_demo, self.rng, self.device)]
+        if s.batch_size - n_demo > 0 and self.replay.size > 0:
+            parts.append(self.replay.sample(s.batch_size - n_demo, self.rng, self.device))
+        return {k: torch.cat([b[k] for b in parts]) for k in parts[0]}
+
     # ------------------------------------------------------------------ 2. learning
     def _soft_update(self, net: nn.Module, target: nn.Module) -> None:
         with torch.no_grad():
@@ -233,7 +324,7 @@ class ResidualTD3(FinetuneRun):
     def update(self) -> dict[str, float]:
         """One critic step on a replay minibatch; every ``policy_delay`` steps an actor step and the targets."""
         s, p = self.s, self.policy
-        b = self.replay.sample(s.batch_size, self.rng, self.device)
+        b = self._sample()
         x = torch.cat([p.standardize(b["obs"]), b["base"]], dim=1)
         nx = torch.cat([p.standardize(b["next_obs"]), b["next_base"]], dim=1)
         with torch.no_grad():

@@ -83,6 +83,10 @@ class ResidualSettings:
     #                            that has seen the data: a fresh critic's gradient would move it at random)
     actor_penalty: float = 0.1  # td3: + this x mean(residual^2) in the actor's loss, a pull towards the base where
     #                             the critic's gradient is weak (Adam moves a zero last layer fast in any direction)
+    demos: str | None = None  # td3: an episode store of successful demonstrations of the task (e.g. the base's own
+    #                           training data): replayed through the base, each step becomes a transition whose
+    #                           residual is (demo action - base action) / action_scale, clipped (RLPD/ResFiT-style)
+    demo_ratio: float = 0.5  # td3: share of every minibatch drawn from the demonstrations (when demos is set)
 
     def check(self, prefix: str = "finetune.") -> None:
         """Refuse values that would crash late or silently do nothing; messages name the key (``finetune.gamma``)."""
@@ -90,7 +94,7 @@ class ResidualSettings:
         require = _requirer(self, prefix)
         require(("learner",), lambda v: v in ("ppo", "td3"), "'ppo' (ResiP) or 'td3' (off-policy)")
         require(("q_lr", "utd", "batch_size", "buffer_size", "n_step", "policy_delay"), _positive, "> 0")
-        require(("tau",), _unit, "in [0, 1]")
+        require(("tau", "demo_ratio"), _unit, "in [0, 1]")
         require(("expl_std", "target_noise", "target_noise_clip", "learning_starts", "critic_warmup", "actor_penalty"),
                 lambda v: v >= 0, ">= 0")
         require(("obs_norm",), lambda v: v in ("base", "running"), "'running' or 'base'")

@@ -164,3 +164,50 @@ def test_td3_exploration_is_clipped_correlated_noise_around_the_mean(tmp_path):
     assert abs(lag1(white)) < 0.06 and lag1(red) == pytest.approx(0.9, abs=0.04)
     assert np.allclose(red.std(axis=0), 0.3, atol=0.06) and np.abs(red).max() <= 1.0
     np.testing.assert_allclose(red[1000, 1], white[1000, 1], rtol=1e-5)  # a restarted environment draws afresh
+
+
+def demo_store(path: Path, episodes: int = 3, *, with_reward: bool = True) -> Path:
+    """ReachEnv demonstrations that act perfectly (action = goal): the base misses them by OFFSET."""
+    from robolearn.data.schema import KeySpec
+    from robolearn.data.store import EpisodeStore
+
+    schema = {"goal": KeySpec((2,), "float32", "obs"), "action": KeySpec((2,), "float32", "action")}
+    if with_reward:
+        schema["reward"] = KeySpec((), "float32", "reward")
+    store = EpisodeStore.create(path, schema, fps=10, task="reach")
+    rng = np.random.default_rng(0)
+    for _ in range(episodes):
+        goal = np.repeat(rng.uniform(-1, 1, (1, 2)).astype(np.float32), EPISODE, axis=0)
+        ep = {"goal": goal, "action": goal.copy()}
+        if with_reward:
+            ep["reward"] = np.zeros(EPISODE, np.float32)
+            ep["reward"][10:] = 1.0  # "success" at step 10 (scripted collection keeps a few steps past it)
+        store.append_episode(ep)
+    store.close()
+    return path
+
+
+def test_demonstrations_become_residual_transitions_through_the_base(tmp_path):
+    s = td3_settings(demos=str(demo_store(tmp_path / "demos.zarr")), n_step=3)
+    policy = ResidualPolicy(toy_base(tmp_path), **s.policy_config())
+    envs = make_vector_env(ReachEnv, num_envs=2, num_workers=0)
+    try:
+        td3 = ResidualTD3(policy, envs, s, total_env_steps=1, run_dir=tmp_path / "run", progress=False)
+        demo = {k: v[:td3.demo.size] for k, v in td3.demo.data.items()}
+        assert td3.demo.size == 3 * 11  # each episode ends at its first rewarded step (index 10)
+        # the residual that turns the base's goal + OFFSET into the demo's goal: -OFFSET in normalized units
+        # (action range [-2, 2]) over action_scale 0.3
+        np.testing.assert_allclose(demo["res"], np.tile(-OFFSET / 2.0 / 0.3, (33, 1)), rtol=1e-5)
+        np.testing.assert_allclose(demo["reward"][10::11, 0], 1.0)  # the last step of each: the success
+        np.testing.assert_allclose(demo["discount"][10::11, 0], 0.0)
+        np.testing.assert_allclose(demo["reward"][8, 0], 0.9 ** 2, rtol=1e-6)  # two steps before it: discounted success
+        assert demo["reward"][7, 0] == 0.0  # three steps before: outside its n = 3 window (bootstrapped instead)
+        assert td3.demo_stats["demo_clipped_share"] == 0.0
+        batch = td3._sample()  # half of every minibatch from the demonstrations (the online buffer is empty)
+        assert batch["res"].shape[0] == s.batch_size // 2
+        with pytest.raises(ValueError, match=r"finetune.demos: .*demos_noreward.zarr has no \['reward'\]"):
+            ResidualTD3(policy, envs, td3_settings(demos=str(demo_store(tmp_path / "demos_noreward.zarr",
+                                                                          with_reward=False))),
+                        total_env_steps=1, run_dir=tmp_path / "run2", progress=False)
+    finally:
+        envs.close()
