@@ -240,8 +240,9 @@ class ResidualTD3(FinetuneRun):
         through the base exactly as deployment runs it (one executor over all episodes, its observations fed in
         place of an environment's), so each step has the base action the residual would have corrected; the
         step's residual is ``(demo action - base action) / action_scale`` in normalized action space, clipped to
-        [-1, 1]; rewards are the store's, and an episode ends at its first rewarded step (the task terminates on
-        success; scripted collection records a few steps past it). n-step transitions as online."""
+        [-1, 1]; rewards are the store's and must be sparse (0 or 1: the task's success reward); an episode ends
+        at its first rewarded step (the task terminates on success; scripted collection records a few steps past
+        it), and episodes that never succeed are left out. n-step transitions as online."""
         from robolearn.data.store import EpisodeStore
 
         p, s = self.policy, self.s
@@ -256,16 +257,24 @@ class ResidualTD3(FinetuneRun):
             if missing:
                 raise ValueError(f"finetune.demos: {path} has no {missing} (it holds {sorted(store.keys)}): "
                                  f"demonstrations of the base's task with rewards are needed")
-            episodes = [store.get_episode(i, [*keys, p.action_key, "reward"]) for i in range(store.n_episodes)]
+            stored = [store.get_episode(i, [*keys, p.action_key, "reward"]) for i in range(store.n_episodes)]
         finally:
             store.close()
-        ends = []
-        for ep in episodes:  # the first rewarded step ends the episode (terminate on success)
+        rewards = np.concatenate([np.asarray(ep["reward"], np.float64).reshape(-1) for ep in stored]) if stored \
+            else np.zeros(0)
+        if not np.isin(rewards, (0.0, 1.0)).all():
+            raise ValueError(f"finetune.demos: {path} has rewards other than 0 and 1 (from {rewards.min():g} to "
+                             f"{rewards.max():g}): demonstrations need the task's sparse success reward (collect "
+                             f"them with env.reward_type=sparse)")
+        episodes, ends = [], []
+        for ep in stored:  # the first rewarded step ends the episode (terminate on success); failures left out
             hit = np.flatnonzero(np.asarray(ep["reward"]) > 0)
-            ends.append(int(hit[0]) + 1 if len(hit) else len(ep["reward"]))
+            if len(hit):
+                episodes.append(ep)
+                ends.append(int(hit[0]) + 1)
         n_ep = len(episodes)
         if n_ep == 0:
-            raise ValueError(f"finetune.demos: {path} holds no episodes")
+            raise ValueError(f"finetune.demos: {path} holds no successful episode ({len(stored)} in all)")
         ex = ChunkExecutor(base, n_ep, seed=self.seed + 7)
         ex.reset({k: np.stack([ep[k][0] for ep in episodes]) for k in base.obs_keys})
         base_actions = [np.zeros((e, p.action_dim), np.float32) for e in ends]
@@ -281,8 +290,9 @@ class ResidualTD3(FinetuneRun):
         clipped, total = 0, 0
         for ep, e, b in zip(episodes, ends, base_actions):
             obs = p.base_features({k: ep[k][:e] for k in p.feature_keys}).cpu().numpy()
-            bn = norm.normalize(p.action_key, torch.as_tensor(b)).float()
-            an = norm.normalize(p.action_key, torch.as_tensor(np.asarray(ep[p.action_key][:e], np.float32))).float()
+            bn = norm.normalize(p.action_key, torch.as_tensor(b, device=p.device)).float()
+            an = norm.normalize(p.action_key, torch.as_tensor(np.asarray(ep[p.action_key][:e], np.float32),
+                                                              device=p.device)).float()
             raw_res = (an - bn) / scale
             clipped += int((raw_res.abs() > 1.0).any(dim=1).sum())
             total += e
@@ -297,8 +307,7 @@ class ResidualTD3(FinetuneRun):
         buf.add(**{k: np.stack([np.asarray(r[k], np.float32).reshape(-1) for r in rows]) for k in buf.data})
         self.demo_stats = {"demo_episodes": n_ep, "demo_transitions": len(rows),
                            "demo_clipped_share": round(clipped / max(total, 1), 4),
-                           "demo_success_share": round(float(np.mean([float(np.max(ep["reward"]) > 0)
-                                                                      for ep in episodes])), 4)}
+                           "demo_episodes_left_out": len(stored) - n_ep}
         print(f"finetune: {len(rows):,} demonstration transitions from {n_ep} episodes of {path} "
               f"({100 * self.demo_stats['demo_clipped_share']:.0f}% of steps' residuals clipped to the action_scale "
               f"bound)", file=sys.stderr, flush=True)
@@ -368,6 +377,8 @@ class ResidualTD3(FinetuneRun):
         self.log_every = int(log_every or max(self.num_envs, self.total_env_steps // 200))
         self._next_log = (self.env_steps // self.log_every + 1) * self.log_every
         self._window: dict[str, list[Any]] = {"returns": [], "lengths": [], "successes": []}
+        self._window_start = self.env_steps
+        self._first_record = not resume
         self._stats: list[dict[str, float]] = []
         self._act_s = self._learn_s = 0.0
         return super().fit(resume)
@@ -397,8 +408,11 @@ class ResidualTD3(FinetuneRun):
         if "residual_abs" in rec:
             rec["residual_abs"] = round(rec["residual_abs"] * self.s.action_scale, 6)  # in normalized action units
         rec.update(act_s=round(self._act_s, 3), learn_s=round(self._learn_s, 3),
-                   env_steps_s=round((self.log_every if stats or window["returns"] else 0) /
-                                     max(self._act_s + self._learn_s, 1e-9), 1))
+                   env_steps_s=round((self.env_steps - self._window_start) / max(self._act_s + self._learn_s, 1e-9), 1))
+        if self._first_record:  # what the demonstration buffer holds, once (also printed when it is built)
+            rec.update(self.demo_stats)
+            self._first_record = False
+        self._window_start = self.env_steps
         self._window = {k: [] for k in window}
         self._stats, self._act_s, self._learn_s = [], 0.0, 0.0
         return rec

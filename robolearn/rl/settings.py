@@ -95,6 +95,9 @@ class ResidualSettings:
         require(("learner",), lambda v: v in ("ppo", "td3"), "'ppo' (ResiP) or 'td3' (off-policy)")
         require(("q_lr", "utd", "batch_size", "buffer_size", "n_step", "policy_delay"), _positive, "> 0")
         require(("tau", "demo_ratio"), _unit, "in [0, 1]")
+        if self.learner == "ppo":
+            require(("demos",), lambda v: not v, "null with learner=ppo (demonstrations feed td3's replay buffer; "
+                    "set finetune.learner=td3)")
         require(("expl_std", "target_noise", "target_noise_clip", "learning_starts", "critic_warmup", "actor_penalty"),
                 lambda v: v >= 0, ">= 0")
         require(("obs_norm",), lambda v: v in ("base", "running"), "'running' or 'base'")

@@ -132,7 +132,7 @@ def test_td3_settings_refuse_nonsense_naming_the_key():
 
     for bad, key in ((dict(learner="sac"), "finetune.learner"), (dict(n_step=0), "finetune.n_step"),
                      (dict(utd=0.0), "finetune.utd"), (dict(expl_std=-0.1), "finetune.expl_std"),
-                     (dict(tau=2.0), "finetune.tau")):
+                     (dict(tau=2.0), "finetune.tau"), (dict(demos="x.zarr"), "finetune.demos")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             ResidualSettings(**bad).check()
     assert ResidualSettings(learner="td3").policy_config()["squash"] is True
@@ -162,8 +162,10 @@ def test_td3_exploration_is_clipped_correlated_noise_around_the_mean(tmp_path):
     np.testing.assert_allclose(red[600, 1], white[600, 1], rtol=1e-5)  # a restarted environment draws afresh
 
 
-def demo_store(path: Path, episodes: int = 3, *, with_reward: bool = True) -> Path:
-    """ReachEnv demonstrations that act perfectly (action = goal): the base misses them by OFFSET."""
+def demo_store(path: Path, episodes: int = 3, *, with_reward: bool = True, failures: int = 0,
+               dense: bool = False) -> Path:
+    """ReachEnv demonstrations that act perfectly (action = goal): the base misses them by OFFSET. ``failures``
+    more episodes never rewarded; ``dense``: a shaped reward instead of the 0/1 success."""
     from robolearn.data.schema import KeySpec
     from robolearn.data.store import EpisodeStore
 
@@ -172,19 +174,22 @@ def demo_store(path: Path, episodes: int = 3, *, with_reward: bool = True) -> Pa
         schema["reward"] = KeySpec((), "float32", "reward")
     store = EpisodeStore.create(path, schema, fps=10, task="reach")
     rng = np.random.default_rng(0)
-    for _ in range(episodes):
+    for n in range(episodes + failures):
         goal = np.repeat(rng.uniform(-1, 1, (1, 2)).astype(np.float32), EPISODE, axis=0)
         ep = {"goal": goal, "action": goal.copy()}
         if with_reward:
             ep["reward"] = np.zeros(EPISODE, np.float32)
-            ep["reward"][10:] = 1.0  # "success" at step 10 (scripted collection keeps a few steps past it)
+            if n < episodes:
+                ep["reward"][10:] = 1.0  # "success" at step 10 (scripted collection keeps a few steps past it)
+            if dense:
+                ep["reward"] += 0.01 * np.arange(EPISODE, dtype=np.float32)
         store.append_episode(ep)
     store.close()
     return path
 
 
 def test_demonstrations_become_residual_transitions_through_the_base(tmp_path):
-    s = td3_settings(demos=str(demo_store(tmp_path / "demos.zarr")), n_step=3)
+    s = td3_settings(demos=str(demo_store(tmp_path / "demos.zarr", failures=1)), n_step=3)
     policy = ResidualPolicy(toy_base(tmp_path), **s.policy_config())
     envs = make_vector_env(ReachEnv, num_envs=2, num_workers=0)
     try:
@@ -199,11 +204,15 @@ def test_demonstrations_become_residual_transitions_through_the_base(tmp_path):
         np.testing.assert_allclose(demo["reward"][8, 0], 0.9 ** 2, rtol=1e-6)  # two steps before it: discounted success
         assert demo["reward"][7, 0] == 0.0  # three steps before: outside its n = 3 window (bootstrapped instead)
         assert td3.demo_stats["demo_clipped_share"] == 0.0
+        assert td3.demo_stats["demo_episodes"] == 3 and td3.demo_stats["demo_episodes_left_out"] == 1  # the failure
         batch = td3._sample()  # half of every minibatch from the demonstrations (the online buffer is empty)
         assert batch["res"].shape[0] == s.batch_size // 2
         with pytest.raises(ValueError, match=r"finetune.demos: .*demos_noreward.zarr has no \['reward'\]"):
             ResidualTD3(policy, envs, td3_settings(demos=str(demo_store(tmp_path / "demos_noreward.zarr",
                                                                           with_reward=False))),
                         total_env_steps=1, run_dir=tmp_path / "run2", progress=False)
+        with pytest.raises(ValueError, match="rewards other than 0 and 1 .*env.reward_type=sparse"):
+            ResidualTD3(policy, envs, td3_settings(demos=str(demo_store(tmp_path / "dense.zarr", dense=True))),
+                        total_env_steps=1, run_dir=tmp_path / "run3", progress=False)
     finally:
         envs.close()

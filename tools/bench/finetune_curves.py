@@ -55,6 +55,8 @@ def summarize(run: Path, label: str, budget: int | None) -> dict:
     settings = {k: doc.get(k) for k in ("num_envs", "workers", "env_steps", "seed") if k in doc}
     settings.update(doc.get("finetune") or doc.get("settings") or {})
     keys = TRAIN_SECONDS.get(method, TRAIN_SECONDS["residual"])
+    if settings.get("learner") == "td3":  # the off-policy residual logs as steering does
+        keys = TRAIN_SECONDS["steer"]
     wall, train_s, evals, trains, first_steps, last_steps = 0.0, 0.0, [], [], None, 0
     for r in records:
         if r.get("eval_success_rate") is not None:
