@@ -1,7 +1,7 @@
 """The run both fine-tuning methods share: settings checked, evaluations, metrics, checkpoints, resume.
 
-A method (:class:`~robolearn.rl.residual.ResidualPPO`, :class:`~robolearn.rl.steer.SteeringSAC`) subclasses
-:class:`FinetuneRun` and supplies its own learning: :meth:`~FinetuneRun.start_episodes`,
+A method (:class:`~robolearn.rl.residual.ResidualPPO`; the replay-buffer ones, :class:`~robolearn.rl.steer.SteeringSAC`
+and :class:`~robolearn.rl.residual_td3.ResidualTD3`, through :class:`OffPolicyRun`) subclasses :class:`FinetuneRun` and supplies its own learning: :meth:`~FinetuneRun.start_episodes`,
 :meth:`~FinetuneRun.advance` (one unit of training -- a PPO update, or one environment step and the gradient steps
 it owes -- returning a metrics record or None), and its resumable state (:meth:`~FinetuneRun.rl_state`,
 :meth:`~FinetuneRun.restore`, optionally :meth:`~FinetuneRun.write_state` for files beside ``rl_state.pt``).
@@ -221,3 +221,69 @@ class FinetuneRun:
         self.env_steps, self.next_episode = int(state["env_steps"]), int(state["next_episode"])
         before = float(state["success_before"])
         self.success_before = None if before < 0 else before
+
+
+def soft_update(net: torch.nn.Module, target: torch.nn.Module, tau: float) -> None:
+    """Polyak averaging: every parameter of ``target`` moves ``tau`` of the way to ``net``'s."""
+    with torch.no_grad():
+        for p, tp in zip(net.parameters(), target.parameters()):
+            tp.lerp_(p, tau)
+
+
+class OffPolicyRun(FinetuneRun):
+    """The loop of the replay-buffer methods (steering's SAC, the residual's TD3): each :meth:`advance` is one step of
+    every environment (:meth:`step`, returning finished episodes' ``returns``/``lengths``/``successes``) and then the
+    gradient steps the new transitions owe (``self._owed``, one :meth:`update` each); every ``log_every``
+    environment steps (and at the end) one record: the window's episodes, the mean of each update statistic, the
+    seconds spent acting and learning. :meth:`finish_record` lets a method adjust the record."""
+
+    _owed: float
+
+    def step(self) -> dict[str, list[Any]]:
+        raise NotImplementedError
+
+    def update(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def finish_record(self, rec: dict[str, Any]) -> None:
+        """Adjust a record before it is logged (default: nothing)."""
+
+    def fit(self, resume: bool = False, log_every: int | None = None) -> dict[str, Any]:
+        """:meth:`FinetuneRun.fit`; ``log_every``: environment steps per metrics record (default: about 200
+        records a run)."""
+        self.log_every = int(log_every or max(self.num_envs, self.total_env_steps // 200))
+        self._next_log = (self.env_steps // self.log_every + 1) * self.log_every
+        self._window: dict[str, list[Any]] = {"returns": [], "lengths": [], "successes": []}
+        self._window_start = self.env_steps
+        self._stats: list[dict[str, float]] = []
+        self._act_s = self._learn_s = 0.0
+        return super().fit(resume)
+
+    def advance(self) -> dict[str, Any] | None:
+        t0 = time.perf_counter()
+        for k, v in self.step().items():
+            self._window[k] += v
+        t1 = time.perf_counter()
+        while self._owed >= 1.0:
+            self._stats.append(self.update())
+            self._owed -= 1.0
+        self._act_s += t1 - t0
+        self._learn_s += time.perf_counter() - t1
+        if self.env_steps < self._next_log and self.env_steps < self.total_env_steps:
+            return None
+        self._next_log += self.log_every
+        window, stats = self._window, self._stats
+        rec: dict[str, Any] = {"env_steps": self.env_steps, **self.counters(), "episodes": len(window["returns"])}
+        if window["returns"]:
+            rec.update(train_success_rate=round(float(np.mean(window["successes"])), 4),
+                       train_return=round(float(np.mean(window["returns"])), 4),
+                       train_length=round(float(np.mean(window["lengths"])), 2))
+        for k in dict.fromkeys(k for st in stats for k in st):  # some statistics only on some steps (TD3's actor)
+            rec[k] = round(float(np.mean([st[k] for st in stats if k in st])), 6)
+        rec.update(act_s=round(self._act_s, 3), learn_s=round(self._learn_s, 3),
+                   env_steps_s=round((self.env_steps - self._window_start) / max(self._act_s + self._learn_s, 1e-9), 1))
+        self.finish_record(rec)
+        self._window = {k: [] for k in window}
+        self._window_start = self.env_steps
+        self._stats, self._act_s, self._learn_s = [], 0.0, 0.0
+        return rec

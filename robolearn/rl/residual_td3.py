@@ -47,16 +47,14 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError
-from robolearn.rl.loop import FinetuneRun, final_info
+from robolearn.rl.loop import OffPolicyRun, final_info, soft_update
 from robolearn.rl.residual_policy import ResidualPolicy
 from robolearn.rl.settings import ResidualSettings
 from robolearn.rl.steer import REPLAY, QEnsemble, Replay
@@ -107,9 +105,9 @@ class ExploringCorrector:
         return p.apply_residual(base_actions, res)
 
 
-class ResidualTD3(FinetuneRun):
+class ResidualTD3(OffPolicyRun):
     """TD3 for ``policy``'s residual (a squashed :class:`ResidualPolicy`) in ``envs`` (a gymnasium-contract vector
-    env in same-step autoreset mode). Arguments: :class:`~robolearn.rl.loop.FinetuneRun`'s."""
+    env in same-step autoreset mode). Arguments: :class:`~robolearn.rl.loop.FinetuneRun`'s; the loop: :class:`~robolearn.rl.loop.OffPolicyRun`."""
 
     method = "residual TD3"
     plot_title = "residual fine-tuning (off-policy, TD3)"
@@ -221,8 +219,8 @@ class ResidualTD3(FinetuneRun):
             self.corrector.restart(i)
             self.next_episode += 1
         self._store(rows)
-        if self.env_steps > s.learning_starts:
-            self._owed += s.utd * n
+        if self.env_steps > s.learning_starts and (self.replay.size or self.demo is not None):
+            self._owed += s.utd * n  # (nothing to learn from before the first transition is complete)
         return finished
 
     def _close_oldest(self, wait: list[dict[str, Any]], next_obs: np.ndarray, next_base: np.ndarray
@@ -325,11 +323,6 @@ class ResidualTD3(FinetuneRun):
         return {k: torch.cat([b[k] for b in parts]) for k in parts[0]}
 
     # ------------------------------------------------------------------ 2. learning
-    def _soft_update(self, net: nn.Module, target: nn.Module) -> None:
-        with torch.no_grad():
-            for p, tp in zip(net.parameters(), target.parameters()):
-                tp.lerp_(p, self.s.tau)
-
     def update(self) -> dict[str, float]:
         """One critic step on a replay minibatch; every ``policy_delay`` steps an actor step and the targets."""
         s, p = self.s, self.policy
@@ -353,14 +346,14 @@ class ResidualTD3(FinetuneRun):
             actor_loss = -self.q(x, res)[0].mean() + s.actor_penalty * (res ** 2).mean()
             if self.grad_steps <= s.critic_warmup:  # the critics only, for now; the targets still track them
                 actor_loss = actor_loss.detach()
-                self._soft_update(self.q, self.q_target)
+                soft_update(self.q, self.q_target, self.s.tau)
                 out.update(actor_loss=float(actor_loss), residual_abs=float(res.detach().abs().mean()))
                 return self._checked(out)
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.backward()
             self.actor_opt.step()
-            self._soft_update(self.q, self.q_target)
-            self._soft_update(p.actor.mean, self.actor_target)
+            soft_update(self.q, self.q_target, self.s.tau)
+            soft_update(p.actor.mean, self.actor_target, self.s.tau)
             out.update(actor_loss=float(actor_loss.detach()), residual_abs=float(res.detach().abs().mean()))
         return self._checked(out)
 
@@ -371,51 +364,17 @@ class ResidualTD3(FinetuneRun):
                                          f"lower finetune.q_lr / finetune.actor_lr, or check the rewards' scale")
         return out
 
-    # ------------------------------------------------------------------ 3. the loop (FinetuneRun.fit)
+    # ------------------------------------------------------------------ 3. the loop: OffPolicyRun's
     def fit(self, resume: bool = False, log_every: int | None = None) -> dict[str, Any]:
-        """:meth:`FinetuneRun.fit`; ``log_every``: environment steps per metrics record (default: about 200)."""
-        self.log_every = int(log_every or max(self.num_envs, self.total_env_steps // 200))
-        self._next_log = (self.env_steps // self.log_every + 1) * self.log_every
-        self._window: dict[str, list[Any]] = {"returns": [], "lengths": [], "successes": []}
-        self._window_start = self.env_steps
         self._first_record = not resume
-        self._stats: list[dict[str, float]] = []
-        self._act_s = self._learn_s = 0.0
-        return super().fit(resume)
+        return super().fit(resume, log_every)
 
-    def advance(self) -> dict[str, Any] | None:
-        t0 = time.perf_counter()
-        for k, v in self.step().items():
-            self._window[k] += v
-        t1 = time.perf_counter()
-        while self._owed >= 1.0 and self.replay.size > 0:
-            self._stats.append(self.update())
-            self._owed -= 1.0
-        self._act_s += t1 - t0
-        self._learn_s += time.perf_counter() - t1
-        if self.env_steps < self._next_log and self.env_steps < self.total_env_steps:
-            return None
-        self._next_log += self.log_every
-        window, stats = self._window, self._stats
-        rec: dict[str, Any] = {"env_steps": self.env_steps, **self.counters(), "episodes": len(window["returns"])}
-        if window["returns"]:
-            rec.update(train_success_rate=round(float(np.mean(window["successes"])), 4),
-                       train_return=round(float(np.mean(window["returns"])), 4),
-                       train_length=round(float(np.mean(window["lengths"])), 2))
-        for k in sorted({k for st in stats for k in st}):
-            vals = [st[k] for st in stats if k in st]
-            rec[k] = round(float(np.mean(vals)), 6)
+    def finish_record(self, rec: dict[str, Any]) -> None:
         if "residual_abs" in rec:
             rec["residual_abs"] = round(rec["residual_abs"] * self.s.action_scale, 6)  # in normalized action units
-        rec.update(act_s=round(self._act_s, 3), learn_s=round(self._learn_s, 3),
-                   env_steps_s=round((self.env_steps - self._window_start) / max(self._act_s + self._learn_s, 1e-9), 1))
         if self._first_record:  # what the demonstration buffer holds, once (also printed when it is built)
             rec.update(self.demo_stats)
             self._first_record = False
-        self._window_start = self.env_steps
-        self._window = {k: [] for k in window}
-        self._stats, self._act_s, self._learn_s = [], 0.0, 0.0
-        return rec
 
     def counters(self) -> dict[str, int]:
         return {"transitions": self.transitions, "grad_steps": self.grad_steps}

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,7 +52,7 @@ import torch
 from torch import nn
 
 from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError
-from robolearn.rl.loop import FinetuneRun, final_info, final_obs
+from robolearn.rl.loop import OffPolicyRun, final_info, final_obs, soft_update
 from robolearn.rl.settings import SteerSettings
 from robolearn.rl.steer_policy import SteeredPolicy, layer_norm_mlp
 
@@ -163,7 +162,7 @@ class TrainingView:
         return getattr(self.policy, name)
 
 
-class SteeringSAC(FinetuneRun):
+class SteeringSAC(OffPolicyRun):
     """DSRL for ``policy`` (a :class:`SteeredPolicy`) in ``envs`` (a gymnasium-contract vector env in same-step
     autoreset mode). Arguments: :class:`~robolearn.rl.loop.FinetuneRun`'s."""
 
@@ -349,11 +348,6 @@ class SteeringSAC(FinetuneRun):
         w, logp = self.policy.actor.sample(feats)
         return self.q_w_target(feats, w * (1.0 / self.policy.max_noise)).min(0).values, logp
 
-    def _soft_update(self, net: nn.Module, target: nn.Module) -> None:
-        with torch.no_grad():
-            for p, tp in zip(net.parameters(), target.parameters()):
-                tp.lerp_(p, self.s.tau)
-
     def update(self) -> dict[str, float]:
         """One gradient step of the critic(s), actor and temperature on a replay minibatch."""
         s, p = self.s, self.policy
@@ -414,9 +408,9 @@ class SteeringSAC(FinetuneRun):
         self.alpha_opt.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_opt.step()
-        self._soft_update(self.q_w, self.q_w_target)
+        soft_update(self.q_w, self.q_w_target, self.s.tau)
         if self.q_a is not None and self.q_a_target is not None:
-            self._soft_update(self.q_a, self.q_a_target)
+            soft_update(self.q_a, self.q_a_target, self.s.tau)
         self.grad_steps += 1
         loss = out["q_loss"] + float(actor_loss.detach())
         if not np.isfinite(loss):
@@ -426,51 +420,13 @@ class SteeringSAC(FinetuneRun):
         out.update(actor_loss=float(actor_loss.detach()), alpha=float(alpha), entropy=float(-logp.detach().mean()))
         return out
 
-    # ------------------------------------------------------------------ 3. one step (the loop: FinetuneRun.fit)
-    def fit(self, resume: bool = False, log_every: int | None = None) -> dict[str, Any]:
-        """:meth:`FinetuneRun.fit`; ``log_every``: environment steps per metrics record (default: about 200
-        records a run)."""
-        self.log_every = int(log_every or max(self.num_envs, self.total_env_steps // 200))
-        self._next_log = (self.env_steps // self.log_every + 1) * self.log_every
-        self._window: dict[str, list[Any]] = {"returns": [], "lengths": [], "successes": []}
-        self._stats: list[dict[str, float]] = []
-        self._act_s = self._learn_s = 0.0
-        return super().fit(resume)
-
+    # ------------------------------------------------------------------ 3. the loop: OffPolicyRun's
     @property
     def plot_title(self) -> str:  # type: ignore[override]
         return f"latent-noise steering ({self.s.variant})"
 
     def baseline_policy(self) -> Any:
         return self.policy.base  # the base as deployed: its own noise rule
-
-    def advance(self) -> dict[str, Any] | None:
-        """One step of every environment, then the gradient steps the new transitions owe; every ``log_every``
-        steps (and at the end) the record of what happened since the last one."""
-        t0 = time.perf_counter()
-        for k, v in self.step().items():
-            self._window[k] += v
-        t1 = time.perf_counter()
-        while self._owed >= 1.0:
-            self._stats.append(self.update())
-            self._owed -= 1.0
-        self._act_s += t1 - t0
-        self._learn_s += time.perf_counter() - t1
-        if self.env_steps < self._next_log and self.env_steps < self.total_env_steps:
-            return None
-        self._next_log += self.log_every
-        window, stats = self._window, self._stats
-        rec: dict[str, Any] = {"env_steps": self.env_steps, **self.counters(), "episodes": len(window["returns"])}
-        if window["returns"]:
-            rec.update(train_success_rate=round(float(np.mean(window["successes"])), 4),
-                       train_return=round(float(np.mean(window["returns"])), 4),
-                       train_length=round(float(np.mean(window["lengths"])), 2))
-        for k in (stats[0] if stats else {}):
-            rec[k] = round(float(np.mean([st[k] for st in stats])), 6)
-        rec.update(act_s=round(self._act_s, 3), learn_s=round(self._learn_s, 3))
-        self._window = {k: [] for k in window}
-        self._stats, self._act_s, self._learn_s = [], 0.0, 0.0
-        return rec
 
     def counters(self) -> dict[str, int]:
         return {"transitions": self.transitions, "grad_steps": self.grad_steps}
