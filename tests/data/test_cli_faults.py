@@ -63,25 +63,22 @@ def _one_error_line(err: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- disk full
-def test_collect_on_a_full_disk_says_what_it_saved(small_disk):
+def test_collect_on_a_full_disk_says_what_it_saved(small_disk, capsys):
     out = small_disk / "peg.zarr"
-    r = subprocess.run([EXE, "collect", "task=peg_insert", "episodes=1", f"out={out}", "progress=false"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    collect = lambda n: main(["collect", "task=peg_insert", f"episodes={n}", f"out={out}", "progress=false"])  # noqa: E731
+    assert collect(1) == 0
     _fill(small_disk, 24 * 1024)
-    r = subprocess.run([EXE, "collect", "task=peg_insert", "episodes=200", f"out={out}", "progress=false"],
-                       capture_output=True, text=True)
-    assert r.returncode == 1
-    line = _one_error_line(r.stderr)
+    capsys.readouterr()
+    assert collect(200) == 1
+    r = capsys.readouterr()
+    line = _one_error_line(r.err)
     assert "no space left" in line.lower() and str(out) in line
-    summary = json.loads(r.stdout.strip().splitlines()[-1])  # what it saved, although it stopped
+    summary = json.loads(r.out.strip().splitlines()[-1])  # what it saved, although it stopped
     store = EpisodeStore.open(out)  # valid
     assert summary["store_episodes"] == store.n_episodes and summary["episodes"] == store.n_episodes - 1
-    assert f"it now holds {store.n_episodes}" in r.stdout
+    assert f"it now holds {store.n_episodes}" in r.out
     (small_disk / "filler").unlink()
-    r = subprocess.run([EXE, "collect", "task=peg_insert", "episodes=1", f"out={out}", "progress=false"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr  # space again: it continues
+    assert collect(1) == 0  # space again: it continues
     assert EpisodeStore.open(out).n_episodes == store.n_episodes + 1
 
 
@@ -112,10 +109,8 @@ def test_read_only_store(small_disk, capsys):
     assert main(["data", "drop", str(store), "--episodes", "0"]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "read-only" in line and str(store) in line
-    r = subprocess.run([EXE, "collect", "task=peg_insert", "episodes=1", f"out={store}", "progress=false"],
-                       capture_output=True, text=True)
-    assert r.returncode == 1
-    assert "read-only" in _one_error_line(r.stderr)
+    assert main(["collect", "task=peg_insert", "episodes=1", f"out={store}", "progress=false"]) == 1
+    assert "read-only" in _one_error_line(capsys.readouterr().err)
     assert main(["data", "info", str(store)]) == 0  # reading needs no writing
     assert main(["data", "validate", str(store)]) == 0
     assert EpisodeStore.open(store).n_episodes == 3

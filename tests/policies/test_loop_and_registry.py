@@ -213,15 +213,16 @@ def test_eval_cli_runs_a_wrapper_checkpoint(tmp_path: Path, capsys: pytest.Captu
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["policy_type"] == "test_offset" and summary["episodes"] == 2 and summary["task"] == "push_t"
-    run = [exe, "run", f"checkpoint={folder}", "realtime=false", "latency_s=0", "status=false",
-           "env.max_episode_steps=20", f"run_dir={tmp_path / 'r'}"]
-    out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    # The rest in this process (the plugin imports here too, by name, from the checkpoint): another interpreter
+    # cost ~7 s each.
+    from robolearn.cli import main
+
+    capsys.readouterr()
+    assert main(["run", f"checkpoint={folder}", "realtime=false", "latency_s=0", "status=false",
+                 "env.max_episode_steps=20", f"run_dir={tmp_path / 'r'}"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["ticks"] == 20 and report["policy"] == "OffsetPolicy" and report["error"] is None
     shutil.rmtree(base)
-    from robolearn.cli import main  # in this process (the plugin imports here too): a third interpreter cost ~7 s
-
     assert main(cmd[1:]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"wraps the base checkpoint {base.resolve()}, which does not exist" in err
