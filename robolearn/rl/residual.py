@@ -85,6 +85,34 @@ class Step:
     value: torch.Tensor  # (n,) the critic's value of the observation
 
 
+class AR1Noise:
+    """Each environment's exploration noise, standard normal at every step. With ``corr`` = c > 0 it is an AR(1)
+    process, ``e_t = c e_(t-1) + sqrt(1 - c^2) xi_t``: every step's noise is still N(0, 1), but successive steps
+    push the same way (the idea of gSDE and of coloured-noise exploration); :meth:`restart` makes an
+    environment's next draw fresh (a new episode). Draws come from ``generator`` (on its device), so they are
+    reproducible and its state can be saved."""
+
+    def __init__(self, generator: torch.Generator, num_envs: int, dim: int, corr: float = 0.0) -> None:
+        self.generator, self.corr = generator, float(corr)
+        device = generator.device
+        self._state = torch.zeros(num_envs, dim, device=device)  # each environment's last draw
+        self._fresh = torch.ones(num_envs, dtype=torch.bool, device=device)  # its next draw starts afresh
+
+    def restart(self, env_ids: int | Sequence[int]) -> None:
+        self._fresh[env_ids] = True
+
+    def draw(self, shape: torch.Size, env_ids: np.ndarray) -> torch.Tensor:
+        """Noise of ``shape`` (len(env_ids), dim) for these environments, in that order."""
+        xi = torch.randn(shape, generator=self.generator, device=self.generator.device)
+        if self.corr == 0.0:
+            return xi
+        ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long, device=xi.device)
+        c = self.corr
+        e = torch.where(self._fresh[ids, None], xi, c * self._state[ids] + math.sqrt(1.0 - c * c) * xi)
+        self._state[ids], self._fresh[ids] = e, False
+        return e
+
+
 class RolloutCorrector:
     """The executor's per-step hook while training: sample the residual from the current actor, remember the step
     (:attr:`last`), return the corrected raw actions. Sampling uses its own generator, so it is reproducible and
@@ -98,33 +126,20 @@ class RolloutCorrector:
 
     def __init__(self, policy: ResidualPolicy, critic: Critic, generator: torch.Generator, num_envs: int,
                  noise_corr: float = 0.0) -> None:
-        self.policy, self.critic, self.generator = policy, critic, generator
-        self.noise_corr = float(noise_corr)
+        self.policy, self.critic = policy, critic
+        self.noise = AR1Noise(generator, num_envs, policy.action_dim, noise_corr)
         self.last: Step | None = None
-        device = generator.device
-        self._noise = torch.zeros(num_envs, policy.action_dim, device=device)  # each environment's AR(1) state
-        self._fresh = torch.ones(num_envs, dtype=torch.bool, device=device)  # its next draw starts afresh
 
     def restart(self, env_ids: int | Sequence[int]) -> None:
         """These environments begin new episodes: their next noise is a fresh draw."""
-        self._fresh[env_ids] = True
-
-    def _draw(self, shape: torch.Size, env_ids: np.ndarray) -> torch.Tensor:
-        xi = torch.randn(shape, generator=self.generator, device=self.generator.device)
-        if self.noise_corr == 0.0:
-            return xi
-        ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long, device=xi.device)
-        c = self.noise_corr
-        e = torch.where(self._fresh[ids, None], xi, c * self._noise[ids] + math.sqrt(1.0 - c * c) * xi)
-        self._noise[ids], self._fresh[ids] = e, False
-        return e
+        self.noise.restart(env_ids)
 
     @torch.no_grad()
     def __call__(self, obs: Mapping[str, np.ndarray], base_actions: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
         p = self.policy
         obs_f, base_n = p.features(obs, base_actions, update_stats=True)
         dist = p.actor(p.actor_input(obs_f, base_n))
-        noise = self._draw(dist.mean.shape, env_ids)
+        noise = self.noise.draw(dist.mean.shape, env_ids)
         residual = dist.mean + dist.stddev * noise.to(dist.mean.device)
         self.last = Step(np.asarray(env_ids), obs_f, base_n, residual, dist.log_prob(residual).sum(-1),
                          self.critic(obs_f))

@@ -55,6 +55,7 @@ import torch
 
 from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError
 from robolearn.rl.loop import OffPolicyRun, final_info, soft_update
+from robolearn.rl.residual import AR1Noise
 from robolearn.rl.residual_policy import ResidualPolicy
 from robolearn.rl.settings import ResidualSettings
 from robolearn.rl.steer import REPLAY, QEnsemble, Replay
@@ -69,25 +70,13 @@ class ExploringCorrector:
 
     def __init__(self, policy: ResidualPolicy, expl_std: float, generator: torch.Generator, num_envs: int,
                  noise_corr: float = 0.0) -> None:
-        self.policy, self.expl_std, self.generator = policy, float(expl_std), generator
-        self.noise_corr = float(noise_corr)
+        self.policy, self.expl_std = policy, float(expl_std)
+        self.noise = AR1Noise(generator, num_envs, policy.action_dim, noise_corr)
         self.last: dict[str, Any] | None = None
-        self._noise = torch.zeros(num_envs, policy.action_dim)  # each environment's AR(1) state
-        self._fresh = torch.ones(num_envs, dtype=torch.bool)
 
     def restart(self, env_ids: int | Sequence[int]) -> None:
         """These environments begin new episodes: their next exploration noise is a fresh draw."""
-        self._fresh[env_ids] = True
-
-    def _draw(self, shape: torch.Size, env_ids: np.ndarray) -> torch.Tensor:
-        xi = torch.randn(shape, generator=self.generator)
-        if self.noise_corr == 0.0:
-            return xi
-        ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long)
-        c = self.noise_corr
-        e = torch.where(self._fresh[ids, None], xi, c * self._noise[ids] + (1.0 - c * c) ** 0.5 * xi)
-        self._noise[ids], self._fresh[ids] = e, False
-        return e
+        self.noise.restart(env_ids)
 
     @torch.no_grad()
     def __call__(self, obs: Mapping[str, np.ndarray], base_actions: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
@@ -98,7 +87,7 @@ class ExploringCorrector:
         base_n = p.normalizer.normalize(p.action_key, torch.as_tensor(np.asarray(base_actions),
                                                                       device=p.device).float()).float()
         mean = p.residual_mean(p.actor_input(p.standardize(raw), base_n))
-        noise = self._draw(mean.shape, env_ids).to(mean.device)
+        noise = self.noise.draw(mean.shape, env_ids).to(mean.device)
         res = (mean + self.expl_std * noise).clamp(-1.0, 1.0)
         self.last = {"env_ids": np.asarray(env_ids), "obs": raw.cpu().numpy(), "base": base_n.cpu().numpy(),
                      "res": res.cpu().numpy()}
