@@ -47,6 +47,18 @@ def cli(*args: str, threads: int | None = None) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def reused_eval(path: Path, checkpoint: Path, sampler: str, seed: int, episodes: int) -> dict[str, Any]:
+    """An earlier ``robolearn eval`` result, checked to be the evaluation this run would make."""
+    ev = json.loads(Path(path).read_text())
+    got = (Path(ev["checkpoint"]).resolve(), f"{ev['sampler']['kind']}-{ev['sampler']['steps']}", ev["seed"],
+           ev["episodes"])
+    want = (Path(checkpoint).resolve(), sampler, seed, episodes)
+    if got != want:
+        raise SystemExit(f"--uncached-eval {path}: it evaluated (checkpoint, sampler, seed, episodes) {got}, "
+                         f"this run needs {want}")
+    return ev
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="a diffusion/flow transformer checkpoint")
@@ -66,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20, help="timed predict_action calls of each")
     p.add_argument("--threads", type=int, default=2, help="torch threads for latency (evaluations use them too)")
     p.add_argument("--skip-eval", action="store_true", help="latency and action error only")
+    p.add_argument("--uncached-eval", type=Path, default=None,
+                   help="the result.json of an earlier uncached evaluation of this checkpoint, sampler, seeds and "
+                        "episode count (e.g. another --updates on the same base): reused instead of evaluating again")
     p.add_argument("--work-dir", type=Path, default=Path("runs/accel"))
     p.add_argument("--out", type=Path, required=True, help="JSON results (a PNG is written beside it)")
     args = p.parse_args(argv)
@@ -105,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                 kind, _, steps = bac["sampler"].rpartition("-")
                 extra = [f"sampler.kind={kind}", f"sampler.steps={steps}"]
             t0 = time.time()
-            ev = cli("eval", f"checkpoint={ckpt}", *ev_common, *extra,
-                     f"run_dir={work / ('eval_' + name)}", threads=args.threads)
+            if name == "uncached" and args.uncached_eval:
+                ev = reused_eval(args.uncached_eval, args.checkpoint, bac["sampler"], args.seed, args.episodes)
+                rows[name]["eval_reused_from"] = str(args.uncached_eval)
+            else:
+                ev = cli("eval", f"checkpoint={ckpt}", *ev_common, *extra,
+                         f"run_dir={work / ('eval_' + name)}", threads=args.threads)
             rows[name].update(success_rate=ev["success_rate"], mean_return=ev.get("mean_return"),
                               eval_episodes=ev["episodes"], eval_wall_s=round(time.time() - t0, 1),
                               mean_max_reward=ev.get("mean_max_reward"))
