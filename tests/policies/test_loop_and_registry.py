@@ -213,8 +213,8 @@ def test_eval_cli_runs_a_wrapper_checkpoint(tmp_path: Path, capsys: pytest.Captu
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["policy_type"] == "test_offset" and summary["episodes"] == 2 and summary["task"] == "push_t"
-    # The rest in this process (the plugin imports here too, by name, from the checkpoint): another interpreter
-    # cost ~7 s each.
+    # The rest in this process (the subprocess above is what shows the kind importing by name; here the plugin is
+    # already imported): another interpreter cost ~7 s each.
     from robolearn.cli import main
 
     capsys.readouterr()

@@ -50,12 +50,14 @@ def cli(*args: str, threads: int | None = None) -> dict[str, Any]:
 def reused_eval(path: Path, checkpoint: Path, sampler: str, seed: int, episodes: int) -> dict[str, Any]:
     """An earlier ``robolearn eval`` result, checked to be the evaluation this run would make."""
     ev = json.loads(Path(path).read_text())
-    got = (Path(ev["checkpoint"]).resolve(), f"{ev['sampler']['kind']}-{ev['sampler']['steps']}", ev["seed"],
-           ev["episodes"])
-    want = (Path(checkpoint).resolve(), sampler, seed, episodes)
+    extra = ROOT / checkpoint / "extra.json"  # the training step: `latest` may point elsewhere since
+    step = json.loads(extra.read_text()).get("step") if extra.exists() else None
+    got = ((ROOT / ev["checkpoint"]).resolve(), ev.get("step"), f"{ev['sampler']['kind']}-{ev['sampler']['steps']}",
+           ev["seed"], ev["episodes"])
+    want = ((ROOT / checkpoint).resolve(), step, sampler, seed, episodes)
     if got != want:
-        raise SystemExit(f"--uncached-eval {path}: it evaluated (checkpoint, sampler, seed, episodes) {got}, "
-                         f"this run needs {want}")
+        raise SystemExit(f"--uncached-eval {path}: it evaluated (checkpoint, step, sampler, seed, episodes) "
+                         f"{got}, this run needs {want}")
     return ev
 
 
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "uncached" and args.uncached_eval:
                 ev = reused_eval(args.uncached_eval, args.checkpoint, bac["sampler"], args.seed, args.episodes)
                 rows[name]["eval_reused_from"] = str(args.uncached_eval)
+                t0 -= ev.get("eval_s", 0.0)  # its own evaluation time, not 0
             else:
                 ev = cli("eval", f"checkpoint={ckpt}", *ev_common, *extra,
                          f"run_dir={work / ('eval_' + name)}", threads=args.threads)
