@@ -406,11 +406,11 @@ class CachedDenoiser:
         self.blocks, self.names = _blocks_of(backbone)
         self.schedule = schedule
         self.keys = [[f"{i}.{n}" for n in self.names] for i in range(len(self.blocks))]
-        self._mask = schedule.update_mask([k for row in self.keys for k in row]).reshape(
+        mask = schedule.update_mask([k for row in self.keys for k in row]).reshape(
             len(self.blocks), len(self.names), schedule.total)
-        # the same as plain lists per step (column), [step][block][branch]: read 24 times a step, where a numpy
-        # scalar read costs more than the branch bookkeeping around it
-        self._cols = [self._mask[:, :, c].tolist() for c in range(schedule.total)]
+        # per step, [block][branch] as plain lists: read 24 times a step, where a numpy scalar read costs more
+        # than the branch bookkeeping around it
+        self._cols = [mask[:, :, c].tolist() for c in range(schedule.total)]
         self._cache: list[list[torch.Tensor | None]] = []
         self._time: "OrderedDict[tuple, Any]" = OrderedDict()
         self.calls = self.computed = 0

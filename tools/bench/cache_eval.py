@@ -121,16 +121,17 @@ def main(argv: list[str] | None = None) -> int:
             if name == "uncached":
                 kind, _, steps = bac["sampler"].rpartition("-")
                 extra = [f"sampler.kind={kind}", f"sampler.steps={steps}"]
-            t0 = time.time()
             if name == "uncached" and args.uncached_eval:
                 ev = reused_eval(args.uncached_eval, args.checkpoint, bac["sampler"], args.seed, args.episodes)
                 rows[name]["eval_reused_from"] = str(args.uncached_eval)
-                t0 -= ev.get("eval_s", 0.0)  # its own evaluation time, not 0
+                wall = float(ev["eval_s"])  # its own evaluation's time
             else:
+                t0 = time.time()
                 ev = cli("eval", f"checkpoint={ckpt}", *ev_common, *extra,
                          f"run_dir={work / ('eval_' + name)}", threads=args.threads)
+                wall = time.time() - t0
             rows[name].update(success_rate=ev["success_rate"], mean_return=ev.get("mean_return"),
-                              eval_episodes=ev["episodes"], eval_wall_s=round(time.time() - t0, 1),
+                              eval_episodes=ev["episodes"], eval_wall_s=round(wall, 1),
                               mean_max_reward=ev.get("mean_max_reward"))
     result = {
         "bench": "block-wise adaptive caching vs uniform caching vs none (tools/bench/cache_eval.py)",

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-# per record: the seconds of collection and learning, by method
-TRAIN_SECONDS = {"residual": ("rollout_s", "update_s"), "steer": ("act_s", "learn_s")}
+# a training record's seconds of collection and learning: PPO logs rollout_s/update_s, the replay-buffer learners
+# (steering, residual td3: rl/loop.py's OffPolicyRun) act_s/learn_s; a record holds one pair
+TRAIN_SECONDS = ("rollout_s", "update_s", "act_s", "learn_s")
 
 
 def load_records(run: Path) -> list[dict]:
@@ -54,16 +55,13 @@ def summarize(run: Path, label: str, budget: int | None) -> dict:
     method = str(doc.get("method") or "residual")
     settings = {k: doc.get(k) for k in ("num_envs", "workers", "env_steps", "seed") if k in doc}
     settings.update(doc.get("finetune") or doc.get("settings") or {})
-    keys = TRAIN_SECONDS.get(method, TRAIN_SECONDS["residual"])
-    if settings.get("learner") == "td3":  # the off-policy residual logs as steering does
-        keys = TRAIN_SECONDS["steer"]
     wall, train_s, evals, trains, first_steps, last_steps = 0.0, 0.0, [], [], None, 0
     for r in records:
         if r.get("eval_success_rate") is not None:
             wall += float(r.get("eval_s") or 0.0)
             evals.append((int(r["env_steps"]), float(r["eval_success_rate"]), round(wall, 1)))
-        elif any(k in r for k in keys):
-            seconds = sum(float(r.get(k) or 0.0) for k in keys)
+        elif any(k in r for k in TRAIN_SECONDS):
+            seconds = sum(float(r.get(k) or 0.0) for k in TRAIN_SECONDS)
             wall, train_s = wall + seconds, train_s + seconds
             first_steps = r["env_steps"] if first_steps is None else first_steps
             last_steps = int(r["env_steps"])
