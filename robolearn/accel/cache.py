@@ -30,7 +30,10 @@ The pieces, each usable alone:
   otherwise; the first call of every sampling run computes everything (a warm start begins mid-schedule). It
   also keeps the timestep's conditioning (every block's adaLN modulation) per timestep: a sampler visits the
   same timesteps for every chunk. That part is exact; ``robolearn bench latency`` reports it separately
-  (``latency_ms_memo_only``: every step computed, only the timestep conditioning kept).
+  (``latency_ms_memo_only``: every step computed, only the timestep conditioning kept). On the transformer's
+  fused inference path (:mod:`robolearn.accel.fast_transformer`) it drives the fused branches directly on the
+  2-D residual stream and keeps the outputs in one tensor, so a run of skipped branches costs one sum and one
+  addition, not one addition each.
 - :class:`CachedPolicy`: the registered policy kind ``"cached"`` around a trained base (its checkpoint names the
   base and holds the schedule, no weights).
 """
@@ -414,6 +417,29 @@ class CachedDenoiser:
         self._cache: list[list[torch.Tensor | None]] = []
         self._time: "OrderedDict[tuple, Any]" = OrderedDict()
         self.calls = self.computed = 0
+        # the fused loop's per-step plans over the flattened branches (block-major): an int computes that
+        # branch, a (start, stop) pair adds the kept outputs of a run of skipped branches in one addition
+        n = len(self.blocks) * len(self.names)
+        self._plans = [self._plan(mask[:, :, c].reshape(-1).tolist()) for c in range(schedule.total)]
+        self._plan_all: list[Any] = [-1 - m for m in range(n)]
+        self._store: torch.Tensor | None = None  # (branches, rows, D): the fused loop's kept outputs
+        kinds = {"self_attn": 0, "cross_attn": 1, "ff": 2}
+        self._branches = [(i, blk, kinds.get(name, -1)) for i, blk in enumerate(self.blocks) for name in self.names]
+
+    @staticmethod
+    def _plan(update: list[bool]) -> list[Any]:
+        plan: list[Any] = []
+        start = None
+        for n, due in enumerate(update + [True]):
+            if due:
+                if start is not None:
+                    plan.append(start if n - start == 1 else (start, n))
+                    start = None
+                if n < len(update):
+                    plan.append(-1 - n)  # compute branch n (negative: told apart from a lone kept one)
+            elif start is None:
+                start = n
+        return plan
 
     def prepare(self, cond: Any) -> Any:
         return self.backbone.prepare(cond)
@@ -440,11 +466,19 @@ class CachedDenoiser:
     def reset_counts(self) -> None:
         self.calls = self.computed = 0
 
+    #: drive the fused branches of a backbone that has them (:meth:`_fused_call`); the calibration recorder,
+    #: which needs every branch's output through :meth:`_compute`, does not
+    fused_loop = True
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
         bb = self.backbone
         if step is None:
             return bb(x, t, cond)
         self.schedule.check_sampler(step.sampler, step.offset + step.total)
+        if self.fused_loop and hasattr(bb, "fused_step"):
+            fs = bb.fused_step(x, t, cond)
+            if fs is not None:
+                return self._fused_call(fs, step)
         if step.index == 0:
             self._cache = [[None] * len(self.names) for _ in self.blocks]
         update = self._cols[step.schedule_index]
@@ -467,10 +501,47 @@ class CachedDenoiser:
         """Branch ``j`` of block ``i`` on the residual stream ``h``."""
         return blk.branch(self.names[j], h, ctx)
 
+    def _fused_call(self, fs: Any, step: Any) -> torch.Tensor:
+        """One step on the fused path (:meth:`FastTransformerDenoiser.fused_step`): the residual stream stays
+        (rows, D), branches are called directly, and their outputs are kept in one (branches, rows, D) tensor, so
+        a run of skipped branches adds its kept outputs in one reduction and one addition. With every branch
+        due, the additions are the uncached forward's, in its order: bitwise equal to it."""
+        h = fs.h
+        store = self._store
+        if step.index == 0 or store is None or store.shape[1:] != h.shape:  # a new run: compute everything
+            store = self._store = h.new_empty((len(self._branches),) + tuple(h.shape))
+            plan = self._plan_all
+        else:
+            plan = self._plans[step.schedule_index]
+        T, computed = fs.T, 0
+        vecs, kv, absorbed = fs.block_vecs, fs.kv, fs.absorbed
+        for op in plan:
+            if type(op) is tuple:
+                h = h + store[op[0]:op[1]].sum(0)
+            elif op >= 0:
+                h = h + store[op]
+            else:
+                n = -1 - op
+                i, blk, kind = self._branches[n]
+                if kind == 0:
+                    out = blk._sa(h, vecs[i], T)
+                elif kind == 1:
+                    out = blk._ca(h, vecs[i], T, kv[i], absorbed[i])
+                else:
+                    out = blk._ff(h, vecs[i])
+                store[n] = out
+                computed += 1
+                h = h + out
+        self.calls += len(self._branches)
+        self.computed += computed
+        return self.backbone.fused_head(h, fs)
+
 
 # ---------------------------------------------------------------------------------------------- calibration
 class _Recorder(CachedDenoiser):
     """The uncached computation (every step an update step), keeping every branch's output of every step."""
+
+    fused_loop = False
 
     def __init__(self, backbone: nn.Module, sampler: str, total: int) -> None:
         super().__init__(backbone, all_steps(branch_keys(backbone), sampler, total))

@@ -197,17 +197,21 @@ class FastDenoiserBlock(DenoiserBlock):
         vecs = getattr(ctx, "vecs", None)
         if vecs is None or ctx.kv is None or not _fused(self, x):
             return super().branch(name, x, ctx)
-        B, T, D = x.shape
-        x2 = x.reshape(B * T, D)
-        if name == "self_attn":
-            out = self._sa(x2, vecs, T)
-        elif name == "cross_attn":
-            out = self._ca(x2, vecs, T, ctx.kv, getattr(ctx, "absorbed", None))
-        elif name == "ff":
-            out = self._ff(x2, vecs)
-        else:
+        if name not in self.branch_names:
             return super().branch(name, x, ctx)  # raises the models' KeyError
-        return out.view(B, T, D)
+        B, T, D = x.shape
+        return self.fused_branch(name, x.reshape(B * T, D), vecs, T, ctx.kv, getattr(ctx, "absorbed", None)
+                                 ).view(B, T, D)
+
+    def fused_branch(self, name: str, x2: torch.Tensor, v: tuple[torch.Tensor, ...], T: int,
+                     kv: tuple[torch.Tensor, torch.Tensor], absorbed: tuple[torch.Tensor, ...] | None
+                     ) -> torch.Tensor:
+        """Branch ``name`` (gate included) on the (rows, D) stream ``x2``: what :meth:`fast_forward` adds."""
+        if name == "self_attn":
+            return self._sa(x2, v, T)
+        if name == "cross_attn":
+            return self._ca(x2, v, T, kv, absorbed)
+        return self._ff(x2, v)
 
 
 class FastTransformerDenoiser(TransformerDenoiser):
@@ -291,17 +295,46 @@ class FastTransformerDenoiser(TransformerDenoiser):
         return F.linear(F.layer_norm(h, (self.d_model,), scale1, shift, 1e-6), self.out_proj.weight,
                         self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
+    def fused_step(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> "FusedStep | None":
+        """One step's inputs on the fused path -- the embedded (rows, D) stream, each block's vectors, keys and
+        values (or their absorbed form), the head's vectors -- or ``None`` where the fused path does not apply
+        (autograd, training, another device or dtype, mixed timesteps). What :meth:`forward` runs on, and what a
+        block cache driving the fused branches itself (:class:`robolearn.accel.cache.CachedDenoiser`) starts from."""
         if not (self._fast(x) and _uniform_t(t)):
-            return super().forward(x, t, cond, step)
+            return None
         B, T, A = x.shape
         if T > self.horizon:
             raise ValueError(f"sequence of {T} steps is longer than the horizon {self.horizon} the model was built for")
-        block_vecs, (shift, scale1) = self._vecs(t)
+        block_vecs, final_vecs = self._vecs(t)
         prepared = self.prepare(cond)
         h = F.linear(x, self.in_proj.weight, self.in_proj.bias) + self.pos[:T]
-        h = h.reshape(B * T, self.d_model)
-        for blk, v, kv, ab in zip(self.blocks, block_vecs, prepared.kv, self._absorbed(prepared)):
-            h = FastDenoiserBlock.fast_forward(blk, h, v, T, kv, ab)
+        return FusedStep(h.reshape(B * T, self.d_model), block_vecs, prepared.kv, self._absorbed(prepared),
+                         final_vecs, B, T)
+
+    def fused_head(self, h: torch.Tensor, fs: "FusedStep") -> torch.Tensor:
+        """The head on the (rows, D) stream of :meth:`fused_step`: the (B, T, action_dim) output."""
+        shift, scale1 = fs.final_vecs
         h = F.layer_norm(h, (self.d_model,), scale1, shift, 1e-6)
-        return F.linear(h, self.out_proj.weight, self.out_proj.bias).view(B, T, -1)
+        return F.linear(h, self.out_proj.weight, self.out_proj.bias).view(fs.B, fs.T, -1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
+        fs = self.fused_step(x, t, cond)
+        if fs is None:
+            return super().forward(x, t, cond, step)
+        h = fs.h
+        for blk, v, kv, ab in zip(self.blocks, fs.block_vecs, fs.kv, fs.absorbed):
+            h = FastDenoiserBlock.fast_forward(blk, h, v, fs.T, kv, ab)
+        return self.fused_head(h, fs)
+
+
+@dataclass
+class FusedStep:
+    """:meth:`FastTransformerDenoiser.fused_step`'s result."""
+
+    h: torch.Tensor  # (B * T, D) residual stream entering block 0
+    block_vecs: list[tuple[torch.Tensor, ...]]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    absorbed: list
+    final_vecs: tuple[torch.Tensor, torch.Tensor]
+    B: int
+    T: int

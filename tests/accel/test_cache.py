@@ -90,6 +90,48 @@ def test_a_sparse_schedule_computes_only_its_update_steps_and_stays_close():
     assert 0.0 < rel < 0.5  # reuse changes the chunk, a little
 
 
+def staggered_schedule(policy: Any, sampler: str, total: int, seed: int = 0) -> CacheSchedule:
+    """Every branch at its own random update steps (step 0 always), as a BAC schedule staggers them."""
+    rng = np.random.default_rng(seed)
+    ups = {k: tuple(sorted({0, *rng.choice(np.arange(1, total), size=int(rng.integers(1, total // 2)),
+                                           replace=False).tolist()}))
+           for k in branch_keys(policy.backbone)}
+    return CacheSchedule(updates=ups, sampler=sampler, total=total, method="bac")
+
+
+@pytest.mark.parametrize("sampler", [{"kind": "ddim", "steps": 10}, {"kind": "ddpm", "steps": 20}])
+def test_the_fused_cache_loop_computes_what_the_branch_by_branch_loop_computes(sampler):
+    """The fused loop (2-D stream, outputs kept in one tensor, a run of skipped branches added as one sum)
+    against the generic loop on the models' own code, for staggered per-branch schedules, a change of batch
+    size between chunks, and the warm start's mid-schedule first call."""
+    policy = transformer_policy(sampler=sampler)
+    name, total = f"{sampler['kind']}-{sampler['steps']}", sampler["steps"]
+    for seed in range(3):
+        sched = staggered_schedule(policy, name, total, seed)
+        fused = CachedPolicy(use_kernels(policy, "onednn"), sched)
+        for batch in (3, 1):
+            o, noise = obs(batch, seed), torch.randn(policy.noise_shape(batch))
+            use_kernels(policy, "onednn")
+            a = fused.predict_action(o, noise)
+            assert fused.denoiser._store is not None and fused.denoiser._store.shape[1] == batch * 16
+            use_kernels(policy, "gemm")
+            generic = CachedPolicy(policy, sched)
+            b = generic.predict_action(o, noise)
+            assert generic.denoiser._store is None  # the models' code: the branch-by-branch loop ran
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert fused.denoiser.computed == generic.denoiser.computed < generic.denoiser.calls
+            fused.denoiser.reset_counts()
+            assert not torch.equal(a, policy.predict_action(o, noise))  # the schedule did skip work
+        if sampler["kind"] == "ddim":
+            use_kernels(policy, "onednn")
+            o, noise = obs(2, seed), torch.randn(policy.noise_shape(2))
+            prev = policy.predict_action(o, noise)
+            a = fused.predict_action_warm(o, prev, 8, 4, noise)
+            use_kernels(policy, "gemm")
+            b = CachedPolicy(policy, sched).predict_action_warm(o, prev, 8, 4, noise)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_warm_start_through_the_cache_equals_the_uncached_warm_start_with_every_step():
     policy = transformer_policy()
     o, noise = obs(2), torch.randn(policy.noise_shape(2))

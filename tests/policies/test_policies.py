@@ -147,6 +147,31 @@ def test_sampling_is_a_deterministic_function_of_noise(
     assert not torch.allclose(a, fewer)  # the step count is honoured
 
 
+@pytest.mark.parametrize("prediction,clip", [("epsilon", True), ("epsilon", False), ("sample", True)])
+@pytest.mark.parametrize("steps", [100, 37, 10])
+def test_ddpm_update_is_bitwise_diffusers_step(prediction: str, clip: bool, steps: int) -> None:
+    """The DDPM sampler's precomputed update against diffusers' own ``DDPMScheduler.step``, over whole runs with
+    per-row generators (the variance noise included)."""
+    from diffusers import DDPMScheduler
+
+    from robolearn.policies.diffusion import DDPMUpdate
+
+    ref = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type=prediction,
+                        clip_sample=clip, clip_sample_range=1.0, variance_type="fixed_small")
+    ref.set_timesteps(steps)
+    assert DDPMUpdate.handles(ref)
+    ours = DDPMUpdate(ref)
+    x = y = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(0))
+    g_ref = [torch.Generator().manual_seed(i) for i in range(3)]
+    g_ours = [torch.Generator().manual_seed(i) for i in range(3)]
+    for t in ref.timesteps:
+        out = 1.5 * torch.randn(3, 16, 2)  # large enough that clipping bites
+        x = ref.step(out, int(t), x, generator=g_ref, return_dict=False)[0]
+        y = ours.step(out, int(t), y, generator=g_ours)[0]
+        assert torch.equal(x, y), int(t)
+    assert not DDPMUpdate.handles(DDPMScheduler(variance_type="fixed_large"))  # others keep diffusers' step
+
+
 def test_sampler_override_and_validation(store: EpisodeStore) -> None:
     d = make_policy(config("diffusion"), store.stats())
     assert d.sampler_config == {"kind": "ddim", "steps": 10}
