@@ -344,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "their step x step similarity, and let the worst-cached blocks update with the feed-forward\n"
                    "block after them (Bubbling Union). The result is a 'cached' checkpoint naming its base, used\n"
                    "by eval, run and serve like any checkpoint; schedule.png shows the schedule. method=uniform\n"
-                   "(every n-th step) is the baseline. method=searched (few-step samplers) tries every set of\n"
+                   "(every n-th step) is the baseline. method=shared runs the same dynamic program on the blocks'\n"
+                   "mean similarity: one set of update steps for every block, which runs faster than bac's\n"
+                   "staggered steps at equal compute. method=searched (few-step samplers) tries every set of\n"
                    "`updates` steps shared by all blocks and keeps the one whose chunks stay closest to the\n"
                    "uncached policy's: at DDIM-10 on lift it beat both (README).",
                    ["robolearn accel calibrate checkpoint=runs/train/<run>/checkpoints/latest",

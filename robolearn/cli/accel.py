@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from robolearn.cli import CLIError, print_json
 
-CACHES = ("bac", "searched", "uniform", "none")
+CACHES = ("bac", "shared", "searched", "uniform", "none")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -56,8 +56,8 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
                 metric: str = "cosine", observations: int = 256, batch: int = 32, seed: int = 0,
                 dataset: str | None = None, progress: bool = True) -> tuple[Any, Any]:
     """A :class:`~robolearn.accel.cache.CachedPolicy` over ``policy`` with a ``method`` schedule for its current
-    sampler (``bac`` calibrates on the training data, ``searched`` tries every shared set of ``updates`` steps on
-    it); returns it and the calibration (None unless bac)."""
+    sampler (``bac`` and ``shared`` calibrate on the training data, ``searched`` tries every shared set of
+    ``updates`` steps on it); returns it and the calibration (None unless bac or shared)."""
     from robolearn.accel.cache import (CacheError, CachedPolicy, all_steps, backbone_calls, branch_keys, calibrate,
                                        default_updates, schedule_from_calibration, search_candidates,
                                        searched_schedule, uniform_schedule)
@@ -76,7 +76,7 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
     if not 1 <= k <= total:
         raise CLIError(f"updates={k} must be between 1 and the {total} denoiser calls of {name}")
     cal = None
-    if method == "bac":
+    if method in ("bac", "shared"):
         obs = calibration_observations(policy, ckpt, observations, batch, seed=seed, dataset=dataset)
         bar = _bar(sum(int(next(iter(b.values())).shape[0]) for b in obs), f"calibrating {name}", progress)
         try:
@@ -85,7 +85,7 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
             raise CLIError(str(e)) from None
         finally:
             bar.close()
-        schedule = schedule_from_calibration(cal, "bac", k, bubble=bubble)
+        schedule = schedule_from_calibration(cal, method, k, bubble=bubble)
     elif method == "searched":
         try:
             n_sets = search_candidates(total, k, name)  # refuse a search too large before reading any data

@@ -60,7 +60,7 @@ class BenchEnvConfig:
 @dataclass
 class AccelCalibrateConfig:
     checkpoint: str | None = None  # a diffusion/flow transformer checkpoint
-    method: str = "bac"  # bac | searched | uniform | none
+    method: str = "bac"  # bac | shared | searched | uniform | none
     updates: int | None = None  # update steps per branch; default a quarter of the sampler's steps
     bubble: int = 4  # Bubbling Union: how many of the worst-cached branches take their downstream FFN's steps
     metric: str = "cosine"  # cosine | l1
@@ -79,7 +79,7 @@ class AccelCalibrateConfig:
 @dataclass
 class BenchLatencyConfig:
     checkpoint: str | None = None  # a base checkpoint (cached per cache=) or a cached one (against its base)
-    cache: str | None = None  # bac | searched | uniform | none; default bac (for a base checkpoint)
+    cache: str | None = None  # bac | shared | searched | uniform | none; default bac (for a base checkpoint)
     updates: int | None = None
     sampler: str | None = None
     steps: int | None = None

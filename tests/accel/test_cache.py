@@ -393,6 +393,15 @@ def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys)
     found = last_json(capsys.readouterr().out)
     assert found["method"] == "searched" and found["compute_fraction"] == 0.5 and found["action_rel_error"] >= 0
     assert load_policy(searched).schedule.info["candidates"] == 3  # euler-4: step 0 and one of 3 others
+    # the shared adaptive schedule: calibrated like bac, one set of steps for every branch
+    shared = tmp_path / "shared"
+    assert main(["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=shared", "updates=2",
+                 "observations=8", "batch=4", f"out={shared}", "plot=false", "progress=false"]) == 0
+    found = last_json(capsys.readouterr().out)
+    assert found["method"] == "shared" and found["compute_fraction"] == 0.5 and found["observations"] == 8
+    ups = load_policy(shared).schedule.updates
+    assert len(set(ups.values())) == 1 and next(iter(ups.values()))[0] == 0
+    assert (shared / "similarity.npz").is_file()
     out = tmp_path / "uni"
     assert main(["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=uniform", "updates=2", f"out={out}",
                  "plot=false"]) == 0

@@ -10,6 +10,11 @@ For a base checkpoint and a sampler (default: the checkpoint's), this script
    latency``: speedup, latency, relative action error on observations from the training data);
 4. evaluates uncached, BAC and uniform on the same ``--episodes`` seeds (``robolearn eval``).
 
+``--shared`` adds a row for ``method=shared`` at the uniform baseline's update count: the same dynamic program
+on the branches' mean similarity, one set of update steps for every branch (BAC's scheduler without per-branch
+steps; at equal compute it runs faster than BAC, whose staggered steps leave a few branches to compute at most
+steps).
+
     python tools/bench/cache_eval.py --checkpoint runs/accel/push_t_dt/checkpoints/latest --label push_t_ddpm100 \\
         --episodes 50 --out tools/bench/results/cache_push_t_ddpm100.json
 
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20, help="timed predict_action calls of each")
     p.add_argument("--threads", type=int, default=2, help="torch threads for latency (evaluations use them too)")
     p.add_argument("--skip-eval", action="store_true", help="latency and action error only")
+    p.add_argument("--shared", action="store_true",
+                   help="also method=shared (one adaptive set of steps for every branch) at uniform's update count")
     p.add_argument("--uncached-eval", type=Path, default=None,
                    help="the result.json of an earlier uncached evaluation of this checkpoint, sampler, seeds and "
                         "episode count (e.g. another --updates on the same base): reused instead of evaluating again")
@@ -105,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         "uniform": {"method": "uniform", "updates": k_uni, "compute_fraction": uni["compute_fraction"],
                     "checkpoint": uni["checkpoint"]},
     }
-    for name in ("bac", "uniform"):
+    if args.shared:
+        sh = cli("accel", "calibrate", *common, "method=shared", f"metric={args.metric}", f"updates={k_uni}",
+                 f"observations={args.observations}", f"out={work / 'shared'}", threads=args.threads)
+        rows["shared"] = {"method": "shared", "updates": k_uni, "compute_fraction": sh["compute_fraction"],
+                          "checkpoint": sh["checkpoint"]}
+    cached = [name for name in rows if name != "uncached"]
+    for name in cached:
         lat = cli("bench", "latency", f"checkpoint={rows[name]['checkpoint']}", f"repeats={args.repeats}",
                   f"threads={args.threads}", "observations=32", "progress=false", threads=args.threads)
         rows[name].update({k: lat[k] for k in ("speedup", "latency_ms_cached", "latency_ms_uncached",
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_eval:
         ev_common = [f"episodes={args.episodes}", f"num_envs={args.num_envs}", f"workers={args.workers}",
                      f"seed={args.seed}"]
-        for name in ("uncached", "bac", "uniform"):
+        for name in rows:
             ckpt = rows[name].get("checkpoint", str(args.checkpoint))
             extra = []
             if name == "uncached":
@@ -176,7 +189,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     speed = [rows[n].get("speedup", 1.0) for n in names]
     err = [rows[n].get("action_rel_error", 0.0) for n in names]
     succ = [rows[n].get("success_rate") for n in names]
-    colors = ["0.6", "tab:blue", "tab:orange"]
+    colors = ["0.6", "tab:blue", "tab:orange", "tab:green"][:len(names)]
     axes[0].bar(names, speed, color=colors)
     axes[0].set_ylabel("speedup over uncached (batch 1)")
     axes[1].bar(names, err, color=colors)
