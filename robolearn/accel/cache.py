@@ -425,6 +425,8 @@ class CachedDenoiser:
         self._store: torch.Tensor | None = None  # (branches, rows, D): the fused loop's kept outputs
         kinds = {"self_attn": 0, "cross_attn": 1, "ff": 2}
         self._branches = [(i, blk, kinds.get(name, -1)) for i, blk in enumerate(self.blocks) for name in self.names]
+        # the fused loop dispatches on these three branches only; any other backbone keeps the generic loop
+        self._fusable = type(self).fused_loop and all(kind >= 0 for _, _, kind in self._branches)
 
     @staticmethod
     def _plan(update: list[bool]) -> list[Any]:
@@ -475,12 +477,13 @@ class CachedDenoiser:
         if step is None:
             return bb(x, t, cond)
         self.schedule.check_sampler(step.sampler, step.offset + step.total)
-        if self.fused_loop and hasattr(bb, "fused_step"):
+        if self._fusable and hasattr(bb, "fused_step"):
             fs = bb.fused_step(x, t, cond)
             if fs is not None:
                 return self._fused_call(fs, step)
         if step.index == 0:
             self._cache = [[None] * len(self.names) for _ in self.blocks]
+            self._store = None  # the fused loop's outputs belong to another run
         update = self._cols[step.schedule_index]
         ctx = bb.begin(x, t, cond, self._time_conditioning(t))
         h = ctx.x
@@ -505,7 +508,9 @@ class CachedDenoiser:
         """One step on the fused path (:meth:`FastTransformerDenoiser.fused_step`): the residual stream stays
         (rows, D), branches are called directly, and their outputs are kept in one (branches, rows, D) tensor, so
         a run of skipped branches adds its kept outputs in one reduction and one addition. With every branch
-        due, the additions are the uncached forward's, in its order: bitwise equal to it."""
+        due, the additions are the uncached forward's, in its order: bitwise equal to it. With branches skipped,
+        the one reduction rounds differently from the generic loop's one-by-one additions (equal to float
+        rounding, tested)."""
         h = fs.h
         store = self._store
         if step.index == 0 or store is None or store.shape[1:] != h.shape:  # a new run: compute everything

@@ -126,7 +126,8 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
 
 def apply_cache(policy: Any, ckpt: Path, cache: str | None, updates: int | None = None) -> Any:
     """``cache=`` of eval/run/serve on a loaded checkpoint: None leaves it as it is; ``bac`` calibrates on the
-    checkpoint's training data (a few seconds to a minute), ``uniform`` and ``none`` need nothing."""
+    checkpoint's training data (a few seconds to a minute) and ``shared`` likewise, ``searched`` tries step sets
+    on it, ``uniform`` and ``none`` need nothing."""
     if cache is None:
         return policy
     if getattr(policy, "policy_type", None) == "cached":

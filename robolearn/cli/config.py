@@ -187,7 +187,7 @@ class EvalConfig:
     sampler: SamplerOverride = field(default_factory=SamplerOverride)
     n_action_steps: int | None = None  # override: actions executed per chunk before re-planning
     env: dict[str, Any] = field(default_factory=dict)  # overrides on top of the training data's env config
-    cache: str | None = None  # block caching of a transformer base: bac | searched | uniform | none
+    cache: str | None = None  # block caching of a transformer base: bac | shared | searched | uniform | none
     cache_updates: int | None = None  # update steps per branch (default a quarter of the sampler's steps)
     threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
@@ -195,7 +195,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     checkpoint: str | None = None  # a checkpoint folder ...
-    cache: str | None = None  # block caching of a transformer checkpoint: bac | searched | uniform | none
+    cache: str | None = None  # block caching of a transformer checkpoint: bac | shared | searched | uniform | none
     cache_updates: int | None = None
     policy: str | None = None  # ... or a policy server, ws://host:port
     task: str | None = None  # default: the task the checkpoint was trained on
@@ -219,7 +219,7 @@ class RunConfig:
 @dataclass
 class ServeConfig:
     checkpoint: str | None = None
-    cache: str | None = None  # block caching of a transformer base: bac | searched | uniform | none
+    cache: str | None = None  # block caching of a transformer base: bac | shared | searched | uniform | none
     cache_updates: int | None = None
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000

@@ -119,9 +119,9 @@ class DDPMUpdate:
 
     The coefficients are the same 0-dim float32 tensors ``step()`` builds on every call, from the same
     expressions, and the update applies them in the same order, so the result is bitwise the same (tested); the
-    variance noise comes from diffusers' own ``randn_tensor`` with the caller's generator(s). At DDPM-100 this
-    removes ~0.1 ms of scalar arithmetic and lookups per step (``previous_timestep`` twice, ``_get_variance``):
-    about 2% of a batch-1 chunk of the fused transformer, and more of a cached one, whose steps are cheaper.
+    variance noise comes from diffusers' own ``randn_tensor`` with the caller's generator(s). What it saves per
+    step is ``step()``'s scalar arithmetic and lookups (``previous_timestep`` twice, ``_get_variance``), which
+    weigh most in a block-cached chunk, whose steps are otherwise cheap.
     """
 
     def __init__(self, sched: DDPMScheduler) -> None:
@@ -149,6 +149,8 @@ class DDPMUpdate:
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
              generator: Any = None, return_dict: bool = False) -> tuple[torch.Tensor]:
+        if return_dict:
+            raise ValueError("DDPMUpdate.step returns a tuple only (return_dict=False)")
         sqrt_b, sqrt_a, c_x0, c_x, std = self.coef[int(timestep)]
         x0 = (sample - sqrt_b * model_output) / sqrt_a if self.epsilon else model_output
         if self.clip is not None:

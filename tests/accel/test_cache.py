@@ -126,10 +126,13 @@ def test_the_fused_cache_loop_computes_what_the_branch_by_branch_loop_computes(s
             use_kernels(policy, "onednn")
             o, noise = obs(2, seed), torch.randn(policy.noise_shape(2))
             prev = policy.predict_action(o, noise)
+            fused.denoiser.reset_counts()
             a = fused.predict_action_warm(o, prev, 8, 4, noise)
             use_kernels(policy, "gemm")
-            b = CachedPolicy(policy, sched).predict_action_warm(o, prev, 8, 4, noise)
+            generic = CachedPolicy(policy, sched)
+            b = generic.predict_action_warm(o, prev, 8, 4, noise)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert fused.denoiser.computed == generic.denoiser.computed >= 6  # the first call computes all 6
 
 
 def test_warm_start_through_the_cache_equals_the_uncached_warm_start_with_every_step():

@@ -172,6 +172,22 @@ def test_ddpm_update_is_bitwise_diffusers_step(prediction: str, clip: bool, step
     assert not DDPMUpdate.handles(DDPMScheduler(variance_type="fixed_large"))  # others keep diffusers' step
 
 
+def test_diffusion_policy_samples_ddpm_through_ddpm_update_with_diffusers_results(
+    store: EpisodeStore, dataset: SequenceDataset
+) -> None:
+    from robolearn.policies.diffusion import DDPMUpdate
+
+    torch.manual_seed(0)
+    policy = make_policy(config("diffusion"), store.stats()).eval()
+    obs = obs_batch(dataset)
+    noise = torch.randn(policy.noise_shape(3), generator=torch.Generator().manual_seed(1))
+    ours = policy.predict_action(obs, noise, sampler="ddpm", steps=7)
+    update, timesteps = policy._samplers[("ddpm", 7)]
+    assert isinstance(update, DDPMUpdate)
+    policy._samplers[("ddpm", 7)] = (update.scheduler, timesteps)  # diffusers' own step() in its place
+    assert torch.equal(policy.predict_action(obs, noise, sampler="ddpm", steps=7), ours)
+
+
 def test_sampler_override_and_validation(store: EpisodeStore) -> None:
     d = make_policy(config("diffusion"), store.stats())
     assert d.sampler_config == {"kind": "ddim", "steps": 10}
