@@ -417,19 +417,16 @@ class CachedDenoiser:
         self._cache: list[list[torch.Tensor | None]] = []
         self._time: "OrderedDict[tuple, Any]" = OrderedDict()
         self.calls = self.computed = 0
-        # the fused loop's per-step plans over the flattened branches (block-major): an int computes that
-        # branch, a (start, stop) pair adds the kept outputs of a run of skipped branches in one addition
-        n = len(self.blocks) * len(self.names)
+        # the fused loop's per-step plans over the flattened branches (block-major): see _plan
+        self._branches = [(i, blk, name) for i, blk in enumerate(self.blocks) for name in self.names]
         self._plans = [self._plan(mask[:, :, c].reshape(-1).tolist()) for c in range(schedule.total)]
-        self._plan_all: list[Any] = [-1 - m for m in range(n)]
+        self._plan_all = self._plan([True] * len(self._branches))
         self._store: torch.Tensor | None = None  # (branches, rows, D): the fused loop's kept outputs
-        kinds = {"self_attn": 0, "cross_attn": 1, "ff": 2}
-        self._branches = [(i, blk, kinds.get(name, -1)) for i, blk in enumerate(self.blocks) for name in self.names]
-        # the fused loop dispatches on these three branches only; any other backbone keeps the generic loop
-        self._fusable = type(self).fused_loop and all(kind >= 0 for _, _, kind in self._branches)
 
     @staticmethod
     def _plan(update: list[bool]) -> list[Any]:
+        """One step of the fused loop from its per-branch update flags: ``-1 - n`` computes branch ``n``, ``n``
+        adds its kept output, ``(start, stop)`` adds the kept outputs of a run of skipped branches at once."""
         plan: list[Any] = []
         start = None
         for n, due in enumerate(update + [True]):
@@ -477,7 +474,7 @@ class CachedDenoiser:
         if step is None:
             return bb(x, t, cond)
         self.schedule.check_sampler(step.sampler, step.offset + step.total)
-        if self._fusable and hasattr(bb, "fused_step"):
+        if self.fused_loop and hasattr(bb, "fused_step"):
             fs = bb.fused_step(x, t, cond)
             if fs is not None:
                 return self._fused_call(fs, step)
@@ -527,14 +524,8 @@ class CachedDenoiser:
                 h = h + store[op]
             else:
                 n = -1 - op
-                i, blk, kind = self._branches[n]
-                if kind == 0:
-                    out = blk._sa(h, vecs[i], T)
-                elif kind == 1:
-                    out = blk._ca(h, vecs[i], T, kv[i], absorbed[i])
-                else:
-                    out = blk._ff(h, vecs[i])
-                store[n] = out
+                i, blk, name = self._branches[n]
+                out = store[n] = blk.fused_branch(name, h, vecs[i], T, kv[i], absorbed[i])
                 computed += 1
                 h = h + out
         self.calls += len(self._branches)

@@ -197,8 +197,6 @@ class FastDenoiserBlock(DenoiserBlock):
         vecs = getattr(ctx, "vecs", None)
         if vecs is None or ctx.kv is None or not _fused(self, x):
             return super().branch(name, x, ctx)
-        if name not in self.branch_names:
-            return super().branch(name, x, ctx)  # raises the models' KeyError
         B, T, D = x.shape
         return self.fused_branch(name, x.reshape(B * T, D), vecs, T, ctx.kv, getattr(ctx, "absorbed", None)
                                  ).view(B, T, D)
@@ -211,7 +209,9 @@ class FastDenoiserBlock(DenoiserBlock):
             return self._sa(x2, v, T)
         if name == "cross_attn":
             return self._ca(x2, v, T, kv, absorbed)
-        return self._ff(x2, v)
+        if name == "ff":
+            return self._ff(x2, v)
+        raise KeyError(f"unknown branch {name!r}; branches are {self.branch_names}")
 
 
 class FastTransformerDenoiser(TransformerDenoiser):

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from robolearn.accel.cache import CachedPolicy, all_steps, backbone_calls, branch_keys, uniform_schedule
     from robolearn.cli.accel import time_alternately
     from robolearn.cli.runtime import load_checkpoint
+    from robolearn.policies import read_checkpoint_config
 
     base = load_checkpoint(args.checkpoint)
     sc = base.sampler_config
@@ -55,16 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         "cache, every branch every step": CachedPolicy(base, all_steps(keys, name, total)),
         "cache, step 0 only": CachedPolicy(base, uniform_schedule(keys, name, total, 1)),
     }
-    fractions = {"uncached": 1.0, "cache, every branch every step": 1.0, "cache, step 0 only": 1 / total}
-    for path in args.cached:
-        c = load_checkpoint(path)
-        if getattr(c, "schedule", None) is None:
-            raise SystemExit(f"{path} is not a cached checkpoint")
-        if c.schedule.sampler != name:
-            raise SystemExit(f"{path} was calibrated for {c.schedule.sampler}, not {name}")
-        label = f"{c.schedule.method} ({path.name})"
-        policies[label] = CachedPolicy(base, c.schedule)  # over this process's base (its weights are checked)
-        fractions[label] = c.schedule.compute_fraction
+    for path in args.cached:  # only the schedule is read: it runs over this process's base (weights checked)
+        cfg = read_checkpoint_config(path)
+        if cfg.get("type") != "cached":
+            raise SystemExit(f"{path} is not a cached checkpoint (type {cfg.get('type')!r})")
+        if cfg["schedule"].get("sampler") != name:  # before wrapping, which would switch the base's sampler
+            raise SystemExit(f"{path} was calibrated for {cfg['schedule'].get('sampler')}, not {name}")
+        cached = CachedPolicy(base, cfg["schedule"])
+        policies[f"{cached.schedule.method} ({path.name})"] = cached
     torch.manual_seed(0)
     obs = {k: torch.randn(1, base.n_obs_steps, *shape) * 0.3 for k, shape in base.cfg.obs.items()}
     noise = torch.randn(base.noise_shape(1))
@@ -73,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     ms = {k: statistics.median(v) for k, v in time_alternately(fns, args.repeats, warmup=1).items()}
     ref = ms["uncached"]
-    rows = [{"policy": k, "compute_fraction": round(fractions[k], 4), "chunk_ms": round(v, 1),
-             "speedup": round(ref / v, 3)} for k, v in ms.items()]
+    rows = [{"policy": k, "compute_fraction": round(policies[k].schedule.compute_fraction if k != "uncached" else 1.0, 4),
+             "chunk_ms": round(v, 1), "speedup": round(ref / v, 3)} for k, v in ms.items()]
     result = {"bench": "cached-step overhead (tools/bench/cache_overhead.py)", "checkpoint": str(args.checkpoint),
               "sampler": name, "batch": 1, "repeats": args.repeats, "threads": args.threads, "rows": rows,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
