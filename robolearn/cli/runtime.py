@@ -85,7 +85,7 @@ def _check_numbers(cfg: DictConfig) -> None:
 
     try:
         check_settings(rate_hz=cfg.rate_hz, latency_s=cfg.latency_s, episodes=cfg.episodes, duration_s=cfg.duration_s,
-                       max_nonfinite_chunks=cfg.max_nonfinite_chunks)
+                       max_nonfinite_chunks=cfg.max_nonfinite_chunks, warm_steps=cfg.warm_steps)
     except ValueError as e:
         raise CLIError(str(e)) from None
 
@@ -110,6 +110,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.blend not in ("none", "ensemble", "warmstart"):
         raise CLIError(f"blend must be none, ensemble or warmstart, not {cfg.blend!r}")
     _check_numbers(cfg)
+    if cfg.warm_steps is not None and cfg.blend != "warmstart":
+        raise CLIError(f"warm_steps={cfg.warm_steps} applies to blend=warmstart (RTI-DP), not blend={cfg.blend}")
     env_config: dict[str, Any] = {}
     task = cfg.task
     if cfg.checkpoint:
@@ -128,6 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
     if cfg.checkpoint:
         policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
+    warm = {} if cfg.warm_steps is None else {"warm_steps": int(cfg.warm_steps)}
     try:
         task_rate = probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task
         rate_hz = _rate(cfg.rate_hz, task_rate, task)
@@ -140,7 +143,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 duration_s=cfg.duration_s, seed=int(cfg.seed), token=cfg.token, rate_hz=rate_hz, mode=cfg.mode,
                 blend=cfg.blend, realtime=bool(cfg.realtime), latency_s=cfg.latency_s, status=bool(cfg.status),
                 max_nonfinite_chunks=int(cfg.max_nonfinite_chunks), print_error=False, record_actions=video,
-                after_run=after_run,
+                after_run=after_run, **warm,
             )
         except (PermissionError, ConnectionError, OSError) as e:
             if not cfg.policy:

@@ -145,7 +145,7 @@ def _number(name: str, value: Any, *, integer: bool = False, minimum: float = 0.
 
 
 def check_settings(*, rate_hz: Any = None, latency_s: Any = None, episodes: Any = None, duration_s: Any = None,
-                   max_nonfinite_chunks: Any = None, max_steps: Any = None) -> None:
+                   max_nonfinite_chunks: Any = None, max_steps: Any = None, warm_steps: Any = None) -> None:
     """Refuse numbers that make no sense, with a ValueError naming the key (``None``: not given, always fine).
     :class:`Runner` and ``robolearn run`` both call it, so both say the same."""
     if rate_hz is not None:
@@ -160,6 +160,9 @@ def check_settings(*, rate_hz: Any = None, latency_s: Any = None, episodes: Any 
         _number("max_nonfinite_chunks", max_nonfinite_chunks, integer=True, minimum=1)
     if max_steps is not None:
         _number("max_steps", max_steps, integer=True, minimum=1)
+    if warm_steps is not None:
+        _number("warm_steps", warm_steps, integer=True, minimum=1,
+                what=" (blend=warmstart: the denoising steps run from the previous chunk)")
 
 
 @dataclass
@@ -271,7 +274,7 @@ class Runner:
         record_actions: bool = False,
     ) -> None:
         check_settings(rate_hz=rate_hz, latency_s=latency_s, max_nonfinite_chunks=max_nonfinite_chunks,
-                       max_steps=max_steps)
+                       max_steps=max_steps, warm_steps=warm_steps)
         self.executor = ChunkExecutor(policy, 1, corrector=corrector)  # checks the policy's members and geometry
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -295,6 +298,10 @@ class Runner:
         self.mode, self.blend, self.realtime = mode, blend, bool(realtime)
         self.latency_s = latency_s
         self.warm_steps = int(warm_steps)
+        sampler = getattr(policy, "sampler_config", None) if blend == "warmstart" else None
+        if isinstance(sampler, dict) and sampler.get("steps") is not None and self.warm_steps > int(sampler["steps"]):
+            raise ValueError(f"warm_steps={self.warm_steps} is more than the {int(sampler['steps'])} denoising steps of "
+                             f"{type(policy).__name__}'s sampler; a warm start runs the last warm_steps of them")
         self.drop_stale = (mode == "async") if drop_stale is None else bool(drop_stale)
         self.trigger_margin = float(trigger_margin)
         self.max_steps = max_steps
@@ -691,6 +698,7 @@ class Runner:
         report: dict[str, Any] = {
             "mode": self.mode,
             "blend": self.blend,
+            "warm_steps": self.warm_steps if self.blend == "warmstart" else None,
             "rate_hz": self.rate_hz,
             "realtime": self.realtime,
             "policy": type(self.policy).__name__,

@@ -70,6 +70,9 @@ def test_run_at_the_tasks_rate_records_a_video_of_the_episode(checkpoint, tmp_pa
         (["mode=fast"], "mode must be sync or async"),
         (["checkpoint=/nonexistent"], "checkpoint folder /nonexistent does not exist"),
         (["policy=http://x"], "give exactly one of"),
+        (["warm_steps=2"], "warm_steps=2 applies to blend=warmstart (RTI-DP), not blend=none"),
+        (["blend=warmstart", "warm_steps=0"], "warm_steps must be a whole number >= 1"),
+        (["blend=warmstart", "warm_steps=1000"], "warm_steps=1000 is more than the"),
     ],
 )
 def test_run_bad_input(checkpoint, capsys, argv, message):
@@ -131,6 +134,19 @@ def test_run_blends_with_a_real_policy(checkpoint, tmp_path, capsys, blend):
     assert summary["episodes"] == 1 and summary.get("error") in (None, "")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["inferences"] > 1
+    assert report["warm_steps"] == (2 if blend == "warmstart" else None)  # the runner's default
+
+
+def test_run_warm_steps_reach_the_runner(checkpoint, tmp_path, capsys):
+    """warm_steps=N is the runner's: the report names it (default 2 above), and the run warm-starts with it."""
+    from robolearn.policies import load_policy
+
+    assert load_policy(checkpoint).sampler_config["steps"] >= 3
+    argv = ["run", f"checkpoint={checkpoint}", "realtime=false", "mode=sync", "blend=warmstart", "episodes=1",
+            "warm_steps=3", "status=false", f"run_dir={tmp_path}"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["warm_steps"] == 3 and report["inferences"] > 1 and report["error"] is None
 
 
 # ---------------------------------------------------------------------------------------------- issue 11

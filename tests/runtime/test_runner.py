@@ -148,6 +148,12 @@ def test_warmstart_on_a_policy_without_the_hook_names_the_type() -> None:
         Runner(TickPolicy(), TickEnv(), blend="warmstart")
 
 
+@pytest.mark.parametrize("bad", [0, 1.5, -2, True])
+def test_warm_steps_must_be_a_positive_whole_number(bad) -> None:
+    with pytest.raises(ValueError, match=r"warm_steps must be a whole number >= 1 \(blend=warmstart"):
+        Runner(_WarmTickPolicy(), TickEnv(), blend="warmstart", warm_steps=bad)
+
+
 def test_ensemble_blend_runs_and_averages_overlapping_chunks() -> None:
     env = TickEnv(max_steps=20)
     pol = TickPolicy(horizon=8, n_obs_steps=1, n_action_steps=8)
