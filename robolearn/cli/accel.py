@@ -272,10 +272,14 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
     noises = [torch.randn(base.noise_shape(1), generator=gen) for _ in obs]
     warm = cfg.warm_steps
     if warm is not None:
-        if int(warm) < 1:
-            raise CLIError(f"warm_steps must be >= 1, got {warm}")
         if not callable(getattr(base, "predict_action_warm", None)):
             raise CLIError(f"{type(base).__name__} has no warm start (predict_action_warm)")
+        from robolearn.runtime.runner import warm_start_steps
+
+        try:
+            warm = warm_start_steps(base, warm)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
         # RTI-DP as the runner does it: the previous chunk (here: a chunk for another noise), shifted by the
         # executed actions, noised to the level of the last ``warm`` steps of the configured DDIM schedule
         prev = [base.predict_action(o, torch.randn(base.noise_shape(1), generator=gen)) for o in obs]

@@ -109,9 +109,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError(f"mode must be sync or async, not {cfg.mode!r}")
     if cfg.blend not in ("none", "ensemble", "warmstart"):
         raise CLIError(f"blend must be none, ensemble or warmstart, not {cfg.blend!r}")
-    _check_numbers(cfg)
     if cfg.warm_steps is not None and cfg.blend != "warmstart":
         raise CLIError(f"warm_steps={cfg.warm_steps} applies to blend=warmstart (RTI-DP), not blend={cfg.blend}")
+    _check_numbers(cfg)
     env_config: dict[str, Any] = {}
     task = cfg.task
     if cfg.checkpoint:

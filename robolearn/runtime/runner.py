@@ -165,6 +165,21 @@ def check_settings(*, rate_hz: Any = None, latency_s: Any = None, episodes: Any 
                 what=" (blend=warmstart: the denoising steps run from the previous chunk)")
 
 
+def warm_start_steps(policy: Any, warm_steps: int | None) -> int:
+    """The warm start's step count (RTI-DP: the last ``warm_steps`` denoising steps, from the previous chunk).
+    ``None`` is the default, 2 (or all of a 1-step sampler's); a given count above the steps of the policy's
+    sampler (when it reports them: ``sampler_config``) is refused, since the policy would run fewer than asked."""
+    sampler = getattr(policy, "sampler_config", None)
+    total = int(sampler["steps"]) if isinstance(sampler, dict) and sampler.get("steps") is not None else None
+    if warm_steps is None:
+        return 2 if total is None else min(2, total)
+    check_settings(warm_steps=warm_steps)
+    if total is not None and int(warm_steps) > total:
+        raise ValueError(f"warm_steps={int(warm_steps)} is more than the {total} denoising steps of "
+                         f"{type(policy).__name__}'s sampler; a warm start runs the last warm_steps of them")
+    return int(warm_steps)
+
+
 @dataclass
 class _Job:
     seq: int
@@ -258,7 +273,7 @@ class Runner:
         latency_s: float | None = None,
         ensemble_m: float = 0.01,
         ensemble_every: int = 1,
-        warm_steps: int = 2,
+        warm_steps: int | None = None,
         drop_stale: bool | None = None,
         trigger_margin: float = 0.25,
         latency_window: int = 5,
@@ -297,11 +312,7 @@ class Runner:
         self.period_s = 1.0 / self.rate_hz
         self.mode, self.blend, self.realtime = mode, blend, bool(realtime)
         self.latency_s = latency_s
-        self.warm_steps = int(warm_steps)
-        sampler = getattr(policy, "sampler_config", None) if blend == "warmstart" else None
-        if isinstance(sampler, dict) and sampler.get("steps") is not None and self.warm_steps > int(sampler["steps"]):
-            raise ValueError(f"warm_steps={self.warm_steps} is more than the {int(sampler['steps'])} denoising steps of "
-                             f"{type(policy).__name__}'s sampler; a warm start runs the last warm_steps of them")
+        self.warm_steps = warm_start_steps(policy, warm_steps) if blend == "warmstart" else None
         self.drop_stale = (mode == "async") if drop_stale is None else bool(drop_stale)
         self.trigger_margin = float(trigger_margin)
         self.max_steps = max_steps
@@ -698,7 +709,7 @@ class Runner:
         report: dict[str, Any] = {
             "mode": self.mode,
             "blend": self.blend,
-            "warm_steps": self.warm_steps if self.blend == "warmstart" else None,
+            "warm_steps": self.warm_steps,
             "rate_hz": self.rate_hz,
             "realtime": self.realtime,
             "policy": type(self.policy).__name__,

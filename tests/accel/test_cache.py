@@ -361,6 +361,10 @@ def test_calibrate_writes_a_cached_checkpoint_that_eval_and_bench_use(push_t_ckp
                  "observations=2"]) == 0
     warm = last_json(capsys.readouterr().out)
     assert warm["warm_steps"] == 2 and 0.0 <= warm["action_rel_error"] < 1.0
+    # more warm steps than the 4 the schedule's sampler has would be clamped by the policy: refused instead
+    assert main(["bench", "latency", f"checkpoint={out}", "warm_steps=5", "repeats=1", "warmup=0",
+                 "observations=2"]) == 1
+    assert "warm_steps=5 is more than the 4 denoising steps" in capsys.readouterr().err
 
 
 def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys):

@@ -148,6 +148,26 @@ def test_warmstart_on_a_policy_without_the_hook_names_the_type() -> None:
         Runner(TickPolicy(), TickEnv(), blend="warmstart")
 
 
+class _StepsWarmPolicy(_WarmTickPolicy):
+    """Reports a sampler of ``steps`` steps, as the project's policies do (``sampler_config``)."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.sampler_config = {"kind": "euler", "steps": steps}
+
+
+def test_warm_steps_default_to_two_and_fit_the_sampler() -> None:
+    env = TickEnv(max_steps=12)
+    assert Runner(_StepsWarmPolicy(10), env, blend="warmstart", realtime=False, status=False).warm_steps == 2
+    one = _StepsWarmPolicy(1)  # a 1-step sampler: the default is all of it
+    r = Runner(one, TickEnv(max_steps=12), mode="sync", blend="warmstart", realtime=False, latency_s=0.0,
+               status=False).run(episodes=1)
+    assert r["warm_steps"] == 1 and one.warm_calls and all(c[1] == 1 for c in one.warm_calls)
+    with pytest.raises(ValueError, match=r"warm_steps=3 is more than the 1 denoising steps of _StepsWarmPolicy"):
+        Runner(_StepsWarmPolicy(1), env, blend="warmstart", warm_steps=3)
+    assert Runner(_StepsWarmPolicy(1), env, blend="none", status=False).warm_steps is None
+
+
 @pytest.mark.parametrize("bad", [0, 1.5, -2, True])
 def test_warm_steps_must_be_a_positive_whole_number(bad) -> None:
     with pytest.raises(ValueError, match=r"warm_steps must be a whole number >= 1 \(blend=warmstart"):
