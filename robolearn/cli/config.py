@@ -202,7 +202,7 @@ class RunConfig:
     rate_hz: float | None = None  # control rate; null: the task's own (lift/can/square 20, push_t/peg_insert 10)
     mode: str = "async"  # sync: wait for each chunk (the robot idles) | async: infer while acting
     blend: str = "none"  # none | ensemble (ACT's temporal ensembling) | warmstart (RTI-DP)
-    warm_steps: int | None = None  # blend=warmstart: denoising steps run from the previous chunk (default 2)
+    warm_steps: int | None = None  # blend=warmstart: denoising steps run from the previous chunk (default 2, 1-step sampler 1)
     episodes: int | None = 1
     duration_s: float | None = None  # stop after this long, whatever the episode count
     realtime: bool = True  # false: virtual clock, as fast as possible (latency from latency_s or measured)

@@ -130,7 +130,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
     if cfg.checkpoint:
         policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
-    warm = {} if cfg.warm_steps is None else {"warm_steps": int(cfg.warm_steps)}
     try:
         task_rate = probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task
         rate_hz = _rate(cfg.rate_hz, task_rate, task)
@@ -143,7 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 duration_s=cfg.duration_s, seed=int(cfg.seed), token=cfg.token, rate_hz=rate_hz, mode=cfg.mode,
                 blend=cfg.blend, realtime=bool(cfg.realtime), latency_s=cfg.latency_s, status=bool(cfg.status),
                 max_nonfinite_chunks=int(cfg.max_nonfinite_chunks), print_error=False, record_actions=video,
-                after_run=after_run, **warm,
+                after_run=after_run, warm_steps=cfg.warm_steps,
             )
         except (PermissionError, ConnectionError, OSError) as e:
             if not cfg.policy:

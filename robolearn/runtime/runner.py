@@ -289,7 +289,7 @@ class Runner:
         record_actions: bool = False,
     ) -> None:
         check_settings(rate_hz=rate_hz, latency_s=latency_s, max_nonfinite_chunks=max_nonfinite_chunks,
-                       max_steps=max_steps, warm_steps=warm_steps)
+                       max_steps=max_steps, warm_steps=warm_steps)  # also when blend is not warmstart
         self.executor = ChunkExecutor(policy, 1, corrector=corrector)  # checks the policy's members and geometry
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

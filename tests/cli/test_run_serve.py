@@ -139,8 +139,6 @@ def test_run_blends_with_a_real_policy(checkpoint, tmp_path, capsys, blend):
 
 def test_run_warm_steps_reach_the_runner(checkpoint, tmp_path, capsys):
     """warm_steps=N is the runner's: the report names it (default 2 above), and the run warm-starts with it."""
-    from robolearn.policies import load_policy
-
     assert load_policy(checkpoint).sampler_config["steps"] >= 3
     argv = ["run", f"checkpoint={checkpoint}", "realtime=false", "mode=sync", "blend=warmstart", "episodes=1",
             "warm_steps=3", "status=false", f"run_dir={tmp_path}"]

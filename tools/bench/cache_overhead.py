@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     ms = {k: statistics.median(v) for k, v in time_alternately(fns, args.repeats, warmup=1).items()}
     ref = ms["uncached"]
-    rows = [{"policy": k, "compute_fraction": round(policies[k].schedule.compute_fraction if k != "uncached" else 1.0, 4),
-             "chunk_ms": round(v, 1), "speedup": round(ref / v, 3)} for k, v in ms.items()]
+    fraction = {k: p.schedule.compute_fraction if isinstance(p, CachedPolicy) else 1.0 for k, p in policies.items()}
+    rows = [{"policy": k, "compute_fraction": round(fraction[k], 4), "chunk_ms": round(v, 1),
+             "speedup": round(ref / v, 3)} for k, v in ms.items()]
     result = {"bench": "cached-step overhead (tools/bench/cache_overhead.py)", "checkpoint": str(args.checkpoint),
               "sampler": name, "batch": 1, "repeats": args.repeats, "threads": args.threads, "rows": rows,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
