@@ -189,6 +189,7 @@ class EvalConfig:
     env: dict[str, Any] = field(default_factory=dict)  # overrides on top of the training data's env config
     cache: str | None = None  # block caching of a transformer base: bac | shared | searched | uniform | none
     cache_updates: int | None = None  # update steps per branch (default a quarter of the sampler's steps)
+    rank: int | None = None  # a steered (variant=na) checkpoint: noise draws ranked by its critic per decision
     threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
 
@@ -197,6 +198,7 @@ class RunConfig:
     checkpoint: str | None = None  # a checkpoint folder ...
     cache: str | None = None  # block caching of a transformer checkpoint: bac | shared | searched | uniform | none
     cache_updates: int | None = None
+    rank: int | None = None  # a steered (variant=na) checkpoint: noise draws ranked by its critic per decision
     policy: str | None = None  # ... or a policy server, ws://host:port
     task: str | None = None  # default: the task the checkpoint was trained on
     rate_hz: float | None = None  # control rate; null: the task's own (lift/can/square 20, push_t/peg_insert 10)
@@ -222,6 +224,7 @@ class ServeConfig:
     checkpoint: str | None = None
     cache: str | None = None  # block caching of a transformer base: bac | shared | searched | uniform | none
     cache_updates: int | None = None
+    rank: int | None = None  # a steered (variant=na) checkpoint: noise draws ranked by its critic per decision
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     token: str | None = None  # clients must send "Authorization: Api-Key <token>"

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from robolearn.cli import CLIError, print_json
 from robolearn.cli.evaluation import Evaluator, pick_device
 from robolearn.cli.accel import apply_cache
-from robolearn.cli.runtime import checkpoint_run_config, load_checkpoint, probe_task
+from robolearn.cli.runtime import apply_rank, checkpoint_run_config, load_checkpoint, probe_task
 from robolearn.policies.config import ConfigError, check_geometry
 
 
@@ -40,6 +40,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         except ValueError as e:
             raise CLIError(f"sampler: {e}") from None
     policy = apply_cache(policy, ckpt, cfg.cache, cfg.cache_updates)
+    policy = apply_rank(policy, ckpt, cfg.rank)
     n_action_steps = int(cfg.n_action_steps) if cfg.n_action_steps is not None else int(policy.n_action_steps)
     try:
         check_geometry(policy.horizon, policy.n_obs_steps, n_action_steps, where="")
@@ -60,6 +61,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if policy.policy_type == "cached":
         summary["cache"] = {"method": policy.schedule.method, "sampler": policy.schedule.sampler,
                             "compute_fraction": round(policy.schedule.compute_fraction, 4)}
+    if policy.policy_type == "steered":
+        summary["rank"] = int(policy.rank)  # noise candidates per decision (1: the actor's choice alone)
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
     print(f"{task}: {describe_result(summary)}; per-episode results in {run_dir / 'eval'}")
     print_json(summary)

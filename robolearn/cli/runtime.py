@@ -37,6 +37,22 @@ def load_checkpoint(ckpt: Path, **kwargs: Any) -> Any:
         raise CLIError(str(e)) from None
 
 
+def apply_rank(policy: Any, ckpt: Path, rank: int | None) -> Any:
+    """``rank=`` of eval/run/serve: deploy ranking of a steered checkpoint (``SteeredPolicy.set_rank``); None
+    leaves the checkpoint's own setting."""
+    if rank is None:
+        return policy
+    if getattr(policy, "policy_type", None) != "steered":
+        raise CLIError(f"rank={rank} applies to a steered checkpoint (robolearn finetune method=steer "
+                       f"finetune.variant=na); {ckpt} is a {getattr(policy, 'policy_type', type(policy).__name__)!r} "
+                       f"policy")
+    try:
+        policy.set_rank(rank)
+    except ValueError as e:
+        raise CLIError(f"{ckpt}: {e}") from None
+    return policy
+
+
 def probe_task(task: str, env_config: dict[str, Any], policy: Any = None) -> float | None:
     """Make the task once: a bad name or override, or a policy that does not fit the task -- observations it needs
     and the task lacks (or gives in another shape), or another action size -- stop the command before any work,
@@ -125,11 +141,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not task:
         raise CLIError("task= is required with a remote policy (the server does not say which task)")
     env_config.update(OmegaConf.to_container(cfg.env, resolve=True) or {})
+    if cfg.rank is not None and not cfg.checkpoint:
+        raise CLIError("rank= applies to a checkpoint=, not to a remote policy (give the server rank= instead)")
     if cfg.cache is not None and not cfg.checkpoint:
         raise CLIError("cache= applies to a checkpoint=, not to a remote policy (give the server cache= instead)")
     policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
     if cfg.checkpoint:
         policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
+        policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)
     try:
         task_rate = probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task
         rate_hz = _rate(cfg.rate_hz, task_rate, task)
@@ -240,6 +259,7 @@ def serve(cfg: DictConfig) -> None:
         raise CLIError(f"max_pending must be >= 1, got {cfg.max_pending}")
     policy = load_checkpoint(Path(cfg.checkpoint))  # a residual is served as its chunk view (PolicyServer)
     policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
+    policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)
     key_map = {str(k): str(v) for k, v in (OmegaConf.to_container(cfg.key_map) or {}).items()}
     try:
         serve_job(policy, host=str(cfg.host), port=int(cfg.port), token=cfg.token, key_map=key_map or None,

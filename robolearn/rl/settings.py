@@ -138,6 +138,8 @@ class SteerSettings:
     base_steps: int | None = None  # ... with this many steps (null: its own)
     act: str = "mean"  # deployed and evaluated noise: mean (the actor's deterministic choice) | sample (a draw, as DSRL
     #                    evaluates; keeps a multimodal base's modes where the mean w = 0 averages them)
+    rank: int = 1  # deployed and evaluated: run the base on the actor's noise and rank - 1 draws of N(0, I) per decision
+    #                and execute the chunk the action critic values most (variant=na; 1: the actor's choice alone)
     # -- critics and SAC
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
     gamma: float = 0.99  # per environment step: a chunk of k steps discounts its successor by gamma^k
@@ -175,9 +177,15 @@ class SteerSettings:
         require(("init_temperature",), _positive, "> 0")
         require(("base_steps",), lambda v: v is None or int(v) >= 1, ">= 1 or null")
         require(("actor_hidden", "critic_hidden"), _widths, "a non-empty list of layer widths >= 1")
+        require(("rank",), lambda v: not isinstance(v, bool) and float(v).is_integer() and v >= 1, "an integer >= 1")
+        if self.variant != "na":
+            require(("rank",), lambda v: v == 1,
+                    "1 for variant=sac (ranking scores chunks with the action critic that only variant=na trains)")
 
     def policy_config(self) -> dict[str, object]:
         """What the steered policy's checkpoint keeps of these."""
         return {"max_noise": float(self.max_noise), "hidden": [int(w) for w in self.actor_hidden],
                 "obs_norm": str(self.obs_norm), "sampler": self.base_sampler,
-                "steps": None if self.base_steps is None else int(self.base_steps), "act": str(self.act)}
+                "steps": None if self.base_steps is None else int(self.base_steps), "act": str(self.act),
+                "critic_hidden": [int(w) for w in self.critic_hidden] if self.variant == "na" else None,
+                "rank": int(self.rank)}

@@ -54,22 +54,9 @@ from torch import nn
 from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError
 from robolearn.rl.loop import OffPolicyRun, final_info, final_obs, soft_update
 from robolearn.rl.settings import SteerSettings
-from robolearn.rl.steer_policy import SteeredPolicy, layer_norm_mlp
+from robolearn.rl.steer_policy import QEnsemble, SteeredPolicy
 
 REPLAY = "replay.npz"
-
-
-class QEnsemble(nn.Module):
-    """``n`` LayerNorm MLP critics Q(x, y) side by side; ``forward`` returns ``(n, batch)``. ``out_gain``: the
-    heads' initial scale (small: every Q starts near 0)."""
-
-    def __init__(self, x_dim: int, y_dim: int, hidden: list[int], n: int = 2, out_gain: float = 1.0) -> None:
-        super().__init__()
-        self.nets = nn.ModuleList(layer_norm_mlp(x_dim + y_dim, hidden, 1, out_gain) for _ in range(n))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        xy = torch.cat([x, y], dim=-1)
-        return torch.stack([net(xy).squeeze(-1) for net in self.nets])
 
 
 class Replay:
@@ -178,7 +165,13 @@ class SteeringSAC(OffPolicyRun):
         torch.manual_seed(self.seed)  # the critics' initialisation
         self.q_w = QEnsemble(obs_dim, w_dim, hidden).to(self.device)  # Q(s, w): SAC's critic, NA's noise critic
         self.q_w_target = copy.deepcopy(self.q_w).requires_grad_(False)
-        self.q_a = QEnsemble(obs_dim, act_dim, hidden).to(self.device) if settings.variant == "na" else None
+        self.q_a: QEnsemble | None = None  # NA's action critic: the policy's own, so its checkpoint can rank with it
+        if settings.variant == "na":
+            if policy.q_a is None:
+                raise ValueError("variant=na trains the steered policy's action critic: build the policy with "
+                                 "critic_hidden (SteerSettings.policy_config() does)")
+            self.q_a = policy.q_a
+            self.q_a.load_state_dict(QEnsemble(obs_dim, act_dim, hidden).state_dict())  # from the run's seed
         self.q_a_target = copy.deepcopy(self.q_a).requires_grad_(False) if self.q_a is not None else None
         self.actor_opt = torch.optim.Adam(policy.actor.parameters(), lr=settings.lr)
         self.q_w_opt = torch.optim.Adam(self.q_w.parameters(), lr=settings.lr)

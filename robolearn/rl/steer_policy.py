@@ -18,11 +18,18 @@ policy=``, ``collect policy=``) takes it like any chunk policy. It has no warm s
 initial noise, which is what it steers). Checkpoints hold the actor and the observation statistics; the config
 names the base by relative path and content hash.
 
+Deploy ranking (``rank`` > 1; V-GPS-style, Nakamoto et al., "Steering Your Generalists", 2024): at every
+decision the base runs on ``rank`` noises in one batch -- the actor's choice and ``rank - 1`` draws of N(0, I), the
+base's own rule, seeded by the caller's chunk noise -- and the chunk that the run's action critic Q(s, a) values
+most is executed. It needs that critic, which a ``variant=na`` run trains; the policy holds it (``q_a``), so its
+checkpoint carries it. It costs ``rank`` times the base's inference per decision.
+
 Refused: a base whose sampler is stochastic given its initial noise (DDPM draws fresh noise at every step, so
 the chunk is not a function of ``w``): steer it with ``sampler="ddim"`` (``finetune.base_sampler=ddim``).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -62,6 +69,19 @@ def layer_norm_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, out_gain: f
     nn.init.orthogonal_(head.weight, out_gain)
     nn.init.zeros_(head.bias)
     return nn.Sequential(*layers, head)
+
+
+class QEnsemble(nn.Module):
+    """``n`` LayerNorm MLP critics Q(x, y) side by side; ``forward`` returns ``(n, batch)``. ``out_gain``: the
+    heads' initial scale (small: every Q starts near 0)."""
+
+    def __init__(self, x_dim: int, y_dim: int, hidden: list[int], n: int = 2, out_gain: float = 1.0) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(layer_norm_mlp(x_dim + y_dim, hidden, 1, out_gain) for _ in range(n))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xy = torch.cat([x, y], dim=-1)
+        return torch.stack([net(xy).squeeze(-1) for net in self.nets])
 
 
 class NoiseActor(nn.Module):
@@ -111,7 +131,8 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
 
     def __init__(self, base: Any, max_noise: float = 1.5, hidden: Sequence[int] = (256, 256),
                  obs_keys: Sequence[str] | None = None, obs_norm: str = "running", sampler: str | None = None,
-                 steps: int | None = None, act: str = "mean") -> None:
+                 steps: int | None = None, act: str = "mean", critic_hidden: Sequence[int] | None = None,
+                 rank: int = 1) -> None:
         super().__init__(base)
         if act not in ("mean", "sample"):
             raise ValueError(f"act must be 'mean' or 'sample', got {act!r}")
@@ -128,6 +149,11 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
         self.noise_dims = tuple(int(d) for d in base.noise_shape(1)[1:])
         self.noise_dim = int(np.prod(self.noise_dims))
         self.actor = NoiseActor(self.obs_dim, self.noise_dim, self.hidden, self.max_noise)
+        self.critic_hidden = None if critic_hidden is None else [int(h) for h in critic_hidden]
+        act_dim = int(self.n_action_steps) * int(self.action_dim)
+        self.q_a = None if self.critic_hidden is None else QEnsemble(self.obs_dim, act_dim, self.critic_hidden)
+        self.rank = 1
+        self.set_rank(rank)
         self.to(base.device)
 
     def train(self, mode: bool = True) -> "SteeredPolicy":
@@ -138,7 +164,21 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
 
     def wrapper_config(self) -> dict[str, Any]:
         return {"max_noise": self.max_noise, "hidden": list(self.hidden), "obs_keys": list(self.feature_keys),
-                "obs_norm": self.obs_norm, "sampler": self.sampler, "steps": self.steps, "act": self.act}
+                "obs_norm": self.obs_norm, "sampler": self.sampler, "steps": self.steps, "act": self.act,
+                "critic_hidden": self.critic_hidden, "rank": self.rank}
+
+    def set_rank(self, rank: int) -> None:
+        """Deploy ranking: at every decision run the base on ``rank`` noises -- the actor's choice and ``rank - 1``
+        draws of N(0, I), the base's own rule -- and execute the chunk the action critic values most (1: the
+        actor's choice alone). Needs the action critic that a ``variant=na`` run trains and saves."""
+        if isinstance(rank, bool) or not float(rank).is_integer() or int(rank) < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        if int(rank) > 1 and self.q_a is None:
+            raise ValueError(f"rank={int(rank)} ranks noise draws by the steering run's action critic, and this "
+                             f"steered policy holds none: train it with finetune.variant=na (variant=sac has only a "
+                             f"noise critic; checkpoints from before ranking existed kept the critic outside the "
+                             f"policy)")
+        self.rank = int(rank)
 
     def steer(self, obs_history: Mapping[str, Any], w: torch.Tensor) -> torch.Tensor:
         """The base's chunk ``(n, horizon, action_dim)`` (raw units) for flattened noise ``w`` ``(n, noise_dim)``."""
@@ -166,4 +206,47 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
         """The base's chunk on the actor's noise (``noise``: the reparameterization noise of ``act="sample"``;
         ignored by ``act="mean"``)."""
         with torch.no_grad():
-            return self.steer(obs_history, self.choose_noise(obs_history, noise))
+            w = self.choose_noise(obs_history, noise)
+            if self.rank == 1:
+                return self.steer(obs_history, w)
+            return self.ranked(obs_history, w, noise)[0]
+
+    @torch.no_grad()
+    def ranked(self, obs_history: Mapping[str, Any], w: torch.Tensor, noise: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(chunk, scores, pick, candidates)`` of deploy ranking (:meth:`set_rank`) for the actor's ``w``
+        ``(n, noise_dim)``: ``candidates`` ``(rank, n, noise_dim)`` (candidate 0: ``w``), ``scores`` ``(rank, n)``
+        the critic's value of each one's chunk, ``pick`` the one executed per row. Each row's extra draws are
+        seeded by that row's caller ``noise`` (reproducible as every policy's evaluation is, whatever the batch;
+        fresh draws when None); all candidates go through the base in one batch."""
+        assert self.q_a is not None
+        n, k = w.shape[0], self.rank
+        extra = torch.empty(k - 1, n, self.noise_dim)
+        for i in range(n):  # each row's draws from its own noise: the same episode gets the same draws in any batch
+            gen = torch.Generator()
+            gen.manual_seed(_noise_seed(noise[i]) if noise is not None else int(torch.randint(2**62, ())))
+            extra[:, i] = torch.randn(k - 1, self.noise_dim, generator=gen)
+        cand = torch.cat([w, extra.reshape(-1, self.noise_dim).to(w)])  # candidate c of row i: row c * n + i
+        chunks = self.steer(_repeat_rows(obs_history, k), cand)
+        feats = self.obs_features(self.newest_frame(obs_history)).repeat(k, 1)
+        scores = self.q_a(feats, self.critic_action(chunks)).min(0).values.reshape(k, n)
+        pick = scores.argmax(0)
+        return chunks.reshape(k, n, *chunks.shape[1:])[pick, torch.arange(n)], scores, pick, cand.reshape(k, n, -1)
+
+
+def _noise_seed(noise: torch.Tensor) -> int:
+    """A 63-bit seed from the bytes of ``noise``: the same caller noise, the same extra draws."""
+    digest = hashlib.blake2b(noise.detach().cpu().float().contiguous().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _repeat_rows(obs_history: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """Each observation array stacked ``k`` times along the batch axis (row ``c * n + i`` is row ``i``)."""
+    out: dict[str, Any] = {}
+    for key, v in obs_history.items():
+        if isinstance(v, torch.Tensor):
+            out[key] = torch.cat([v] * k)
+        else:
+            a = np.asarray(v)
+            out[key] = np.concatenate([a] * k)
+    return out

@@ -399,6 +399,7 @@ def test_steer_resume_continues_with_its_replay_buffer(tmp_path, capsys):
         (["finetune.variant=ppo"], "finetune.variant must be 'sac'"),
         (["finetune.max_noise=0"], "finetune.max_noise must be > 0"),
         (["finetune.rollout_steps=64"], "unknown config key 'finetune.rollout_steps'"),
+        (["finetune.rank=3"], "finetune.rank must be 1 for variant=sac"),
     ],
 )
 def test_steer_bad_input_stops_before_any_rollout(tmp_path, capsys, extra, message):
@@ -407,6 +408,29 @@ def test_steer_bad_input_stops_before_any_rollout(tmp_path, capsys, extra, messa
     err = capsys.readouterr().err
     assert err.startswith("robolearn: error: ") and message in err, err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_noise_aliasing_run_ranks_at_deployment_and_eval_overrides_its_rank(steered, tmp_path, capsys):
+    base = base_copy(tmp_path)
+    assert steer(base, tmp_path / "run", "env_steps=160", "eval.episodes=2", "finetune.variant=na",
+                 "finetune.rank=3") == 0
+    ckpt = Path(last_json(capsys.readouterr().out)["checkpoint"])
+    policy = load_policy(ckpt)
+    assert policy.rank == 3 and policy.q_a is not None  # the run's action critic travels in the policy
+    state = torch.load(ckpt / "rl_state.pt", map_location="cpu", weights_only=False)
+    for k, v in state["q_a"].items():  # and is the critic the run trained
+        torch.testing.assert_close(policy.q_a.state_dict()[k], v)
+    assert main(["eval", f"checkpoint={ckpt}", "episodes=2", "num_envs=2", "workers=0", "rank=2",
+                 "env.max_episode_steps=20", f"run_dir={tmp_path / 'eval'}"]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert result["rank"] == 2 and json.loads((tmp_path / "eval" / "result.json").read_text())["rank"] == 2
+    _, run, _ = steered  # variant=sac: no action critic to rank with
+    assert main(["eval", f"checkpoint={run / 'checkpoints' / 'latest'}", "episodes=2", "rank=2"]) == 1
+    assert "this steered policy holds none: train it with finetune.variant=na" in capsys.readouterr().err
+    assert main(["eval", f"checkpoint={base}", "episodes=2", "rank=2"]) == 1
+    assert "rank=2 applies to a steered checkpoint" in capsys.readouterr().err
+    assert main(["serve", f"checkpoint={base}", "rank=2", "port=0"]) == 1
+    assert "rank=2 applies to a steered checkpoint" in capsys.readouterr().err
 
 
 def test_steer_over_a_ddim_diffusion_base_and_not_over_a_steered_one(steered, tmp_path, capsys):

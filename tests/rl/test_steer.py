@@ -62,6 +62,53 @@ def test_a_sampling_steered_policy_draws_on_the_callers_noise_and_keeps_that_cho
         SteeredPolicy(base, act="mode")
 
 
+def test_deploy_ranking_runs_the_candidate_its_action_critic_values_most(tmp_path):
+    base = fixture_base(tmp_path, "v1_push_t_flow_transformer")
+    policy = SteeredPolicy(base, critic_hidden=[32], rank=4)
+    obs = {k: torch.rand(3, base.n_obs_steps, *s, generator=torch.Generator().manual_seed(1))
+           for k, s in base.obs_shapes.items()}
+    eps = torch.randn(policy.noise_shape(3), generator=torch.Generator().manual_seed(2))
+    chunk = policy.predict_action(obs, eps)
+    w = policy.choose_noise(obs, eps)
+    again, scores, pick, cand = policy.ranked(obs, w, eps)
+    torch.testing.assert_close(again, chunk, rtol=0, atol=0)  # the extra draws follow the caller's noise
+    torch.testing.assert_close(cand[0], w)  # the actor's own choice is candidate 0
+    assert scores.shape == (4, 3) and cand.shape == (4, 3, policy.noise_dim)
+    feats = policy.obs_features(policy.newest_frame(obs))
+    with torch.no_grad():
+        for i in range(3):  # each row on its own: every candidate's chunk, scored by the critic, the best one run
+            row = {k: v[i:i + 1] for k, v in obs.items()}
+            chunks = [base.predict_action(row, c[i].reshape(1, *policy.noise_dims)) for c in cand]
+            q = torch.stack([policy.q_a(feats[i:i + 1], policy.critic_action(c)).min(0).values[0] for c in chunks])
+            torch.testing.assert_close(q, scores[:, i], rtol=1e-4, atol=1e-5)
+            assert int(q.argmax()) == int(pick[i])
+            torch.testing.assert_close(chunk[i:i + 1], chunks[int(pick[i])], rtol=1e-4, atol=1e-5)
+    alone = policy.predict_action({k: v[1:2] for k, v in obs.items()}, eps[1:2])  # a row's draws are its own
+    torch.testing.assert_close(alone, chunk[1:2], rtol=1e-4, atol=1e-5)
+    other = policy.predict_action(obs, -eps)  # other caller noise: other draws
+    assert not torch.allclose(other, chunk, atol=1e-3)
+    policy.set_rank(1)  # the actor's choice alone
+    torch.testing.assert_close(policy.predict_action(obs, eps), base.predict_action(obs, w.reshape(eps.shape)),
+                               rtol=0, atol=1e-5)
+    policy.set_rank(4)
+    save_policy(policy, tmp_path / "ranked")
+    loaded = load_policy(tmp_path / "ranked")  # the critic and the rank travel in the checkpoint
+    assert loaded.rank == 4 and loaded.wrapper_config()["critic_hidden"] == [32]
+    torch.testing.assert_close(loaded.predict_action(obs, eps), chunk, rtol=0, atol=1e-5)
+
+
+def test_ranking_without_an_action_critic_is_refused_naming_the_variant(tmp_path):
+    base = fixture_base(tmp_path, "v1_push_t_flow_transformer")
+    with pytest.raises(ValueError, match=r"rank=2 ranks noise draws by the steering run's action critic.*"
+                                         r"finetune.variant=na"):
+        SteeredPolicy(base, rank=2)
+    policy = SteeredPolicy(base, critic_hidden=[16])
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"rank must be an integer >= 1, got"):
+            policy.set_rank(bad)
+    assert policy.rank == 1
+
+
 def test_a_stochastic_sampler_is_refused_naming_the_deterministic_one(tmp_path):
     base = fixture_base(tmp_path, "v1_push_t_diffusion_unet")
     base.set_sampler("ddpm")
@@ -135,7 +182,8 @@ def test_steer_settings_refuse_nonsense_naming_the_key():
                      (dict(tau=2.0), "finetune.tau"), (dict(batch_size=0), "finetune.batch_size"),
                      (dict(variant="na", alias_samples=0), "finetune.alias_samples"),
                      (dict(critic_hidden=[]), "finetune.critic_hidden"), (dict(td_target="max"), "finetune.td_target"),
-                     (dict(act="mode"), "finetune.act")):
+                     (dict(act="mode"), "finetune.act"), (dict(variant="na", rank=0), "finetune.rank"),
+                     (dict(rank=4), "finetune.rank")):  # rank > 1 needs variant=na's action critic
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             SteerSettings(**bad).check()
 
