@@ -167,9 +167,12 @@ class SteeringSAC(OffPolicyRun):
         self.q_w_target = copy.deepcopy(self.q_w).requires_grad_(False)
         self.q_a: QEnsemble | None = None  # NA's action critic: the policy's own, so its checkpoint can rank with it
         if settings.variant == "na":
-            if policy.q_a is None:
-                raise ValueError("variant=na trains the steered policy's action critic: build the policy with "
-                                 "critic_hidden (SteerSettings.policy_config() does)")
+            if policy.q_a is None:  # a policy built without one (or saved before the policy held it): attach it
+                policy.critic_hidden = hidden
+                policy.q_a = QEnsemble(obs_dim, act_dim, hidden).to(self.device)
+            elif list(policy.critic_hidden or []) != hidden:
+                raise ValueError(f"the steered policy's action critic has widths {policy.critic_hidden}, the "
+                                 f"settings' critic_hidden {hidden}: they must agree")
             self.q_a = policy.q_a
             self.q_a.load_state_dict(QEnsemble(obs_dim, act_dim, hidden).state_dict())  # from the run's seed
         self.q_a_target = copy.deepcopy(self.q_a).requires_grad_(False) if self.q_a is not None else None

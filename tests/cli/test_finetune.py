@@ -414,12 +414,23 @@ def test_a_noise_aliasing_run_ranks_at_deployment_and_eval_overrides_its_rank(st
     base = base_copy(tmp_path)
     assert steer(base, tmp_path / "run", "env_steps=160", "eval.episodes=2", "finetune.variant=na",
                  "finetune.rank=3") == 0
-    ckpt = Path(last_json(capsys.readouterr().out)["checkpoint"])
+    first = last_json(capsys.readouterr().out)
+    assert first["grad_steps"] > 0
+    ckpt = Path(first["checkpoint"])
     policy = load_policy(ckpt)
     assert policy.rank == 3 and policy.q_a is not None  # the run's action critic travels in the policy
     state = torch.load(ckpt / "rl_state.pt", map_location="cpu", weights_only=False)
     for k, v in state["q_a"].items():  # and is the critic the run trained
         torch.testing.assert_close(policy.q_a.state_dict()[k], v)
+    assert steer(base, tmp_path / "run", "env_steps=320", "eval.episodes=0", "finetune.variant=na",
+                 "finetune.rank=3", "resume=true") == 0  # resumed: the critic goes on training from there
+    second = last_json(capsys.readouterr().out)
+    assert second["resumed"] and second["grad_steps"] > first["grad_steps"]
+    later = load_policy(second["checkpoint"])
+    state = torch.load(Path(second["checkpoint"]) / "rl_state.pt", map_location="cpu", weights_only=False)
+    for k, v in state["q_a"].items():
+        torch.testing.assert_close(later.q_a.state_dict()[k], v)
+    assert any(not torch.equal(later.q_a.state_dict()[k], v) for k, v in policy.q_a.state_dict().items())
     assert main(["eval", f"checkpoint={ckpt}", "episodes=2", "num_envs=2", "workers=0", "rank=2",
                  "env.max_episode_steps=20", f"run_dir={tmp_path / 'eval'}"]) == 0
     result = last_json(capsys.readouterr().out)

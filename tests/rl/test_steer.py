@@ -177,6 +177,25 @@ def test_noise_aliasing_distils_the_action_critic_into_the_noise_critic(tmp_path
     assert evals[-1] > 0.5 * -EPISODE * float(np.sum(OFFSET ** 2)), evals
 
 
+def test_a_noise_aliasing_run_gives_a_policy_without_a_critic_one_and_refuses_mismatched_widths(tmp_path):
+    save_policy(NoiseBase(), tmp_path / "base")
+    s = SteerSettings(variant="na", learning_starts=200, batch_size=64, critic_hidden=[32, 32])
+    old = SteeredPolicy(load_policy(tmp_path / "base"), **{**s.policy_config(), "critic_hidden": None})
+    envs = make_vector_env(ReachEnv, num_envs=2, num_workers=0)
+    try:  # a policy saved before it held the critic (resuming an older run): the trainer attaches one
+        run = SteeringSAC(old, envs, s, total_env_steps=8, run_dir=tmp_path / "run", progress=False,
+                          run_config={"task": "reach"})
+        assert run.q_a is old.q_a and old.critic_hidden == [32, 32]
+        old.set_rank(2)  # and the policy can now rank with it
+        wide = SteeredPolicy(load_policy(tmp_path / "base"), **{**s.policy_config(), "critic_hidden": [64]})
+        with pytest.raises(ValueError, match=r"action critic has widths \[64\], the settings' critic_hidden "
+                                             r"\[32, 32\]"):
+            SteeringSAC(wide, envs, s, total_env_steps=8, run_dir=tmp_path / "run2", progress=False,
+                        run_config={"task": "reach"})
+    finally:
+        envs.close()
+
+
 def test_steer_settings_refuse_nonsense_naming_the_key():
     for bad, key in ((dict(variant="ppo"), "finetune.variant"), (dict(max_noise=0.0), "finetune.max_noise"),
                      (dict(tau=2.0), "finetune.tau"), (dict(batch_size=0), "finetune.batch_size"),

@@ -2,7 +2,7 @@
 """Deploy ranking of a steered policy: success and inference cost against the number of ranked noises.
 
 For each checkpoint (a steered policy of ``variant=na``, which holds its run's action critic) and each ``--ranks``
-K, runs ``robolearn eval checkpoint=... rank=K`` on the same held-out seeds (from 100000; every K sees the same
+K, runs ``robolearn eval checkpoint=... rank=K`` on the same held-out seeds (from ``--seed``; every K sees the same
 initial states, and each episode's chunk noise, which seeds its extra draws, is the same) and times
 ``predict_action`` at batch 1 on one training-like observation (the median of ``--timing-calls`` calls, one
 thread). ``--base`` adds the base itself (its own N(0, I) noise rule) through the same command. K=1 is the actor's
@@ -29,10 +29,11 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def eval_cli(checkpoint: Path, episodes: int, run_dir: Path, rank: int | None) -> dict[str, Any]:
+def eval_cli(checkpoint: Path, episodes: int, run_dir: Path, rank: int | None, seed: int = 100000
+             ) -> dict[str, Any]:
     """``robolearn eval`` as a user runs it; its last line is the result JSON."""
     cmd = [str(Path(sys.executable).with_name("robolearn")), "eval", f"checkpoint={checkpoint}",
-           f"episodes={episodes}", "num_envs=10", "workers=0", "seed=100000", "threads=1", f"run_dir={run_dir}"]
+           f"episodes={episodes}", "num_envs=10", "workers=0", f"seed={seed}", "threads=1", f"run_dir={run_dir}"]
     if rank is not None:
         cmd.append(f"rank={rank}")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -79,7 +80,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.axhline(doc["base"]["success_rate"], ls="--", color="grey", label="base (its own noise)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("noises ranked per decision (rank; 1 = the actor's choice)")
-    ax.set_ylabel(f"success rate ({doc['episodes']} held-out seeds)")
+    ax.set_ylabel(f"success rate ({doc['episodes']} held-out seeds from {doc['seed']})")
     ax.set_title(f"deploy ranking by the action critic, {doc['task']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -94,18 +95,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", type=Path, default=None, help="also evaluate the base checkpoint itself")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=100000, help="first held-out seed (fine-tuning evaluates from 100000; "
+                                                             "another start gives initial states no run has seen)")
     p.add_argument("--timing-calls", type=int, default=20)
     p.add_argument("--work", type=Path, default=Path("runs/bench/steer_rank"), help="eval run folders")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     t0 = time.time()
     doc: dict[str, Any] = {"bench": "steer_rank (tools/bench/steer_rank.py)", "episodes": args.episodes,
+                           "seed": args.seed,
                            "ranks": args.ranks, "checkpoints": {}, "base": None,
                            "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, Python "
                                       f"{platform.python_version()}", "threads": 1,
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.base is not None:
-        r = eval_cli(args.base, args.episodes, args.work / "base", None)
+        folder = args.work / f"base_{args.base.parent.parent.name}_s{args.seed}"
+        r = eval_cli(args.base, args.episodes, folder, None, args.seed)
         doc["base"] = {"checkpoint": str(args.base), "success_rate": r["success_rate"], "score": r.get("score"),
                        "latency_ms": round(latency_ms(args.base, None, args.timing_calls), 2)}
         doc["task"] = r["task"]
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     for ckpt in args.checkpoints:
         rows = []
         for k in args.ranks:
-            r = eval_cli(ckpt, args.episodes, args.work / f"{ckpt.parent.parent.name}_{ckpt.name}_r{k}", k)
+            folder = args.work / f"{ckpt.parent.parent.name}_{ckpt.name}_r{k}_s{args.seed}"
+            r = eval_cli(ckpt, args.episodes, folder, k, args.seed)
             doc["task"] = r["task"]
             row = {"rank": k, "success_rate": r["success_rate"], "score": r.get("score"),
                    "mean_length": r.get("mean_length"), "eval_s": r.get("eval_s"),
