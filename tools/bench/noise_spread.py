@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         rec = SpreadRecorder(base, args.draws, seed=0)
         out = evaluate(rec, lambda: sim.make(args.task), seeds, noise_seed=seeds[0])
         results[str(ckpt)] = {
-            "policy": type(base).__name__, "sampler": f"{base.cfg.sampler.kind}-{base.cfg.sampler.steps}",
+            "policy": type(base).__name__, "sampler": "{kind}-{steps}".format(**base.sampler_config),
             "decisions": len(rec.spread), "success_rate": round(float(out["success_rate"]), 4),
             "unit_noise": summarize(rec.spread), "edge_noise": summarize(rec.spread_edge),
         }
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['unit_noise']['mean_std']:.4f} (at the bound {r['edge_noise']['mean_std']:.4f})", flush=True)
     doc = {"bench": "noise_spread (tools/bench/noise_spread.py)", "task": args.task, "episodes": args.episodes,
            "draws": args.draws, "checkpoints": results,
-           "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, no GPU",
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                      f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
