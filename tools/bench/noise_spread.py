@@ -30,9 +30,10 @@ from robolearn.policies.wrapper import PolicyWrapper
 class SpreadRecorder(PolicyWrapper):
     """Acts as the base does; at every call also samples ``draws`` more chunks per row and keeps their spread."""
 
-    def __init__(self, base: Any, draws: int, seed: int) -> None:
+    def __init__(self, base: Any, draws: int, seed: int, steps: int | None = None) -> None:
         super().__init__(base)
         self.draws = int(draws)
+        self.steps = steps  # the base's sampler steps for every call (None: its own)
         self.gen = torch.Generator().manual_seed(seed)
         self.spread: list[np.ndarray] = []       # per decision: (action_dim,) std over draws, unit noise
         self.spread_edge: list[np.ndarray] = []  # the same at 1.5 x eps clipped to 1.5
@@ -40,13 +41,13 @@ class SpreadRecorder(PolicyWrapper):
     def _std(self, obs_history: Any, eps: torch.Tensor, rows: int) -> np.ndarray:
         k = self.draws
         rep = {key: torch.as_tensor(v).repeat_interleave(k, dim=0) for key, v in obs_history.items()}
-        chunks = self.base.predict_action(rep, eps)
+        chunks = self.base.predict_action(rep, eps, steps=self.steps)
         part = self.base.executable(chunks)
         part = part.reshape(rows, k, part.shape[1], -1)
         return part.std(dim=1).mean(dim=1).cpu().numpy()  # (rows, action_dim)
 
     def predict_action(self, obs_history, noise=None, **kwargs):  # noqa: ANN001 -- the chunk-policy protocol
-        out = self.base.predict_action(obs_history, noise, **kwargs)
+        out = self.base.predict_action(obs_history, noise, **{**kwargs, "steps": self.steps})
         rows = out.shape[0]
         eps = torch.randn((rows * self.draws, *out.shape[1:]), generator=self.gen)
         self.spread.extend(self._std(obs_history, eps, rows))
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task", default="peg_insert")
     p.add_argument("--episodes", type=int, default=10, help="held-out initial states (seeds from 100000)")
     p.add_argument("--draws", type=int, default=16, help="noise draws per decision")
+    p.add_argument("--steps", type=int, default=None, help="run every base at this many sampler steps (default: its own)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.draws < 2:
@@ -81,10 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for ckpt in args.checkpoints:
         base = load_checkpoint(ckpt)
-        rec = SpreadRecorder(base, args.draws, seed=0)
+        rec = SpreadRecorder(base, args.draws, seed=0, steps=args.steps)
         out = evaluate(rec, lambda: sim.make(args.task), seeds, noise_seed=seeds[0])
         results[str(ckpt)] = {
-            "policy": type(base).__name__, "sampler": "{kind}-{steps}".format(**base.sampler_config),
+            "policy": type(base).__name__, "sampler": "{}-{}".format(base.sampler_config["kind"], args.steps or base.sampler_config["steps"]),
             "decisions": len(rec.spread), "success_rate": round(float(out["success_rate"]), 4),
             "unit_noise": summarize(rec.spread), "edge_noise": summarize(rec.spread_edge),
         }
