@@ -63,17 +63,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--episodes", type=int, default=100, help="held-out initial states (seeds from 100000)")
     p.add_argument("--noise-seeds", type=int, default=8, help="draws of the whole run's N(0, I) noise")
     p.add_argument("--scales", type=float, nargs="*", default=[0.0, 0.5, 1.5], help="extra noise scales, one draw each")
+    p.add_argument("--draw-scale", type=float, default=1.0,
+                   help="multiply every one of the --noise-seeds draws by this (e.g. 2 with --draw-clip 3: what a "
+                        "steering bound of max_noise 3 could reach)")
+    p.add_argument("--draw-clip", type=float, default=None, help="clip the scaled draws to +-this (default: no clip)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from robolearn.cli.runtime import load_checkpoint
 
     base = load_checkpoint(args.checkpoint)
+    drawn = base if args.draw_scale == 1.0 and args.draw_clip is None else ScaledNoise(base, args.draw_scale, args.draw_clip)
     seeds = list(range(100_000, 100_000 + args.episodes))
     t0 = time.time()
     draws = []
     for k in range(args.noise_seeds):
-        s = successes(base, args.task, seeds, noise_seed=seeds[0] + k)
+        s = successes(drawn, args.task, seeds, noise_seed=seeds[0] + k)
         draws.append(s)
         print(f"noise draw {k}: success {s.mean():.3f}  ({time.time() - t0:.0f} s)", flush=True)
     m = np.stack(draws)  # (draws, seeds)
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     doc = {
         "bench": "steer_headroom", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(args.checkpoint),
         "task": args.task, "episodes": args.episodes, "noise_seeds": args.noise_seeds,
+        "draw_scale": args.draw_scale, "draw_clip": args.draw_clip,
         "success_per_draw": [round(float(d.mean()), 4) for d in draws],
         "success_mean": round(float(m.mean()), 4),
         "oracle_any": round(float((per_seed > 0).mean()), 4),
