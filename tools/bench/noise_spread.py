@@ -25,6 +25,9 @@ import numpy as np
 import torch
 
 from robolearn.policies.wrapper import PolicyWrapper
+from robolearn.rl.settings import SteerSettings
+
+BOUND = SteerSettings.max_noise  # steering's default noise bound (DSRL's 1.5): the edge the probe also measures
 
 
 class SpreadRecorder(PolicyWrapper):
@@ -43,7 +46,7 @@ class SpreadRecorder(PolicyWrapper):
         rows, k = out.shape[0], self.draws
         eps = torch.randn((rows, 1, k, *out.shape[1:]), generator=self.gen)
         # per row: k unit draws, then the same k at the bound's edge -- one batched call for both
-        both = torch.cat([eps, (1.5 * eps).clamp(-1.5, 1.5)], dim=1).flatten(0, 2)
+        both = torch.cat([eps, (BOUND * eps).clamp(-BOUND, BOUND)], dim=1).flatten(0, 2)
         rep = {key: torch.as_tensor(v).repeat_interleave(2 * k, dim=0) for key, v in obs_history.items()}
         part = self.base.executable(self.base.predict_action(rep, both, steps=self.steps))
         std = part.reshape(rows, 2, k, *part.shape[1:]).std(dim=2).mean(dim=2).cpu().numpy()  # (rows, 2, A)

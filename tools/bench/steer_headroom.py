@@ -31,6 +31,9 @@ import numpy as np
 import torch
 
 from robolearn.policies.wrapper import PolicyWrapper
+from robolearn.rl.settings import SteerSettings
+
+BOUND = SteerSettings.max_noise  # steering's default noise bound (DSRL's 1.5)
 
 
 class ScaledNoise(PolicyWrapper):
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     from robolearn.cli.runtime import load_checkpoint
 
     base = load_checkpoint(args.checkpoint)
-    drawn = base if args.draw_scale == 1.0 and args.draw_clip is None else ScaledNoise(base, args.draw_scale, args.draw_clip)
+    drawn = ScaledNoise(base, args.draw_scale, args.draw_clip)  # scale 1, no clip: the base as trained
     seeds = list(range(100_000, 100_000 + args.episodes))
     t0 = time.time()
     draws = []
@@ -85,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     per_seed = m.mean(0)
     scales = []
     for sc in args.scales:
-        clip = 1.5 if sc > 1.0 else None
+        clip = BOUND if sc > 1.0 else None
         s = successes(ScaledNoise(base, sc, clip), args.task, seeds, noise_seed=seeds[0])
         scales.append({"scale": sc, "clip": clip, "success": round(float(s.mean()), 4)})
-        print(f"noise x {sc}{' clipped at 1.5' if clip else ''}: success {s.mean():.3f}", flush=True)
+        print(f"noise x {sc}{f' clipped at {clip}' if clip else ''}: success {s.mean():.3f}", flush=True)
     hist = np.histogram(per_seed, bins=np.linspace(0, 1, 6))[0].tolist()
     doc = {
         "bench": "steer_headroom", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(args.checkpoint),
