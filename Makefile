@@ -9,6 +9,9 @@ STAMP := $(VENV)/.robolearn-installed
 # lines per install); on failure the log is shown and make stops.
 PIP_LOG := $(VENV)/pip-install.log
 export MUJOCO_GL ?= egl
+# The suite runs on one pytest worker per core (pytest-xdist), each test file whole on one worker so that its
+# module fixtures (small trained policies) are built once; `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= auto
 
 .PHONY: demo test venv bench clean-venv
 
@@ -20,7 +23,7 @@ demo: $(STAMP)
 # network) the tests still run: only those that need a display fail, each saying what is missing.
 test: $(STAMP)
 	@bash tools/setup_xvfb.sh || echo "make test: Xvfb/xdotool unavailable (see above): the teleop display tests will fail" >&2
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 venv: $(STAMP)
 
