@@ -10,7 +10,8 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one pytest worker per core (pytest-xdist): each worker, and every command it starts, gets one
-    # torch/OpenMP thread, so two workers never oversubscribe two cores (the brief measured 7x slowdowns from that).
+    # torch/OpenMP thread, so the workers never oversubscribe the cores (torch beside another torch job ran 7x slower
+    # on this project's 2-core machines).
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 
