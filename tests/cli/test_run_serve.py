@@ -357,26 +357,38 @@ def test_serve_beyond_loopback_needs_a_token_or_an_explicit_allowance(checkpoint
     server = subprocess.Popen([EXE, "serve", f"checkpoint={checkpoint}", "host=0.0.0.0", "port=0",
                                "allow_unauthenticated=true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    import queue
     import re
-    import select
+    import threading
 
+    # A reader thread, not select() on the pipe: select() cannot see lines already in the text wrapper's buffer, so
+    # when the warning and the "serving" line arrived in one read the second was never looked at (a flaky hang).
+    stderr_lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [stderr_lines.put(line) for line in server.stderr], daemon=True)
+    reader.start()
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 90
         port = None
         while port is None and time.monotonic() < deadline and server.poll() is None:
-            if select.select([server.stderr], [], [], 0.5)[0]:
-                line = server.stderr.readline()
-                lines.append(line)
-                m = re.search(r"serving .* on ws://0\.0\.0\.0:(\d+)", line)
-                port = int(m.group(1)) if m else None
+            try:
+                line = stderr_lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            lines.append(line)
+            m = re.search(r"serving .* on ws://0\.0\.0\.0:(\d+)", line)
+            port = int(m.group(1)) if m else None
         assert port is not None, "".join(lines)
         remote = RemotePolicy(f"ws://127.0.0.1:{port}")
         assert remote.action_dim == 4
         remote.close()
     finally:
         server.send_signal(signal.SIGINT)
-        out, err = server.communicate(timeout=30)
-    err = "".join(lines) + err
+        server.stdout.read()
+        server.wait(timeout=30)
+        reader.join(timeout=30)
+    while not stderr_lines.empty():
+        lines.append(stderr_lines.get())
+    err = "".join(lines)
     assert server.returncode == 0, err
     assert "warning" in err.lower() and "without a token" in err, err
