@@ -359,13 +359,12 @@ def test_serve_beyond_loopback_needs_a_token_or_an_explicit_allowance(checkpoint
     server = subprocess.Popen([EXE, "serve", f"checkpoint={checkpoint}", "host=0.0.0.0", "port=0",
                                "allow_unauthenticated=true"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # Read stderr line by line, a watchdog killing a server that never says where it listens (as start_paused in
-    # tests/training/test_checkpoint_recovery.py does). Not select() on the pipe: it cannot see a line that arrived in
-    # one read with the warning before it and waits in the text buffer (the likely cause of a flaky 90 s wait).
-    watchdog = threading.Timer(90, server.kill)
-    watchdog.start()
+    # Read stderr line by line under a watchdog, as start_paused in tests/training/test_checkpoint_recovery.py does
+    # (select() on the pipe misses a line already pulled into the text buffer along with the warning before it).
     lines: list[str] = []
     port = None
+    watchdog = threading.Timer(90, server.kill)
+    watchdog.start()
     try:
         for line in server.stderr:  # type: ignore[union-attr]
             lines.append(line)
@@ -373,13 +372,14 @@ def test_serve_beyond_loopback_needs_a_token_or_an_explicit_allowance(checkpoint
             if m:
                 port = int(m.group(1))
                 break
+    finally:
         watchdog.cancel()
+    try:
         assert port is not None, "".join(lines)
         remote = RemotePolicy(f"ws://127.0.0.1:{port}")
         assert remote.action_dim == 4
         remote.close()
     finally:
-        watchdog.cancel()
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
     err = "".join(lines) + server.stderr.read()  # type: ignore[union-attr]
