@@ -427,15 +427,17 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
         "Fine-tune a checkpoint in its task's MuJoCo environments without retraining it.\n"
         "  method=residual (robolearn/configs/finetune/residual.yaml): PPO trains a small per-step residual MLP over the\n"
         "    frozen base, which runs as deployed (chunks queued, batched inference for all environments).\n"
-        "  method=steer (robolearn/configs/finetune/steer.yaml): SAC (finetune.variant=sac) or noise aliasing (=na) trains\n"
-        "    an actor that picks the base's initial noise; the base must sample deterministically (ddim, euler,\n"
-        "    midpoint; finetune.base_sampler=ddim steers a DDPM-trained diffusion policy).\n"
+        "  method=steer (robolearn/configs/finetune/steer.yaml): noise aliasing (finetune.variant=na, the default) or SAC\n"
+        "    (=sac) trains an actor that picks the base's initial noise; the base must sample deterministically (ddim,\n"
+        "    euler, midpoint; finetune.base_sampler=ddim steers a DDPM-trained diffusion policy). The defaults are the\n"
+        "    recipe that steered here (sparse reward: env.reward_type=sparse where the task's default is dense).\n"
         "The result is evaluated on held-out seeds before, during and after; it is a 'residual' or 'steered'\n"
         "checkpoint naming its base, usable by eval, run, serve, teleop and collect policy=. finetune.* keys are\n"
         "the method's settings; --cfg job prints the composed config.",
         ["robolearn finetune method=residual checkpoint=runs/train/<run>/checkpoints/latest env_steps=500000",
          "robolearn finetune method=residual checkpoint=... num_envs=16 workers=4 finetune.gamma=0.99",
-         "robolearn finetune method=steer checkpoint=... env_steps=300000 finetune.variant=na",
+         "robolearn finetune method=steer checkpoint=... env_steps=300000 num_envs=16 workers=0",
+         "robolearn finetune method=steer checkpoint=<push_t base> env.reward_type=sparse finetune.variant=sac",
          "robolearn finetune method=steer checkpoint=... finetune.base_sampler=ddim finetune.base_steps=10",
          "robolearn finetune method=residual checkpoint=... --cfg job     # the composed config, nothing runs",
          "robolearn finetune method=residual resume=true run_dir=runs/finetune/<run>   # continue a run",

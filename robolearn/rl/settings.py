@@ -125,19 +125,23 @@ STEER_VARIANTS = ("sac", "na")
 class SteerSettings:
     """Latent-noise steering (DSRL, Wagenmaker et al.): an actor picks the base's initial noise ``w``.
 
-    Defaults are DSRL's published ones where the paper gives them (lr 3e-4, batch 256, tau 0.005, LayerNorm MLP
-    critics, several gradient steps per transition, noise bounded by tanh x 1.5); the rest are ordinary SAC
-    choices, said where set."""
+    Defaults: DSRL's published values where the paper gives them (lr 3e-4, batch 256, tau 0.005, LayerNorm MLP
+    critics, noise bounded by tanh x 1.5, -1 per step until success as in its robomimic configs, evaluation by
+    sampling the actor); the rest are the recipe that steered here (README, "Fine-tuning by steering", rounds
+    4-6: a peg_insert diffusion base from 0.435 to 0.975 on new states): noise aliasing, Monte Carlo critic
+    targets, a time-limit end valued as a failure, one gradient step per transition, target entropy 0. Until
+    2026-12-05 the defaults were plain SAC (variant sac, td_target actor, utd 2, bootstrapped time limits, act
+    mean, reward_offset 0, target entropy -dim/2), whose critics diverged on peg_insert."""
 
-    variant: str = "sac"  # sac: SAC on the noise; na: noise aliasing (action critic by TD, noise critic distilled)
+    variant: str = "na"  # sac: SAC on the noise; na: noise aliasing (action critic by TD, noise critic distilled)
     # -- the steered policy (saved in its checkpoint)
     max_noise: float = 1.5  # w = max_noise * tanh(u): the base never sees noise far outside its training range
     actor_hidden: list[int] = field(default_factory=lambda: [256, 256])
     obs_norm: str = "running"  # as residual RL: standardize the actor's/critics' inputs by visited states' mean/std
     base_sampler: str | None = None  # steer the base under this sampler (null: its own); must be deterministic
     base_steps: int | None = None  # ... with this many steps (null: its own)
-    act: str = "mean"  # deployed and evaluated noise: mean (the actor's deterministic choice) | sample (a draw, as DSRL
-    #                    evaluates; keeps a multimodal base's modes where the mean w = 0 averages them)
+    act: str = "sample"  # deployed and evaluated noise: mean (the actor's deterministic choice) | sample (a draw, as
+    #                      DSRL evaluates; keeps a multimodal base's modes where the mean w = 0 averages them)
     rank: int = 1  # deployed and evaluated: run the base on the actor's noise and rank - 1 draws of N(0, I) per decision
     #                and execute the chunk the action critic values most (variant=na; 1: the actor's choice alone)
     # -- critics and SAC
@@ -146,18 +150,19 @@ class SteerSettings:
     lr: float = 3e-4  # actor, critics and temperature
     batch_size: int = 256
     tau: float = 0.005  # target networks' Polyak rate
-    utd: float = 2.0  # gradient steps per collected transition (one transition = one chunk of one environment)
+    utd: float = 1.0  # gradient steps per collected transition (one transition = one chunk of one environment)
     buffer_size: int = 300_000  # transitions kept (oldest dropped); 300k env steps make ~40k
     learning_starts: int = 1000  # transitions collected with w ~ N(0, I) (the base as trained) before learning
     init_temperature: float = 0.01  # entropy's weight; tuned towards target_entropy from here
-    target_entropy: float | None = None  # null: -0.5 x dim(w)
+    target_entropy: float | None = 0.0  # null: -0.5 x dim(w)
     backup_entropy: bool = False  # false: the critics' targets hold rewards only (entropy only regularizes the actor), so
     #                               Q stays on the reward's scale (a success probability for sparse tasks)
-    bootstrap_truncated: bool = True  # a time-limit end is valued by the critic at the last observation
-    td_target: str = "actor"  # actor: bootstrap at the actor's noise for s' (SAC); behavior: at the noise/chunk the run
-    #                           actually chose next (SARSA-like: no maximization inside the target); mc: no bootstrap
-    #                           inside an episode -- the discounted return the run actually got to the episode's end
-    reward_offset: float = 0.0  # subtracted from every step's reward (DSRL's robomimic configs: 1, i.e. -1 per step
+    bootstrap_truncated: bool = False  # true: a time-limit end is valued by the critic at the last observation;
+    #                                    false: as a failure
+    td_target: str = "mc"  # actor: bootstrap at the actor's noise for s' (SAC); behavior: at the noise/chunk the run
+    #                        actually chose next (SARSA-like: no maximization inside the target); mc: no bootstrap
+    #                        inside an episode -- the discounted return the run actually got to the episode's end
+    reward_offset: float = 1.0  # subtracted from every step's reward (DSRL's robomimic configs: 1, i.e. -1 per step
     #                             until success: faster successes score higher, so chunks differ even when all succeed)
     alias_samples: int = 2  # na: extra chunks from w ~ N(0, I) per decision, for distilling the noise critic
 

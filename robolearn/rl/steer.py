@@ -17,12 +17,14 @@ seeded by run, episode and chunk) is the reparameterization noise of the actor's
 from its seed. For the first ``learning_starts`` transitions ``w`` is that noise itself (clipped to the bound):
 the base as it was trained, filling the buffer before learning starts.
 
-Variants (``SteerSettings.variant``):
+Variants (``SteerSettings.variant``; ``na`` is the default, with Monte Carlo targets at -1 per step -- the recipe
+that steered in the README's measurements):
 
 - ``sac``: SAC directly on the noise-space MDP: two LayerNorm critics Q(s, w) with Polyak-averaged targets, a
-  tanh-Gaussian actor, automatic temperature (target entropy ``-0.5 x dim(w)`` by default). By default the
-  critics' targets hold rewards only (``backup_entropy=False``): with 64 noise dimensions the entropy bonus would
-  otherwise outweigh a sparse success reward of 1 by an order of magnitude (first peg_insert try: Q ~ 31).
+  tanh-Gaussian actor, automatic temperature (target entropy 0 by default, ``None``: ``-0.5 x dim(w)``). The
+  critics' targets hold rewards only by default (``backup_entropy=False``): with 64 noise dimensions the entropy
+  bonus would otherwise outweigh a sparse success reward of 1 by an order of magnitude (first peg_insert try:
+  Q ~ 31).
 - ``na`` (noise aliasing): an action critic Q_A(s, a) learned by TD on the executed chunks, with the bootstrap
   Q_W_target(s', w'), w' ~ actor(s'); a noise critic Q_W(s, w) distilled from it by regressing onto
   min Q_A(s, base(s, w)) -- for the acted (w, a) pairs and for ``alias_samples`` extra chunks per decision from

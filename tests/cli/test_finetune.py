@@ -304,10 +304,14 @@ def test_collect_policy_keeps_successes_only_by_default_and_refuses_another_task
 # ---------------------------------------------------------------------------------------------- method=steer
 STEER = ["num_envs=2", "workers=0", "env.max_episode_steps=40", "eval.num_envs=2", "eval.workers=0", "progress=false",
          "finetune.learning_starts=10", "finetune.batch_size=32"]
+# The tests below were written for plain SAC on the noise, the defaults until 2026-12-05; they keep those settings
+# (test_steer_defaults_are_the_recipe_that_steered runs today's defaults).
+SAC = ["finetune.variant=sac", "finetune.act=mean", "finetune.td_target=actor", "finetune.utd=2",
+       "finetune.bootstrap_truncated=true", "finetune.reward_offset=0", "finetune.target_entropy=null"]
 
 
 def steer(base: Path, run: Path, *extra: str) -> int:
-    return main(["finetune", "method=steer", f"checkpoint={base}", f"run_dir={run}", *STEER, *extra])
+    return main(["finetune", "method=steer", f"checkpoint={base}", f"run_dir={run}", *STEER, *SAC, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +336,24 @@ def test_steer_writes_a_steered_checkpoint_with_its_replay_buffer(steered):
     assert [r["env_steps"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
             if "eval_success_rate" in r] == [0, 320]
     assert (run / "plots" / "success.png").is_file()
+
+
+def test_steer_defaults_are_the_recipe_that_steered(tmp_path, capsys):
+    """Without finetune.* keys a run is noise aliasing on Monte Carlo returns at -1 per step, a time limit valued
+    as a failure, and a deployed policy that samples its noise and carries the action critic."""
+    base, run = base_copy(tmp_path), tmp_path / "run"
+    assert main(["finetune", "method=steer", f"checkpoint={base}", f"run_dir={run}", *STEER, "env_steps=160",
+                 "eval.episodes=0", "env.max_episode_steps=20"]) == 0
+    out = last_json(capsys.readouterr().out)
+    policy = load_policy(out["checkpoint"])
+    chunks = -(-20 // policy.n_action_steps)  # per 20-step episode; all 8 episodes ended, so all were stored
+    assert out["grad_steps"] > 0 and out["transitions"] == 8 * chunks
+    assert policy.act == "sample" and policy.q_a is not None  # na's action critic travels in the policy
+    with np.load(Path(out["checkpoint"]) / "replay.npz") as z:  # an episode's chunks enter together, in order
+        reward = z["replay.reward"][:, 0].reshape(8, chunks)
+    # push_t's dense reward is in [0, 1], so less the offset of 1 a chunk of <= 8 steps sums to (-8, 0]; a time
+    # limit is a failure, the offset paid forever after: about -1 / (1 - 0.99) = -100 more on each last chunk
+    assert (reward[:, :-1] <= 0).all() and (reward[:, :-1] > -8).all() and (reward[:, -1] < -80).all(), reward
 
 
 def test_steered_checkpoint_evaluates_runs_serves_and_drives_teleop(steered, tmp_path, capsys):
