@@ -228,18 +228,27 @@ def uniform_schedule(keys: Iterable[str], sampler: str, total: int, updates: int
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
-def dp_update_steps(sim: np.ndarray, k: int) -> tuple[int, ...]:
+def dp_update_steps(sim: np.ndarray, k: int, weights: Sequence[float] | None = None) -> tuple[int, ...]:
     """The Adaptive Caching Scheduler for one branch: ``k`` update steps maximizing the total similarity.
 
     ``sim[i, j]``: similarity of the branch's output at step ``j`` to its output at step ``i``. Updating at
     ``c_0 = 0 < c_1 < ... < c_{k-1}`` makes every step ``j`` in ``[c_m, c_{m+1})`` reuse the output of ``c_m``;
     the objective is ``sum_m sum_{j in (c_m, c_{m+1})} sim[c_m, j]`` (an update step is exact). Solved exactly by
     dynamic programming over (segments used, end of the last segment). Ties go to the earliest update steps.
+
+    ``weights`` (one per step; our extension, not BAC's): minimize ``sum_j weights[j] * (sim[j, j] - sim[c, j])``
+    over the skipped steps instead, the similarity each one loses weighted by how much an error at that step
+    moves the sampler's result (:func:`step_sensitivity`). Equal weights give BAC's own choice.
     """
     sim = np.asarray(sim, dtype=np.float64)
     S = sim.shape[0]
     if sim.shape != (S, S) or S < 1:
         raise ValueError(f"similarity matrix must be square, got shape {sim.shape}")
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (S,) or not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError(f"step weights must be {S} finite numbers >= 0, got {w.tolist()}")
+        sim = -w[None, :] * (np.diag(sim)[None, :] - sim)  # the weighted similarity lost, as a reward
     k = max(1, min(int(k), S))
     # seg[a, b]: reward of one segment updating at a and covering steps a..b-1 (b in a+1..S)
     cums = np.cumsum(sim, axis=1)
@@ -264,9 +273,10 @@ def dp_update_steps(sim: np.ndarray, k: int) -> tuple[int, ...]:
     return tuple([0, *sorted(steps)])
 
 
-def caching_error(sim: np.ndarray, steps: Sequence[int]) -> float:
+def caching_error(sim: np.ndarray, steps: Sequence[int], weights: Sequence[float] | None = None) -> float:
     """Mean over all steps of the similarity lost by reusing the last update's output (0 where recomputed):
-    ``mean_j (sim[j, j] - sim[u(j), j])`` with ``u(j)`` the last update step at or before ``j``."""
+    ``mean_j (sim[j, j] - sim[u(j), j])`` with ``u(j)`` the last update step at or before ``j`` (each term times
+    ``weights[j]`` when given)."""
     sim = np.asarray(sim, dtype=np.float64)
     S = sim.shape[0]
     ups = sorted(set(int(s) for s in steps))
@@ -276,7 +286,8 @@ def caching_error(sim: np.ndarray, steps: Sequence[int]) -> float:
     for a, b in zip(ups, [*ups[1:], S]):
         src[a:b] = a
     j = np.arange(S)
-    return float(np.mean(sim[j, j] - sim[src, j]))
+    lost = sim[j, j] - sim[src, j]
+    return float(np.mean(lost if weights is None else np.asarray(weights, dtype=np.float64) * lost))
 
 
 def bubbling_union(updates: Mapping[str, Sequence[int]], errors: Mapping[str, float], n_blocks: int, top: int
@@ -297,14 +308,15 @@ def bubbling_union(updates: Mapping[str, Sequence[int]], errors: Mapping[str, fl
 
 
 def bac_schedule(similarity: Mapping[str, np.ndarray], n_blocks: int, sampler: str, updates: int, *,
-                 bubble: int = 4, fingerprint: str | None = None, info: Mapping[str, Any] | None = None
-                 ) -> CacheSchedule:
-    """BAC's schedule from calibrated similarities: the scheduler per branch, then Bubbling Union."""
+                 bubble: int = 4, fingerprint: str | None = None, info: Mapping[str, Any] | None = None,
+                 weights: Sequence[float] | None = None) -> CacheSchedule:
+    """BAC's schedule from calibrated similarities: the scheduler per branch, then Bubbling Union (``weights``:
+    per-step weights of the similarity lost, :func:`dp_update_steps`)."""
     S = next(iter(similarity.values())).shape[0]
-    per = {k: dp_update_steps(sim, updates) for k, sim in similarity.items()}
-    errors = {k: caching_error(similarity[k], per[k]) for k in per}
+    per = {k: dp_update_steps(sim, updates, weights) for k, sim in similarity.items()}
+    errors = {k: caching_error(similarity[k], per[k], weights) for k in per}
     merged, chosen = bubbling_union(per, errors, n_blocks, bubble)
-    after = {k: caching_error(similarity[k], merged[k]) for k in merged}
+    after = {k: caching_error(similarity[k], merged[k], weights) for k in merged}
     meta = dict(info or {})
     meta.update(updates=int(updates), bubble=int(bubble), bubbled=chosen,
                 error_before_union={k: round(v, 6) for k, v in errors.items()},
@@ -313,17 +325,18 @@ def bac_schedule(similarity: Mapping[str, np.ndarray], n_blocks: int, sampler: s
 
 
 def shared_schedule(similarity: Mapping[str, np.ndarray], sampler: str, updates: int, *,
-                    fingerprint: str | None = None, info: Mapping[str, Any] | None = None) -> CacheSchedule:
+                    fingerprint: str | None = None, info: Mapping[str, Any] | None = None,
+                    weights: Sequence[float] | None = None) -> CacheSchedule:
     """One adaptive set of update steps for every branch: the scheduler's dynamic program on the branches' mean
     similarity matrix. Between uniform caching (the same steps for all, evenly spaced) and BAC (steps chosen per
     branch): the steps adapt to where the outputs change, but every branch is refreshed at the same step, so the
     residual stream never sums outputs computed at different steps."""
     keys = list(similarity)
     mean = np.mean([np.asarray(similarity[k], dtype=np.float64) for k in keys], axis=0)
-    steps = dp_update_steps(mean, updates)
+    steps = dp_update_steps(mean, updates, weights)
     meta = dict(info or {})
     meta.update(updates=int(updates), steps=list(steps),
-                error={k: round(caching_error(similarity[k], steps), 6) for k in keys})
+                error={k: round(caching_error(similarity[k], steps, weights), 6) for k in keys})
     return CacheSchedule("shared", sampler, int(mean.shape[0]), {k: steps for k in keys}, fingerprint, meta)
 
 
@@ -573,14 +586,71 @@ class Calibration:
     observations: int
     n_blocks: int
     fingerprint: str
+    step_weights: np.ndarray | None = None  # per step, :func:`step_sensitivity` (None: BAC's equal weights)
+
+
+class _Perturbed:
+    """The backbone, except that its output at denoiser call ``call`` gets ``scale`` times its own size (per row)
+    added in a random direction drawn from ``generator``."""
+
+    def __init__(self, backbone: nn.Module, call: int, scale: float, generator: torch.Generator) -> None:
+        self.backbone, self.call, self.scale, self.generator = backbone, int(call), float(scale), generator
+
+    def prepare(self, cond: Any) -> Any:
+        return self.backbone.prepare(cond)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
+        out = self.backbone(x, t, cond)
+        if step is None or step.index != self.call:
+            return out
+        d = torch.randn(out.shape, generator=self.generator, dtype=torch.float32).to(out)
+        rows = (-1,) + (1,) * (out.dim() - 1)
+        size = out.float().reshape(out.shape[0], -1).norm(dim=1).reshape(rows)
+        unit = d.reshape(d.shape[0], -1).norm(dim=1).clamp_min(1e-12).reshape(rows)
+        return out + (self.scale * size / unit).to(out) * d
+
+
+def step_sensitivity(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler: str, steps: int,
+                     seed: int = 0, scale: float = 0.05, rows: int = 32) -> np.ndarray:
+    """How much each denoiser call of the sampler matters to the chunk it makes (our extension, not BAC's): for
+    each call ``j``, the chunk's relative change when the denoiser's output at call ``j`` alone is moved by
+    ``scale`` of its own size in a random direction, per unit of ``scale``, averaged over the first ``rows``
+    observations; normalized to mean 1. A DDIM-10 chunk barely depends on its last call, whose noise estimate the
+    update scales by sqrt(1 - alpha_bar) of the least noisy timestep; :func:`dp_update_steps` takes these as
+    weights so that the scheduler spends its updates where an error would move the chunk."""
+    total = backbone_calls(policy, sampler, steps)
+    gain = np.zeros(total, dtype=np.float64)
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    seen = 0
+    with torch.no_grad():
+        for batch in observations:
+            B = min(int(next(iter(batch.values())).shape[0]), rows - seen)
+            if B <= 0:
+                break
+            part = {k: v[:B] for k, v in batch.items()}
+            noise = torch.randn(policy.noise_shape(B), generator=gen)
+            ref = policy.predict_action(part, noise, sampler=sampler, steps=steps).float()
+            size = ref.reshape(B, -1).norm(dim=1).clamp_min(1e-12)
+            for j in range(total):
+                pert = _Perturbed(policy.backbone, j, scale, torch.Generator().manual_seed(int(seed) * 1009 + j))
+                got = policy.predict_action(part, noise, sampler=sampler, steps=steps, denoiser=pert).float()
+                gain[j] += float(((got - ref).reshape(B, -1).norm(dim=1) / size).sum()) / scale
+            seen += B
+    if seen == 0:
+        raise CacheError("step sensitivity got no observations")
+    gain /= seen
+    if not np.isfinite(gain).all() or gain.mean() <= 0:
+        raise CacheError(f"step sensitivity is degenerate: {gain.tolist()}")
+    return gain / gain.mean()
 
 
 def calibrate(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler: str | None = None,
               steps: int | None = None, metric: str = "cosine", seed: int = 0,
-              progress: Callable[[int], None] | None = None) -> Calibration:
+              progress: Callable[[int], None] | None = None, step_weights: bool = False) -> Calibration:
     """Run ``policy`` (a chunk policy with a transformer backbone) uncached on batches of ``observations``
     (observation histories, raw units), recording each branch's output at every denoising step, and average
-    each branch's step x step similarity over the observations. ``progress(n)`` is called after each batch."""
+    each branch's step x step similarity over the observations. ``progress(n)`` is called after each batch.
+    ``step_weights``: also measure :func:`step_sensitivity` on the first 32 observations."""
     if metric not in METRICS:
         raise CacheError(f"similarity metric {metric!r} is not one of {list(METRICS)}")
     kind = policy.cfg.sampler.kind if sampler is None else sampler
@@ -590,7 +660,10 @@ def calibrate(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler
     gen = torch.Generator().manual_seed(int(seed))
     sums: dict[str, torch.Tensor] = {}
     count, total = 0, None
+    kept: list[Mapping[str, Any]] = []
     for batch in observations:
+        if step_weights and sum(int(next(iter(b.values())).shape[0]) for b in kept) < 32:
+            kept.append(batch)
         rec.outputs = {}
         B = int(next(iter(batch.values())).shape[0])
         noise = torch.randn(policy.noise_shape(B), generator=gen)
@@ -607,8 +680,9 @@ def calibrate(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler
     if count == 0 or total is None:
         raise CacheError("calibration got no observations")
     sim = {k: (sums[k] / count).double().numpy() for k in keys}
+    weights = step_sensitivity(policy, kept, sampler=kind, steps=n, seed=seed) if step_weights else None
     return Calibration(sim, f"{kind}-{n}", int(total), metric, count, len(rec.blocks),
-                       backbone_fingerprint(policy.backbone))
+                       backbone_fingerprint(policy.backbone), weights)
 
 
 def schedule_from_calibration(cal: Calibration, method: str = "bac", updates: int | None = None, *,
@@ -617,20 +691,23 @@ def schedule_from_calibration(cal: Calibration, method: str = "bac", updates: in
     k = default_updates(cal.total) if updates is None else int(updates)
     if not 1 <= k <= cal.total:
         raise CacheError(f"updates={k} must be between 1 and the sampler's {cal.total} steps")
-    info = {"metric": cal.metric, "observations": cal.observations}
+    info: dict[str, Any] = {"metric": cal.metric, "observations": cal.observations}
+    w = cal.step_weights
+    if w is not None:
+        info["step_weights"] = [round(float(v), 6) for v in w]
     keys = list(cal.similarity)
     if method == "bac":
         return bac_schedule(cal.similarity, cal.n_blocks, cal.sampler, k, bubble=bubble,
-                            fingerprint=cal.fingerprint, info=info)
+                            fingerprint=cal.fingerprint, info=info, weights=w)
     if method == "shared":
-        return shared_schedule(cal.similarity, cal.sampler, k, fingerprint=cal.fingerprint, info=info)
+        return shared_schedule(cal.similarity, cal.sampler, k, fingerprint=cal.fingerprint, info=info, weights=w)
     if method == "uniform":
         sched = uniform_schedule(keys, cal.sampler, cal.total, k)
     elif method == "none":
         sched = all_steps(keys, cal.sampler, cal.total)
     else:
         raise CacheError(f"cache method {method!r} is not one of {list(METHODS)}")
-    sched.info.update(info, error={kk: round(caching_error(cal.similarity[kk], sched.updates[kk]), 6)
+    sched.info.update(info, error={kk: round(caching_error(cal.similarity[kk], sched.updates[kk], w), 6)
                                    for kk in keys})
     return sched
 

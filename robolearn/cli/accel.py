@@ -54,10 +54,11 @@ def calibration_observations(policy: Any, ckpt: Path, n: int, batch: int, *, see
 
 def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = None, bubble: int = 4,
                 metric: str = "cosine", observations: int = 256, batch: int = 32, seed: int = 0,
-                dataset: str | None = None, progress: bool = True) -> tuple[Any, Any]:
+                dataset: str | None = None, progress: bool = True, step_weights: bool = False) -> tuple[Any, Any]:
     """A :class:`~robolearn.accel.cache.CachedPolicy` over ``policy`` with a ``method`` schedule for its current
     sampler (``bac`` and ``shared`` calibrate on the training data, ``searched`` tries every shared set of
-    ``updates`` steps on it); returns it and the calibration (None unless bac or shared)."""
+    ``updates`` steps on it); returns it and the calibration (None unless bac or shared). ``step_weights``: bac
+    and shared weigh each step's lost similarity by how much that step moves the chunk (``step_sensitivity``)."""
     from robolearn.accel.cache import (CacheError, CachedPolicy, all_steps, backbone_calls, branch_keys, calibrate,
                                        default_updates, schedule_from_calibration, search_candidates,
                                        searched_schedule, uniform_schedule)
@@ -80,7 +81,7 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
         obs = calibration_observations(policy, ckpt, observations, batch, seed=seed, dataset=dataset)
         bar = _bar(sum(int(next(iter(b.values())).shape[0]) for b in obs), f"calibrating {name}", progress)
         try:
-            cal = calibrate(policy, obs, metric=metric, seed=seed, progress=bar.update)
+            cal = calibrate(policy, obs, metric=metric, seed=seed, progress=bar.update, step_weights=step_weights)
         except CacheError as e:
             raise CLIError(str(e)) from None
         finally:
@@ -160,7 +161,8 @@ def calibrate_cmd(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     cached, cal = make_cached(policy, ckpt, str(cfg.method), updates=cfg.updates, bubble=int(cfg.bubble),
                               metric=str(cfg.metric), observations=int(cfg.observations), batch=int(cfg.batch),
-                              seed=int(cfg.seed), dataset=cfg.dataset, progress=bool(cfg.progress))
+                              seed=int(cfg.seed), dataset=cfg.dataset, progress=bool(cfg.progress),
+                              step_weights=bool(cfg.step_weights))
     sched = cached.schedule
     out = Path(cfg.out) if cfg.out else ckpt.parent / f"{ckpt.name}-{sched.method}-{sched.sampler}-k{_k(sched)}"
 
@@ -176,6 +178,7 @@ def calibrate_cmd(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(out), "base": str(ckpt), "method": sched.method, "sampler": sched.sampler,
         "steps": sched.total, "updates": _k(sched), "compute_fraction": round(sched.compute_fraction, 4),
         "bubbled": sched.info.get("bubbled", []), "metric": cfg.metric if cal is not None else None,
+        "step_weights": sched.info.get("step_weights"),
         "observations": cal.observations if cal is not None else int(sched.info.get("observations", 0)),
         "mean_caching_error": round(float(np.mean(list(errors.values()))), 6) if errors else None,
         "action_rel_error": sched.info.get("action_rel_error"),  # searched: its chunks' error on the observations

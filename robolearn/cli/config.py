@@ -64,6 +64,7 @@ class AccelCalibrateConfig:
     updates: int | None = None  # update steps per branch; default a quarter of the sampler's steps
     bubble: int = 4  # Bubbling Union: how many of the worst-cached branches take their downstream FFN's steps
     metric: str = "cosine"  # cosine | l1
+    step_weights: bool = False  # bac/shared: weigh each step's lost similarity by how much it moves the chunk
     observations: int = 256  # calibration observations drawn from the training data
     batch: int = 32
     sampler: str | None = None  # default: the checkpoint's

@@ -28,6 +28,7 @@ from robolearn.accel.cache import (
     schedule_from_calibration,
     searched_schedule,
     shared_schedule,
+    step_sensitivity,
     uniform_schedule,
     uniform_steps,
 )
@@ -186,6 +187,44 @@ def test_dp_matches_exhaustive_search_on_random_matrices():
         assert score(dp_update_steps(sim, k)) == pytest.approx(score(best))
 
 
+def test_step_weights_steer_the_dp_to_the_weighted_optimum():
+    sim = HAND_SIM
+    assert dp_update_steps(sim, 2, np.ones(6)) == dp_update_steps(sim, 2) == (0, 3)  # equal weights: BAC's choice
+    # step 5 weighs 10, steps 1 and 2 0.01: the weighted loss of {0, c} for c = 1..5 is 11.701, 10.501, 8.103 (BAC's
+    # unweighted choice {0, 3}: 0.01 x (0.1 + 0.2) + 1 x 0.1 + 10 x 0.8), 7.903 and 1.803 ({0, 5}: 0.01 x (0.1 + 0.2)
+    # + 1 x 0.9 + 1 x 0.9)
+    w = np.array([1.0, 0.01, 0.01, 1.0, 1.0, 10.0])
+    assert dp_update_steps(sim, 2, w) == (0, 5)
+    assert caching_error(sim, (0, 5), w) * 6 == pytest.approx(1.803)
+    with pytest.raises(ValueError, match="step weights must be 6 finite numbers >= 0"):
+        dp_update_steps(sim, 2, [1.0] * 5)
+    rng = np.random.default_rng(1)
+    for _ in range(20):  # the weighted DP is the optimum of the weighted caching error, by exhaustive search
+        S, k = 7, int(rng.integers(1, 6))
+        sim = rng.uniform(-1, 1, (S, S))
+        np.fill_diagonal(sim, 1.0)
+        w = rng.uniform(0, 3, S)
+        best = min(((0, *c) for c in itertools.combinations(range(1, S), k - 1)),
+                   key=lambda ups: caching_error(sim, ups, w))
+        assert caching_error(sim, dp_update_steps(sim, k, w), w) == pytest.approx(caching_error(sim, best, w))
+
+
+def test_step_sensitivity_finds_that_a_ddim_chunk_barely_depends_on_its_last_call():
+    policy = transformer_policy(sampler={"kind": "ddim", "steps": 10})
+    w = step_sensitivity(policy, [obs(8, 2)], sampler="ddim", steps=10)
+    assert w.shape == (10,) and w.mean() == pytest.approx(1.0)
+    # the last DDIM step lands on alpha_bar = 1 and scales its noise estimate by sqrt(1 - alpha_bar_0) ~ 0.025
+    assert w[-1] < 0.1 * np.median(w[:-1]), w
+    cal = calibrate(policy, [obs(16, 2), obs(16, 3)], step_weights=True)
+    np.testing.assert_allclose(cal.step_weights,  # measured on the first 32 observations
+                               step_sensitivity(policy, [obs(16, 2), obs(16, 3)], sampler="ddim", steps=10))
+    sched = schedule_from_calibration(cal, "bac", 4, bubble=0)
+    assert sched.info["step_weights"] == [round(float(v), 6) for v in cal.step_weights]
+    assert not any(9 in steps for steps in sched.updates.values())  # no branch spends an update on the last call
+    assert CacheSchedule.from_dict(json.loads(json.dumps(sched.to_dict()))).info["step_weights"] == \
+        sched.info["step_weights"]
+
+
 def test_bubbling_union_on_a_hand_built_ranking():
     updates = {"0.self_attn": (0, 4), "0.cross_attn": (0, 2), "0.ff": (0, 3),
                "1.self_attn": (0, 1), "1.cross_attn": (0, 5), "1.ff": (0, 6)}
@@ -341,6 +380,11 @@ def test_calibrate_writes_a_cached_checkpoint_that_eval_and_bench_use(push_t_ckp
                  f"out={out}", "progress=false"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["checkpoint"] == str(out) and summary["sampler"] == "euler-4" and summary["updates"] == 2
+    assert summary["step_weights"] is None  # BAC's own scheduler unless asked
+    assert main(["accel", "calibrate", f"checkpoint={push_t_ckpt}", "updates=2", "observations=8", "batch=8",
+                 "step_weights=true", f"out={tmp_path / 'weighted'}", "progress=false"]) == 0
+    weighted = last_json(capsys.readouterr().out)["step_weights"]
+    assert len(weighted) == 4 and np.mean(weighted) == pytest.approx(1.0, abs=1e-5) and min(weighted) > 0
     assert 2 / 4 <= summary["compute_fraction"] < 1.0 and summary["observations"] == 24
     for f in ("schedule.png", "similarity.npz", "config.yaml"):
         assert (out / f).is_file(), f

@@ -13,7 +13,9 @@ For a base checkpoint and a sampler (default: the checkpoint's), this script
 ``--shared`` adds a row for ``method=shared`` at the uniform baseline's update count: the same dynamic program
 on the branches' mean similarity, one set of update steps for every branch (BAC's scheduler without per-branch
 steps; at equal compute it runs faster than BAC, whose staggered steps leave a few branches to compute at most
-steps).
+steps). ``--step-weights`` adds a row for BAC calibrated with ``step_weights=true`` at BAC's update count: the
+same scheduler with each step's lost similarity weighed by how much an error at that step moves the chunk (our
+extension).
 
     python tools/bench/cache_eval.py --checkpoint runs/accel/push_t_dt/checkpoints/latest --label push_t_ddpm100 \\
         --episodes 50 --out tools/bench/results/cache_push_t_ddpm100.json
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20, help="timed predict_action calls of each")
     p.add_argument("--threads", type=int, default=2, help="torch threads for latency (evaluations use them too)")
     p.add_argument("--skip-eval", action="store_true", help="latency and action error only")
+    p.add_argument("--step-weights", action="store_true",
+                   help="also BAC with step_weights=true (each step's lost similarity weighed by how much an error "
+                        "there moves the chunk; our extension) at BAC's update count")
     p.add_argument("--shared", action="store_true",
                    help="also method=shared (one adaptive set of steps for every branch) at uniform's update count")
     p.add_argument("--uncached-eval", type=Path, default=None,
@@ -112,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         "uniform": {"method": "uniform", "updates": k_uni, "compute_fraction": uni["compute_fraction"],
                     "checkpoint": uni["checkpoint"]},
     }
+    if args.step_weights:
+        bw = cli("accel", "calibrate", *common, "method=bac", f"bubble={args.bubble}", f"metric={args.metric}",
+                 "step_weights=true", f"observations={args.observations}", f"out={work / 'bac_weighted'}",
+                 f"updates={bac['updates']}", threads=args.threads)
+        rows["bac_weighted"] = {"method": "bac", "updates": bw["updates"], "compute_fraction": bw["compute_fraction"],
+                                "bubbled": bw["bubbled"], "step_weights": bw["step_weights"],
+                                "checkpoint": bw["checkpoint"]}
     if args.shared:
         sh = cli("accel", "calibrate", *common, "method=shared", f"metric={args.metric}", f"updates={k_uni}",
                  f"observations={args.observations}", f"out={work / 'shared'}", threads=args.threads)
@@ -166,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['label']}: {result['sampler']}, {result['episodes']} episodes")
-    print(f"{'':<10} {'compute':>8} {'speedup':>8} {'cached ms':>10} {'uncached ms':>12} {'action err':>11} "
+    print(f"{'':<12} {'compute':>8} {'speedup':>8} {'cached ms':>10} {'uncached ms':>12} {'action err':>11} "
           f"{'success':>8} {'max reward':>10}")
     for name, r in result["rows"].items():
         def f(key: str, fmt: str) -> str:
             v = r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
-        print(f"{name:<10} {f('compute_fraction', '.0%'):>8} {f('speedup', '.2f'):>8} "
+        print(f"{name:<12} {f('compute_fraction', '.0%'):>8} {f('speedup', '.2f'):>8} "
               f"{f('latency_ms_cached', '.1f'):>10} {f('latency_ms_uncached', '.1f'):>12} "
               f"{f('action_rel_error', '.2e'):>11} {f('success_rate', '.2f'):>8} {f('mean_max_reward', '.3f'):>10}")
 
@@ -189,7 +201,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     speed = [rows[n].get("speedup", 1.0) for n in names]
     err = [rows[n].get("action_rel_error", 0.0) for n in names]
     succ = [rows[n].get("success_rate") for n in names]
-    colors = ["0.6", "tab:blue", "tab:orange", "tab:green"][:len(names)]
+    colors = ["0.6", "tab:blue", "tab:orange", "tab:green", "tab:red"][:len(names)]
     axes[0].bar(names, speed, color=colors)
     axes[0].set_ylabel("speedup over uncached (batch 1)")
     axes[1].bar(names, err, color=colors)
