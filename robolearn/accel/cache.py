@@ -238,7 +238,8 @@ def dp_update_steps(sim: np.ndarray, k: int, weights: Sequence[float] | None = N
 
     ``weights`` (one per step; our extension, not BAC's): minimize ``sum_j weights[j] * (sim[j, j] - sim[c, j])``
     over the skipped steps instead, the similarity each one loses weighted by how much an error at that step
-    moves the sampler's result (:func:`step_sensitivity`). Equal weights give BAC's own choice.
+    moves the sampler's result (:func:`step_sensitivity`). Equal weights give BAC's own choice where every
+    step's self-similarity is the same (cosine 1, negative L1 0: every calibration).
     """
     sim = np.asarray(sim, dtype=np.float64)
     S = sim.shape[0]
@@ -615,9 +616,11 @@ def step_sensitivity(policy: Any, observations: Iterable[Mapping[str, Any]], *, 
     """How much each denoiser call of the sampler matters to the chunk it makes (our extension, not BAC's): for
     each call ``j``, the chunk's relative change when the denoiser's output at call ``j`` alone is moved by
     ``scale`` of its own size in a random direction, per unit of ``scale``, averaged over the first ``rows``
-    observations; normalized to mean 1. A DDIM-10 chunk barely depends on its last call, whose noise estimate the
-    update scales by sqrt(1 - alpha_bar) of the least noisy timestep; :func:`dp_update_steps` takes these as
-    weights so that the scheduler spends its updates where an error would move the chunk."""
+    observations; normalized to mean 1. The motivation: DDIM's last update scales its call's noise estimate by
+    sqrt(1 - alpha_bar) of the least noisy timestep (~0.025), so an untrained model's chunk barely depends on that
+    call; a trained model's later steps also pull earlier errors back, so the profile is measured, not assumed.
+    :func:`dp_update_steps` takes these as weights so that the scheduler spends its updates where an error would
+    move the chunk."""
     total = backbone_calls(policy, sampler, steps)
     gain = np.zeros(total, dtype=np.float64)
     gen = torch.Generator().manual_seed(int(seed) + 7919)

@@ -65,6 +65,9 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
 
     if method not in CACHES:
         raise CLIError(f"cache={method!r} is not one of {list(CACHES)}")
+    if step_weights and method not in ("bac", "shared"):
+        raise CLIError(f"step_weights=true weighs the calibrated schedulers (method=bac or shared), not "
+                       f"method={method}")
     try:
         keys = branch_keys(getattr(policy, "backbone", None))
     except CacheError as e:

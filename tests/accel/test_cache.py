@@ -209,7 +209,7 @@ def test_step_weights_steer_the_dp_to_the_weighted_optimum():
         assert caching_error(sim, dp_update_steps(sim, k, w), w) == pytest.approx(caching_error(sim, best, w))
 
 
-def test_step_sensitivity_finds_that_a_ddim_chunk_barely_depends_on_its_last_call():
+def test_step_sensitivity_finds_that_this_untrained_ddim_chunk_barely_depends_on_its_last_call():
     policy = transformer_policy(sampler={"kind": "ddim", "steps": 10})
     w = step_sensitivity(policy, [obs(8, 2)], sampler="ddim", steps=10)
     assert w.shape == (10,) and w.mean() == pytest.approx(1.0)
@@ -426,6 +426,8 @@ def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys)
     cases = [
         (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "updates=9"], "updates=9 must be between 1 and the 4"),
         (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=fast"], "method='fast' is not one of"),
+        (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=uniform", "step_weights=true"],
+         "step_weights=true weighs the calibrated schedulers (method=bac or shared), not method=uniform"),
         (["accel", "calibrate", f"checkpoint={tmp_path / 'nowhere'}"], "nowhere"),
         (["accel", "calibrate", f"checkpoint={FIXTURES / 'v1_push_t_diffusion_unet'}", "method=uniform"],
          "needs a transformer backbone"),

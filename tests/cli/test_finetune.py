@@ -338,6 +338,21 @@ def test_steer_writes_a_steered_checkpoint_with_its_replay_buffer(steered):
     assert (run / "plots" / "success.png").is_file()
 
 
+def test_steer_yaml_and_settings_defaults_agree(capsys):
+    """configs/finetune/steer.yaml and SteerSettings are two spellings of the same defaults."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from robolearn.rl.settings import SteerSettings
+
+    assert main(["finetune", "method=steer", "--cfg", "job"]) == 0
+    composed = yaml.safe_load(capsys.readouterr().out)["finetune"]
+    composed.pop("name")
+    assert composed == asdict(SteerSettings())
+    assert (composed["variant"], composed["utd"], composed["target_entropy"]) == ("na", 1.0, 0.0)
+
+
 def test_steer_defaults_are_the_recipe_that_steered(tmp_path, capsys):
     """Without finetune.* keys a run is noise aliasing on Monte Carlo returns at -1 per step, a time limit valued
     as a failure, and a deployed policy that samples its noise and carries the action critic."""

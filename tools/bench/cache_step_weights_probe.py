@@ -1,10 +1,12 @@
 """Why BAC's scheduler loses to evenly spaced steps at DDIM-10, and whether weighing the steps helps: action errors
 of several schedules of one transformer checkpoint, no evaluation in the task.
 
-For the checkpoint under DDIM-10 it calibrates BAC (256 training observations, cosine) and compares, by the chunk's
-relative error against the uncached chunk (64 other training observations, the same initial noise):
+For the checkpoint under DDIM-10 it calibrates BAC (256 training observations drawn with seed 0, cosine) and
+compares, by the chunk's relative error against the uncached chunk (64 training observations drawn with seed 1,
+which may overlap the first; the same initial noise for both chunks):
 
-- BAC's own per-branch schedule (``step_weights=false``) at k = 4, 5, 6 update steps;
+- BAC's own per-branch schedule (``step_weights=false``, ``bubble=0``: no Bubbling Union in any row) at k = 4, 5, 6
+  update steps;
 - BAC with ``step_weights=true`` (each step's lost similarity weighed by how far the chunk moves when that
   denoiser call's output is nudged: :func:`robolearn.accel.cache.step_sensitivity`);
 - BAC with per-branch, per-step weights measured here (not shipped): for every branch ``b`` and step ``j``, the
