@@ -611,8 +611,12 @@ class _Perturbed:
         return out + (self.scale * size / unit).to(out) * d
 
 
+#: observations :func:`step_sensitivity` averages over (the first ones of a calibration)
+SENSITIVITY_ROWS = 32
+
+
 def step_sensitivity(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler: str, steps: int,
-                     seed: int = 0, scale: float = 0.05, rows: int = 32) -> np.ndarray:
+                     seed: int = 0, scale: float = 0.05, rows: int = SENSITIVITY_ROWS) -> np.ndarray:
     """How much each denoiser call of the sampler matters to the chunk it makes (our extension, not BAC's): for
     each call ``j``, the chunk's relative change when the denoiser's output at call ``j`` alone is moved by
     ``scale`` of its own size in a random direction, per unit of ``scale``, averaged over the first ``rows``
@@ -633,11 +637,10 @@ def step_sensitivity(policy: Any, observations: Iterable[Mapping[str, Any]], *, 
             part = {k: v[:B] for k, v in batch.items()}
             noise = torch.randn(policy.noise_shape(B), generator=gen)
             ref = policy.predict_action(part, noise, sampler=sampler, steps=steps).float()
-            size = ref.reshape(B, -1).norm(dim=1).clamp_min(1e-12)
             for j in range(total):
                 pert = _Perturbed(policy.backbone, j, scale, torch.Generator().manual_seed(int(seed) * 1009 + j))
                 got = policy.predict_action(part, noise, sampler=sampler, steps=steps, denoiser=pert).float()
-                gain[j] += float(((got - ref).reshape(B, -1).norm(dim=1) / size).sum()) / scale
+                gain[j] += float(relative_error(got, ref).sum()) / scale
             seen += B
     if seen == 0:
         raise CacheError("step sensitivity got no observations")
@@ -653,7 +656,7 @@ def calibrate(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler
     """Run ``policy`` (a chunk policy with a transformer backbone) uncached on batches of ``observations``
     (observation histories, raw units), recording each branch's output at every denoising step, and average
     each branch's step x step similarity over the observations. ``progress(n)`` is called after each batch.
-    ``step_weights``: also measure :func:`step_sensitivity` on the first 32 observations."""
+    ``step_weights``: also measure :func:`step_sensitivity` on the first :data:`SENSITIVITY_ROWS` observations."""
     if metric not in METRICS:
         raise CacheError(f"similarity metric {metric!r} is not one of {list(METRICS)}")
     kind = policy.cfg.sampler.kind if sampler is None else sampler
@@ -663,12 +666,12 @@ def calibrate(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler
     gen = torch.Generator().manual_seed(int(seed))
     sums: dict[str, torch.Tensor] = {}
     count, total = 0, None
-    kept: list[Mapping[str, Any]] = []
+    kept: list[Mapping[str, Any]] = []  # the batches step_sensitivity will see
     for batch in observations:
-        if step_weights and sum(int(next(iter(b.values())).shape[0]) for b in kept) < 32:
+        B = int(next(iter(batch.values())).shape[0])
+        if step_weights and count < SENSITIVITY_ROWS:
             kept.append(batch)
         rec.outputs = {}
-        B = int(next(iter(batch.values())).shape[0])
         noise = torch.randn(policy.noise_shape(B), generator=gen)
         policy.predict_action(batch, noise, sampler=kind, steps=n, denoiser=rec)
         for (i, j), outs in rec.outputs.items():

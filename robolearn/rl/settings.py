@@ -120,6 +120,11 @@ class ResidualSettings:
 
 STEER_VARIANTS = ("sac", "na")
 
+#: The steering defaults until 2026-12-05: plain SAC on the noise (its critics diverged on peg_insert). A run
+#: started before then resumes only with these given back as ``finetune.*`` keys.
+PLAIN_SAC_STEER: dict[str, object] = {"variant": "sac", "act": "mean", "td_target": "actor", "utd": 2.0,
+                                      "bootstrap_truncated": True, "reward_offset": 0.0, "target_entropy": None}
+
 
 @dataclass
 class SteerSettings:
@@ -130,8 +135,7 @@ class SteerSettings:
     sampling the actor); the rest are the recipe that steered here (README, "Fine-tuning by steering", rounds
     4-6: a peg_insert diffusion base from 0.435 to 0.975 on new states): noise aliasing, Monte Carlo critic
     targets, a time-limit end valued as a failure, one gradient step per transition, target entropy 0. Until
-    2026-12-05 the defaults were plain SAC (variant sac, td_target actor, utd 2, bootstrapped time limits, act
-    mean, reward_offset 0, target entropy -dim/2), whose critics diverged on peg_insert."""
+    2026-12-05 the defaults were plain SAC (:data:`PLAIN_SAC_STEER`), whose critics diverged on peg_insert."""
 
     variant: str = "na"  # sac: SAC on the noise; na: noise aliasing (action critic by TD, noise critic distilled)
     # -- the steered policy (saved in its checkpoint)

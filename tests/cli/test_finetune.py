@@ -20,6 +20,7 @@ import torch
 from robolearn.cli import main
 from robolearn.policies import load_policy
 from robolearn.rl.residual_policy import ResidualPolicy
+from robolearn.rl.settings import PLAIN_SAC_STEER, SteerSettings
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 EXE = str(Path(sys.executable).with_name("robolearn"))
@@ -306,8 +307,8 @@ STEER = ["num_envs=2", "workers=0", "env.max_episode_steps=40", "eval.num_envs=2
          "finetune.learning_starts=10", "finetune.batch_size=32"]
 # The tests below were written for plain SAC on the noise, the defaults until 2026-12-05; they keep those settings
 # (test_steer_defaults_are_the_recipe_that_steered runs today's defaults).
-SAC = ["finetune.variant=sac", "finetune.act=mean", "finetune.td_target=actor", "finetune.utd=2",
-       "finetune.bootstrap_truncated=true", "finetune.reward_offset=0", "finetune.target_entropy=null"]
+SAC = [f"finetune.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+       for k, v in PLAIN_SAC_STEER.items()]
 
 
 def steer(base: Path, run: Path, *extra: str) -> int:
@@ -343,8 +344,6 @@ def test_steer_yaml_and_settings_defaults_agree(capsys):
     from dataclasses import asdict
 
     import yaml
-
-    from robolearn.rl.settings import SteerSettings
 
     assert main(["finetune", "method=steer", "--cfg", "job"]) == 0
     composed = yaml.safe_load(capsys.readouterr().out)["finetune"]

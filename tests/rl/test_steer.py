@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from robolearn.policies import ConfigError, load_policy, save_policy
-from robolearn.rl.settings import SteerSettings
+from robolearn.rl.settings import PLAIN_SAC_STEER, SteerSettings
 from robolearn.rl.steer import SteeringSAC
 from robolearn.rl.steer_policy import SteeredPolicy, check_deterministic
 from sim.vector import make_vector_env
@@ -122,9 +122,8 @@ def test_a_stochastic_sampler_is_refused_naming_the_deterministic_one(tmp_path):
 
 def toy_run(tmp_path: Path, total: int, **settings):
     save_policy(NoiseBase(), tmp_path / "base")
-    legacy = dict(variant="sac", act="mean", td_target="actor", bootstrap_truncated=True, reward_offset=0.0,
-                  target_entropy=None)  # the defaults until 2026-12-05, which these toy tests were written for
-    s = SteerSettings(**{**legacy, **dict(learning_starts=200, gamma=0.9, batch_size=64, utd=0.5), **settings})
+    # plain SAC, the defaults until 2026-12-05, which these toy tests were written for
+    s = SteerSettings(**{**PLAIN_SAC_STEER, **dict(learning_starts=200, gamma=0.9, batch_size=64, utd=0.5), **settings})
     policy = SteeredPolicy(load_policy(tmp_path / "base"), **s.policy_config())
     envs = make_vector_env(ReachEnv, num_envs=8, num_workers=0)
     held_out = reach_evaluator()

@@ -104,26 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     sampler = [f"sampler={args.sampler}"] if args.sampler else []
     sampler += [f"steps={args.steps}"] if args.steps else []
     common = [f"checkpoint={args.checkpoint}", *sampler, "progress=false"]
-    bac = cli("accel", "calibrate", *common, "method=bac", f"bubble={args.bubble}", f"metric={args.metric}",
-              f"observations={args.observations}", f"out={work / 'bac'}",
-              *([f"updates={args.updates}"] if args.updates else []), threads=args.threads)
+    def calibrate_bac(folder: str, *extra: str) -> dict[str, Any]:
+        return cli("accel", "calibrate", *common, "method=bac", f"bubble={args.bubble}", f"metric={args.metric}",
+                   f"observations={args.observations}", f"out={work / folder}", *extra, threads=args.threads)
+
+    def bac_row(summary: dict[str, Any]) -> dict[str, Any]:
+        return {"method": "bac", "updates": summary["updates"], "compute_fraction": summary["compute_fraction"],
+                "bubbled": summary["bubbled"], "checkpoint": summary["checkpoint"]}
+
+    bac = calibrate_bac("bac", *([f"updates={args.updates}"] if args.updates else []))
     k_uni = args.uniform_updates or max(1, round(bac["compute_fraction"] * bac["steps"]))
     uni = cli("accel", "calibrate", *common, "method=uniform", f"updates={k_uni}", f"out={work / 'uniform'}",
               threads=args.threads)
     rows: dict[str, dict[str, Any]] = {
         "uncached": {"method": "none", "compute_fraction": 1.0},
-        "bac": {"method": "bac", "updates": bac["updates"], "compute_fraction": bac["compute_fraction"],
-                "bubbled": bac["bubbled"], "checkpoint": bac["checkpoint"]},
+        "bac": bac_row(bac),
         "uniform": {"method": "uniform", "updates": k_uni, "compute_fraction": uni["compute_fraction"],
                     "checkpoint": uni["checkpoint"]},
     }
     if args.step_weights:
-        bw = cli("accel", "calibrate", *common, "method=bac", f"bubble={args.bubble}", f"metric={args.metric}",
-                 "step_weights=true", f"observations={args.observations}", f"out={work / 'bac_weighted'}",
-                 f"updates={bac['updates']}", threads=args.threads)
-        rows["bac_weighted"] = {"method": "bac", "updates": bw["updates"], "compute_fraction": bw["compute_fraction"],
-                                "bubbled": bw["bubbled"], "step_weights": bw["step_weights"],
-                                "checkpoint": bw["checkpoint"]}
+        bw = calibrate_bac("bac_weighted", "step_weights=true", f"updates={bac['updates']}")
+        rows["bac_weighted"] = {**bac_row(bw), "step_weights": bw["step_weights"]}
     if args.shared:
         sh = cli("accel", "calibrate", *common, "method=shared", f"metric={args.metric}", f"updates={k_uni}",
                  f"observations={args.observations}", f"out={work / 'shared'}", threads=args.threads)
