@@ -23,6 +23,7 @@ from robolearn.accel.cache import (
     CachedPolicy,
     calibrate,
     schedule_from_calibration,
+    warm_window,
 )
 from robolearn.accel.graph import GraphError, GraphedPolicy, graphed
 from robolearn.accel.kernels import (
@@ -45,6 +46,7 @@ __all__ = [
     "calibrate",
     "graphed",
     "schedule_from_calibration",
+    "warm_window",
     "KERNELS",
     "default_kernels",
     "kernels_in_use",

@@ -692,30 +692,57 @@ def calibrate(policy: Any, observations: Iterable[Mapping[str, Any]], *, sampler
 
 
 def schedule_from_calibration(cal: Calibration, method: str = "bac", updates: int | None = None, *,
-                              bubble: int = 4) -> CacheSchedule:
-    """A schedule of ``method`` with ``updates`` update steps per branch (default: a quarter of the steps)."""
-    k = default_updates(cal.total) if updates is None else int(updates)
-    if not 1 <= k <= cal.total:
-        raise CacheError(f"updates={k} must be between 1 and the sampler's {cal.total} steps")
+                              bubble: int = 4, warm_steps: int | None = None) -> CacheSchedule:
+    """A schedule of ``method`` with ``updates`` update steps per branch (default: a quarter of the steps).
+
+    ``warm_steps=W`` (our composition with the warm start, RTI-DP): schedule only the last ``W`` steps, the ones a
+    warm start runs, as if they were the whole sampler (:func:`warm_window`); ``updates`` then counts update steps
+    within them (default a quarter of ``W``, at least 1)."""
+    total = cal.total if warm_steps is None else int(warm_steps)
+    if not 1 <= total <= cal.total:
+        raise CacheError(f"warm_steps={warm_steps} must be between 1 and the sampler's {cal.total} steps")
+    k = default_updates(total) if updates is None else int(updates)
+    if not 1 <= k <= total:
+        what = "sampler's" if warm_steps is None else "warm start's"
+        raise CacheError(f"updates={k} must be between 1 and the {what} {total} steps")
+    start = cal.total - total
+    sim = {kk: np.asarray(v)[start:, start:] for kk, v in cal.similarity.items()}
     info: dict[str, Any] = {"metric": cal.metric, "observations": cal.observations}
     w = cal.step_weights
     if w is not None:
         info["step_weights"] = [round(float(v), 6) for v in w]
-    keys = list(cal.similarity)
+        w = np.asarray(w)[start:]
+    keys = list(sim)
     if method == "bac":
-        return bac_schedule(cal.similarity, cal.n_blocks, cal.sampler, k, bubble=bubble,
-                            fingerprint=cal.fingerprint, info=info, weights=w)
-    if method == "shared":
-        return shared_schedule(cal.similarity, cal.sampler, k, fingerprint=cal.fingerprint, info=info, weights=w)
-    if method == "uniform":
-        sched = uniform_schedule(keys, cal.sampler, cal.total, k)
-    elif method == "none":
-        sched = all_steps(keys, cal.sampler, cal.total)
+        sched = bac_schedule(sim, cal.n_blocks, cal.sampler, k, bubble=bubble, fingerprint=cal.fingerprint,
+                             info=info, weights=w)
+    elif method == "shared":
+        sched = shared_schedule(sim, cal.sampler, k, fingerprint=cal.fingerprint, info=info, weights=w)
     else:
-        raise CacheError(f"cache method {method!r} is not one of {list(METHODS)}")
-    sched.info.update(info, error={kk: round(caching_error(cal.similarity[kk], sched.updates[kk], w), 6)
-                                   for kk in keys})
-    return sched
+        if method == "uniform":
+            sched = uniform_schedule(keys, cal.sampler, total, k)
+        elif method == "none":
+            sched = all_steps(keys, cal.sampler, total)
+        else:
+            raise CacheError(f"cache method {method!r} is not one of {list(METHODS)}")
+        sched.info.update(info, error={kk: round(caching_error(sim[kk], sched.updates[kk], w), 6) for kk in keys})
+    return sched if warm_steps is None else warm_window(sched, cal.total)
+
+
+def warm_window(window: CacheSchedule, total: int) -> CacheSchedule:
+    """A schedule made for the last ``W = window.total`` of ``total`` steps (its step 0 is step ``total - W``), as
+    a schedule of all ``total`` steps: every earlier step recomputes every branch, so a full sampling run (an
+    episode's first chunk) is cached only within the window, and a warm start of ``W`` steps — whose calls are the
+    schedule's last ``W`` steps, the first of them computing everything — is cached as the window's schedule
+    says. Its ``info`` records ``warm_steps`` and ``warm_compute_fraction`` (a warm start's share of branch
+    computations)."""
+    W = int(window.total)
+    if not 1 <= W <= int(total):
+        raise CacheError(f"a warm window of {W} steps does not fit a {total}-step schedule")
+    start = int(total) - W
+    ups = {k: tuple(range(start)) + tuple(start + s for s in v) for k, v in window.updates.items()}
+    info = dict(window.info, warm_steps=W, warm_compute_fraction=round(window.compute_fraction, 6))
+    return CacheSchedule(window.method, window.sampler, int(total), ups, window.fingerprint, info)
 
 
 def default_updates(total: int) -> int:

@@ -54,14 +54,17 @@ def calibration_observations(policy: Any, ckpt: Path, n: int, batch: int, *, see
 
 def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = None, bubble: int = 4,
                 metric: str = "cosine", observations: int = 256, batch: int = 32, seed: int = 0,
-                dataset: str | None = None, progress: bool = True, step_weights: bool = False) -> tuple[Any, Any]:
+                dataset: str | None = None, progress: bool = True, step_weights: bool = False,
+                warm_steps: int | None = None) -> tuple[Any, Any]:
     """A :class:`~robolearn.accel.cache.CachedPolicy` over ``policy`` with a ``method`` schedule for its current
     sampler (``bac`` and ``shared`` calibrate on the training data, ``searched`` tries every shared set of
     ``updates`` steps on it); returns it and the calibration (None unless bac or shared). ``step_weights``: bac
-    and shared weigh each step's lost similarity by how much that step moves the chunk (``step_sensitivity``)."""
+    and shared weigh each step's lost similarity by how much that step moves the chunk (``step_sensitivity``).
+    ``warm_steps=W``: bac, shared and uniform schedule only the sampler's last ``W`` steps (a warm start's), with
+    ``updates`` counted within them; every earlier step recomputes everything."""
     from robolearn.accel.cache import (CacheError, CachedPolicy, all_steps, backbone_calls, branch_keys, calibrate,
                                        default_updates, schedule_from_calibration, search_candidates,
-                                       searched_schedule, uniform_schedule)
+                                       searched_schedule, uniform_schedule, warm_window)
 
     if method not in CACHES:
         raise CLIError(f"cache={method!r} is not one of {list(CACHES)}")
@@ -76,9 +79,19 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
     sampler, steps = str(sc["kind"]), int(sc["steps"])
     name = f"{sampler}-{steps}"
     total = backbone_calls(policy, sampler, steps)
-    k = default_updates(total) if updates is None else int(updates)
-    if not 1 <= k <= total:
-        raise CLIError(f"updates={k} must be between 1 and the {total} denoiser calls of {name}")
+    span = total
+    if warm_steps is not None:
+        if method not in ("bac", "shared", "uniform"):
+            raise CLIError(f"warm_steps={warm_steps} schedules a warm start's steps with method=bac, shared or "
+                           f"uniform, not method={method}")
+        if not 1 <= int(warm_steps) <= steps:
+            raise CLIError(f"warm_steps={warm_steps} must be between 1 and the {steps} steps of {name}")
+        span = int(warm_steps) * (total // steps)  # denoiser calls (a midpoint step makes two)
+    k = default_updates(span) if updates is None else int(updates)
+    if not 1 <= k <= span:
+        within = f"the {total} denoiser calls of {name}" if warm_steps is None else \
+            f"the warm start's {span} denoiser calls (warm_steps={warm_steps})"
+        raise CLIError(f"updates={k} must be between 1 and {within}")
     cal = None
     if method in ("bac", "shared"):
         obs = calibration_observations(policy, ckpt, observations, batch, seed=seed, dataset=dataset)
@@ -89,7 +102,7 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
             raise CLIError(str(e)) from None
         finally:
             bar.close()
-        schedule = schedule_from_calibration(cal, method, k, bubble=bubble)
+        schedule = schedule_from_calibration(cal, method, k, bubble=bubble, warm_steps=warm_steps)
     elif method == "searched":
         try:
             n_sets = search_candidates(total, k, name)  # refuse a search too large before reading any data
@@ -104,7 +117,9 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
         finally:
             bar.close()
     elif method == "uniform":
-        schedule = uniform_schedule(keys, name, total, k)
+        schedule = uniform_schedule(keys, name, span, k)
+        if warm_steps is not None:
+            schedule = warm_window(schedule, total)
     else:
         schedule = all_steps(keys, name, total)
     try:
@@ -128,18 +143,24 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
     return progress_bar(total, desc=desc, unit="obs", disable=not enabled, leave=False)
 
 
-def apply_cache(policy: Any, ckpt: Path, cache: str | None, updates: int | None = None) -> Any:
+def apply_cache(policy: Any, ckpt: Path, cache: str | None, updates: int | None = None,
+                warm_steps: int | None = None) -> Any:
     """``cache=`` of eval/run/serve on a loaded checkpoint: None leaves it as it is; ``bac`` calibrates on the
     checkpoint's training data (a few seconds to a minute) and ``shared`` likewise, ``searched`` tries step sets
-    on it, ``uniform`` and ``none`` need nothing."""
+    on it, ``uniform`` and ``none`` need nothing. ``warm_steps`` (``run blend=warmstart``): bac, shared and uniform
+    schedule the warm start's last ``warm_steps`` steps only (a schedule of all the steps would, at the default
+    2 warm steps, update every branch at the last step and save nothing)."""
     if cache is None:
         return policy
     if getattr(policy, "policy_type", None) == "cached":
         raise CLIError(f"{ckpt} is already a cached checkpoint ({policy.schedule.method}); cache= applies to a "
                        f"base checkpoint")
-    cached, _ = make_cached(policy, ckpt, str(cache), updates=updates, progress=False)
-    print(f"cache={cache}: {cached.schedule.method} schedule for {cached.schedule.sampler}, "
-          f"{cached.schedule.compute_fraction:.0%} of the branch computations")
+    warm = warm_steps if str(cache) in ("bac", "shared", "uniform") else None
+    cached, _ = make_cached(policy, ckpt, str(cache), updates=updates, progress=False, warm_steps=warm)
+    sched = cached.schedule
+    share = f"{sched.compute_fraction:.0%} of the branch computations" if warm is None else \
+        f"{sched.info['warm_compute_fraction']:.0%} of the branch computations of the {warm}-step warm start"
+    print(f"cache={cache}: {sched.method} schedule for {sched.sampler}, {share}")
     return cached
 
 
@@ -165,9 +186,11 @@ def calibrate_cmd(cfg: DictConfig) -> dict[str, Any]:
     cached, cal = make_cached(policy, ckpt, str(cfg.method), updates=cfg.updates, bubble=int(cfg.bubble),
                               metric=str(cfg.metric), observations=int(cfg.observations), batch=int(cfg.batch),
                               seed=int(cfg.seed), dataset=cfg.dataset, progress=bool(cfg.progress),
-                              step_weights=bool(cfg.step_weights))
+                              step_weights=bool(cfg.step_weights), warm_steps=cfg.warm_steps)
     sched = cached.schedule
-    out = Path(cfg.out) if cfg.out else ckpt.parent / f"{ckpt.name}-{sched.method}-{sched.sampler}-k{_k(sched)}"
+    warm = sched.info.get("warm_steps")
+    out = Path(cfg.out) if cfg.out else ckpt.parent / (f"{ckpt.name}-{sched.method}-{sched.sampler}-k{_k(sched)}"
+                                                       + (f"-w{warm}" if warm else ""))
 
     def extra(tmp: Path) -> None:
         if cal is not None:
@@ -180,6 +203,7 @@ def calibrate_cmd(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "checkpoint": str(out), "base": str(ckpt), "method": sched.method, "sampler": sched.sampler,
         "steps": sched.total, "updates": _k(sched), "compute_fraction": round(sched.compute_fraction, 4),
+        "warm_steps": warm, "warm_compute_fraction": sched.info.get("warm_compute_fraction"),
         "bubbled": sched.info.get("bubbled", []), "metric": cfg.metric if cal is not None else None,
         "step_weights": sched.info.get("step_weights"),
         "observations": cal.observations if cal is not None else int(sched.info.get("observations", 0)),
@@ -187,8 +211,10 @@ def calibrate_cmd(cfg: DictConfig) -> dict[str, Any]:
         "action_rel_error": sched.info.get("action_rel_error"),  # searched: its chunks' error on the observations
         "wall_s": round(time.perf_counter() - t0, 2),
     }
-    print(f"{sched.method} schedule for {sched.sampler}: {summary['compute_fraction']:.0%} of the branch "
-          f"computations -> {out}" + (f" (plot: {out / 'schedule.png'})" if cfg.plot else ""))
+    share = f"{summary['compute_fraction']:.0%} of the branch computations" if not warm else \
+        f"{summary['warm_compute_fraction']:.0%} of a {warm}-step warm start's branch computations"
+    print(f"{sched.method} schedule for {sched.sampler}: {share} -> {out}"
+          + (f" (plot: {out / 'schedule.png'})" if cfg.plot else ""))
     print_json(summary)
     return summary
 

@@ -65,6 +65,7 @@ class AccelCalibrateConfig:
     bubble: int = 4  # Bubbling Union: how many of the worst-cached branches take their downstream FFN's steps
     metric: str = "cosine"  # cosine | l1
     step_weights: bool = False  # bac/shared: weigh each step's lost similarity by how much it moves the chunk
+    warm_steps: int | None = None  # schedule only the last W steps (the ones a warm start runs)
     observations: int = 256  # calibration observations drawn from the training data
     batch: int = 32
     sampler: str | None = None  # default: the checkpoint's

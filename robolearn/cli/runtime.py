@@ -147,7 +147,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError("cache= applies to a checkpoint=, not to a remote policy (give the server cache= instead)")
     policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
     if cfg.checkpoint:
-        policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
+        warm = None
+        if cfg.blend == "warmstart" and cfg.cache is not None:
+            from robolearn.runtime.runner import warm_start_steps
+
+            try:  # a cache made on the spot is scheduled for the steps the warm start runs
+                warm = warm_start_steps(policy, cfg.warm_steps)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+        policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates, warm_steps=warm)
         policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)
     try:
         task_rate = probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task

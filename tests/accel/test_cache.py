@@ -31,6 +31,7 @@ from robolearn.accel.cache import (
     step_sensitivity,
     uniform_schedule,
     uniform_steps,
+    warm_window,
 )
 from robolearn.accel import use_kernels
 from robolearn.cli import main
@@ -147,6 +148,38 @@ def test_warm_start_through_the_cache_equals_the_uncached_warm_start_with_every_
     sparse = CachedPolicy(policy, uniform_schedule(branch_keys(policy.backbone), "ddim-10", 10, 2))  # 0 and 5
     sparse.predict_action_warm(o, prev, 8, 4, noise)  # steps 6..9 of 10: the first call computes everything
     assert sparse.denoiser.computed == 6 and sparse.denoiser.calls == 24
+
+
+def test_a_warm_window_schedule_is_the_scheduler_on_the_last_steps_and_caches_only_the_warm_start():
+    policy = transformer_policy()
+    keys = branch_keys(policy.backbone)
+    cal = calibrate(policy, [obs(8, 2)])
+    sched = schedule_from_calibration(cal, "bac", 2, bubble=0, warm_steps=4)  # steps 6..9 of 10, 2 updates each
+    for k in keys:  # the dynamic program on the window's own similarity matrix, shifted to its place
+        window = dp_update_steps(cal.similarity[k][6:, 6:], 2)
+        assert sched.updates[k] == (0, 1, 2, 3, 4, 5, *(6 + s for s in window)), k
+    assert sched.info["warm_steps"] == 4 and sched.info["warm_compute_fraction"] == 0.5
+    assert sched.total == 10 and sched.compute_fraction == pytest.approx(0.8)
+    again = CacheSchedule.from_dict(json.loads(json.dumps(sched.to_dict())))
+    assert again.updates == sched.updates and again.info["warm_steps"] == 4
+    # a warm start of those 4 steps computes the window's update steps only (the first computes everything)
+    o, noise = obs(2), torch.randn(policy.noise_shape(2))
+    prev = policy.predict_action(o, noise)
+    cached = CachedPolicy(policy, sched)
+    cached.predict_action_warm(o, prev, 8, 4, noise)
+    assert cached.denoiser.calls == 4 * len(keys) and cached.denoiser.computed == 2 * len(keys)
+    # a full sampling run (an episode's first chunk) is exact up to the window
+    cached.predict_action(o, noise)
+    assert cached.denoiser.computed == 2 * len(keys) + 8 * len(keys)
+    # uniform over the window; a window of every step is the ordinary schedule
+    uni = warm_window(uniform_schedule(keys, "ddim-10", 4, 2), 10)
+    assert set(uni.updates.values()) == {(0, 1, 2, 3, 4, 5, 6, 8)}
+    full = schedule_from_calibration(cal, "bac", 3, bubble=0, warm_steps=10)
+    assert full.updates == schedule_from_calibration(cal, "bac", 3, bubble=0).updates
+    with pytest.raises(CacheError, match="updates=3 must be between 1 and the warm start's 2 steps"):
+        schedule_from_calibration(cal, "bac", 3, warm_steps=2)
+    with pytest.raises(CacheError, match="warm_steps=11 must be between 1 and the sampler's 10 steps"):
+        schedule_from_calibration(cal, "bac", 1, warm_steps=11)
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
@@ -409,6 +442,16 @@ def test_calibrate_writes_a_cached_checkpoint_that_eval_and_bench_use(push_t_ckp
     assert main(["bench", "latency", f"checkpoint={out}", "warm_steps=5", "repeats=1", "warmup=0",
                  "observations=2"]) == 1
     assert "warm_steps=5 is more than the 4 denoising steps" in capsys.readouterr().err
+    # a schedule made for the warm start's last 2 steps: the default name says so, the warm start halves its work
+    assert main(["accel", "calibrate", f"checkpoint={push_t_ckpt}", "warm_steps=2", "bubble=0", "observations=8",
+                 "batch=8", "plot=false", "progress=false"]) == 0
+    made = last_json(capsys.readouterr().out)
+    assert made["checkpoint"].endswith("-bac-euler-4-k1-w2") and made["warm_steps"] == 2
+    assert made["updates"] == 1 and made["warm_compute_fraction"] == 0.5 and made["compute_fraction"] == 0.75
+    assert main(["bench", "latency", f"checkpoint={made['checkpoint']}", "warm_steps=2", "repeats=1", "warmup=0",
+                 "observations=2"]) == 0
+    assert last_json(capsys.readouterr().out)["measured_compute_fraction"] == 0.5
+    shutil.rmtree(made["checkpoint"])  # it was written beside the shared fixture checkpoint
 
 
 def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys):
@@ -420,12 +463,21 @@ def test_cache_on_a_base_checkpoint_and_bad_input(push_t_ckpt, tmp_path, capsys)
                  "observations=2"]) == 0
     assert last_json(capsys.readouterr().out)["action_rel_error"] == 0.0  # every step computed: exact
     # the real-time runner with the warm start, through a uniform cache (virtual clock)
-    assert main(["run", f"checkpoint={push_t_ckpt}", "cache=uniform", "cache_updates=2", "blend=warmstart",
+    # (the cache is scheduled for the warm start's 2 steps: 1 update among them)
+    assert main(["run", f"checkpoint={push_t_ckpt}", "cache=uniform", "cache_updates=1", "blend=warmstart",
                  "realtime=false", "latency_s=0", "episodes=1", "status=false", f"run_dir={tmp_path / 'run'}"]) == 0
-    assert last_json(capsys.readouterr().out)["episodes"] == 1
+    printed = capsys.readouterr().out
+    assert "50% of the branch computations of the 2-step warm start" in printed
+    assert last_json(printed)["episodes"] == 1
     cases = [
         (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "updates=9"], "updates=9 must be between 1 and the 4"),
         (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=fast"], "method='fast' is not one of"),
+        (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "warm_steps=2", "updates=3"],
+         "updates=3 must be between 1 and the warm start's 2 denoiser calls (warm_steps=2)"),
+        (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "warm_steps=5"],
+         "warm_steps=5 must be between 1 and the 4 steps of euler-4"),
+        (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=searched", "warm_steps=2"],
+         "warm_steps=2 schedules a warm start's steps with method=bac, shared or uniform, not method=searched"),
         (["accel", "calibrate", f"checkpoint={push_t_ckpt}", "method=uniform", "step_weights=true"],
          "step_weights=true weighs the calibrated schedulers (method=bac or shared), not method=uniform"),
         (["accel", "calibrate", f"checkpoint={tmp_path / 'nowhere'}"], "nowhere"),
