@@ -348,12 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "mean similarity: one set of update steps for every block, which runs faster than bac's\n"
                    "staggered steps at equal compute. method=searched (few-step samplers) tries every set of\n"
                    "`updates` steps shared by all blocks and keeps the one whose chunks stay closest to the\n"
-                   "uncached policy's: at DDIM-10 on lift it beat both (README).",
+                   "uncached policy's: at DDIM-10 on lift it beat both (README). warm_steps=W schedules only the\n"
+                   "last W steps, the ones a warm start (run blend=warmstart) runs; on the lift bases measured,\n"
+                   "bac's schedules of every step updated each block at the last step and saved nothing over\n"
+                   "the runner's default 2-step warm start.",
                    ["robolearn accel calibrate checkpoint=runs/train/<run>/checkpoints/latest",
                     "robolearn accel calibrate checkpoint=... updates=20 bubble=6 metric=l1",
                     "robolearn accel calibrate checkpoint=... sampler=ddim steps=10 updates=5",
                     "robolearn accel calibrate checkpoint=... sampler=ddim steps=10 method=searched updates=4",
-                    "robolearn eval checkpoint=runs/train/<run>/checkpoints/latest-bac-ddpm-100-k25 episodes=50"])
+                    "robolearn accel calibrate checkpoint=... warm_steps=2 updates=1 bubble=0",
+                    "robolearn eval checkpoint=runs/train/<run>/checkpoints/latest-bac-ddpm-100-k25 episodes=50",
+                    "robolearn run checkpoint=runs/train/<run>/checkpoints/latest-bac-ddim-10-k1-w2 blend=warmstart"])
     return parser
 
 
