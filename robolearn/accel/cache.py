@@ -695,16 +695,19 @@ def schedule_from_calibration(cal: Calibration, method: str = "bac", updates: in
                               bubble: int = 4, warm_steps: int | None = None) -> CacheSchedule:
     """A schedule of ``method`` with ``updates`` update steps per branch (default: a quarter of the steps).
 
-    ``warm_steps=W`` (our composition with the warm start, RTI-DP): schedule only the last ``W`` steps, the ones a
-    warm start runs, as if they were the whole sampler (:func:`warm_window`); ``updates`` then counts update steps
-    within them (default a quarter of ``W``, at least 1)."""
-    total = cal.total if warm_steps is None else int(warm_steps)
-    if not 1 <= total <= cal.total:
-        raise CacheError(f"warm_steps={warm_steps} must be between 1 and the sampler's {cal.total} steps")
+    ``warm_steps=W`` (our composition with the warm start, RTI-DP): schedule only the denoiser calls of the last
+    ``W`` sampler steps (two per midpoint step), the ones a warm start runs, as if they were the whole sampler
+    (:func:`warm_window`); ``updates`` then counts update steps within them (default a quarter of them, at least 1)."""
+    total = cal.total
+    if warm_steps is not None:
+        n_steps = int(cal.sampler.rpartition("-")[2])
+        if not 1 <= int(warm_steps) <= n_steps:
+            raise CacheError(f"warm_steps={warm_steps} must be between 1 and the {n_steps} steps of {cal.sampler}")
+        total = int(warm_steps) * (cal.total // n_steps)  # denoiser calls in the window
     k = default_updates(total) if updates is None else int(updates)
     if not 1 <= k <= total:
         what = "sampler's" if warm_steps is None else "warm start's"
-        raise CacheError(f"updates={k} must be between 1 and the {what} {total} steps")
+        raise CacheError(f"updates={k} must be between 1 and the {what} {total} denoiser calls")
     start = cal.total - total
     sim = {kk: np.asarray(v)[start:, start:] for kk, v in cal.similarity.items()}
     info: dict[str, Any] = {"metric": cal.metric, "observations": cal.observations}
@@ -726,22 +729,25 @@ def schedule_from_calibration(cal: Calibration, method: str = "bac", updates: in
         else:
             raise CacheError(f"cache method {method!r} is not one of {list(METHODS)}")
         sched.info.update(info, error={kk: round(caching_error(sim[kk], sched.updates[kk], w), 6) for kk in keys})
-    return sched if warm_steps is None else warm_window(sched, cal.total)
+    return sched if warm_steps is None else warm_window(sched, cal.total, warm_steps=int(warm_steps))
 
 
-def warm_window(window: CacheSchedule, total: int) -> CacheSchedule:
+def warm_window(window: CacheSchedule, total: int, *, warm_steps: int | None = None) -> CacheSchedule:
     """A schedule made for the last ``W = window.total`` of ``total`` steps (its step 0 is step ``total - W``), as
     a schedule of all ``total`` steps: every earlier step recomputes every branch, so a full sampling run (an
     episode's first chunk) is cached only within the window, and a warm start of ``W`` steps — whose calls are the
     schedule's last ``W`` steps, the first of them computing everything — is cached as the window's schedule
-    says. Its ``info`` records ``warm_steps`` and ``warm_compute_fraction`` (a warm start's share of branch
-    computations)."""
+    says. Its ``info`` records ``warm_steps`` (the sampler steps the window stands for, ``W`` unless given: a
+    midpoint step is two calls) and ``warm_compute_fraction`` (a warm start's share of branch computations)."""
     W = int(window.total)
     if not 1 <= W <= int(total):
         raise CacheError(f"a warm window of {W} steps does not fit a {total}-step schedule")
     start = int(total) - W
     ups = {k: tuple(range(start)) + tuple(start + s for s in v) for k, v in window.updates.items()}
-    info = dict(window.info, warm_steps=W, warm_compute_fraction=round(window.compute_fraction, 6))
+    info = dict(window.info, warm_steps=W if warm_steps is None else int(warm_steps),
+                warm_compute_fraction=round(window.compute_fraction, 6))
+    if "steps" in info:  # shared: its one set of steps, now in the full schedule's numbering
+        info["steps"] = [start + int(x) for x in info["steps"]]
     return CacheSchedule(window.method, window.sampler, int(total), ups, window.fingerprint, info)
 
 

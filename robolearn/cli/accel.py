@@ -86,6 +86,10 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
                            f"uniform, not method={method}")
         if not 1 <= int(warm_steps) <= steps:
             raise CLIError(f"warm_steps={warm_steps} must be between 1 and the {steps} steps of {name}")
+        if getattr(policy, "policy_type", None) == "diffusion" and sampler != "ddim":
+            raise CLIError(f"warm_steps={warm_steps}: a diffusion policy's warm start runs DDIM steps (ddim-{steps}), "
+                           f"but this one samples with {name}; make the cache for it with robolearn accel calibrate "
+                           f"checkpoint=<base> sampler=ddim steps={steps} warm_steps={warm_steps}")
         span = int(warm_steps) * (total // steps)  # denoiser calls (a midpoint step makes two)
     k = default_updates(span) if updates is None else int(updates)
     if not 1 <= k <= span:
@@ -102,7 +106,10 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
             raise CLIError(str(e)) from None
         finally:
             bar.close()
-        schedule = schedule_from_calibration(cal, method, k, bubble=bubble, warm_steps=warm_steps)
+        try:
+            schedule = schedule_from_calibration(cal, method, k, bubble=bubble, warm_steps=warm_steps)
+        except CacheError as e:
+            raise CLIError(str(e)) from None
     elif method == "searched":
         try:
             n_sets = search_candidates(total, k, name)  # refuse a search too large before reading any data
@@ -119,7 +126,7 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
     elif method == "uniform":
         schedule = uniform_schedule(keys, name, span, k)
         if warm_steps is not None:
-            schedule = warm_window(schedule, total)
+            schedule = warm_window(schedule, total, warm_steps=int(warm_steps))
     else:
         schedule = all_steps(keys, name, total)
     try:
@@ -296,8 +303,9 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
         if getattr(base, "wraps_base", False):
             raise CLIError(f"{ckpt} is a {base.policy_type!r} checkpoint; bench latency times a base or a cached one")
         _set_sampler(base, cfg)
-        cached, _ = make_cached(base, ckpt, str(cfg.cache or "bac"), updates=cfg.updates,
-                                progress=bool(cfg.progress))
+        method = str(cfg.cache or "bac")  # with warm_steps=, bac/shared/uniform are scheduled for the warm start
+        cached, _ = make_cached(base, ckpt, method, updates=cfg.updates, progress=bool(cfg.progress),
+                                warm_steps=cfg.warm_steps if method in ("bac", "shared", "uniform") else None)
     obs = calibration_observations(base, ckpt, int(cfg.observations), 1, seed=int(cfg.seed) + 1,
                                    dataset=cfg.dataset)
     gen = torch.Generator().manual_seed(int(cfg.seed))

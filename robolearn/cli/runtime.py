@@ -106,6 +106,29 @@ def _check_numbers(cfg: DictConfig) -> None:
         raise CLIError(str(e)) from None
 
 
+def _check_warm_window(policy: Any, cfg: DictConfig) -> None:
+    """Warn (stderr) when a cache scheduled for a warm start of W steps runs without one, or with another W."""
+    schedule = getattr(policy, "schedule", None)
+    window = getattr(schedule, "info", {}).get("warm_steps") if schedule is not None else None
+    if window is None:
+        return
+    from robolearn.runtime.runner import warm_start_steps
+
+    if cfg.blend != "warmstart":
+        print(f"warning: this cache was scheduled for a {window}-step warm start (accel calibrate warm_steps="
+              f"{window}), but blend={cfg.blend} samples every step: only its last {window} steps are cached",
+              file=sys.stderr)
+        return
+    try:
+        steps = warm_start_steps(policy, cfg.warm_steps)
+    except ValueError:
+        return  # refused with its own message by the runner
+    if steps != int(window):
+        print(f"warning: this cache was scheduled for a {window}-step warm start, but this run's warm start runs "
+              f"{steps} steps (warm_steps={steps}); calibrate with warm_steps={steps} for a schedule that fits",
+              file=sys.stderr)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Checks everything it can before the first tick (settings, the checkpoint or server, and that the policy
     fits the task); the run itself writes report.json and prints its summary last; a run that stopped on an
@@ -156,6 +179,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             except ValueError as e:
                 raise CLIError(str(e)) from None
         policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates, warm_steps=warm)
+        _check_warm_window(policy, cfg)
         policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)
     try:
         task_rate = probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task

@@ -176,10 +176,32 @@ def test_a_warm_window_schedule_is_the_scheduler_on_the_last_steps_and_caches_on
     assert set(uni.updates.values()) == {(0, 1, 2, 3, 4, 5, 6, 8)}
     full = schedule_from_calibration(cal, "bac", 3, bubble=0, warm_steps=10)
     assert full.updates == schedule_from_calibration(cal, "bac", 3, bubble=0).updates
-    with pytest.raises(CacheError, match="updates=3 must be between 1 and the warm start's 2 steps"):
+    with pytest.raises(CacheError, match="updates=3 must be between 1 and the warm start's 2 denoiser calls"):
         schedule_from_calibration(cal, "bac", 3, warm_steps=2)
-    with pytest.raises(CacheError, match="warm_steps=11 must be between 1 and the sampler's 10 steps"):
+    with pytest.raises(CacheError, match="warm_steps=11 must be between 1 and the 10 steps of ddim-10"):
         schedule_from_calibration(cal, "bac", 1, warm_steps=11)
+    shared = schedule_from_calibration(cal, "shared", 2, warm_steps=4)
+    assert shared.info["steps"] == list(next(iter(shared.updates.values()))[6:])  # in the full numbering
+
+
+def test_a_midpoint_warm_window_covers_both_calls_of_each_step_and_ddpm_is_refused():
+    from robolearn.cli import CLIError
+    from robolearn.cli.accel import make_cached
+
+    policy = transformer_policy("flow", {"kind": "midpoint", "steps": 5})  # 10 denoiser calls
+    keys = branch_keys(policy.backbone)
+    cal = calibrate(policy, [obs(8, 2)])
+    sched = schedule_from_calibration(cal, "uniform", 2, warm_steps=2)  # the last 2 steps: calls 6..9
+    assert set(sched.updates.values()) == {(0, 1, 2, 3, 4, 5, 6, 8)} and sched.info["warm_steps"] == 2
+    o, noise = obs(2), torch.randn(policy.noise_shape(2))
+    cached = CachedPolicy(policy, sched)
+    cached.predict_action_warm(o, policy.predict_action(o, noise), 8, 2, noise)
+    assert cached.denoiser.calls == 4 * len(keys) and cached.denoiser.computed == 2 * len(keys)
+    assert sched.info["warm_compute_fraction"] == 0.5
+    # a diffusion policy's warm start runs DDIM steps: a DDPM-sampled one is refused before any calibration
+    ddpm = transformer_policy("diffusion", {"kind": "ddpm", "steps": 20})
+    with pytest.raises(CLIError, match="warm start runs DDIM steps .ddim-20., but this one samples with ddpm-20"):
+        make_cached(ddpm, Path("nowhere"), "bac", warm_steps=2)
 
 
 # ---------------------------------------------------------------------------------------------- scheduler
@@ -451,6 +473,15 @@ def test_calibrate_writes_a_cached_checkpoint_that_eval_and_bench_use(push_t_ckp
     assert main(["bench", "latency", f"checkpoint={made['checkpoint']}", "warm_steps=2", "repeats=1", "warmup=0",
                  "observations=2"]) == 0
     assert last_json(capsys.readouterr().out)["measured_compute_fraction"] == 0.5
+    # bench latency cache=bac warm_steps=2 on the base schedules for the warm start the same way
+    assert main(["bench", "latency", f"checkpoint={push_t_ckpt}", "cache=bac", "updates=1", "warm_steps=2",
+                 "repeats=1", "warmup=0", "observations=2", "progress=false"]) == 0
+    assert last_json(capsys.readouterr().out)["measured_compute_fraction"] == 0.5
+    # run without the warm start it was made for: it runs, and says so
+    assert main(["run", f"checkpoint={made['checkpoint']}", "realtime=false", "latency_s=0", "episodes=1",
+                 "status=false", f"run_dir={tmp_path / 'run_w2'}"]) == 0
+    assert "scheduled for a 2-step warm start (accel calibrate warm_steps=2), but blend=none" in \
+        capsys.readouterr().err
     shutil.rmtree(made["checkpoint"])  # it was written beside the shared fixture checkpoint
 
 
