@@ -698,12 +698,7 @@ def schedule_from_calibration(cal: Calibration, method: str = "bac", updates: in
     ``warm_steps=W`` (our composition with the warm start, RTI-DP): schedule only the denoiser calls of the last
     ``W`` sampler steps (two per midpoint step), the ones a warm start runs, as if they were the whole sampler
     (:func:`warm_window`); ``updates`` then counts update steps within them (default a quarter of them, at least 1)."""
-    total = cal.total
-    if warm_steps is not None:
-        n_steps = int(cal.sampler.rpartition("-")[2])
-        if not 1 <= int(warm_steps) <= n_steps:
-            raise CacheError(f"warm_steps={warm_steps} must be between 1 and the {n_steps} steps of {cal.sampler}")
-        total = int(warm_steps) * (cal.total // n_steps)  # denoiser calls in the window
+    total = cal.total if warm_steps is None else warm_calls(cal.sampler, cal.total, warm_steps)
     k = default_updates(total) if updates is None else int(updates)
     if not 1 <= k <= total:
         what = "sampler's" if warm_steps is None else "warm start's"
@@ -730,6 +725,15 @@ def schedule_from_calibration(cal: Calibration, method: str = "bac", updates: in
             raise CacheError(f"cache method {method!r} is not one of {list(METHODS)}")
         sched.info.update(info, error={kk: round(caching_error(sim[kk], sched.updates[kk], w), 6) for kk in keys})
     return sched if warm_steps is None else warm_window(sched, cal.total, warm_steps=int(warm_steps))
+
+
+def warm_calls(sampler: str, calls: int, warm_steps: int) -> int:
+    """The denoiser calls of a warm start of ``warm_steps`` steps of ``sampler`` (``"midpoint-5"``), whose full run
+    makes ``calls`` of them (a midpoint step makes two); a count outside 1..steps is refused."""
+    n_steps = int(sampler.rpartition("-")[2])
+    if not 1 <= int(warm_steps) <= n_steps:
+        raise CacheError(f"warm_steps={warm_steps} must be between 1 and the {n_steps} steps of {sampler}")
+    return int(warm_steps) * (int(calls) // n_steps)
 
 
 def warm_window(window: CacheSchedule, total: int, *, warm_steps: int | None = None) -> CacheSchedule:

@@ -18,6 +18,8 @@ from omegaconf import DictConfig
 from robolearn.cli import CLIError, print_json
 
 CACHES = ("bac", "shared", "searched", "uniform", "none")
+#: the methods that can schedule a warm start's steps alone (``warm_steps=``)
+WINDOWED = ("bac", "shared", "uniform")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -64,7 +66,7 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
     ``updates`` counted within them; every earlier step recomputes everything."""
     from robolearn.accel.cache import (CacheError, CachedPolicy, all_steps, backbone_calls, branch_keys, calibrate,
                                        default_updates, schedule_from_calibration, search_candidates,
-                                       searched_schedule, uniform_schedule, warm_window)
+                                       searched_schedule, uniform_schedule, warm_calls, warm_window)
 
     if method not in CACHES:
         raise CLIError(f"cache={method!r} is not one of {list(CACHES)}")
@@ -81,16 +83,17 @@ def make_cached(policy: Any, ckpt: Path, method: str, *, updates: int | None = N
     total = backbone_calls(policy, sampler, steps)
     span = total
     if warm_steps is not None:
-        if method not in ("bac", "shared", "uniform"):
+        if method not in WINDOWED:
             raise CLIError(f"warm_steps={warm_steps} schedules a warm start's steps with method=bac, shared or "
                            f"uniform, not method={method}")
-        if not 1 <= int(warm_steps) <= steps:
-            raise CLIError(f"warm_steps={warm_steps} must be between 1 and the {steps} steps of {name}")
+        try:
+            span = warm_calls(name, total, warm_steps)
+        except CacheError as e:
+            raise CLIError(str(e)) from None
         if getattr(policy, "policy_type", None) == "diffusion" and sampler != "ddim":
             raise CLIError(f"warm_steps={warm_steps}: a diffusion policy's warm start runs DDIM steps (ddim-{steps}), "
                            f"but this one samples with {name}; make the cache for it with robolearn accel calibrate "
                            f"checkpoint=<base> sampler=ddim steps={steps} warm_steps={warm_steps}")
-        span = int(warm_steps) * (total // steps)  # denoiser calls (a midpoint step makes two)
     k = default_updates(span) if updates is None else int(updates)
     if not 1 <= k <= span:
         within = f"the {total} denoiser calls of {name}" if warm_steps is None else \
@@ -162,7 +165,7 @@ def apply_cache(policy: Any, ckpt: Path, cache: str | None, updates: int | None 
     if getattr(policy, "policy_type", None) == "cached":
         raise CLIError(f"{ckpt} is already a cached checkpoint ({policy.schedule.method}); cache= applies to a "
                        f"base checkpoint")
-    warm = warm_steps if str(cache) in ("bac", "shared", "uniform") else None
+    warm = warm_steps if str(cache) in WINDOWED else None
     cached, _ = make_cached(policy, ckpt, str(cache), updates=updates, progress=False, warm_steps=warm)
     sched = cached.schedule
     share = f"{sched.compute_fraction:.0%} of the branch computations" if warm is None else \
@@ -305,7 +308,7 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
         _set_sampler(base, cfg)
         method = str(cfg.cache or "bac")  # with warm_steps=, bac/shared/uniform are scheduled for the warm start
         cached, _ = make_cached(base, ckpt, method, updates=cfg.updates, progress=bool(cfg.progress),
-                                warm_steps=cfg.warm_steps if method in ("bac", "shared", "uniform") else None)
+                                warm_steps=cfg.warm_steps if method in WINDOWED else None)
     obs = calibration_observations(base, ckpt, int(cfg.observations), 1, seed=int(cfg.seed) + 1,
                                    dataset=cfg.dataset)
     gen = torch.Generator().manual_seed(int(cfg.seed))

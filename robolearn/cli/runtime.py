@@ -106,24 +106,18 @@ def _check_numbers(cfg: DictConfig) -> None:
         raise CLIError(str(e)) from None
 
 
-def _check_warm_window(policy: Any, cfg: DictConfig) -> None:
-    """Warn (stderr) when a cache scheduled for a warm start of W steps runs without one, or with another W."""
+def _check_warm_window(policy: Any, blend: str, steps: int | None) -> None:
+    """Warn (stderr) when a cache scheduled for a warm start of W steps runs without one (``steps`` None), or
+    with another W."""
     schedule = getattr(policy, "schedule", None)
     window = getattr(schedule, "info", {}).get("warm_steps") if schedule is not None else None
     if window is None:
         return
-    from robolearn.runtime.runner import warm_start_steps
-
-    if cfg.blend != "warmstart":
+    if steps is None:
         print(f"warning: this cache was scheduled for a {window}-step warm start (accel calibrate warm_steps="
-              f"{window}), but blend={cfg.blend} samples every step: only its last {window} steps are cached",
+              f"{window}), but blend={blend} samples every step: only its last {window} steps are cached",
               file=sys.stderr)
-        return
-    try:
-        steps = warm_start_steps(policy, cfg.warm_steps)
-    except ValueError:
-        return  # refused with its own message by the runner
-    if steps != int(window):
+    elif steps != int(window):
         print(f"warning: this cache was scheduled for a {window}-step warm start, but this run's warm start runs "
               f"{steps} steps (warm_steps={steps}); calibrate with warm_steps={steps} for a schedule that fits",
               file=sys.stderr)
@@ -170,16 +164,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError("cache= applies to a checkpoint=, not to a remote policy (give the server cache= instead)")
     policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
     if cfg.checkpoint:
-        warm = None
-        if cfg.blend == "warmstart" and cfg.cache is not None:
+        warm = None  # the warm start's steps: a cache made on the spot is scheduled for them
+        if cfg.blend == "warmstart":
             from robolearn.runtime.runner import warm_start_steps
 
-            try:  # a cache made on the spot is scheduled for the steps the warm start runs
+            try:
                 warm = warm_start_steps(policy, cfg.warm_steps)
             except ValueError as e:
                 raise CLIError(str(e)) from None
         policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates, warm_steps=warm)
-        _check_warm_window(policy, cfg)
+        _check_warm_window(policy, cfg.blend, warm)
         policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)
     try:
         task_rate = probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task

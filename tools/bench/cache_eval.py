@@ -54,6 +54,19 @@ def cli(*args: str, threads: int | None = None) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def eval_episodes(run_dir: str | Path) -> dict[int, bool]:
+    """Seed -> success of each episode of a ``robolearn eval`` run folder (its ``eval/*.json``)."""
+    (report,) = sorted((ROOT / run_dir / "eval").glob("*.json"))[-1:]
+    return {int(e["seed"]): bool(e["success"]) for e in json.loads(report.read_text())["per_episode"]}
+
+
+def lost_won(ref: dict[int, bool], other: dict[int, bool]) -> list[int]:
+    """[episodes ``ref`` succeeded and ``other`` failed, the reverse], over the same seeds."""
+    if set(ref) != set(other):
+        raise SystemExit("paired evaluations saw different seeds")
+    return [sum(ref[s] and not other[s] for s in ref), sum(other[s] and not ref[s] for s in ref)]
+
+
 def reused_eval(path: Path, checkpoint: Path, sampler: str, seed: int, episodes: int) -> dict[str, Any]:
     """An earlier ``robolearn eval`` result, checked to be the evaluation this run would make."""
     ev = json.loads(Path(path).read_text())
@@ -139,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "measured_compute_fraction", "load_avg", "latency_ms_memo_only",
                                                "speedup_memo_only")})
     if not args.skip_eval:
+        episodes: dict[str, dict[int, bool]] = {}
         ev_common = [f"episodes={args.episodes}", f"num_envs={args.num_envs}", f"workers={args.workers}",
                      f"seed={args.seed}"]
         for name in rows:
@@ -159,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             rows[name].update(success_rate=ev["success_rate"], mean_return=ev.get("mean_return"),
                               eval_episodes=ev["episodes"], eval_wall_s=round(wall, 1),
                               mean_max_reward=ev.get("mean_max_reward"))
+            episodes[name] = eval_episodes(ev["run_dir"])
+        for name in cached:  # paired: the same seeds and initial noise as the uncached evaluation
+            rows[name]["lost_won_vs_uncached"] = lost_won(episodes["uncached"], episodes[name])
     result = {
         "bench": "block-wise adaptive caching vs uniform caching vs none (tools/bench/cache_eval.py)",
         "label": args.label, "checkpoint": str(args.checkpoint), "sampler": bac["sampler"], "steps": bac["steps"],

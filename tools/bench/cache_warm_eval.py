@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_eval import ROOT, cli  # noqa: E402  (the same subprocess helper)
+from cache_eval import ROOT, cli, lost_won  # noqa: E402  (the same subprocess and pairing helpers)
 
 
 def per_episode(run: dict[str, Any]) -> dict[int, bool]:
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         base_ep.update(per_episode(r))
     for r in runs["cached"]:
         cached_ep.update(per_episode(r))
-    if set(base_ep) != set(cached_ep):
-        raise SystemExit("the plain and cached runs saw different seeds")
+    lost, won = lost_won(base_ep, cached_ep)
     n = len(base_ep)
 
     def summary(name: str) -> dict[str, Any]:
@@ -91,12 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"updates={a.updates}) against the warm start alone: bench latency and the runner on {n} seeds",
         "base": str(a.checkpoint), "cached": str(cached), "warm_steps": W, "updates": a.updates,
         "method": a.method, "bubble": a.bubble, "threads": a.threads, "seeds": a.seeds, "episodes": n,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
         "calibration": cal, "latency": lat,
         "warm_start": summary("warm_start"), "cached_warm_start": summary("cached"),
-        "lost": sum(1 for s in base_ep if base_ep[s] and not cached_ep[s]),
-        "won": sum(1 for s in base_ep if cached_ep[s] and not base_ep[s]),
+        "lost": lost, "won": won,
         "runs": runs, "wall_s": round(time.time() - t0, 1),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
