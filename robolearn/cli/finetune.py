@@ -50,6 +50,10 @@ def _method_classes(settings: Settings) -> tuple[type, type]:
         from robolearn.rl.residual_td3 import ResidualTD3
 
         return ResidualPolicy, ResidualTD3
+    if settings.learner == "ars":
+        from robolearn.rl.residual_ars import ResidualARS
+
+        return ResidualPolicy, ResidualARS
     from robolearn.rl.residual import ResidualPPO
 
     return ResidualPolicy, ResidualPPO
@@ -118,7 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "task": task, "method": method, "base_checkpoint": str(base_path), "run_dir": str(run_dir),
         "checkpoint": out["checkpoint"], "env_steps": out["env_steps"],
-        **{k: out[k] for k in ("updates", "transitions", "grad_steps") if k in out},
+        **{k: out[k] for k in ("updates", "transitions", "grad_steps", "iterations") if k in out},
         "success_rate_before": out["success_rate_before"], "success_rate_after": out["success_rate_after"],
         "eval_episodes": int(cfg.eval.episodes), "wall_s": out["wall_s"], "env_steps_per_s": out["env_steps_s"],
         "base_inference_s": out["inference_s"], "plots": out["plots"], "resumed": latest is not None,
@@ -139,9 +143,9 @@ def _train(cfg: DictConfig, policy: Any, settings: Settings, task: str, env_conf
     from robolearn.policies.executor import NonFiniteChunkError, NonFiniteObservationError
 
     n = int(cfg.num_envs)
-    envs = make_vector_env(task, num_envs=n, num_workers=min(int(cfg.workers), n), seed=int(cfg.seed),
-                           autoreset_mode="SameStep", **env_config)
     trainer = _method_classes(settings)[1]
+    envs = make_vector_env(task, num_envs=n, num_workers=min(int(cfg.workers), n), seed=int(cfg.seed),
+                           autoreset_mode=trainer.autoreset_mode, **env_config)
     try:
         try:
             job = trainer(policy, envs, settings, total_env_steps=int(cfg.env_steps), run_dir=run_dir,

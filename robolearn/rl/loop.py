@@ -70,6 +70,8 @@ class FinetuneRun:
     plot_title: ClassVar[str] = "fine-tuning"
     train_label: ClassVar[str] = "training episodes"
     eval_label: ClassVar[str] = "evaluation (held-out seeds)"
+    #: the vector env's autoreset mode the method steps in ("Disabled": it resets environments itself, seeded)
+    autoreset_mode: ClassVar[str] = "SameStep"
 
     def __init__(self, policy: Any, envs: Any, settings: Any, *, total_env_steps: int, run_dir: str | os.PathLike,
                  seed: int = 0, evaluate: Evaluate | None = None, eval_every: int = 0, ckpt_every: int = 0,
@@ -77,8 +79,8 @@ class FinetuneRun:
         settings.check()
         mode = (getattr(envs, "metadata", None) or {}).get("autoreset_mode")
         mode = getattr(mode, "value", mode)  # a gymnasium AutoresetMode or its string
-        if mode not in (None, "SameStep"):
-            raise ValueError(f"{self.method} needs a vector env in same-step autoreset mode, got {mode!r}")
+        if mode not in (None, self.autoreset_mode):
+            raise ValueError(f"{self.method} needs a vector env in autoreset mode {self.autoreset_mode!r}, got {mode!r}")
         self.policy, self.envs, self.s = policy, envs, settings
         self.num_envs = int(envs.num_envs)
         self.total_env_steps, self.seed = int(total_env_steps), int(seed)

@@ -39,6 +39,10 @@ def _widths(v: Any) -> bool:
     return bool(v) and all(int(w) >= 1 for w in v)
 
 
+#: residual learners: ResiP's PPO, an off-policy TD3, random search over a linear residual (ARS)
+LEARNERS = ("ppo", "td3", "ars")
+
+
 @dataclass
 class ResidualSettings:
     # -- the residual policy (saved in its checkpoint; changing these changes the policy)
@@ -67,7 +71,7 @@ class ResidualSettings:
     vf_coef: float = 1.0  # actor and critic have their own optimizers and learning rates; this only scales the critic's
     max_grad_norm: float = 1.0
     # -- learner=td3: an off-policy learner instead of PPO (robolearn/rl/residual_td3.py); PPO ignores these
-    learner: str = "ppo"  # ppo (ResiP) | td3: a deterministic tanh-bounded residual, twin LayerNorm critics, replay
+    learner: str = "ppo"  # ppo (ResiP) | td3: a deterministic tanh-bounded residual, twin LayerNorm critics, replay | ars (below)
     q_lr: float = 3e-4  # td3: the critics' learning rate (actor_lr is the actor's)
     batch_size: int = 256  # td3: replay minibatch
     buffer_size: int = 1_000_000  # td3: per-step transitions kept (oldest dropped)
@@ -87,17 +91,30 @@ class ResidualSettings:
     #                           training data): replayed through the base, each step becomes a transition whose
     #                           residual is (demo action - base action) / action_scale, clipped (RLPD/ResFiT-style)
     demo_ratio: float = 0.5  # td3: share of every minibatch drawn from the demonstrations (when demos is set)
+    # -- learner=ars: Augmented Random Search over a linear residual tanh(W x + b) (robolearn/rl/residual_ars.py;
+    #    Mania et al. 2018); actor_hidden does not apply (ARS's policies are linear), nor do PPO's or TD3's keys
+    ars_directions: int = 16  # ars: random directions in parameter space per iteration
+    ars_top: int = 8  # ars: the best directions (by max of their two returns) that make the step
+    ars_states: int = 8  # ars: initial states per iteration; every direction and sign runs one episode on each
+    ars_noise: float = 0.05  # ars: perturbation size nu (theta +- nu * direction; inputs are standardized)
+    ars_lr: float = 0.02  # ars: step size alpha (scaled by 1 / (ars_top * std of the top returns))
 
     def check(self, prefix: str = "finetune.") -> None:
         """Refuse values that would crash late or silently do nothing; messages name the key (``finetune.gamma``)."""
 
         require = _requirer(self, prefix)
-        require(("learner",), lambda v: v in ("ppo", "td3"), "'ppo' (ResiP) or 'td3' (off-policy)")
+        require(("learner",), lambda v: v in LEARNERS,
+                "'ppo' (ResiP), 'td3' (off-policy) or 'ars' (random search over a linear residual)")
+        require(("ars_directions", "ars_top", "ars_states"), lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        require(("ars_noise", "ars_lr"), _positive, "> 0")
         require(("q_lr", "utd", "batch_size", "buffer_size", "n_step", "policy_delay"), _positive, "> 0")
         require(("tau", "demo_ratio"), _unit, "in [0, 1]")
-        if self.learner == "ppo":
-            require(("demos",), lambda v: not v, "null with learner=ppo (demonstrations feed td3's replay buffer; "
-                    "set finetune.learner=td3)")
+        if self.learner != "td3":
+            require(("demos",), lambda v: not v, f"null with learner={self.learner} (demonstrations feed td3's "
+                    "replay buffer; set finetune.learner=td3)")
+        if self.learner == "ars":
+            require(("ars_top",), lambda v: v <= self.ars_directions,
+                    f"<= finetune.ars_directions ({self.ars_directions})")
         require(("expl_std", "target_noise", "target_noise_clip", "learning_starts", "critic_warmup", "actor_penalty"),
                 lambda v: v >= 0, ">= 0")
         require(("obs_norm",), lambda v: v in ("base", "running"), "'running' or 'base'")
@@ -113,9 +130,10 @@ class ResidualSettings:
 
     def policy_config(self) -> dict[str, object]:
         """What the residual policy's checkpoint keeps of these (the rest only shapes training)."""
-        return {"action_scale": float(self.action_scale), "hidden": [int(w) for w in self.actor_hidden],
+        hidden = [] if self.learner == "ars" else [int(w) for w in self.actor_hidden]  # ARS: linear
+        return {"action_scale": float(self.action_scale), "hidden": hidden,
                 "init_log_std": float(self.init_log_std), "obs_norm": str(self.obs_norm),
-                "squash": self.learner == "td3"}
+                "squash": self.learner in ("td3", "ars")}
 
 
 STEER_VARIANTS = ("sac", "na")

@@ -198,6 +198,20 @@ def test_finetune_over_a_diffusion_base(tmp_path, capsys):
     assert type(policy.base).__name__ == "DiffusionPolicy" and policy.hidden == [32, 32]
 
 
+def test_random_search_runs_on_a_real_task_and_resumes(tmp_path, capsys):
+    base, run = base_copy(tmp_path), tmp_path / "run"
+    ars = ["finetune.learner=ars", "finetune.ars_directions=2", "finetune.ars_top=1", "finetune.ars_states=1"]
+    assert finetune(base, run, "env_steps=100", "eval.episodes=1", *ars) == 0
+    summary = last_json(capsys.readouterr().out)
+    policy = load_policy(summary["checkpoint"])
+    assert isinstance(policy, ResidualPolicy) and policy.squash and policy.hidden == []  # linear, bounded
+    # one iteration: 2 directions x 2 signs x 1 scene, 40-step episodes, 2 environments stepped together
+    assert summary["env_steps"] == 160 and summary["iterations"] == 1
+    assert finetune(base, run, "env_steps=200", "eval.episodes=0", "resume=true", *ars) == 0
+    resumed = last_json(capsys.readouterr().out)
+    assert resumed["resumed"] and resumed["env_steps"] == 320 and resumed["iterations"] == 2
+
+
 def test_the_off_policy_learner_runs_resumes_and_is_not_resumed_as_ppo(tmp_path, capsys):
     base, run = base_copy(tmp_path), tmp_path / "run"
     td3 = ["finetune.learner=td3", "finetune.learning_starts=32", "finetune.critic_warmup=0",
@@ -224,7 +238,8 @@ def test_the_off_policy_learner_runs_resumes_and_is_not_resumed_as_ppo(tmp_path,
         (["task=peg_insert"], "was trained on task 'push_t', not 'peg_insert'"),
         (["finetune.action_scale=0"], "finetune.action_scale must be > 0"),
         (["finetune.action_scale=-0.1"], "finetune.action_scale must be > 0"),
-        (["finetune.learner=sac"], "finetune.learner must be 'ppo' (ResiP) or 'td3' (off-policy)"),
+        (["finetune.learner=sac"], "finetune.learner must be 'ppo' (ResiP), 'td3' (off-policy) or 'ars'"),
+        (["finetune.learner=ars", "finetune.ars_top=17"], "finetune.ars_top must be <= finetune.ars_directions (16)"),
         (["finetune.gama=0.9"], "did you mean 'finetune.gamma'?"),
         (["method=dsrl"], "unknown method 'dsrl'; choose one of: residual"),
         (["num_envs=0"], "num_envs must be >= 1"),

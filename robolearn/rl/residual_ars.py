@@ -1,0 +1,234 @@
+"""Residual RL by random search over a linear residual (``finetune.learner=ars``): no critic, no per-step noise.
+
+Why a third learner. On peg_insert, PPO's and TD3's residuals did not learn within 2M steps (README, "Fine-tuning
+with residual RL"): per-step exploration noise small enough not to wreck a 1 mm insertion carries too little signal
+per sample, and the critics found no direction -- yet a hand-written residual that is *linear in the observation*
+(steer x/y towards the hole) lifts the base from 0.48 to 0.85. Augmented Random Search (Mania, Guy and Recht,
+"Simple random search of static linear policies is competitive for reinforcement learning", NeurIPS 2018) searches
+exactly that class: it perturbs the *parameters* of a linear policy, so each episode runs one consistent correction
+from its first step to its last, and it compares the returns of opposite perturbations.
+
+What is trained: a :class:`~robolearn.rl.residual_policy.ResidualPolicy` whose residual is ``tanh(W x + b)`` (no
+hidden layer, ``squash=True``: a correction never exceeds ``action_scale``), ``x`` the residual's usual input
+(observation standardized by the visited states' running mean/std, and the base action). ``W, b`` start at zero, so
+the run starts from the base exactly.
+
+One iteration (ARS V2-t, the paper's Algorithm 1 with state normalization and the top-``b`` directions):
+
+1. draw ``ars_directions`` directions ``d_k ~ N(0, I)`` in parameter space;
+2. run ``theta + nu d_k`` and ``theta - nu d_k`` (``nu = ars_noise``) for one episode on each of the same
+   ``ars_states`` initial states -- every direction and both signs see the same scenes, with the same chunk noise of
+   the base (common random numbers: a difference of returns is the perturbation's doing, not the scene's);
+3. keep the ``ars_top`` directions with the best ``max(r+, r-)`` (mean returns over the states), and step
+   ``theta += ars_lr / (ars_top * sigma) * sum_k (r+_k - r-_k) d_k``, ``sigma`` the std of those returns (no step
+   when they are all equal: nothing was learned).
+
+Environments run the iteration's episodes as a queue; one whose job queue is empty runs the current ``theta`` on
+other scenes (its steps count: every environment step counts towards ``env_steps``) until the iteration ends. The
+environments are stepped without autoreset (``autoreset_mode="Disabled"``), so each episode starts from its job's
+seeded scene.
+
+Each iteration's record: the perturbed episodes' success and mean returns (``return_plus``, ``return_minus``, of the
+top directions ``return_top``), ``pair_flip_rate`` -- the share of (direction, scene) pairs whose outcome the sign
+of the perturbation flipped, which is all a sparse reward gives the step to learn from (at ``ars_noise`` 1e-7 it is 0:
+the scenes and the base's noise are shared exactly) -- the step's and the parameters' norms, and
+``filler_success_rate``, the current residual's success on the scenes environments ran while waiting (only the
+episodes that ended before the iteration did: biased towards short, successful ones; a hint, not an evaluation).
+
+Evaluation (``FinetuneRun``'s): the deployed policy, ``theta`` unperturbed and deterministic, on held-out seeds.
+Resume: ``theta`` is the checkpoint's residual; the iteration counter and the direction stream continue (the
+iteration in flight when a run stopped is lost: checkpoints are taken between iterations).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError
+from robolearn.rl.loop import FinetuneRun
+from robolearn.rl.residual_policy import ResidualPolicy
+from robolearn.rl.settings import ResidualSettings
+
+#: training scenes are seeded from here up (evaluations use 100000 + a few thousand by default)
+TRAIN_SEEDS = 10_000_000
+
+
+class PerturbedCorrector:
+    """The executor's per-step hook while searching: environment ``i`` runs the linear residual
+    ``tanh(W_i x + b_i)`` with its own parameters (row ``i`` of :attr:`theta`, flattened as ``[W, b]``)."""
+
+    def __init__(self, policy: ResidualPolicy, num_envs: int, n_params: int) -> None:
+        self.policy = policy
+        self.theta = torch.zeros(num_envs, n_params, device=policy.device)
+
+    @torch.no_grad()
+    def __call__(self, obs: Mapping[str, np.ndarray], base_actions: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
+        p = self.policy
+        obs_f, base_n = p.features(obs, base_actions, update_stats=True)
+        x = p.actor_input(obs_f, base_n)  # (n, D)
+        ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long, device=x.device)
+        A, D = p.action_dim, x.shape[1]
+        rows = self.theta[ids]
+        W, b = rows[:, :A * D].reshape(-1, A, D), rows[:, A * D:]
+        residual = torch.tanh(torch.einsum("nad,nd->na", W, x) + b)
+        return p.apply_residual(base_actions, residual)
+
+
+class ResidualARS(FinetuneRun):
+    """Augmented Random Search for ``policy``'s linear residual in ``envs`` (a vector env without autoreset).
+
+    Arguments: :class:`~robolearn.rl.loop.FinetuneRun`'s; ``total_env_steps`` is rounded up to whole iterations.
+    ``seed`` seeds the directions, the training scenes and the base's chunk noise."""
+
+    method = "residual ARS"
+    autoreset_mode = "Disabled"
+    plot_title = "residual fine-tuning (random search)"
+    train_label = "training episodes (perturbed residuals)"
+    eval_label = "evaluation (residual, held-out seeds)"
+
+    def __init__(self, policy: ResidualPolicy, envs: Any, settings: ResidualSettings, **run: Any) -> None:
+        super().__init__(policy, envs, settings, **run)
+        net = policy.actor.mean
+        if len(net) != 1 or not isinstance(net[0], torch.nn.Linear) or not getattr(policy, "squash", False):
+            raise ValueError("learner=ars trains a linear tanh-bounded residual: build the ResidualPolicy with "
+                             "hidden=[] and squash=True (ResidualSettings(learner='ars').policy_config() does)")
+        self.linear = net[0]
+        A, D = self.linear.weight.shape
+        self.n_params = A * D + A
+        self.dir_gen = torch.Generator().manual_seed(self.seed + 17)
+        self.corrector = PerturbedCorrector(policy, self.num_envs, self.n_params)
+        self.executor = ChunkExecutor(policy.base, self.num_envs, seed=self.seed, corrector=self.corrector)
+        self.iterations = 0
+        self._filler = 0  # scenes run by environments whose iteration had no job left
+
+    # ------------------------------------------------------------------ parameters
+    def theta(self) -> torch.Tensor:
+        """The residual's parameters as one vector ``[W.flatten(), b]``."""
+        return torch.cat([self.linear.weight.detach().flatten(), self.linear.bias.detach()]).float().cpu()
+
+    def set_theta(self, theta: torch.Tensor) -> None:
+        A, D = self.linear.weight.shape
+        with torch.no_grad():
+            self.linear.weight.copy_(theta[:A * D].reshape(A, D))
+            self.linear.bias.copy_(theta[A * D:])
+
+    # ------------------------------------------------------------------ one iteration
+    def start_episodes(self) -> None:
+        """Nothing to do: every iteration seeds its own scenes."""
+
+    def _start(self, jobs: list[tuple[int, Any]]) -> None:
+        """Reset each listed environment onto its job's scene: ``(env, (seed, episode, params))``."""
+        mask = np.zeros(self.num_envs, dtype=np.bool_)
+        seeds: list[int | None] = [None] * self.num_envs
+        for i, (seed, _, _) in jobs:
+            mask[i], seeds[i] = True, int(seed)
+        obs, _ = self.envs.reset(seed=seeds, options={"reset_mask": mask})
+        for i, (_, episode, params) in jobs:
+            self.executor.reset_env(i, {k: v[i] for k, v in obs.items()}, episode=episode)
+            self.corrector.theta[i] = params
+
+    @torch.no_grad()
+    def advance(self) -> dict[str, Any]:
+        """One ARS iteration: every direction's two perturbations on the iteration's scenes, then the step."""
+        s, n = self.s, self.num_envs
+        t0 = time.perf_counter()
+        N, m = int(s.ars_directions), int(s.ars_states)
+        theta = self.theta()
+        deltas = torch.randn(N, self.n_params, generator=self.dir_gen)
+        first = TRAIN_SEEDS + 1_000_003 * self.seed + self.iterations * m
+        episode0 = self.iterations * m  # the base's chunk noise: one episode number per scene, shared by all jobs
+        queue: deque[tuple[int, int, int]] = deque((k, sign, j) for j in range(m) for k in range(N) for sign in (0, 1))
+        returns = np.full((N, 2, m), np.nan)
+        successes = np.zeros((N, 2, m), dtype=bool)
+        job_of: list[tuple[int, int, int] | None] = [None] * n
+        ep_return = np.zeros(n)
+        filler_success: list[bool] = []
+
+        def next_job(i: int) -> tuple[int, Any]:
+            if queue:
+                k, sign, j = queue.popleft()
+                job_of[i] = (k, sign, j)
+                params = theta + (1.0 if sign == 0 else -1.0) * float(s.ars_noise) * deltas[k]
+                return i, (first + j, episode0 + j, params)
+            job_of[i] = None
+            self._filler += 1
+            return i, (TRAIN_SEEDS // 2 + 1_000_003 * self.seed + self._filler, 5_000_000 + self._filler, theta)
+
+        self._start([next_job(i) for i in range(n)])
+        steps = 0
+        while np.isnan(returns).any():
+            actions = self.executor.act()
+            if self.executor.refused:
+                raise NonFiniteChunkError(f"the base policy returned a non-finite action chunk (NaN/inf) for "
+                                          f"environment(s) {self.executor.refused}: its weights or the "
+                                          f"observations' scale are broken")
+            obs, reward, terminated, truncated, infos = self.envs.step(
+                actions.reshape((n, *self.envs.single_action_space.shape)))
+            steps += 1
+            ep_return += np.asarray(reward, dtype=np.float64)
+            done = np.asarray(terminated, bool) | np.asarray(truncated, bool)
+            ok = np.asarray(infos.get("success", np.zeros(n)), dtype=bool) & np.asarray(
+                infos.get("_success", np.ones(n)), dtype=bool)
+            restart = []
+            for i in range(n):
+                if not done[i]:
+                    self.executor.observe_env(i, {k: v[i] for k, v in obs.items()})
+                    continue
+                job = job_of[i]
+                if job is None:
+                    filler_success.append(bool(ok[i]))
+                else:
+                    k, sign, j = job
+                    returns[k, sign, j], successes[k, sign, j] = ep_return[i], ok[i]
+                ep_return[i] = 0.0
+                restart.append(next_job(i))
+            if restart and np.isnan(returns).any():
+                self._start(restart)
+        self.env_steps += steps * n
+        t1 = time.perf_counter()
+
+        r = returns.mean(axis=2)  # (N, 2): mean return of theta + nu d_k and theta - nu d_k
+        b = min(int(s.ars_top), N)
+        top = np.argsort(-r.max(axis=1), kind="stable")[:b]
+        sigma = float(r[top].std())
+        diff = torch.as_tensor(r[top, 0] - r[top, 1], dtype=torch.float32)
+        if sigma > 0:
+            step = float(s.ars_lr) / (b * sigma) * (diff[:, None] * deltas[torch.as_tensor(top)]).sum(0)
+        else:
+            step = torch.zeros_like(theta)
+        self.set_theta(theta + step)
+        self.iterations += 1
+        return {"env_steps": self.env_steps, "iteration": self.iterations, "episodes": int(returns.size),
+                "train_success_rate": round(float(successes.mean()), 4),
+                "train_return": round(float(returns.mean()), 4),
+                "return_plus": round(float(r[:, 0].mean()), 4), "return_minus": round(float(r[:, 1].mean()), 4),
+                "return_top": round(float(r[top].max(axis=1).mean()), 4),
+                # scenes whose outcome the sign of a perturbation flipped (what the step learns from)
+                "pair_flip_rate": round(float((successes[:, 0] != successes[:, 1]).mean()), 4),
+                "filler_success_rate": round(float(np.mean(filler_success)), 4) if filler_success else None,
+                "filler_episodes": len(filler_success), "return_sigma": round(sigma, 6),
+                "step_norm": round(float(step.norm()), 6), "theta_norm": round(float(self.theta().norm()), 6),
+                "rollout_s": round(t1 - t0, 3), "env_steps_s": round(steps * n / max(t1 - t0, 1e-9), 1)}
+
+    def counters(self) -> dict[str, int]:
+        return {"iterations": self.iterations}
+
+    def postfix(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return {"train_success": record.get("train_success_rate"), "step": record.get("step_norm")}
+
+    # ------------------------------------------------------------------ resumable state
+    def rl_state(self) -> dict[str, Any]:
+        return {"learner": "ars", "iterations": self.iterations, "filler": self._filler,
+                "dir_rng": self.dir_gen.get_state()}
+
+    def restore(self, state: Mapping[str, Any], folder: Path) -> None:
+        if state.get("learner") != "ars":
+            raise ValueError(f"{folder / 'rl_state.pt'} is not a learner=ars run's state (resume it with the "
+                             f"learner it was started with)")
+        self.iterations, self._filler = int(state["iterations"]), int(state["filler"])
+        self.dir_gen.set_state(state["dir_rng"].cpu())
