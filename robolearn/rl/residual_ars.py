@@ -18,7 +18,9 @@ One iteration (ARS V2-t, the paper's Algorithm 1 with state normalization and th
 1. draw ``ars_directions`` directions ``d_k ~ N(0, I)`` in parameter space;
 2. run ``theta + nu d_k`` and ``theta - nu d_k`` (``nu = ars_noise``) for one episode on each of the same
    ``ars_states`` initial states -- every direction and both signs see the same scenes, with the same chunk noise of
-   the base (common random numbers: a difference of returns is the perturbation's doing, not the scene's);
+   the base, and the same input standardization (frozen for the iteration, as in ARS V2; the perturbed runs'
+   observations are folded into it afterwards): common random numbers, so a difference of returns is the
+   perturbation's doing, not the scene's;
 3. keep the ``ars_top`` directions with the best ``max(r+, r-)`` (mean returns over the states), and step
    ``theta += ars_lr / (ars_top * sigma) * sum_k (r+_k - r-_k) d_k``, ``sigma`` the std of those returns (no step
    when they are all equal: nothing was learned).
@@ -29,9 +31,10 @@ environments are stepped without autoreset (``autoreset_mode="Disabled"``), so e
 seeded scene.
 
 Each iteration's record: the perturbed episodes' success and mean returns (``return_plus``, ``return_minus``, of the
-top directions ``return_top``), ``pair_flip_rate`` -- the share of (direction, scene) pairs whose outcome the sign
-of the perturbation flipped, which is all a sparse reward gives the step to learn from (at ``ars_noise`` 1e-7 it is 0:
-the scenes and the base's noise are shared exactly) -- the step's and the parameters' norms, and
+top directions ``return_top``), ``residual_abs`` (the perturbed corrections' mean size, ``action_scale x
+|tanh(...)|``, in normalized action units), ``pair_flip_rate`` -- the share of (direction, scene) pairs whose outcome the sign
+of the perturbation flipped, which is all a sparse reward gives the step to learn from (at a vanishing ``ars_noise`` it is 0:
+the scenes, the base's noise and the standardization are shared exactly; tested) -- the step's and the parameters' norms, and
 ``filler_success_rate``, the current residual's success on the scenes environments ran while waiting (only the
 episodes that ended before the iteration did: biased towards short, successful ones; a hint, not an evaluation).
 
@@ -56,27 +59,51 @@ from robolearn.rl.settings import ResidualSettings
 
 #: training scenes are seeded from here up (evaluations use 100000 + a few thousand by default)
 TRAIN_SEEDS = 10_000_000
+#: an episode longer than this stops the run (random search compares whole episodes: the task needs a time limit)
+MAX_EPISODE_STEPS = 100_000
 
 
 class PerturbedCorrector:
     """The executor's per-step hook while searching: environment ``i`` runs the linear residual
-    ``tanh(W_i x + b_i)`` with its own parameters (row ``i`` of :attr:`theta`, flattened as ``[W, b]``)."""
+    ``tanh(W_i x + b_i)`` with its own parameters (row ``i`` of :attr:`theta`, flattened as ``[W, b]``).
+
+    The input standardization stays frozen during an iteration (as in ARS V2: the + and - runs of a direction
+    happen at different times, and moving statistics would make them differ by more than the perturbation); the
+    observations of the environments in :attr:`record` (those running a perturbed job) are kept in :attr:`seen`
+    and merged into the statistics after the iteration. :attr:`moved` sums ``action_scale * |residual|`` over
+    them (the correction's mean size in normalized action units is ``moved / count``)."""
 
     def __init__(self, policy: ResidualPolicy, num_envs: int, n_params: int) -> None:
         self.policy = policy
         self.theta = torch.zeros(num_envs, n_params, device=policy.device)
+        self.record = np.zeros(num_envs, dtype=bool)
+        self.seen: list[torch.Tensor] = []
+        self.moved, self.count = 0.0, 0
 
     @torch.no_grad()
     def __call__(self, obs: Mapping[str, np.ndarray], base_actions: np.ndarray, env_ids: np.ndarray) -> np.ndarray:
         p = self.policy
-        obs_f, base_n = p.features(obs, base_actions, update_stats=True)
+        ids_np = np.asarray(env_ids)
+        keep = self.record[ids_np]
+        if keep.any():
+            self.seen.append(p.base_features({k: np.asarray(v)[keep] for k, v in obs.items()}))
+        obs_f, base_n = p.features(obs, base_actions)
         x = p.actor_input(obs_f, base_n)  # (n, D)
-        ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long, device=x.device)
+        ids = torch.as_tensor(ids_np, dtype=torch.long, device=x.device)
         A, D = p.action_dim, x.shape[1]
         rows = self.theta[ids]
         W, b = rows[:, :A * D].reshape(-1, A, D), rows[:, A * D:]
         residual = torch.tanh(torch.einsum("nad,nd->na", W, x) + b)
+        if keep.any():
+            self.moved += float(residual[torch.as_tensor(keep)].abs().sum()) * p.action_scale
+            self.count += int(keep.sum()) * A
         return p.apply_residual(base_actions, residual)
+
+    def merge_stats(self) -> None:
+        """Fold the iteration's recorded observations into the running statistics; start a new record."""
+        if self.seen and self.policy.obs_norm == "running":
+            self.policy.update_obs_stats(torch.cat(self.seen))
+        self.seen, self.moved, self.count = [], 0.0, 0
 
 
 class ResidualARS(FinetuneRun):
@@ -150,15 +177,19 @@ class ResidualARS(FinetuneRun):
         filler_success: list[bool] = []
 
         def next_job(i: int) -> tuple[int, Any]:
+            ep_length[i] = 0
             if queue:
                 k, sign, j = queue.popleft()
                 job_of[i] = (k, sign, j)
+                self.corrector.record[i] = True
                 params = theta + (1.0 if sign == 0 else -1.0) * float(s.ars_noise) * deltas[k]
                 return i, (first + j, episode0 + j, params)
             job_of[i] = None
+            self.corrector.record[i] = False
             self._filler += 1
             return i, (TRAIN_SEEDS // 2 + 1_000_003 * self.seed + self._filler, 5_000_000 + self._filler, theta)
 
+        ep_length = np.zeros(n, dtype=np.int64)
         self._start([next_job(i) for i in range(n)])
         steps = 0
         while np.isnan(returns).any():
@@ -170,11 +201,16 @@ class ResidualARS(FinetuneRun):
             obs, reward, terminated, truncated, infos = self.envs.step(
                 actions.reshape((n, *self.envs.single_action_space.shape)))
             steps += 1
+            ep_length += 1
+            if ep_length.max() > MAX_EPISODE_STEPS:
+                i = int(ep_length.argmax())
+                raise RuntimeError(f"environment {i}'s episode has run {MAX_EPISODE_STEPS:,} steps without ending: "
+                                   f"learner=ars compares whole episodes, so the task needs a time limit "
+                                   f"(env.max_episode_steps=...)")
             ep_return += np.asarray(reward, dtype=np.float64)
             done = np.asarray(terminated, bool) | np.asarray(truncated, bool)
             ok = np.asarray(infos.get("success", np.zeros(n)), dtype=bool) & np.asarray(
                 infos.get("_success", np.ones(n)), dtype=bool)
-            restart = []
             for i in range(n):
                 if not done[i]:
                     self.executor.observe_env(i, {k: v[i] for k, v in obs.items()})
@@ -186,9 +222,8 @@ class ResidualARS(FinetuneRun):
                     k, sign, j = job
                     returns[k, sign, j], successes[k, sign, j] = ep_return[i], ok[i]
                 ep_return[i] = 0.0
-                restart.append(next_job(i))
-            if restart and np.isnan(returns).any():
-                self._start(restart)
+            if done.any() and np.isnan(returns).any():  # the iteration goes on: new jobs (or fillers)
+                self._start([next_job(int(i)) for i in np.flatnonzero(done)])
         self.env_steps += steps * n
         t1 = time.perf_counter()
 
@@ -202,6 +237,8 @@ class ResidualARS(FinetuneRun):
         else:
             step = torch.zeros_like(theta)
         self.set_theta(theta + step)
+        moved = self.corrector.moved / max(self.corrector.count, 1)
+        self.corrector.merge_stats()  # the next iteration standardizes with this one's states folded in
         self.iterations += 1
         return {"env_steps": self.env_steps, "iteration": self.iterations, "episodes": int(returns.size),
                 "train_success_rate": round(float(successes.mean()), 4),
@@ -212,7 +249,7 @@ class ResidualARS(FinetuneRun):
                 "pair_flip_rate": round(float((successes[:, 0] != successes[:, 1]).mean()), 4),
                 "filler_success_rate": round(float(np.mean(filler_success)), 4) if filler_success else None,
                 "filler_episodes": len(filler_success), "return_sigma": round(sigma, 6),
-                "step_norm": round(float(step.norm()), 6), "theta_norm": round(float(self.theta().norm()), 6),
+                "residual_abs": round(moved, 6), "step_norm": round(float(step.norm()), 6), "theta_norm": round(float(self.theta().norm()), 6),
                 "rollout_s": round(t1 - t0, 3), "env_steps_s": round(steps * n / max(t1 - t0, 1e-9), 1)}
 
     def counters(self) -> dict[str, int]:

@@ -3,7 +3,9 @@
 For a base checkpoint, runs ``robolearn finetune finetune.learner=ars`` for one iteration at each ``--noise`` (the
 step size ``ars_lr`` is 1e-12, so nothing is learned) and reports, per size, the perturbed episodes' success and
 ``pair_flip_rate``: the share of (direction, scene) pairs whose sparse outcome differs between ``theta + nu d`` and
-``theta - nu d`` on the same seeded scene with the same chunk noise. A flip rate near 0 means opposite small
+``theta - nu d`` on the same seeded scene with the same chunk noise, and ``residual_abs``, the perturbed corrections'
+mean size in normalized action units (``action_scale x |tanh(...)|``; the first iteration standardizes nothing yet,
+so its inputs are the base-normalized observations). A flip rate near 0 means opposite small
 corrections end the same way (a smooth landscape a gradient estimate can follow); a high one at sizes that barely
 move the actions means the outcome is decided by details far below the scale of any correction worth learning.
 
@@ -45,7 +47,7 @@ def one_iteration(checkpoint: str, noise: float, args: argparse.Namespace) -> di
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     return {"noise": noise, **{k: rec[k] for k in ("episodes", "train_success_rate", "return_plus", "return_minus",
-                                                     "pair_flip_rate", "rollout_s")}}
+                                                     "pair_flip_rate", "residual_abs", "rollout_s")}}
 
 
 def main() -> None:
@@ -69,9 +71,9 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.time() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"{'noise':>8} {'success':>8} {'flip rate':>9}")
+    print(f"{'noise':>8} {'|correction|':>12} {'success':>8} {'flip rate':>9}")
     for r in rows:
-        print(f"{r['noise']:>8g} {r['train_success_rate']:>8.3f} {r['pair_flip_rate']:>9.3f}")
+        print(f"{r['noise']:>8g} {r['residual_abs']:>12.2e} {r['train_success_rate']:>8.3f} {r['pair_flip_rate']:>9.3f}")
 
 
 if __name__ == "__main__":
