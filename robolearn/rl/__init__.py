@@ -4,10 +4,12 @@
 - :mod:`.residual_policy`: ``ResidualPolicy``, registered as ``"residual"``: a Gaussian MLP that corrects each
   executed action of a frozen chunk policy (ResiP); a checkpoint of it names its base and works wherever a policy
   does (``eval``, ``run``, ``serve``, ``teleop policy=``, ``collect policy=``).
-- :mod:`.residual`: PPO for it, top to bottom in one file (:class:`~robolearn.rl.residual.ResidualPPO`).
+- :mod:`.residual`: PPO for it, top to bottom in one file (:class:`~robolearn.rl.residual.ResidualPPO`); the other
+  learners of the same kind: TD3 (:mod:`.residual_td3`, ``learner=td3``) and random search over a linear residual
+  (:mod:`.residual_ars`, ``learner=ars``).
 - :mod:`.steer_policy`: ``SteeredPolicy``, registered as ``"steered"``: an actor that picks a frozen chunk policy's
   initial noise (DSRL); :mod:`.steer`: SAC and noise aliasing for it (:class:`~robolearn.rl.steer.SteeringSAC`).
-- :mod:`.loop`: what both trainers share (``FinetuneRun``: evaluations, metrics, checkpoints, resume).
+- :mod:`.loop`: what the trainers share (``FinetuneRun``: evaluations, metrics, checkpoints, resume).
 - :mod:`.features`: the normalized observation both heads read (running statistics kept in the checkpoint).
 - :mod:`.settings`: their hyperparameters (``ResidualSettings``, ``SteerSettings``; no torch import).
 """
@@ -21,6 +23,8 @@ _WHERE = {
     "GaussianActor": "residual_policy",
     "ResidualPPO": "residual",
     "RolloutCorrector": "residual",
+    "ResidualTD3": "residual_td3",
+    "ResidualARS": "residual_ars",
     "ResidualSettings": "settings",
     "SteeredPolicy": "steer_policy",
     "NoiseActor": "steer_policy",
