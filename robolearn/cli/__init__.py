@@ -431,7 +431,8 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
         "reinforcement-learning fine-tuning of a frozen chunk policy (method=residual: ResiP | steer: DSRL)",
         "Fine-tune a checkpoint in its task's MuJoCo environments without retraining it.\n"
         "  method=residual (robolearn/configs/finetune/residual.yaml): PPO trains a small per-step residual MLP over the\n"
-        "    frozen base, which runs as deployed (chunks queued, batched inference for all environments).\n"
+        "    frozen base, which runs as deployed (chunks queued, batched inference for all environments);\n"
+        "    finetune.learner=td3 trains it off-policy, finetune.learner=ars by random search over a linear residual.\n"
         "  method=steer (robolearn/configs/finetune/steer.yaml): noise aliasing (finetune.variant=na, the default) or SAC\n"
         "    (=sac) trains an actor that picks the base's initial noise; the base must sample deterministically (ddim,\n"
         "    euler, midpoint; finetune.base_sampler=ddim steers a DDPM-trained diffusion policy). The defaults are the\n"
@@ -441,6 +442,7 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
         "the method's settings; --cfg job prints the composed config.",
         ["robolearn finetune method=residual checkpoint=runs/train/<run>/checkpoints/latest env_steps=500000",
          "robolearn finetune method=residual checkpoint=... num_envs=16 workers=4 finetune.gamma=0.99",
+         "robolearn finetune method=residual checkpoint=... finetune.learner=ars num_envs=64 workers=1",
          "robolearn finetune method=steer checkpoint=... env_steps=300000 num_envs=16 workers=0",
          "robolearn finetune method=steer checkpoint=<push_t base> env.reward_type=sparse finetune.variant=sac",
          "robolearn finetune method=steer checkpoint=... finetune.base_sampler=ddim finetune.base_steps=10",
