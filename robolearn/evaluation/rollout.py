@@ -25,7 +25,7 @@ in ``nonfinite_chunks``. An observation holding NaN or inf raises
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ def as_vector_env(envs: Any) -> Any:
     raise TypeError(f"expected a vector environment or a factory of one environment, got {type(envs).__name__}")
 
 
-def _info(infos: dict[str, Any], key: str, i: int, finished_here: bool, default: Any = None) -> Any:
+def step_info(infos: Mapping[str, Any], key: str, i: int, finished_here: bool, default: Any = None) -> Any:
     """Env ``i``'s value of ``key`` for the step just taken: from ``final_info`` when the env auto-reset in that
     step (gymnasium's same-step layout), else from the top level; ``_key`` masks respected."""
     src = infos.get("final_info", {}) if finished_here else infos
@@ -196,9 +196,9 @@ def _evaluate(policy: Any, venv: Any, seeds: list[int], noise_seed: int | None, 
             if i in aborted:
                 continue
             finished_here = bool(done[i]) and mode == "SameStep"
-            success = bool(_info(infos, "success", i, finished_here, False))
+            success = bool(step_info(infos, "success", i, finished_here, False))
             ep = plan.record(i, actions[i], float(rew[i]), success)
-            score = _info(infos, "score", i, finished_here)
+            score = step_info(infos, "score", i, finished_here)
             if score is not None:
                 ep.score = max(float(score), ep.score if ep.score is not None else -np.inf)
             if not done[i]:

@@ -25,6 +25,8 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 import torch
 
+from robolearn.evaluation.rollout import step_info
+
 RL_STATE = "rl_state.pt"
 Evaluate = Callable[[Any, int], Mapping[str, Any]]
 
@@ -39,11 +41,9 @@ def final_obs(infos: Mapping[str, Any], i: int) -> dict[str, np.ndarray]:
 
 
 def final_info(infos: Mapping[str, Any], key: str, i: int) -> Any:
-    """``key`` of environment ``i``'s info at the end of its episode (None when it did not end or lacks it)."""
-    src = infos.get("final_info", {})
-    if key not in src or (f"_{key}" in src and not bool(np.asarray(src[f"_{key}"])[i])):
-        return None
-    return np.asarray(src[key])[i]
+    """``key`` of environment ``i``'s info at the end of its episode in same-step autoreset (None when it did not
+    end or lacks it): :func:`~robolearn.evaluation.rollout.step_info` of a finished step."""
+    return step_info(infos, key, i, finished_here=True)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:

@@ -52,6 +52,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from robolearn.evaluation.rollout import step_info
 from robolearn.policies.executor import ChunkExecutor, NonFiniteChunkError
 from robolearn.rl.loop import FinetuneRun
 from robolearn.rl.residual_policy import ResidualPolicy
@@ -59,6 +62,8 @@ from robolearn.rl.settings import ResidualSettings
 
 #: training scenes are seeded from here up (evaluations use 100000 + a few thousand by default)
 TRAIN_SEEDS = 10_000_000
+#: ... and the scenes environments without a job run while they wait, from here up
+FILLER_SEEDS = 5_000_000
 #: an episode longer than this stops the run (random search compares whole episodes: the task needs a time limit)
 MAX_EPISODE_STEPS = 100_000
 
@@ -125,8 +130,7 @@ class ResidualARS(FinetuneRun):
             raise ValueError("learner=ars trains a linear tanh-bounded residual: build the ResidualPolicy with "
                              "hidden=[] and squash=True (ResidualSettings(learner='ars').policy_config() does)")
         self.linear = net[0]
-        A, D = self.linear.weight.shape
-        self.n_params = A * D + A
+        self.n_params = self.linear.weight.numel() + self.linear.bias.numel()
         self.dir_gen = torch.Generator().manual_seed(self.seed + 17)
         self.corrector = PerturbedCorrector(policy, self.num_envs, self.n_params)
         self.executor = ChunkExecutor(policy.base, self.num_envs, seed=self.seed, corrector=self.corrector)
@@ -135,14 +139,13 @@ class ResidualARS(FinetuneRun):
 
     # ------------------------------------------------------------------ parameters
     def theta(self) -> torch.Tensor:
-        """The residual's parameters as one vector ``[W.flatten(), b]``."""
-        return torch.cat([self.linear.weight.detach().flatten(), self.linear.bias.detach()]).float().cpu()
+        """The residual's parameters as one vector ``[W.flatten(), b]`` (the layout :class:`PerturbedCorrector`
+        reads)."""
+        return parameters_to_vector(self.linear.parameters()).detach().float().cpu()
 
     def set_theta(self, theta: torch.Tensor) -> None:
-        A, D = self.linear.weight.shape
         with torch.no_grad():
-            self.linear.weight.copy_(theta[:A * D].reshape(A, D))
-            self.linear.bias.copy_(theta[A * D:])
+            vector_to_parameters(theta.to(self.linear.weight), self.linear.parameters())
 
     # ------------------------------------------------------------------ one iteration
     def start_episodes(self) -> None:
@@ -187,7 +190,7 @@ class ResidualARS(FinetuneRun):
             job_of[i] = None
             self.corrector.record[i] = False
             self._filler += 1
-            return i, (TRAIN_SEEDS // 2 + 1_000_003 * self.seed + self._filler, 5_000_000 + self._filler, theta)
+            return i, (FILLER_SEEDS + 1_000_003 * self.seed + self._filler, FILLER_SEEDS + self._filler, theta)
 
         ep_length = np.zeros(n, dtype=np.int64)
         self._start([next_job(i) for i in range(n)])
@@ -209,18 +212,17 @@ class ResidualARS(FinetuneRun):
                                    f"(env.max_episode_steps=...)")
             ep_return += np.asarray(reward, dtype=np.float64)
             done = np.asarray(terminated, bool) | np.asarray(truncated, bool)
-            ok = np.asarray(infos.get("success", np.zeros(n)), dtype=bool) & np.asarray(
-                infos.get("_success", np.ones(n)), dtype=bool)
             for i in range(n):
                 if not done[i]:
                     self.executor.observe_env(i, {k: v[i] for k, v in obs.items()})
                     continue
+                ok = bool(step_info(infos, "success", i, finished_here=False, default=False))  # no autoreset
                 job = job_of[i]
                 if job is None:
-                    filler_success.append(bool(ok[i]))
+                    filler_success.append(ok)
                 else:
                     k, sign, j = job
-                    returns[k, sign, j], successes[k, sign, j] = ep_return[i], ok[i]
+                    returns[k, sign, j], successes[k, sign, j] = ep_return[i], ok
                 ep_return[i] = 0.0
             if done.any() and np.isnan(returns).any():  # the iteration goes on: new jobs (or fillers)
                 self._start([next_job(int(i)) for i in np.flatnonzero(done)])

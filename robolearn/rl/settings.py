@@ -98,7 +98,7 @@ class ResidualSettings:
     ars_states: int = 16  # ars: initial states per iteration; every direction and sign runs one episode on each
     ars_noise: float = 0.01  # ars: perturbation size nu (theta +- nu * direction; inputs are standardized)
     ars_lr: float = 0.005  # ars: step size alpha (scaled by 1 / (ars_top * std of the top returns))
-    #                        (the only setting of five on peg_insert that did not cost the base success: README)
+    #                        (the smallest of five on peg_insert; larger steps cost the base success: README)
 
     def check(self, prefix: str = "finetune.") -> None:
         """Refuse values that would crash late or silently do nothing; messages name the key (``finetune.gamma``)."""

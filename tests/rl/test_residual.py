@@ -15,12 +15,8 @@ from robolearn.rl.residual import Critic, ResidualPPO, RolloutCorrector, Rollout
 from robolearn.rl.residual_policy import ResidualPolicy
 from robolearn.rl.settings import ResidualSettings
 from sim.vector import make_vector_env
-from toys import EPISODE, OFFSET, OffsetBase, ReachEnv, fixture_base, reach_evaluator
+from toys import EPISODE, OFFSET, OffsetBase, ReachEnv, fixture_base, reach_evaluator, toy_base
 
-
-def toy_base(tmp_path: Path) -> OffsetBase:
-    save_policy(OffsetBase(), tmp_path / "base")
-    return load_policy(tmp_path / "base")
 
 
 def drive(policy, steps: int, seed: int = 3) -> np.ndarray:

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from robolearn.policies import load_policy, save_policy
+from robolearn.policies import load_policy
 from robolearn.policies.config import ConfigError
 from robolearn.rl.residual_ars import ResidualARS
 from robolearn.rl.residual_policy import ResidualPolicy
 from robolearn.rl.settings import ResidualSettings
 from sim.vector import make_vector_env
-from toys import EPISODE, OFFSET, NoiseBase, OffsetBase, ReachEnv, reach_evaluator
+from toys import EPISODE, OFFSET, NoiseBase, ReachEnv, reach_evaluator, toy_base
 
 RESETS: list[int] = []  # seeds RecordingReach was reset with (in this process: num_workers=0)
 
@@ -41,10 +41,6 @@ class VariableReach(ReachEnv):
         obs, reward, terminated, truncated, info = super().step(action)
         return obs, reward, terminated or info["success"], truncated and not info["success"], info
 
-
-def toy_base(tmp_path: Path, kind=OffsetBase) -> OffsetBase:
-    save_policy(kind(), tmp_path / "base")
-    return load_policy(tmp_path / "base")
 
 
 def ars_settings(**kw) -> ResidualSettings:

@@ -9,18 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from robolearn.policies import load_policy, save_policy
+from robolearn.policies import load_policy
 from robolearn.rl.residual import ResidualPPO
 from robolearn.rl.residual_policy import ResidualPolicy
 from robolearn.rl.residual_td3 import ResidualTD3
 from robolearn.rl.settings import ResidualSettings
 from sim.vector import make_vector_env
-from toys import EPISODE, OFFSET, OffsetBase, ReachEnv, reach_evaluator
+from toys import EPISODE, OFFSET, ReachEnv, reach_evaluator, toy_base
 
-
-def toy_base(tmp_path: Path) -> OffsetBase:
-    save_policy(OffsetBase(), tmp_path / "base")
-    return load_policy(tmp_path / "base")
 
 
 def td3_settings(**kw) -> ResidualSettings:

@@ -4,7 +4,7 @@
 ``-|action - goal|^2``; 16 steps, then truncated; ``info["success"]`` when the last action was within 0.05 of the
 goal. ``OffsetBase``: a chunk policy (horizon 4, 1 observation, 2 executed actions) that always outputs
 ``goal + OFFSET`` -- right up to a constant, which is what a residual can learn. ``NoiseBase``: the same, moved by
-its initial noise (what steering can learn). ``fixture_base``: a copy of one of tests/fixtures' tiny push_t
+its initial noise (what steering can learn). ``toy_base``: one of them saved and loaded back. ``fixture_base``: a copy of one of tests/fixtures' tiny push_t
 checkpoints, loaded; ``reach_evaluator``: held-out evaluation on ``ReachEnv``.
 """
 from __future__ import annotations
@@ -118,6 +118,15 @@ class NoiseBase(OffsetBase):
 
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
+
+
+def toy_base(tmp_path: Path, kind: type = OffsetBase):
+    """A ``kind`` (``OffsetBase`` or ``NoiseBase``) saved as ``tmp_path/base`` and loaded back, as a fine-tuning run
+    loads its base (a wrapper names its base by folder)."""
+    from robolearn.policies import load_policy, save_policy
+
+    save_policy(kind(), tmp_path / "base")
+    return load_policy(tmp_path / "base")
 
 
 def fixture_base(tmp_path: Path, name: str):

@@ -21,28 +21,23 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_eval import cli  # noqa: E402 -- robolearn in a fresh process, one thread
 
 
 def one_iteration(checkpoint: str, noise: float, args: argparse.Namespace) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="ars_flip_"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.setdefault("MUJOCO_GL", "egl")
-    cmd = [sys.executable, "-m", "robolearn.cli", "finetune", "method=residual", f"checkpoint={checkpoint}",
-           "finetune.learner=ars", f"finetune.ars_noise={noise}", "finetune.ars_lr=1e-12",
-           f"finetune.ars_directions={args.directions}", f"finetune.ars_top={args.directions}",
-           f"finetune.ars_states={args.states}", "env_steps=1", f"num_envs={args.num_envs}", "workers=0",
-           "eval.episodes=0", f"seed={args.seed}", f"run_dir={run_dir}", "progress=false", "threads=1"]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"finetune failed for noise {noise}:\n{proc.stderr[-2000:]}")
+        cli("finetune", "method=residual", f"checkpoint={checkpoint}", "finetune.learner=ars",
+            f"finetune.ars_noise={noise}", "finetune.ars_lr=1e-12", f"finetune.ars_directions={args.directions}",
+            f"finetune.ars_top={args.directions}", f"finetune.ars_states={args.states}", "env_steps=1",
+            f"num_envs={args.num_envs}", "workers=0", "eval.episodes=0", f"seed={args.seed}", f"run_dir={run_dir}",
+            "progress=false", "threads=1", threads=1)
         rec = next(json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "iteration" in ln)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -19,37 +19,19 @@ is ``residual_ars_flip.py``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from robolearn.policies.wrapper import PolicyWrapper
-
-
-class ShiftedNoise(PolicyWrapper):
-    """The base with ``shift`` (one chunk's noise shape) added to every chunk's initial noise."""
-
-    def __init__(self, base: Any, shift: torch.Tensor) -> None:
-        super().__init__(base)
-        self.shift = shift
-
-    def predict_action(self, obs_history, noise=None, **kwargs):  # noqa: ANN001 -- the chunk-policy protocol
-        assert noise is not None, "evaluate always passes the chunk noise"
-        return self.base.predict_action(obs_history, noise + self.shift.to(noise), **kwargs)
-
-
-def successes(policy: Any, task: str, seeds: list[int]) -> np.ndarray:
-    import sim
-    from robolearn.evaluation import evaluate
-
-    out = evaluate(policy, lambda: sim.make(task), seeds, noise_seed=seeds[0])
-    return np.array([bool(r["success"]) for r in out["per_episode"]])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steer_headroom import ScaledNoise, successes  # noqa: E402 -- the same wrapper and evaluation
 
 
 def probe(path: str, task: str, seeds: list[int], eps_list: list[float], directions: int, seed: int) -> dict:
@@ -60,13 +42,13 @@ def probe(path: str, task: str, seeds: list[int], eps_list: list[float], directi
     gen = torch.Generator().manual_seed(seed)
     dirs = [torch.randn(shape, generator=gen) for _ in range(directions)]
     t0 = time.time()
-    plain = successes(base, task, seeds)
+    plain = successes(base, task, seeds, noise_seed=seeds[0])
     rows = []
     for eps in eps_list:
         flips, succ = [], []
         for d in dirs:
-            plus = successes(ShiftedNoise(base, eps * d), task, seeds)
-            minus = successes(ShiftedNoise(base, -eps * d), task, seeds)
+            plus = successes(ScaledNoise(base, shift=eps * d), task, seeds, noise_seed=seeds[0])
+            minus = successes(ScaledNoise(base, shift=-eps * d), task, seeds, noise_seed=seeds[0])
             flips.append(plus != minus)
             succ += [plus.mean(), minus.mean()]
         rows.append({"eps": eps, "flip_rate": round(float(np.mean(flips)), 4),
@@ -74,7 +56,7 @@ def probe(path: str, task: str, seeds: list[int], eps_list: list[float], directi
         print(f"{path}: eps {eps:g}: flip rate {rows[-1]['flip_rate']:.3f}, success {rows[-1]['success']:.3f} "
               f"({time.time() - t0:.0f} s)", flush=True)
     return {"checkpoint": path, "policy_type": base.policy_type, "noise_shape": list(shape),
-            "sampler": dict(getattr(base.cfg, "sampler", {}).__dict__) if hasattr(base, "cfg") else None,
+            "sampler": dataclasses.asdict(base.cfg.sampler),
             "success_unshifted": round(float(plain.mean()), 4), "rows": rows, "wall_s": round(time.time() - t0, 1)}
 
 

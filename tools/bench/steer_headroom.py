@@ -37,15 +37,19 @@ BOUND = SteerSettings.max_noise  # steering's default noise bound (DSRL's 1.5)
 
 
 class ScaledNoise(PolicyWrapper):
-    """The base with its initial noise multiplied by ``scale`` (and clipped to ``clip``, if given)."""
+    """The base with its initial noise multiplied by ``scale``, then moved by ``shift`` (one chunk's noise shape,
+    added to every chunk's; steer_flip.py) and clipped to ``clip``, where given."""
 
-    def __init__(self, base: Any, scale: float, clip: float | None = None) -> None:
+    def __init__(self, base: Any, scale: float = 1.0, clip: float | None = None,
+                 shift: torch.Tensor | None = None) -> None:
         super().__init__(base)
-        self.scale, self.clip = float(scale), clip
+        self.scale, self.clip, self.shift = float(scale), clip, shift
 
     def predict_action(self, obs_history, noise=None, **kwargs):  # noqa: ANN001 -- the chunk-policy protocol
         assert noise is not None, "evaluate always passes the chunk noise"
         w = noise * self.scale
+        if self.shift is not None:
+            w = w + self.shift.to(w)
         if self.clip is not None:
             w = w.clamp(-self.clip, self.clip)
         return self.base.predict_action(obs_history, w, **kwargs)
