@@ -163,6 +163,8 @@ class SteerSettings:
     obs_norm: str = "running"  # as residual RL: standardize the actor's/critics' inputs by visited states' mean/std
     base_sampler: str | None = None  # steer the base under this sampler (null: its own); must be deterministic
     base_steps: int | None = None  # ... with this many steps (null: its own)
+    action_steps: int | None = None  # actions of each chunk run before the actor picks the next noise (null: the
+    #                                  base's n_action_steps); fewer: more decisions (transitions) per episode
     act: str = "sample"  # deployed and evaluated noise: mean (the actor's deterministic choice) | sample (a draw, as
     #                      DSRL evaluates; keeps a multimodal base's modes where the mean w = 0 averages them)
     rank: int = 1  # deployed and evaluated: run the base on the actor's noise and rank - 1 draws of N(0, I) per decision
@@ -203,7 +205,9 @@ class SteerSettings:
             require(("alias_samples",), lambda v: v >= 1,
                     ">= 1 for variant=na (the noise critic is distilled from those chunks)")
         require(("init_temperature",), _positive, "> 0")
-        require(("base_steps",), lambda v: v is None or int(v) >= 1, ">= 1 or null")
+        require(("base_steps", "action_steps"), lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           and float(v).is_integer() and v >= 1),
+                "an integer >= 1 or null")
         require(("actor_hidden", "critic_hidden"), _widths, "a non-empty list of layer widths >= 1")
         require(("rank",), lambda v: not isinstance(v, bool) and float(v).is_integer() and v >= 1, "an integer >= 1")
         if self.variant != "na":
@@ -216,4 +220,5 @@ class SteerSettings:
                 "obs_norm": str(self.obs_norm), "sampler": self.base_sampler,
                 "steps": None if self.base_steps is None else int(self.base_steps), "act": str(self.act),
                 "critic_hidden": [int(w) for w in self.critic_hidden] if self.variant == "na" else None,
-                "rank": int(self.rank)}
+                "rank": int(self.rank),
+                "action_steps": None if self.action_steps is None else int(self.action_steps)}

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
+from robolearn.policies.config import check_geometry
 from robolearn.policies.executor import executable
 from robolearn.policies.registry import register_policy
 from robolearn.policies.wrapper import PolicyWrapper
@@ -122,6 +123,8 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
     ``max_noise``: the bound on ``|w|``. ``hidden``: the actor's widths. ``obs_keys``: observation keys the actor
     reads (default: the base's one-dimensional ones). ``obs_norm``: see :mod:`robolearn.rl.features`.
     ``sampler``/``steps``: run the base under this sampler (None: its own); it must be deterministic.
+    ``action_steps``: execute this many actions of each chunk before the actor picks the next noise (None: the
+    base's ``n_action_steps``); kept in the checkpoint, so deployment re-plans as the run did.
     ``act``: ``"mean"`` deploys the actor's deterministic ``w = max_noise * tanh(mean)``; ``"sample"`` a draw from
     the actor whose reparameterization noise is the caller's chunk noise (reproducible from the noise seed, as every
     policy's evaluation is). DSRL evaluates by sampling; it matters where the base is multimodal: an untrained actor's
@@ -132,8 +135,17 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
     def __init__(self, base: Any, max_noise: float = 1.5, hidden: Sequence[int] = (256, 256),
                  obs_keys: Sequence[str] | None = None, obs_norm: str = "running", sampler: str | None = None,
                  steps: int | None = None, act: str = "mean", critic_hidden: Sequence[int] | None = None,
-                 rank: int = 1) -> None:
+                 rank: int = 1, action_steps: int | None = None) -> None:
         super().__init__(base)
+        self.action_steps = None
+        if action_steps is not None:
+            if isinstance(action_steps, bool) or not float(action_steps).is_integer():
+                raise ValueError(f"action_steps must be an integer or None, got {action_steps!r}")
+            try:
+                check_geometry(base.horizon, base.n_obs_steps, int(action_steps), where="")
+            except ValueError as e:
+                raise ValueError(f"action_steps={int(action_steps)} does not fit the base's chunks: {e}") from None
+            self.action_steps = int(action_steps)
         if act not in ("mean", "sample"):
             raise ValueError(f"act must be 'mean' or 'sample', got {act!r}")
         self.act = act
@@ -162,10 +174,16 @@ class SteeredPolicy(ObsFeatures, PolicyWrapper):
         self.base.eval()
         return self
 
+    @property
+    def n_action_steps(self) -> int:
+        """Actions executed per chunk: ``action_steps`` where given (the actor then picks a noise every that many
+        steps), else the base's own."""
+        return int(self.base.n_action_steps) if self.action_steps is None else self.action_steps
+
     def wrapper_config(self) -> dict[str, Any]:
         return {"max_noise": self.max_noise, "hidden": list(self.hidden), "obs_keys": list(self.feature_keys),
                 "obs_norm": self.obs_norm, "sampler": self.sampler, "steps": self.steps, "act": self.act,
-                "critic_hidden": self.critic_hidden, "rank": self.rank}
+                "critic_hidden": self.critic_hidden, "rank": self.rank, "action_steps": self.action_steps}
 
     def set_rank(self, rank: int) -> None:
         """Deploy ranking: at every decision run the base on ``rank`` noises -- the actor's choice and ``rank - 1``

@@ -153,6 +153,25 @@ def test_the_noise_space_environment_records_each_chunk_as_one_transition(tmp_pa
     assert np.abs(r["w"]).max() <= 1.5 and r["w"].std() > 0.5  # the base's own N(0, I), clipped to the bound
 
 
+def test_action_steps_sets_how_many_actions_each_noise_runs_and_is_kept_in_the_checkpoint(tmp_path):
+    gamma = 0.9
+    sac, out = toy_run(tmp_path, 256, learning_starts=10_000, gamma=gamma, action_steps=1)  # the base's own: 2
+    r = {k: v[:sac.replay.size] for k, v in sac.replay.data.items()}
+    assert sac.replay.size == out["transitions"] == 256  # one action per noise: a transition per step
+    raw = r["obs"][:, None] + OFFSET + NOISE_GAIN * r["w"].reshape(-1, 4, 2)[:, :1]
+    np.testing.assert_allclose(r["act"], (raw / 2.0).reshape(-1, 2), atol=1e-6)  # only the first action ran
+    np.testing.assert_allclose(r["discount"][:, 0], gamma, rtol=1e-6)
+    save_policy(sac.policy, tmp_path / "steered")
+    loaded = load_policy(tmp_path / "steered")
+    assert loaded.n_action_steps == 1 and loaded.base.n_action_steps == 2
+    with pytest.raises(ValueError, match=r"action_steps=5 does not fit the base's chunks: n_action_steps must be in "
+                                         r"\[1, 4\]"):
+        SteeredPolicy(loaded.base, action_steps=5)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match=r"finetune\.action_steps must be an integer >= 1 or null"):
+            SteerSettings(action_steps=bad).check()
+
+
 def test_sac_learns_the_noise_that_cancels_the_offset(tmp_path):
     sac, out = toy_run(tmp_path, 2048)
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
