@@ -31,6 +31,11 @@ def _positive(v: Any) -> bool:
     return v > 0
 
 
+def _count(v: Any) -> bool:
+    """An integer >= 1 (a whole float such as 6.0 too; not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 1
+
+
 def _unit(v: Any) -> bool:
     return 0.0 <= v <= 1.0
 
@@ -106,7 +111,7 @@ class ResidualSettings:
         require = _requirer(self, prefix)
         require(("learner",), lambda v: v in LEARNERS,
                 "'ppo' (ResiP), 'td3' (off-policy) or 'ars' (random search over a linear residual)")
-        require(("ars_directions", "ars_top", "ars_states"), lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        require(("ars_directions", "ars_top", "ars_states"), _count, "an integer >= 1")
         require(("ars_noise", "ars_lr"), _positive, "> 0")
         require(("q_lr", "utd", "batch_size", "buffer_size", "n_step", "policy_delay"), _positive, "> 0")
         require(("tau", "demo_ratio"), _unit, "in [0, 1]")
@@ -205,11 +210,9 @@ class SteerSettings:
             require(("alias_samples",), lambda v: v >= 1,
                     ">= 1 for variant=na (the noise critic is distilled from those chunks)")
         require(("init_temperature",), _positive, "> 0")
-        require(("base_steps", "action_steps"), lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                           and float(v).is_integer() and v >= 1),
-                "an integer >= 1 or null")
+        require(("base_steps", "action_steps"), lambda v: v is None or _count(v), "an integer >= 1 or null")
         require(("actor_hidden", "critic_hidden"), _widths, "a non-empty list of layer widths >= 1")
-        require(("rank",), lambda v: not isinstance(v, bool) and float(v).is_integer() and v >= 1, "an integer >= 1")
+        require(("rank",), _count, "an integer >= 1")
         if self.variant != "na":
             require(("rank",), lambda v: v == 1,
                     "1 for variant=sac (ranking scores chunks with the action critic that only variant=na trains)")

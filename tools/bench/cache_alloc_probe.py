@@ -17,19 +17,23 @@ all branches and uniform caching, at k = 4, 5, 6 of 10 steps.
     python tools/bench/cache_alloc_probe.py --checkpoint runs/accel/lift_dt5/checkpoints/latest \\
         --out tools/bench/results/cache_lift_ddim10_alloc_probe_fifth_base.json
 
-About 4 minutes on 2 threads here (the isolated errors are 192 cached sampler runs).
+182 s on 2 threads alone here, 292 s on one thread beside another job (2026-12-05; the isolated errors are 192
+cached sampler runs).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_step_weights_probe import Reference, schedule_chunk_error, uncached_references  # noqa: E402
 
 
 def greedy_allocation(curves: dict[str, dict[int, float]], budget: int, lo: int, hi: int) -> dict[str, int]:
@@ -46,8 +50,8 @@ def greedy_allocation(curves: dict[str, dict[int, float]], budget: int, lo: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robolearn.accel.cache import (CachedPolicy, CacheSchedule, branch_keys, calibrate, caching_error,
-                                       dp_update_steps, relative_error, shared_schedule, uniform_steps)
+    from robolearn.accel.cache import (branch_keys, calibrate, caching_error, dp_update_steps, shared_schedule,
+                                       uniform_steps)
     from robolearn.cli.accel import calibration_observations
     from robolearn.policies import load_policy
 
@@ -67,22 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     test_obs = calibration_observations(policy, args.checkpoint, 64, 32, seed=1)
     keys = branch_keys(policy.backbone)
 
-    def references(obs: list[Any], seed: int) -> list[tuple[Any, torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            out = []
-            for batch in obs:
-                noise = torch.randn(policy.noise_shape(int(next(iter(batch.values())).shape[0])), generator=gen)
-                out.append((batch, noise, policy.predict_action(batch, noise)))
-        return out
-
-    def chunk_error(updates: dict[str, tuple[int, ...]], refs: list[tuple[Any, torch.Tensor, torch.Tensor]]) -> float:
-        cached = CachedPolicy(policy, CacheSchedule("bac", name, S, updates))
-        with torch.no_grad():
-            return float(torch.cat([relative_error(cached.predict_action(b, n), r) for b, n, r in refs]).mean())
+    def chunk_error(updates: dict[str, tuple[int, ...]], refs: list[Reference]) -> float:
+        return schedule_chunk_error(policy, name, S, updates, refs)
 
     cal = calibrate(policy, cal_obs)
-    probe_refs, test_refs = references(cal_obs[:1], seed=11), references(test_obs, seed=5)
+    probe_refs, test_refs = uncached_references(policy, cal_obs[:1], 11), uncached_references(policy, test_obs, 5)
     every = tuple(range(S))
     dp = {b: {k: dp_update_steps(cal.similarity[b], k) for k in range(1, S + 1)} for b in keys}
     sim_err = {b: {k: caching_error(cal.similarity[b], dp[b][k]) for k in range(1, S + 1)} for b in keys}
