@@ -346,6 +346,31 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
+#: one batch of observations, its initial noise and the uncached chunk the policy makes from that noise
+Reference = tuple[Mapping[str, Any], torch.Tensor, torch.Tensor]
+
+
+def uncached_references(policy: Any, observations: Iterable[Mapping[str, Any]], seed: int) -> list[Reference]:
+    """Each batch with an initial noise (drawn in order from ``seed``) and its uncached chunk: computed once, for
+    every schedule compared on them by :func:`chunk_error`."""
+    gen = torch.Generator().manual_seed(int(seed))
+    out = []
+    with torch.no_grad():
+        for batch in observations:
+            noise = torch.randn(policy.noise_shape(int(next(iter(batch.values())).shape[0])), generator=gen)
+            out.append((batch, noise, policy.predict_action(batch, noise)))
+    return out
+
+
+def chunk_error(policy: Any, schedule: CacheSchedule, refs: Sequence[Reference]) -> float:
+    """Mean over the chunks of ``refs`` of :func:`relative_error` between ``policy`` cached by ``schedule`` and
+    uncached, from the same initial noise (a schedule's cost in accuracy, where it matters downstream)."""
+    cached = CachedPolicy(policy, schedule)
+    with torch.no_grad():
+        total = sum(float(relative_error(cached.predict_action(b, n), r).sum()) for b, n, r in refs)
+    return total / sum(int(r.shape[0]) for _, _, r in refs)
+
+
 def search_candidates(total: int, updates: int, sampler: str) -> int:
     """How many step sets :func:`searched_schedule` would try (step 0 and ``updates - 1`` of the other
     ``total - 1`` steps); refuses a bad ``updates`` or more than :data:`SEARCH_LIMIT` sets, before any work."""
@@ -381,26 +406,20 @@ def searched_schedule(policy: Any, observations: Sequence[Mapping[str, Any]], up
     if not batches:
         raise CacheError("a searched schedule needs observations to compare chunks on")
     keys = branch_keys(policy.backbone)
-    gen = torch.Generator().manual_seed(int(seed))
-    noises = [torch.randn(policy.noise_shape(int(next(iter(b.values())).shape[0])), generator=gen) for b in batches]
     uniform_k = uniform_steps(total, k)
-
-    with torch.no_grad():
-        ref = [policy.predict_action(b, n) for b, n in zip(batches, noises)]
-        count = sum(int(r.shape[0]) for r in ref)
-        best, best_err, uniform_err = uniform_k, float("inf"), None
-        for rest in itertools.combinations(range(1, total), k - 1):
-            steps_k = (0, *rest)
-            # trial schedules carry no fingerprint: the policy is the one searched, so its weights need no hash
-            trial = CachedPolicy(policy, CacheSchedule("searched", name, total, {key: steps_k for key in keys}))
-            err = sum(float(relative_error(trial.predict_action(b, n), r).sum())
-                      for b, n, r in zip(batches, noises, ref)) / count
-            if steps_k == uniform_k:
-                uniform_err = err
-            if err < best_err:
-                best, best_err = steps_k, err
-            if progress is not None:
-                progress(1)
+    refs = uncached_references(policy, batches, seed)
+    count = sum(int(r.shape[0]) for _, _, r in refs)
+    best, best_err, uniform_err = uniform_k, float("inf"), None
+    for rest in itertools.combinations(range(1, total), k - 1):
+        steps_k = (0, *rest)
+        # trial schedules carry no fingerprint: the policy is the one searched, so its weights need no hash
+        err = chunk_error(policy, CacheSchedule("searched", name, total, {key: steps_k for key in keys}), refs)
+        if steps_k == uniform_k:
+            uniform_err = err
+        if err < best_err:
+            best, best_err = steps_k, err
+        if progress is not None:
+            progress(1)
     meta = dict(info or {})
     meta.update(updates=k, steps=list(best), candidates=candidates, action_rel_error=round(best_err, 6),
                 uniform_action_rel_error=None if uniform_err is None else round(uniform_err, 6), observations=count)

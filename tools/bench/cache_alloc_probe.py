@@ -25,15 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_step_weights_probe import Reference, schedule_chunk_error, uncached_references  # noqa: E402
 
 
 def greedy_allocation(curves: dict[str, dict[int, float]], budget: int, lo: int, hi: int) -> dict[str, int]:
@@ -50,8 +46,9 @@ def greedy_allocation(curves: dict[str, dict[int, float]], budget: int, lo: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robolearn.accel.cache import (branch_keys, calibrate, caching_error, dp_update_steps, shared_schedule,
-                                       uniform_steps)
+    from robolearn.accel.cache import (CacheSchedule, Reference, branch_keys, calibrate, caching_error,
+                                       chunk_error as schedule_error, dp_update_steps, shared_schedule,
+                                       uncached_references, uniform_steps)
     from robolearn.cli.accel import calibration_observations
     from robolearn.policies import load_policy
 
@@ -72,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = branch_keys(policy.backbone)
 
     def chunk_error(updates: dict[str, tuple[int, ...]], refs: list[Reference]) -> float:
-        return schedule_chunk_error(policy, name, S, updates, refs)
+        return schedule_error(policy, CacheSchedule("bac", name, S, updates), refs)
 
     cal = calibrate(policy, cal_obs)
     probe_refs, test_refs = uncached_references(policy, cal_obs[:1], 11), uncached_references(policy, test_obs, 5)

@@ -31,38 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-#: one batch of observations, its initial noise and the uncached chunk for that noise
-Reference = tuple[Any, torch.Tensor, torch.Tensor]
-
-
-def uncached_references(policy: Any, obs: list[Any], seed: int) -> list[Reference]:
-    """Each batch with its initial noise (drawn from ``seed``) and its uncached chunk, computed once for every
-    schedule compared."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    with torch.no_grad():
-        for batch in obs:
-            noise = torch.randn(policy.noise_shape(int(next(iter(batch.values())).shape[0])), generator=gen)
-            out.append((batch, noise, policy.predict_action(batch, noise)))
-    return out
-
-
-def schedule_chunk_error(policy: Any, sampler: str, total: int, updates: dict[str, tuple[int, ...]],
-                         refs: list[Reference]) -> float:
-    """Mean relative error against the uncached ``refs`` (same noise) of the chunks ``policy`` makes cached with
-    per-branch ``updates`` over the ``total`` denoiser calls of ``sampler`` (e.g. ``"ddim-10"``, 10)."""
-    from robolearn.accel.cache import CachedPolicy, CacheSchedule, relative_error
-
-    cached = CachedPolicy(policy, CacheSchedule("bac", sampler, total, updates))
-    with torch.no_grad():
-        return float(torch.cat([relative_error(cached.predict_action(b, n), r) for b, n, r in refs]).mean())
-
-
 SHARED_SETS = [(0, 2, 4, 6, 8), (0, 3, 6, 8), (0, 2, 4, 6, 8, 9), (0, 2, 5, 7, 9), (0, 3, 6, 8, 9)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robolearn.accel.cache import branch_keys, calibrate, dp_update_steps, step_sensitivity
+    from robolearn.accel.cache import (CacheSchedule, Reference, branch_keys, calibrate,
+                                       chunk_error as schedule_error, dp_update_steps, step_sensitivity,
+                                       uncached_references)
     from robolearn.cli.accel import calibration_observations
     from robolearn.policies import load_policy
 
@@ -82,14 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     test_obs = calibration_observations(policy, args.checkpoint, 64, 32, seed=1)
     keys = branch_keys(policy.backbone)
 
-    def references(obs: list[Any], seed: int) -> list[Reference]:
-        return uncached_references(policy, obs, seed)
-
     def chunk_error(updates: dict[str, tuple[int, ...]], refs: list[Reference]) -> float:
-        return schedule_chunk_error(policy, name, S, updates, refs)
+        return schedule_error(policy, CacheSchedule("bac", name, S, updates), refs)
 
     cal = calibrate(policy, cal_obs)
-    probe_refs, test_refs = references(cal_obs[:1], seed=11), references(test_obs, seed=5)
+    probe_refs, test_refs = uncached_references(policy, cal_obs[:1], 11), uncached_references(policy, test_obs, 5)
     step_w = step_sensitivity(policy, cal_obs[:1], sampler="ddim", steps=S)
     every = tuple(range(S))
     branch_w: dict[str, np.ndarray] = {}
