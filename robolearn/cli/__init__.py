@@ -438,8 +438,9 @@ _HYDRA_COMMANDS: dict[str, tuple[str, str, list[str]]] = {
         "    euler, midpoint; finetune.base_sampler=ddim steers a DDPM-trained diffusion policy). The defaults are the\n"
         "    recipe that steered here (sparse reward: env.reward_type=sparse where the task's default is dense).\n"
         "The result is evaluated on held-out seeds before, during and after; it is a 'residual' or 'steered'\n"
-        "checkpoint naming its base, usable by eval, run, serve, teleop and collect policy=. finetune.* keys are\n"
-        "the method's settings; --cfg job prints the composed config.",
+        "checkpoint naming its base, usable by eval, run, serve, teleop and collect policy=: checkpoints/latest,\n"
+        "and checkpoints/best at the best in-run evaluation (chosen on those seeds: evaluate it on others).\n"
+        "finetune.* keys are the method's settings; --cfg job prints the composed config.",
         ["robolearn finetune method=residual checkpoint=runs/train/<run>/checkpoints/latest env_steps=500000",
          "robolearn finetune method=residual checkpoint=... num_envs=16 workers=4 finetune.gamma=0.99",
          "robolearn finetune method=residual checkpoint=... finetune.learner=ars num_envs=64 workers=1",

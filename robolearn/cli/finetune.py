@@ -10,7 +10,8 @@ the task's observations and actions, and for ``resume=true`` that the run's chec
 
 The result is a ``residual`` or ``steered`` policy checkpoint (``run_dir/checkpoints/latest``) that names its base by relative
 path and content hash: ``robolearn eval``, ``run``, ``serve``, ``teleop policy=`` and ``collect policy=`` take it
-like any checkpoint. Moving the run folder without its base (or retraining the base) makes it refuse to load,
+like any checkpoint. ``run_dir/checkpoints/best`` holds the policy at the run's best in-run evaluation (its seeds
+chose it: evaluate it on others before quoting it). Moving the run folder without its base (or retraining the base) makes it refuse to load,
 naming both folders.
 """
 from __future__ import annotations
@@ -124,7 +125,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": out["checkpoint"], "env_steps": out["env_steps"],
         **{k: out[k] for k in ("updates", "transitions", "grad_steps", "iterations") if k in out},
         "success_rate_before": out["success_rate_before"], "success_rate_after": out["success_rate_after"],
-        "eval_episodes": int(cfg.eval.episodes), "wall_s": out["wall_s"], "env_steps_per_s": out["env_steps_s"],
+        "best_checkpoint": out["best_checkpoint"], "best_success_rate": out["best_success_rate"],
+        "best_env_steps": out["best_env_steps"], "eval_episodes": int(cfg.eval.episodes), "wall_s": out["wall_s"],
+        "env_steps_per_s": out["env_steps_s"],
         "base_inference_s": out["inference_s"], "plots": out["plots"], "resumed": latest is not None,
     }
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))
@@ -132,6 +135,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(f"success rate {summary['success_rate_before']} -> {summary['success_rate_after']} over "
               f"{summary['eval_episodes']} episodes")
     print(f"checkpoint: {out['checkpoint']}")
+    if summary["best_checkpoint"] is not None:
+        print(f"best evaluation: {summary['best_success_rate']} at {summary['best_env_steps']:,} env steps, "
+              f"{summary['best_checkpoint']} (chosen on the evaluation seeds: report it on others)")
     print_json(summary)
     return summary
 

@@ -13,6 +13,11 @@ checkpoint every ``ckpt_every`` steps and at the end (the policy kind's own chec
 ``latest`` switched atomically, the newest ``keep_checkpoints`` kept, all under the checkpoint-writer lock, as the
 trainer does); draw ``plots/success.png``. ``env_steps_s`` counts the time of :meth:`advance` only (collection and
 learning; evaluations and checkpoints excluded).
+
+In-run evaluations swing (steering's push_t curves moved by 0.1-0.3 between evaluations 50k steps apart), so the
+run also keeps ``checkpoints/best``: the policy at its best evaluation so far (highest ``success_rate``, ties to the
+higher ``mean_return``, then to the earlier), written when an evaluation beats it, never pruned, without the
+resumable state (resume continues from ``latest``). Select on these held-out seeds, then report on others.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch
 from robolearn.evaluation.rollout import step_info
 
 RL_STATE = "rl_state.pt"
+BEST = "best"  # checkpoints/best: the policy at the run's best evaluation
 Evaluate = Callable[[Any, int], Mapping[str, Any]]
 
 
@@ -95,6 +101,7 @@ class FinetuneRun:
         self.next_episode = 0  # the chunk-noise rule's episode number of the next episode to start
         self.success_before: float | None = None
         self.last_eval: dict[str, Any] | None = None
+        self.best: dict[str, Any] | None = None  # the best evaluation so far: success_rate, mean_return, env_steps
 
     # ------------------------------------------------------------------ what a method supplies
     def start_episodes(self) -> None:
@@ -177,9 +184,13 @@ class FinetuneRun:
         plot = plot_success(log.records(), self.run_dir / "plots" / "success.png", title=self.plot_title,
                             train_label=self.train_label, eval_label=self.eval_label)
         steps_done = self.env_steps - started_at
+        best = self.ckpt_root / BEST
         return {"env_steps": self.env_steps, **self.counters(), "checkpoint": str(ckpt),
                 "success_rate_before": self.success_before,
                 "success_rate_after": self.last_eval["success_rate"] if self.last_eval else None,
+                "best_checkpoint": str(best) if self.best is not None and best.is_dir() else None,
+                "best_success_rate": self.best["success_rate"] if self.best else None,
+                "best_env_steps": self.best["env_steps"] if self.best else None,
                 "eval": self.last_eval, "wall_s": round(time.perf_counter() - t_start, 2),
                 "env_steps_s": round(steps_done / train_s, 1) if train_s > 0 else None,
                 "inference_s": round(self.executor.inference_s, 2), "plots": [plot] if plot else []}
@@ -188,11 +199,26 @@ class FinetuneRun:
         assert self.evaluate_fn is not None
         result = dict(self.evaluate_fn(self.policy if policy is None else policy, self.env_steps))
         self.last_eval = result
+        if policy is None and result.get("success_rate") is not None:  # the trained policy, not the baseline
+            self._keep_if_best(result)
         log.log({"env_steps": self.env_steps, "eval_success_rate": result.get("success_rate"),
                  **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()
                     if k not in ("step", "success_rate") and isinstance(v, (int, float)) and not isinstance(v, bool)}})
 
     # ------------------------------------------------------------------ checkpoints
+    def _keep_if_best(self, result: Mapping[str, Any]) -> None:
+        """Write ``checkpoints/best`` when this evaluation beats the best so far (success, then mean return)."""
+        from robolearn.policies.checkpoint import save_policy
+
+        score = (float(result["success_rate"]), float(result.get("mean_return") or 0.0))
+        if self.best is not None and score <= (self.best["success_rate"], self.best["mean_return"]):
+            return
+        self.best = {"success_rate": score[0], "mean_return": score[1], "env_steps": self.env_steps}
+        save_policy(self.policy, self.ckpt_root / BEST,
+                    config={**self.run_config, "settings": dataclasses.asdict(self.s)},
+                    extra={"step": self.env_steps, "env_steps": self.env_steps, **self.counters(),
+                           "success_rate": score[0], "mean_return": score[1], "best": True})
+
     def save(self) -> Path:
         """The policy's checkpoint (``step_<env steps>``) holding the resumable state too; ``latest`` switched to
         it atomically; only the newest ``keep_checkpoints`` kept."""
@@ -201,6 +227,9 @@ class FinetuneRun:
 
         state = {**self.rl_state(), "env_steps": self.env_steps, "next_episode": self.next_episode,
                  "success_before": -1.0 if self.success_before is None else float(self.success_before)}
+        if self.best is not None:  # plain numbers: the resumed run keeps comparing against this best
+            state.update(best_success=float(self.best["success_rate"]), best_return=float(self.best["mean_return"]),
+                         best_env_steps=int(self.best["env_steps"]))
         folder = self.ckpt_root / f"step_{self.env_steps:010d}"
         extra = {"step": self.env_steps, "env_steps": self.env_steps, **self.counters(),
                  "success_rate": self.last_eval.get("success_rate") if self.last_eval else None}
@@ -223,6 +252,9 @@ class FinetuneRun:
         self.env_steps, self.next_episode = int(state["env_steps"]), int(state["next_episode"])
         before = float(state["success_before"])
         self.success_before = None if before < 0 else before
+        if "best_success" in state:  # checkpoints written before the best was kept have none
+            self.best = {"success_rate": float(state["best_success"]), "mean_return": float(state["best_return"]),
+                         "env_steps": int(state["best_env_steps"])}
 
 
 def soft_update(net: torch.nn.Module, target: torch.nn.Module, tau: float) -> None:

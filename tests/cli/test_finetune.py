@@ -83,6 +83,11 @@ def test_finetune_writes_a_residual_checkpoint_metrics_and_plots(finetuned):
     assert [r["env_steps"] for r in records if "update" in r] == [128, 256]
     assert [r["env_steps"] for r in records if "eval_success_rate" in r] == [0, 256]
     assert (run / "plots" / "success.png").is_file() and list((run / "tb").iterdir())
+    # checkpoints/best: the trained policy's best evaluation (the one at 256; the baseline at 0 is not a candidate)
+    assert summary["best_env_steps"] == 256 and summary["best_checkpoint"] == str(run / "checkpoints" / "best")
+    assert summary["best_success_rate"] == [r["eval_success_rate"] for r in records if r["env_steps"] == 256
+                                            and "eval_success_rate" in r][0]
+    assert load_policy(summary["best_checkpoint"]).policy_type == "residual"
     assert json.loads((run / "result.json").read_text())["checkpoint"] == summary["checkpoint"]
 
 
@@ -352,6 +357,11 @@ def test_steer_writes_a_steered_checkpoint_with_its_replay_buffer(steered):
     assert [r["env_steps"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
             if "eval_success_rate" in r] == [0, 320]
     assert (run / "plots" / "success.png").is_file()
+    best = load_policy(summary["best_checkpoint"])
+    assert summary["best_env_steps"] == 320 and best.policy_type == "steered"
+    assert not {"rl_state.pt", "replay.npz"} & {p.name for p in (run / "checkpoints" / "best").iterdir()}
+    assert json.loads((run / "checkpoints" / "best" / "extra.json").read_text())["success_rate"] == \
+        summary["best_success_rate"] == summary["success_rate_after"]
 
 
 def test_steer_yaml_and_settings_defaults_agree(capsys):

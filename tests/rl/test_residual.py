@@ -148,7 +148,14 @@ def test_ppo_learns_the_constant_correction_the_base_misses(tmp_path):
     assert isinstance(loaded, ResidualPolicy) and loaded.base.checkpoint_path == str((tmp_path / "base").resolve())
     assert held_out(loaded, 0)["mean_return"] == pytest.approx(after, abs=1e-6)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "latest", "step_0000002048", "step_0000004096"]
+        "best", "latest", "step_0000002048", "step_0000004096"]
+    # checkpoints/best: the policy at the best in-run evaluation (success, then mean return), evaluating the same
+    trained = [r for r in evals if r["env_steps"] > 0]
+    top = max(trained, key=lambda r: (r["eval_success_rate"], r["eval_mean_return"]))
+    assert (out["best_env_steps"], out["best_success_rate"]) == (top["env_steps"], top["eval_success_rate"])
+    best = load_policy(out["best_checkpoint"])
+    assert isinstance(best, ResidualPolicy) and not (Path(out["best_checkpoint"]) / "rl_state.pt").exists()
+    assert held_out(best, 0)["mean_return"] == pytest.approx(top["eval_mean_return"], abs=1e-6)
     assert (tmp_path / "run" / "plots" / "success.png").stat().st_size > 1000
     assert list((tmp_path / "run" / "tb").iterdir())
 
@@ -178,6 +185,11 @@ def test_resume_continues_counters_optimizers_and_rng(tmp_path):
     first_steps = next(iter(state["state"].values()))["step"]
     assert float(resumed_steps) > float(first_steps)
     assert out2["success_rate_after"] is not None
+    # The best evaluation so far travels in the checkpoint: the resumed run's best is over both runs' evaluations.
+    trained = [r for r in records if "eval_success_rate" in r and r["env_steps"] > 0]
+    assert [r["env_steps"] for r in trained] == [2048, 4096]
+    top = max(trained, key=lambda r: (r["eval_success_rate"], r["eval_mean_return"]))
+    assert (out2["best_env_steps"], out2["best_success_rate"]) == (top["env_steps"], top["eval_success_rate"])
 
 
 def test_exploration_noise_is_ar1_with_the_set_correlation_and_restarts_fresh(tmp_path):
