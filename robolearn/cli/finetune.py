@@ -8,10 +8,10 @@ rollout: the settings (``check_config``, also under ``--cfg job``), the base che
 policy and not already a per-step residual), its task (``task=`` must be the one it was trained on), that it fits
 the task's observations and actions, and for ``resume=true`` that the run's checkpoint, base and settings agree.
 
-The result is a ``residual`` or ``steered`` policy checkpoint (``run_dir/checkpoints/latest``) that names its base by relative
-path and content hash: ``robolearn eval``, ``run``, ``serve``, ``teleop policy=`` and ``collect policy=`` take it
-like any checkpoint. ``run_dir/checkpoints/best`` holds the policy at the run's best in-run evaluation (its seeds
-chose it: evaluate it on others before quoting it). Moving the run folder without its base (or retraining the base) makes it refuse to load,
+The result is a ``residual`` or ``steered`` policy checkpoint (``run_dir/checkpoints/latest``) that names its base
+by relative path and content hash: ``robolearn eval``, ``run``, ``serve``, ``teleop policy=`` and ``collect policy=``
+take it like any checkpoint. ``run_dir/checkpoints/best`` holds the trained policy at the run's best in-run
+evaluation (its seeds chose it: evaluate it on others before quoting it). Moving the run folder without its base (or retraining the base) makes it refuse to load,
 naming both folders.
 """
 from __future__ import annotations

@@ -15,9 +15,12 @@ trainer does); draw ``plots/success.png``. ``env_steps_s`` counts the time of :m
 learning; evaluations and checkpoints excluded).
 
 In-run evaluations swing (steering's push_t curves moved by 0.1-0.3 between evaluations 50k steps apart), so the
-run also keeps ``checkpoints/best``: the policy at its best evaluation so far (highest ``success_rate``, ties to the
-higher ``mean_return``, then to the earlier), written when an evaluation beats it, never pruned, without the
-resumable state (resume continues from ``latest``). Select on these held-out seeds, then report on others.
+run also keeps ``checkpoints/best``: the trained policy at its best evaluation so far (highest ``success_rate``,
+ties to the higher ``mean_return``, then to the earlier; the evaluation before training is not a candidate, so a
+run that only got worse has a best below ``success_rate_before``), written when an evaluation beats it, never
+pruned, without the resumable state (resume continues from ``latest``). The folder is its own record: its
+``extra.json`` holds the score, and a resumed run reads it back, so a kill between writing ``best`` and the next
+checkpoint loses nothing. Select on these held-out seeds, then report on others.
 """
 from __future__ import annotations
 
@@ -141,11 +144,13 @@ class FinetuneRun:
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train until ``total_env_steps``; returns ``{env_steps, <counters>, checkpoint, success_rate_before,
-        success_rate_after, eval, wall_s, env_steps_s, inference_s, plots}``. ``resume``: continue after
+        success_rate_after, best_checkpoint, best_success_rate, best_env_steps, eval, wall_s, env_steps_s,
+        inference_s, plots}``. ``resume``: continue after
         :meth:`load_state`."""
         from robolearn.progress import progress_bar
         from robolearn.rl.log import RunLog, plot_success
 
+        self.best = self._read_best() if resume else None  # resumed: compare against the best its folder holds
         log = RunLog(self.run_dir, resume_at=self.env_steps if resume else None)
         self.policy.eval()  # the heads' mode matters to nothing here; the base stays in eval mode regardless
         t_start = time.perf_counter()
@@ -199,11 +204,11 @@ class FinetuneRun:
         assert self.evaluate_fn is not None
         result = dict(self.evaluate_fn(self.policy if policy is None else policy, self.env_steps))
         self.last_eval = result
-        if policy is None and result.get("success_rate") is not None:  # the trained policy, not the baseline
-            self._keep_if_best(result)
         log.log({"env_steps": self.env_steps, "eval_success_rate": result.get("success_rate"),
                  **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in result.items()
                     if k not in ("step", "success_rate") and isinstance(v, (int, float)) and not isinstance(v, bool)}})
+        if policy is None and result.get("success_rate") is not None:  # the trained policy, not the baseline
+            self._keep_if_best(result)
 
     # ------------------------------------------------------------------ checkpoints
     def _keep_if_best(self, result: Mapping[str, Any]) -> None:
@@ -213,11 +218,24 @@ class FinetuneRun:
         score = (float(result["success_rate"]), float(result.get("mean_return") or 0.0))
         if self.best is not None and score <= (self.best["success_rate"], self.best["mean_return"]):
             return
-        self.best = {"success_rate": score[0], "mean_return": score[1], "env_steps": self.env_steps}
         save_policy(self.policy, self.ckpt_root / BEST,
                     config={**self.run_config, "settings": dataclasses.asdict(self.s)},
                     extra={"step": self.env_steps, "env_steps": self.env_steps, **self.counters(),
                            "success_rate": score[0], "mean_return": score[1], "best": True})
+        self.best = {"success_rate": score[0], "mean_return": score[1], "env_steps": self.env_steps}
+
+    def _read_best(self) -> dict[str, Any] | None:
+        """The score ``checkpoints/best`` holds (its ``extra.json``), or None when there is none to beat."""
+        import json
+
+        from robolearn.policies.folders import EXTRA
+
+        try:
+            extra = json.loads((self.ckpt_root / BEST / EXTRA).read_text())
+            return {"success_rate": float(extra["success_rate"]), "mean_return": float(extra["mean_return"]),
+                    "env_steps": int(extra["env_steps"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # none yet, or unreadable: the next evaluation writes it afresh
 
     def save(self) -> Path:
         """The policy's checkpoint (``step_<env steps>``) holding the resumable state too; ``latest`` switched to
@@ -227,9 +245,6 @@ class FinetuneRun:
 
         state = {**self.rl_state(), "env_steps": self.env_steps, "next_episode": self.next_episode,
                  "success_before": -1.0 if self.success_before is None else float(self.success_before)}
-        if self.best is not None:  # plain numbers: the resumed run keeps comparing against this best
-            state.update(best_success=float(self.best["success_rate"]), best_return=float(self.best["mean_return"]),
-                         best_env_steps=int(self.best["env_steps"]))
         folder = self.ckpt_root / f"step_{self.env_steps:010d}"
         extra = {"step": self.env_steps, "env_steps": self.env_steps, **self.counters(),
                  "success_rate": self.last_eval.get("success_rate") if self.last_eval else None}
@@ -252,9 +267,6 @@ class FinetuneRun:
         self.env_steps, self.next_episode = int(state["env_steps"]), int(state["next_episode"])
         before = float(state["success_before"])
         self.success_before = None if before < 0 else before
-        if "best_success" in state:  # checkpoints written before the best was kept have none
-            self.best = {"success_rate": float(state["best_success"]), "mean_return": float(state["best_return"]),
-                         "env_steps": int(state["best_env_steps"])}
 
 
 def soft_update(net: torch.nn.Module, target: torch.nn.Module, tau: float) -> None:

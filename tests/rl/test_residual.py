@@ -4,6 +4,7 @@ misses a tiny task's reward by a constant (tests/rl/toys.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from robolearn.policies import ChunkExecutor, load_policy, save_policy
 from robolearn.rl.residual import Critic, ResidualPPO, RolloutCorrector, Rollout, gae
 from robolearn.rl.residual_policy import ResidualPolicy
 from robolearn.rl.settings import ResidualSettings
+from robolearn.training.trainer import switch_latest
 from sim.vector import make_vector_env
 from toys import EPISODE, OFFSET, OffsetBase, ReachEnv, fixture_base, reach_evaluator, toy_base
 
@@ -116,12 +118,12 @@ def test_truncated_episodes_bootstrap_from_their_last_observation_terminated_one
     torch.testing.assert_close(last_value, torch.ones(2))
 
 
-def toy_run(tmp_path: Path, total: int, *, policy=None, resume_from: Path | None = None, **settings):
+def toy_run(tmp_path: Path, total: int, *, policy=None, resume_from: Path | None = None, evaluate=None, **settings):
     defaults = dict(actor_lr=3e-3, rollout_steps=64, gamma=0.9)
     s = ResidualSettings(**{**defaults, **settings})
     policy = policy if policy is not None else ResidualPolicy(toy_base(tmp_path), **s.policy_config())
     envs = make_vector_env(ReachEnv, num_envs=8, num_workers=0)
-    held_out = reach_evaluator()
+    held_out = reach_evaluator() if evaluate is None else evaluate
 
     ppo = ResidualPPO(policy, envs, s, total_env_steps=total, run_dir=tmp_path / "run", evaluate=held_out,
                       eval_every=2048, ckpt_every=2048, progress=False, run_config={"task": "reach"})
@@ -185,11 +187,32 @@ def test_resume_continues_counters_optimizers_and_rng(tmp_path):
     first_steps = next(iter(state["state"].values()))["step"]
     assert float(resumed_steps) > float(first_steps)
     assert out2["success_rate_after"] is not None
-    # The best evaluation so far travels in the checkpoint: the resumed run's best is over both runs' evaluations.
-    trained = [r for r in records if "eval_success_rate" in r and r["env_steps"] > 0]
-    assert [r["env_steps"] for r in trained] == [2048, 4096]
-    top = max(trained, key=lambda r: (r["eval_success_rate"], r["eval_mean_return"]))
-    assert (out2["best_env_steps"], out2["best_success_rate"]) == (top["env_steps"], top["eval_success_rate"])
+
+
+def test_best_checkpoint_outlives_a_resume_and_a_kill_before_the_next_checkpoint(tmp_path):
+    """``checkpoints/best`` is its own record: a resumed run compares against the score in its ``extra.json`` --
+    also when the run was killed after writing it and before the step checkpoint, and resumes from an earlier one."""
+    scores = {2048: 0.5, 4096: 0.9}
+
+    def scripted(policy, env_steps):  # success by step; the evaluation before training scores 0
+        return {"success_rate": scores.get(env_steps, 0.0), "mean_return": 0.0}
+
+    _, out, _ = toy_run(tmp_path, 4096, evaluate=scripted)
+    assert (out["best_env_steps"], out["best_success_rate"]) == (4096, 0.9)
+    root = tmp_path / "run" / "checkpoints"
+    weights = (root / "best" / "model.safetensors").read_bytes()
+    shutil.rmtree(root / "step_0000004096")  # as if killed after best was written, before step_4096 was
+    switch_latest(root, "step_0000002048")
+    scores[4096] = 0.3  # the resumed run does worse at 4096: the killed run's best stands
+    _, out2, _ = toy_run(tmp_path, 4096, policy=load_policy(root / "latest"), resume_from=root / "latest",
+                         evaluate=scripted)
+    assert (out2["best_env_steps"], out2["best_success_rate"]) == (4096, 0.9)
+    assert (root / "best" / "model.safetensors").read_bytes() == weights
+    scores[6144] = 0.95  # a better evaluation replaces it
+    _, out3, _ = toy_run(tmp_path, 6144, policy=load_policy(root / "latest"), resume_from=root / "latest",
+                         evaluate=scripted)
+    assert (out3["best_env_steps"], out3["best_success_rate"]) == (6144, 0.95)
+    assert json.loads((root / "best" / "extra.json").read_text())["env_steps"] == 6144
 
 
 def test_exploration_noise_is_ar1_with_the_set_correlation_and_restarts_fresh(tmp_path):
