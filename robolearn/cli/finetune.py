@@ -11,8 +11,8 @@ the task's observations and actions, and for ``resume=true`` that the run's chec
 The result is a ``residual`` or ``steered`` policy checkpoint (``run_dir/checkpoints/latest``) that names its base
 by relative path and content hash: ``robolearn eval``, ``run``, ``serve``, ``teleop policy=`` and ``collect policy=``
 take it like any checkpoint. ``run_dir/checkpoints/best`` holds the trained policy at the run's best in-run
-evaluation (its seeds chose it: evaluate it on others before quoting it). Moving the run folder without its base (or retraining the base) makes it refuse to load,
-naming both folders.
+evaluation (its seeds chose it: evaluate it on others before quoting it). Moving the run folder without its base
+(or retraining the base) makes it refuse to load, naming both folders.
 """
 from __future__ import annotations
 
@@ -124,10 +124,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "task": task, "method": method, "base_checkpoint": str(base_path), "run_dir": str(run_dir),
         "checkpoint": out["checkpoint"], "env_steps": out["env_steps"],
         **{k: out[k] for k in ("updates", "transitions", "grad_steps", "iterations") if k in out},
-        "success_rate_before": out["success_rate_before"], "success_rate_after": out["success_rate_after"],
-        "best_checkpoint": out["best_checkpoint"], "best_success_rate": out["best_success_rate"],
-        "best_env_steps": out["best_env_steps"], "eval_episodes": int(cfg.eval.episodes), "wall_s": out["wall_s"],
-        "env_steps_per_s": out["env_steps_s"],
+        **{k: out[k] for k in ("success_rate_before", "success_rate_after", "best_checkpoint", "best_success_rate",
+                               "best_env_steps")},
+        "eval_episodes": int(cfg.eval.episodes), "wall_s": out["wall_s"], "env_steps_per_s": out["env_steps_s"],
         "base_inference_s": out["inference_s"], "plots": out["plots"], "resumed": latest is not None,
     }
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1))

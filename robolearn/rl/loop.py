@@ -25,6 +25,7 @@ checkpoint loses nothing. Select on these held-out seeds, then report on others.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -145,8 +146,7 @@ class FinetuneRun:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train until ``total_env_steps``; returns ``{env_steps, <counters>, checkpoint, success_rate_before,
         success_rate_after, best_checkpoint, best_success_rate, best_env_steps, eval, wall_s, env_steps_s,
-        inference_s, plots}``. ``resume``: continue after
-        :meth:`load_state`."""
+        inference_s, plots}``. ``resume``: continue after :meth:`load_state`."""
         from robolearn.progress import progress_bar
         from robolearn.rl.log import RunLog, plot_success
 
@@ -189,11 +189,11 @@ class FinetuneRun:
         plot = plot_success(log.records(), self.run_dir / "plots" / "success.png", title=self.plot_title,
                             train_label=self.train_label, eval_label=self.eval_label)
         steps_done = self.env_steps - started_at
-        best = self.ckpt_root / BEST
         return {"env_steps": self.env_steps, **self.counters(), "checkpoint": str(ckpt),
                 "success_rate_before": self.success_before,
                 "success_rate_after": self.last_eval["success_rate"] if self.last_eval else None,
-                "best_checkpoint": str(best) if self.best is not None and best.is_dir() else None,
+                # a best is only ever set once its folder is written (or read back from it)
+                "best_checkpoint": str(self.ckpt_root / BEST) if self.best else None,
                 "best_success_rate": self.best["success_rate"] if self.best else None,
                 "best_env_steps": self.best["env_steps"] if self.best else None,
                 "eval": self.last_eval, "wall_s": round(time.perf_counter() - t_start, 2),
@@ -226,8 +226,6 @@ class FinetuneRun:
 
     def _read_best(self) -> dict[str, Any] | None:
         """The score ``checkpoints/best`` holds (its ``extra.json``), or None when there is none to beat."""
-        import json
-
         from robolearn.policies.folders import EXTRA
 
         try:
