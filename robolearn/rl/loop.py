@@ -213,15 +213,10 @@ class FinetuneRun:
     # ------------------------------------------------------------------ checkpoints
     def _keep_if_best(self, result: Mapping[str, Any]) -> None:
         """Write ``checkpoints/best`` when this evaluation beats the best so far (success, then mean return)."""
-        from robolearn.policies.checkpoint import save_policy
-
         score = (float(result["success_rate"]), float(result.get("mean_return") or 0.0))
         if self.best is not None and score <= (self.best["success_rate"], self.best["mean_return"]):
             return
-        save_policy(self.policy, self.ckpt_root / BEST,
-                    config={**self.run_config, "settings": dataclasses.asdict(self.s)},
-                    extra={"step": self.env_steps, "env_steps": self.env_steps, **self.counters(),
-                           "success_rate": score[0], "mean_return": score[1], "best": True})
+        self._save_policy(self.ckpt_root / BEST, {"success_rate": score[0], "mean_return": score[1], "best": True})
         self.best = {"success_rate": score[0], "mean_return": score[1], "env_steps": self.env_steps}
 
     def _read_best(self) -> dict[str, Any] | None:
@@ -235,21 +230,28 @@ class FinetuneRun:
         except (OSError, ValueError, KeyError, TypeError):
             return None  # none yet, or unreadable: the next evaluation writes it afresh
 
+    def _save_policy(self, folder: Path, extra: Mapping[str, Any], **kw: Any) -> Path:
+        """The trained policy as a checkpoint folder (atomically, by ``save_policy``): the run's config with its
+        settings, and ``extra`` after the progress counters (``step``, ``env_steps``, the method's counters)."""
+        from robolearn.policies.checkpoint import save_policy
+
+        return save_policy(self.policy, folder, config={**self.run_config, "settings": dataclasses.asdict(self.s)},
+                           extra={"step": self.env_steps, "env_steps": self.env_steps, **self.counters(), **extra},
+                           **kw)
+
     def save(self) -> Path:
         """The policy's checkpoint (``step_<env steps>``) holding the resumable state too; ``latest`` switched to
         it atomically; only the newest ``keep_checkpoints`` kept."""
-        from robolearn.policies.checkpoint import save_policy, writing_checkpoints
+        from robolearn.policies.checkpoint import writing_checkpoints
         from robolearn.training.trainer import prune_checkpoints, switch_latest
 
         state = {**self.rl_state(), "env_steps": self.env_steps, "next_episode": self.next_episode,
                  "success_before": -1.0 if self.success_before is None else float(self.success_before)}
         folder = self.ckpt_root / f"step_{self.env_steps:010d}"
-        extra = {"step": self.env_steps, "env_steps": self.env_steps, **self.counters(),
-                 "success_rate": self.last_eval.get("success_rate") if self.last_eval else None}
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
         with writing_checkpoints(self.ckpt_root):  # as the trainer: a live writer, nobody cleans meanwhile
-            save_policy(self.policy, folder, config={**self.run_config, "settings": dataclasses.asdict(self.s)},
-                        extra=extra, write_extra=lambda tmp: self.write_state(tmp, state))
+            self._save_policy(folder, {"success_rate": self.last_eval.get("success_rate") if self.last_eval else None},
+                              write_extra=lambda tmp: self.write_state(tmp, state))
             switch_latest(self.ckpt_root, folder.name)
             prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
         return folder
