@@ -20,13 +20,16 @@ ties to the higher ``mean_return``, then to the earlier; the evaluation before t
 run that only got worse has a best below ``success_rate_before``), written when an evaluation beats it, never
 pruned, without the resumable state (resume continues from ``latest``). The folder is its own record: its
 ``extra.json`` holds the score, and a resumed run reads it back, so a kill between writing ``best`` and the next
-checkpoint loses nothing. Select on these held-out seeds, then report on others.
+checkpoint loses nothing (a ``best`` whose score cannot be read, or was scored on other evaluation seeds, is
+renamed ``best.unreadable`` / ``best.other-eval``, not overwritten).
+Select on these held-out seeds, then report on others.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
@@ -216,19 +219,57 @@ class FinetuneRun:
         score = (float(result["success_rate"]), float(result.get("mean_return") or 0.0))
         if self.best is not None and score <= (self.best["success_rate"], self.best["mean_return"]):
             return
-        self._save_policy(self.ckpt_root / BEST, {"success_rate": score[0], "mean_return": score[1], "best": True})
+        self._save_policy(self.ckpt_root / BEST, {"success_rate": score[0], "mean_return": score[1], "best": True,
+                                                  **self._eval_key()})
         self.best = {"success_rate": score[0], "mean_return": score[1], "env_steps": self.env_steps}
 
+    def _eval_key(self) -> dict[str, int]:
+        """What makes two evaluations' scores comparable: their seeds (``eval.seed``, ``eval.episodes`` of the run
+        config; empty when the run config does not say)."""
+        ev = self.run_config.get("eval") or {}
+        return {f"eval_{k}": int(ev[k]) for k in ("seed", "episodes") if isinstance(ev, Mapping) and k in ev}
+
     def _read_best(self) -> dict[str, Any] | None:
-        """The score ``checkpoints/best`` holds (its ``extra.json``), or None when there is none to beat."""
+        """The score ``checkpoints/best`` holds (its ``extra.json``), or None when there is none to beat.
+
+        A ``best`` is never overwritten by a score it cannot be compared with: one whose score cannot be read is
+        renamed ``best.unreadable``, one scored on other evaluation seeds (``eval.seed``/``eval.episodes`` changed
+        on resume) ``best.other-eval`` (then ``.1``, ``.2``, ...), each with a message, and the next evaluation
+        writes a new ``best`` beside it."""
         from robolearn.policies.folders import EXTRA
 
+        folder = self.ckpt_root / BEST
+        if not folder.is_dir():
+            return None  # no best yet
         try:
-            extra = json.loads((self.ckpt_root / BEST / EXTRA).read_text())
-            return {"success_rate": float(extra["success_rate"]), "mean_return": float(extra["mean_return"]),
+            extra = json.loads((folder / EXTRA).read_text())
+            best = {"success_rate": float(extra["success_rate"]), "mean_return": float(extra["mean_return"]),
                     "env_steps": int(extra["env_steps"])}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # none yet, or unreadable: the next evaluation writes it afresh
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            self._set_best_aside("unreadable", f"cannot read the score of {folder / EXTRA} ({type(err).__name__}: "
+                                               f"{err})")
+            return None
+        now = self._eval_key()
+        then = {k: extra[k] for k in now if k in extra}  # a best from before these keys were kept: comparable
+        if then != {k: now[k] for k in then}:
+            self._set_best_aside("other-eval", f"{folder} was chosen on evaluations with "
+                                               f"{', '.join(f'{k}={v}' for k, v in then.items())}, this run evaluates "
+                                               f"with {', '.join(f'{k}={now[k]}' for k in then)}")
+            return None
+        return best
+
+    def _set_best_aside(self, why: str, message: str) -> None:
+        """Rename ``checkpoints/best`` to the first free ``best.<why>[.N]`` (as a checkpoint writer) and say so."""
+        from robolearn.policies.checkpoint import writing_checkpoints
+
+        with writing_checkpoints(self.ckpt_root):  # no cleaner runs meanwhile
+            aside, n = self.ckpt_root / f"{BEST}.{why}", 0
+            while os.path.lexists(aside):
+                n += 1
+                aside = self.ckpt_root / f"{BEST}.{why}.{n}"
+            os.rename(self.ckpt_root / BEST, aside)
+        print(f"finetune: {message}; kept that folder as {aside}, and the next evaluation writes a new "
+              f"{self.ckpt_root / BEST}", file=sys.stderr, flush=True)
 
     def _save_policy(self, folder: Path, extra: Mapping[str, Any], **kw: Any) -> Path:
         """The trained policy as a checkpoint folder (atomically, by ``save_policy``): the run's config with its

@@ -118,7 +118,8 @@ def test_truncated_episodes_bootstrap_from_their_last_observation_terminated_one
     torch.testing.assert_close(last_value, torch.ones(2))
 
 
-def toy_run(tmp_path: Path, total: int, *, policy=None, resume_from: Path | None = None, evaluate=None, **settings):
+def toy_run(tmp_path: Path, total: int, *, policy=None, resume_from: Path | None = None, evaluate=None,
+            eval_seed: int = 0, **settings):
     defaults = dict(actor_lr=3e-3, rollout_steps=64, gamma=0.9)
     s = ResidualSettings(**{**defaults, **settings})
     policy = policy if policy is not None else ResidualPolicy(toy_base(tmp_path), **s.policy_config())
@@ -126,7 +127,8 @@ def toy_run(tmp_path: Path, total: int, *, policy=None, resume_from: Path | None
     held_out = reach_evaluator() if evaluate is None else evaluate
 
     ppo = ResidualPPO(policy, envs, s, total_env_steps=total, run_dir=tmp_path / "run", evaluate=held_out,
-                      eval_every=2048, ckpt_every=2048, progress=False, run_config={"task": "reach"})
+                      eval_every=2048, ckpt_every=2048, progress=False,
+                      run_config={"task": "reach", "eval": {"seed": eval_seed, "episodes": 8}})
     if resume_from is not None:
         ppo.load_state(resume_from)
     try:
@@ -214,6 +216,41 @@ def test_best_checkpoint_outlives_a_resume_and_a_kill_before_the_next_checkpoint
     assert (out3["best_env_steps"], out3["best_success_rate"]) == (6144, 0.95)
     assert json.loads((root / "best" / "extra.json").read_text())["env_steps"] == 6144
 
+
+def test_a_best_whose_score_is_unreadable_is_kept_aside_not_overwritten(tmp_path, capsys):
+    """A resumed run that cannot read ``checkpoints/best/extra.json`` renames that folder ``best.unreadable``
+    (weights untouched, the file named on stderr) and writes a new ``best`` at its next evaluation."""
+    scores = {2048: 0.5, 4096: 0.2}
+
+    def scripted(policy, env_steps):
+        return {"success_rate": scores.get(env_steps, 0.0), "mean_return": 0.0}
+
+    _, out, _ = toy_run(tmp_path, 2048, evaluate=scripted)
+    root = tmp_path / "run" / "checkpoints"
+    weights = (root / "best" / "model.safetensors").read_bytes()
+    (root / "best" / "extra.json").write_text("{not json")  # a damaged score
+    capsys.readouterr()
+    _, out2, _ = toy_run(tmp_path, 4096, policy=load_policy(root / "latest"), resume_from=root / "latest",
+                         evaluate=scripted)
+    err = capsys.readouterr().err
+    assert str(root / "best" / "extra.json") in err and "best.unreadable" in err
+    assert (root / "best.unreadable" / "model.safetensors").read_bytes() == weights  # nothing lost
+    assert (out2["best_env_steps"], out2["best_success_rate"]) == (4096, 0.2)  # the new best: the only comparable score
+    assert json.loads((root / "best" / "extra.json").read_text())["env_steps"] == 4096
+    (root / "best" / "extra.json").write_text("[]")  # damaged again: the next name is taken, not the first
+    toy_run(tmp_path, 4096, policy=load_policy(root / "latest"), resume_from=root / "latest", evaluate=scripted)
+    assert (root / "best.unreadable" / "model.safetensors").read_bytes() == weights
+    assert (root / "best.unreadable.1" / "extra.json").read_text() == "[]"
+    # Resumed with other evaluation seeds: the old best's score is not comparable, so it is set aside too
+    best_weights = (root / "best" / "model.safetensors").read_bytes()
+    assert json.loads((root / "best" / "extra.json").read_text())["eval_seed"] == 0
+    capsys.readouterr()
+    toy_run(tmp_path, 4096, policy=load_policy(root / "latest"), resume_from=root / "latest", evaluate=scripted,
+            eval_seed=500)
+    err = capsys.readouterr().err
+    assert "eval_seed=0" in err and "eval_seed=500" in err and "best.other-eval" in err
+    assert (root / "best.other-eval" / "model.safetensors").read_bytes() == best_weights
+    assert json.loads((root / "best" / "extra.json").read_text())["eval_seed"] == 500
 
 def test_exploration_noise_is_ar1_with_the_set_correlation_and_restarts_fresh(tmp_path):
     policy = ResidualPolicy(toy_base(tmp_path), init_log_std=0.0, obs_norm="base")  # residual = mean 0 + 1 x noise
