@@ -109,6 +109,7 @@ class FinetuneRun:
         self.success_before: float | None = None
         self.last_eval: dict[str, Any] | None = None
         self.best: dict[str, Any] | None = None  # the best evaluation so far: success_rate, mean_return, env_steps
+        self._best_known = True  # False on a resumed run until its first evaluation reads back checkpoints/best
 
     # ------------------------------------------------------------------ what a method supplies
     def start_episodes(self) -> None:
@@ -153,7 +154,9 @@ class FinetuneRun:
         from robolearn.progress import progress_bar
         from robolearn.rl.log import RunLog, plot_success
 
-        self.best = self._read_best() if resume else None  # resumed: compare against the best its folder holds
+        # resumed: compare against the best its folder holds, read (and, if not comparable, set aside) only when an
+        # evaluation is about to replace it, so a resume that never evaluates leaves the folder as it was
+        self.best, self._best_known = None, not resume
         log = RunLog(self.run_dir, resume_at=self.env_steps if resume else None)
         self.policy.eval()  # the heads' mode matters to nothing here; the base stays in eval mode regardless
         t_start = time.perf_counter()
@@ -187,6 +190,8 @@ class FinetuneRun:
         finally:
             bar.close()
             log.close()
+        if not self._best_known:  # resumed, no evaluation since: report the best on disk, touching nothing
+            self.best = self._read_best(set_aside=False)
         if ckpt is None:  # resumed a run that had already finished: its newest checkpoint is the result
             ckpt = (self.ckpt_root / "latest").resolve()
         plot = plot_success(log.records(), self.run_dir / "plots" / "success.png", title=self.plot_title,
@@ -217,6 +222,8 @@ class FinetuneRun:
     def _keep_if_best(self, result: Mapping[str, Any]) -> None:
         """Write ``checkpoints/best`` when this evaluation beats the best so far (success, then mean return)."""
         score = (float(result["success_rate"]), float(result.get("mean_return") or 0.0))
+        if not self._best_known:
+            self.best, self._best_known = self._read_best(), True
         if self.best is not None and score <= (self.best["success_rate"], self.best["mean_return"]):
             return
         self._save_policy(self.ckpt_root / BEST, {"success_rate": score[0], "mean_return": score[1], "best": True,
@@ -229,16 +236,20 @@ class FinetuneRun:
         ev = self.run_config.get("eval") or {}
         return {f"eval_{k}": int(ev[k]) for k in ("seed", "episodes") if isinstance(ev, Mapping) and k in ev}
 
-    def _read_best(self) -> dict[str, Any] | None:
+    def _read_best(self, set_aside: bool = True) -> dict[str, Any] | None:
         """The score ``checkpoints/best`` holds (its ``extra.json``), or None when there is none to beat.
 
-        A ``best`` is never overwritten by a score it cannot be compared with: one whose score cannot be read is
-        renamed ``best.unreadable``, one scored on other evaluation seeds (``eval.seed``/``eval.episodes`` changed
-        on resume) ``best.other-eval`` (then ``.1``, ``.2``, ...), each with a message, and the next evaluation
-        writes a new ``best`` beside it."""
+        Called before an evaluation may replace it. A ``best`` is never overwritten by a score it cannot be compared
+        with: one whose score cannot be read is renamed ``best.unreadable``, one scored on other evaluation seeds
+        (``eval.seed``/``eval.episodes`` changed on resume) ``best.other-eval`` (then ``.1``, ``.2``, ...), each with
+        a message, and the evaluation writes a new ``best`` beside it. A ``best`` a killed replacement left moved
+        aside is put back first. ``set_aside=False``: only read, touching nothing (None when not comparable)."""
+        from robolearn.policies.checkpoint import clean_stale_writes
         from robolearn.policies.folders import EXTRA
 
         folder = self.ckpt_root / BEST
+        if set_aside:
+            clean_stale_writes(self.ckpt_root)  # e.g. a .best.old-<hex> from a kill between save_policy's renames
         if not folder.is_dir():
             return None  # no best yet
         try:
@@ -246,15 +257,17 @@ class FinetuneRun:
             best = {"success_rate": float(extra["success_rate"]), "mean_return": float(extra["mean_return"]),
                     "env_steps": int(extra["env_steps"])}
         except (OSError, ValueError, KeyError, TypeError) as err:
-            self._set_best_aside("unreadable", f"cannot read the score of {folder / EXTRA} ({type(err).__name__}: "
-                                               f"{err})")
+            if set_aside:
+                self._set_best_aside("unreadable", f"cannot read the score of {folder / EXTRA} "
+                                                   f"({type(err).__name__}: {err})")
             return None
         now = self._eval_key()
         then = {k: extra[k] for k in now if k in extra}  # a best from before these keys were kept: comparable
         if then != {k: now[k] for k in then}:
-            self._set_best_aside("other-eval", f"{folder} was chosen on evaluations with "
-                                               f"{', '.join(f'{k}={v}' for k, v in then.items())}, this run evaluates "
-                                               f"with {', '.join(f'{k}={now[k]}' for k in then)}")
+            if set_aside:
+                self._set_best_aside("other-eval", f"{folder} was chosen on evaluations with "
+                                                   f"{', '.join(f'{k}={v}' for k, v in then.items())}, this run "
+                                                   f"evaluates with {', '.join(f'{k}={now[k]}' for k in then)}")
             return None
         return best
 
@@ -268,7 +281,7 @@ class FinetuneRun:
                 n += 1
                 aside = self.ckpt_root / f"{BEST}.{why}.{n}"
             os.rename(self.ckpt_root / BEST, aside)
-        print(f"finetune: {message}; kept that folder as {aside}, and the next evaluation writes a new "
+        print(f"finetune: {message}; kept that folder as {aside}, and this evaluation writes a new "
               f"{self.ckpt_root / BEST}", file=sys.stderr, flush=True)
 
     def _save_policy(self, folder: Path, extra: Mapping[str, Any], **kw: Any) -> Path:

@@ -119,12 +119,12 @@ def test_truncated_episodes_bootstrap_from_their_last_observation_terminated_one
 
 
 def toy_run(tmp_path: Path, total: int, *, policy=None, resume_from: Path | None = None, evaluate=None,
-            eval_seed: int = 0, **settings):
+            eval_seed: int = 0, no_eval: bool = False, **settings):
     defaults = dict(actor_lr=3e-3, rollout_steps=64, gamma=0.9)
     s = ResidualSettings(**{**defaults, **settings})
     policy = policy if policy is not None else ResidualPolicy(toy_base(tmp_path), **s.policy_config())
     envs = make_vector_env(ReachEnv, num_envs=8, num_workers=0)
-    held_out = reach_evaluator() if evaluate is None else evaluate
+    held_out = None if no_eval else reach_evaluator() if evaluate is None else evaluate
 
     ppo = ResidualPPO(policy, envs, s, total_env_steps=total, run_dir=tmp_path / "run", evaluate=held_out,
                       eval_every=2048, ckpt_every=2048, progress=False,
@@ -251,6 +251,43 @@ def test_a_best_whose_score_is_unreadable_is_kept_aside_not_overwritten(tmp_path
     assert "eval_seed=0" in err and "eval_seed=500" in err and "best.other-eval" in err
     assert (root / "best.other-eval" / "model.safetensors").read_bytes() == best_weights
     assert json.loads((root / "best" / "extra.json").read_text())["eval_seed"] == 500
+
+
+def test_a_resume_keeps_best_when_it_cannot_replace_it_and_compares_a_best_from_before_eval_keys(tmp_path, capsys):
+    """A resume that never evaluates (no evaluator) leaves ``checkpoints/best`` as it was even when its evaluation
+    seeds differ; a ``best`` written before ``eval_seed``/``eval_episodes`` were kept is compared as before."""
+    scores = {2048: 0.5, 4096: 0.2}
+
+    def scripted(policy, env_steps):
+        return {"success_rate": scores.get(env_steps, 0.0), "mean_return": 0.0}
+
+    toy_run(tmp_path, 2048, evaluate=scripted)
+    root = tmp_path / "run" / "checkpoints"
+    weights = (root / "best" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    _, out, _ = toy_run(tmp_path, 4096, policy=load_policy(root / "latest"), resume_from=root / "latest",
+                        no_eval=True, eval_seed=500)
+    assert "best." not in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("best")) == ["best"]
+    assert (root / "best" / "model.safetensors").read_bytes() == weights
+    assert out["best_checkpoint"] is None  # chosen on other seeds than this run's: not reported as its best
+    extra = json.loads((root / "best" / "extra.json").read_text())
+    for key in ("eval_seed", "eval_episodes"):  # as an older run wrote it
+        del extra[key]
+    (root / "best" / "extra.json").write_text(json.dumps(extra))
+    scores[6144] = 0.3  # worse than the old best's 0.5: it stands, compared although it has no eval keys
+    _, out2, _ = toy_run(tmp_path, 6144, policy=load_policy(root / "latest"), resume_from=root / "latest",
+                         evaluate=scripted, eval_seed=500)
+    assert (out2["best_env_steps"], out2["best_success_rate"]) == (2048, 0.5)
+    assert (root / "best" / "model.safetensors").read_bytes() == weights
+    # Killed between save_policy's two renames: the old best was left moved aside. It is put back and compared.
+    (root / "best").rename(root / ".best.old-0123abcd")
+    scores[8192] = 0.4
+    _, out3, _ = toy_run(tmp_path, 8192, policy=load_policy(root / "latest"), resume_from=root / "latest",
+                         evaluate=scripted, eval_seed=500)
+    assert (out3["best_env_steps"], out3["best_success_rate"]) == (2048, 0.5)
+    assert (root / "best" / "model.safetensors").read_bytes() == weights and not (root / ".best.old-0123abcd").exists()
+
 
 def test_exploration_noise_is_ar1_with_the_set_correlation_and_restarts_fresh(tmp_path):
     policy = ResidualPolicy(toy_base(tmp_path), init_log_std=0.0, obs_norm="base")  # residual = mean 0 + 1 x noise
