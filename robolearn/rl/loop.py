@@ -191,7 +191,7 @@ class FinetuneRun:
             bar.close()
             log.close()
         if not self._best_known:  # resumed, no evaluation since: report the best on disk, touching nothing
-            self.best = self._read_best(set_aside=False)
+            self.best = self._best_on_disk()[0]
         if ckpt is None:  # resumed a run that had already finished: its newest checkpoint is the result
             ckpt = (self.ckpt_root / "latest").resolve()
         plot = plot_success(log.records(), self.run_dir / "plots" / "success.png", title=self.plot_title,
@@ -233,43 +233,47 @@ class FinetuneRun:
     def _eval_key(self) -> dict[str, int]:
         """What makes two evaluations' scores comparable: their seeds (``eval.seed``, ``eval.episodes`` of the run
         config; empty when the run config does not say)."""
-        ev = self.run_config.get("eval") or {}
-        return {f"eval_{k}": int(ev[k]) for k in ("seed", "episodes") if isinstance(ev, Mapping) and k in ev}
+        ev = self.run_config.get("eval")
+        if not isinstance(ev, Mapping):
+            return {}
+        return {f"eval_{k}": int(ev[k]) for k in ("seed", "episodes") if k in ev}
 
-    def _read_best(self, set_aside: bool = True) -> dict[str, Any] | None:
-        """The score ``checkpoints/best`` holds (its ``extra.json``), or None when there is none to beat.
+    def _read_best(self) -> dict[str, Any] | None:
+        """The score of ``checkpoints/best`` for an evaluation about to replace it, or None when there is none to beat.
 
-        Called before an evaluation may replace it. A ``best`` is never overwritten by a score it cannot be compared
-        with: one whose score cannot be read is renamed ``best.unreadable``, one scored on other evaluation seeds
-        (``eval.seed``/``eval.episodes`` changed on resume) ``best.other-eval`` (then ``.1``, ``.2``, ...), each with
-        a message, and the evaluation writes a new ``best`` beside it. A ``best`` a killed replacement left moved
-        aside is put back first. ``set_aside=False``: only read, touching nothing (None when not comparable)."""
+        A ``best`` a killed replacement left moved aside is put back first. A ``best`` is never overwritten by a
+        score it cannot be compared with: one whose score cannot be read is renamed ``best.unreadable``, one scored
+        on other evaluation seeds (``eval.seed``/``eval.episodes`` changed on resume) ``best.other-eval`` (then
+        ``.1``, ``.2``, ...), each with a message, and the evaluation writes a new ``best`` beside it."""
         from robolearn.policies.checkpoint import clean_stale_writes
+
+        clean_stale_writes(self.ckpt_root)  # e.g. a .best.old-<hex> from a kill between save_policy's renames
+        best, fault = self._best_on_disk()
+        if fault is not None:
+            self._set_best_aside(*fault)
+        return best
+
+    def _best_on_disk(self) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+        """``(score, None)`` for a ``checkpoints/best`` this run can compare against, ``(None, None)`` when there is
+        none, ``(None, (why, message))`` when the one there cannot be compared; reads only."""
         from robolearn.policies.folders import EXTRA
 
         folder = self.ckpt_root / BEST
-        if set_aside:
-            clean_stale_writes(self.ckpt_root)  # e.g. a .best.old-<hex> from a kill between save_policy's renames
         if not folder.is_dir():
-            return None  # no best yet
+            return None, None
         try:
             extra = json.loads((folder / EXTRA).read_text())
             best = {"success_rate": float(extra["success_rate"]), "mean_return": float(extra["mean_return"]),
                     "env_steps": int(extra["env_steps"])}
         except (OSError, ValueError, KeyError, TypeError) as err:
-            if set_aside:
-                self._set_best_aside("unreadable", f"cannot read the score of {folder / EXTRA} "
-                                                   f"({type(err).__name__}: {err})")
-            return None
+            return None, ("unreadable", f"cannot read the score of {folder / EXTRA} ({type(err).__name__}: {err})")
         now = self._eval_key()
         then = {k: extra[k] for k in now if k in extra}  # a best from before these keys were kept: comparable
         if then != {k: now[k] for k in then}:
-            if set_aside:
-                self._set_best_aside("other-eval", f"{folder} was chosen on evaluations with "
-                                                   f"{', '.join(f'{k}={v}' for k, v in then.items())}, this run "
-                                                   f"evaluates with {', '.join(f'{k}={now[k]}' for k in then)}")
-            return None
-        return best
+            return None, ("other-eval", f"{folder} was chosen on evaluations with "
+                                        f"{', '.join(f'{k}={v}' for k, v in then.items())}, this run evaluates with "
+                                        f"{', '.join(f'{k}={now[k]}' for k in then)}")
+        return best, None
 
     def _set_best_aside(self, why: str, message: str) -> None:
         """Rename ``checkpoints/best`` to the first free ``best.<why>[.N]`` (as a checkpoint writer) and say so."""
