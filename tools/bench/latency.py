@@ -143,8 +143,7 @@ def bench_sampling(policy: ChunkPolicy, name: str, n_params: int, dtype: str, ar
                "chunk_ms": r["median_ms"], "chunk_min_ms": r["min_ms"], "repeats": r["n"],
                "call_ms": call["median_ms"]}
         rows.append(row)
-        if (args.baseline and name == "diffusion_unet" and dtype == "float32" and kind == "ddim"
-                and device.type == "cpu"):
+        if args.baseline and name == "diffusion_unet" and dtype == "float32" and kind == "ddim":
             with torch_kernels(policy), torch.inference_mode():
                 bcall = timed(lambda: policy.backbone(x, t, cond), device, args.repeats * 3, 3)
                 b = timed(lambda: policy.predict_action(obs, noise, sampler=kind, steps=steps), device, reps, 1)

@@ -3,8 +3,14 @@ their agreement with the same policy on the CPU. Run by tools/gpu/run_all.sh on 
 writes JSON (``--out``).
 
 Policies: the 64M U-Net (``dp`` preset) with DDIM-10 (the issue's target: <= 8 ms per chunk, stretch <= 5 ms;
-Diffusion Policy's own code took 38-52 ms eager and 15.3 ms as a CUDA graph on an H200), and the 9M transformer
-(``default`` preset) with DDIM-10 and DDPM-100, uncached and with a uniform block cache (a quarter of the steps).
+Diffusion Policy's own code took 38-52 ms eager and 15.3 ms as a CUDA graph on an H200), also on PyTorch's stock
+kernels (``use_kernels(policy, "stock")``: the layers Diffusion Policy's model code runs) as the same-run
+baseline, and the 9M transformer (``default`` preset) with DDIM-10 and DDPM-100, uncached and with a uniform block
+cache (a quarter of the steps). Agreement is against the same weights in float32 on the CPU; the GPU's float32
+rows run with TF32 off (``--tf32`` allows it), so a difference over 1e-3 there is a bug, not rounding.
+
+    python tools/gpu/graph_latency.py --out graph_latency.json          # on a GPU
+    python tools/gpu/graph_latency.py --device cpu --repeats 2          # a dry run of the code paths on a CPU
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from robolearn.accel import graphed, prepare_for_inference  # noqa: E402
+from robolearn.accel import graphed, prepare_for_inference, use_kernels  # noqa: E402
 from robolearn.accel.cache import CachedPolicy, branch_keys, uniform_schedule  # noqa: E402
 from robolearn.policies import make_policy  # noqa: E402
 
@@ -29,9 +35,9 @@ def stats(d: int) -> dict:
     return {"min": -np.ones(d), "max": np.ones(d), "mean": np.zeros(d), "std": np.ones(d), "count": np.array(1.0)}
 
 
-def build(backbone: str, preset: str, sampler: tuple[str, int]):
+def build(backbone: str, preset: str, sampler: tuple[str, int], ptype: str = "diffusion"):
     torch.manual_seed(0)
-    cfg = {"type": "diffusion", "backbone": {"name": backbone, "preset": preset}, "obs": {"state": [20]},
+    cfg = {"type": ptype, "backbone": {"name": backbone, "preset": preset}, "obs": {"state": [20]},
            "action_dim": 2, "sampler": {"kind": sampler[0], "steps": sampler[1]}}
     p = make_policy(cfg, {"state": stats(20), "action": stats(2)}).eval()
     for m in p.backbone.modules():  # away from zero-initialized output layers, so agreement means something
@@ -40,15 +46,20 @@ def build(backbone: str, preset: str, sampler: tuple[str, int]):
     return p
 
 
-def timed(fn, repeats: int) -> float:
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, repeats: int, dev: torch.device) -> float:
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync(dev)
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync(dev)
         ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(ts)
 
@@ -57,20 +68,36 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu for a dry run (graph rows are skipped there)")
+    ap.add_argument("--tf32", action="store_true", help="let float32 matrix products and convolutions use TF32")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     rows = []
-    cases = [("unet", "dp", ("ddim", 10), None), ("transformer", "default", ("ddim", 10), None),
-             ("transformer", "default", ("ddpm", 100), None), ("transformer", "default", ("ddpm", 100), 25)]
+    cases = [("unet", "dp", ("ddim", 10), None, "robolearn"), ("unet", "dp", ("ddim", 10), None, "stock"),
+             ("transformer", "default", ("ddim", 10), None, "robolearn"),
+             ("transformer", "default", ("ddpm", 100), None, "robolearn"),
+             ("transformer", "default", ("ddpm", 100), 25, "robolearn"),
+             ("transformer", "default", ("euler", 10), None, "robolearn")]
+    modes = [("eager", "float32"), ("eager", "bfloat16"), ("graph", "float32"), ("graph", "bfloat16")]
     obs_cpu = {"state": torch.randn(1, 2, 20)}
-    for backbone, preset, sampler, cache in cases:
-        cpu = build(backbone, preset, sampler)
+    for backbone, preset, sampler, cache, kernels in cases:
+        ptype = "flow" if sampler[0] in ("euler", "midpoint") else "diffusion"
+        cpu = build(backbone, preset, sampler, ptype)
         noise = torch.randn(cpu.noise_shape(1))
         ref = cpu.predict_action(obs_cpu, noise)
         obs = {"state": obs_cpu["state"].to(dev)}
-        for mode, dtype in (("eager", "float32"), ("graph", "float32"), ("graph", "bfloat16")):
-            gpu = build(backbone, preset, sampler).to(dev)
-            prepare_for_inference(gpu)
+        for mode, dtype in modes:
+            if mode == "graph" and dev.type != "cuda":
+                continue
+            if kernels == "stock" and dtype != "float32":
+                continue
+            gpu = build(backbone, preset, sampler, ptype).to(dev)
+            prepare_for_inference(gpu, dtype=dtype)
+            if kernels == "stock":
+                use_kernels(gpu, "stock")
             pol = graphed(gpu, dtype=dtype) if mode == "graph" else gpu
             if cache:
                 name = f"{sampler[0]}-{sampler[1]}"
@@ -79,20 +106,23 @@ def main() -> int:
                 if pol is None:  # a cache's reuse is per step: its graph would be one per step; eager only
                     continue
             nz = noise.to(dev)
-            ms = timed(lambda: pol.predict_action(obs, nz), args.repeats)
+            ms = timed(lambda: pol.predict_action(obs, nz), args.repeats, dev)
             out = pol.predict_action(obs, nz).cpu()
             rel = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
-            rows.append({"backbone": f"{backbone} {preset}", "sampler": f"{sampler[0]}-{sampler[1]}",
+            rows.append({"backbone": f"{ptype} {backbone} {preset}" + (" (stock)" if kernels == "stock" else ""),
+                         "sampler": f"{sampler[0]}-{sampler[1]}",
                          "cache": f"uniform k={cache}" if cache else "none", "mode": mode, "dtype": dtype,
                          "chunk_ms": round(ms, 3), "rel_diff_vs_cpu_fp32": rel})
             print(rows[-1], flush=True)
-    print(f"\n{'backbone':<20} {'sampler':<9} {'cache':<13} {'mode':<6} {'dtype':<9} {'chunk ms':>9} "
+    print(f"\n{'policy':<34} {'sampler':<9} {'cache':<13} {'mode':<6} {'dtype':<9} {'chunk ms':>9} "
           f"{'vs CPU':>9}")
     for r in rows:
-        print(f"{r['backbone']:<20} {r['sampler']:<9} {r['cache']:<13} {r['mode']:<6} {r['dtype']:<9} "
+        print(f"{r['backbone']:<34} {r['sampler']:<9} {r['cache']:<13} {r['mode']:<6} {r['dtype']:<9} "
               f"{r['chunk_ms']:>9.2f} {r['rel_diff_vs_cpu_fp32']:>9.1e}")
     if args.out:
-        args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+                                        "torch": torch.__version__, "tf32": bool(args.tf32), "repeats": args.repeats,
+                                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                         "rows": rows}, indent=1))
     return 0
 

@@ -1,50 +1,51 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of robolearn in one call, for the lent device machine (see the device tool's
-# README): it installs nothing it cannot carry. The device image has PyTorch; the project's pure-Python
-# dependencies come from a wheelhouse built on the development machine and carried along:
+# Every GPU check and benchmark of robolearn in one call, for the lent device machine (the device tool's README):
+# it installs nothing it cannot carry. The device image has PyTorch, numpy, tqdm, msgpack and pyyaml; zarr and its
+# compiled dependencies travel as Python 3.12 wheels built here (the folder is ignored by git):
 #
-#   (dev machine)  .venv/bin/pip download -d .gpu-wheels diffusers safetensors einops omegaconf hydra-core \
-#                      zarr numcodecs gymnasium tqdm msgpack websockets pyyaml --no-deps
-#   (device call)  carry=[".gpu-wheels"]  command: bash tools/gpu/run_all.sh
+#   (here, once)   echo /.gpu-wheels/ >> .git/info/exclude
+#                  .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#                      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#                      --platform manylinux2014_x86_64 -d .gpu-wheels zarr==3.1.6 numcodecs==0.16.6 \
+#                      donfig==0.8.1.post1 google-crc32c==1.9.0
+#   (device call)  carry=[".gpu-wheels"]  command: bash tools/gpu/run_all.sh   (about 3 minutes on an H100)
 #
-# Writes JSON under $OUT (or ./runs/gpu) and prints a table last.
-set -euo pipefail
+# 1. tools/gpu/graph_latency.py: batch-1 chunk latency eager / CUDA graph, float32 / bfloat16, for the 64M U-Net
+#    (also on PyTorch's stock kernels, Diffusion Policy's path, the same-run baseline) and the transformer, with
+#    each one's agreement with the same weights on the CPU (TF32 off);
+# 2. tools/bench/latency.py --device cuda: every policy and sampler eager, float32 and bfloat16, and one training
+#    step's throughput.
+# Writes JSON and logs under $OUT (or runs/gpu) and prints a table last. Runs on a CPU too (graph rows skipped):
+#   DRY=1 bash tools/gpu/run_all.sh
+set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-runs/gpu}"
 mkdir -p "$OUT"
-if [ -d .gpu-wheels ]; then
-  python -m pip install -q --no-index --find-links .gpu-wheels --no-deps .gpu-wheels/*.whl >/dev/null 2>&1 || true
+export PYTHONUNBUFFERED=1
+PY=python3
+[ -x .venv/bin/python ] && [ -n "${DRY:-}" ] && PY=.venv/bin/python
+if [ -d .gpu-wheels ] && [ -z "${DRY:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu-wheels/*.whl || { echo "installing the carried wheels failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" || true
-# 1. Policy tests on the GPU device where they take one (correctness before speed).
-python - <<'PY' | tee "$OUT/check.txt"
-import torch
-from robolearn.policies import make_policy
-import numpy as np
-dev = torch.device("cuda")
-stats = {"state": {k: v for k, v in dict(min=-np.ones(20), max=np.ones(20), mean=np.zeros(20), std=np.ones(20)).items()},
-         "action": dict(min=-np.ones(2), max=np.ones(2), mean=np.zeros(2), std=np.ones(2))}
-for ptype, bb, preset in [("diffusion", "unet", "dp"), ("flow", "transformer", "default")]:
-    cfg = {"type": ptype, "backbone": {"name": bb, "preset": preset}, "obs": {"state": [20]}, "action_dim": 2}
-    torch.manual_seed(0)
-    cpu = make_policy(cfg, stats).eval()
-    gpu = make_policy(cfg, stats).eval().to(dev)
-    gpu.load_state_dict(cpu.state_dict())
-    obs = {"state": torch.randn(2, 2, 20)}
-    noise = torch.randn(cpu.noise_shape(2))
-    a = cpu.predict_action(obs, noise=noise)
-    b = gpu.predict_action({k: v.to(dev) for k, v in obs.items()}, noise=noise.to(dev)).cpu()
-    rel = float((a - b).norm() / a.norm())
-    print(f"check {ptype}_{bb}: relative difference cpu vs gpu {rel:.2e} ({'ok' if rel < 1e-3 else 'FAIL'})")
-PY
-# 2. Chunk latency and training throughput, every policy and sampler.
-python tools/bench/latency.py --device cuda --out "$OUT/latency_gpu.json" | tee "$OUT/latency.txt"
-# 3. CUDA-graph sampling (robolearn.accel.graphed) against eager, fp32 and bf16, with agreement to the CPU.
-python tools/gpu/graph_latency.py --out "$OUT/graph_latency.json" | tee "$OUT/graph.txt" || echo "graph_latency FAILED"
+if [ -n "${DRY:-}" ]; then DEV=cpu; REPS=1; else DEV=cuda; REPS=50; fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
+  $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__,
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"; } 2>&1 | tee "$OUT/gpu.txt"
+
+timeout 300 $PY tools/gpu/graph_latency.py --device "$DEV" --repeats "$REPS" --out "$OUT/graph_latency.json" \
+  2>&1 | tee "$OUT/graph.txt"
+echo "graph_latency.py exit status ${PIPESTATUS[0]}" | tee -a "$OUT/graph.txt"
+if [ -n "${DRY:-}" ]; then LAT=(--quick --device cpu); else LAT=(--device cuda); fi
+timeout 240 $PY tools/bench/latency.py "${LAT[@]}" --dtypes float32 bfloat16 --out "$OUT/latency_gpu.json" \
+  2>&1 | tee "$OUT/latency.txt"
+echo "latency.py exit status ${PIPESTATUS[0]}" | tee -a "$OUT/latency.txt"
+
 echo
 echo "== table =="
-grep -E "check " "$OUT/check.txt" || true
-tail -n 30 "$OUT/latency.txt"
+cat "$OUT/gpu.txt"
+grep -A 30 "^policy " "$OUT/latency.txt" | grep -v '^{' || tail -n 5 "$OUT/latency.txt"
 echo
-tail -n 12 "$OUT/graph.txt" || true
+grep -A 20 "^policy " "$OUT/graph.txt" || tail -n 8 "$OUT/graph.txt"
