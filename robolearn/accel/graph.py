@@ -11,9 +11,11 @@ and the warm start use it unchanged; the sampler's own arithmetic between calls 
     policy = graphed(load_policy(path, map_location="cuda"), dtype="bf16")   # a GraphedPolicy
     chunk = policy.predict_action(obs, noise)
 
-Status: written against PyTorch's documented capture recipe (warm-up on a side stream, then capture) and checked
-on the CPU only for its refusals and its input handling; ``tools/gpu/run_all.sh`` exercises it (agreement with
-eager sampling and latency) on a lent GPU. Until that has run, treat it as untested on a GPU.
+Status: per-call graphs ran on an NVIDIA H100 (2026-12-05, ``tools/gpu/run_all.sh``; JSON in
+``tools/bench/results/gpu_graph_latency_h100.json``), matching the same weights on the CPU to 7e-7 (float32, TF32
+off) and 7e-3 to 9e-3 (bfloat16): the 64M U-Net's DDIM-10 chunk at batch 1 took 36.5 ms eager, 10.9 ms graphed in
+float32 and 8.7 ms in bfloat16; the 9M transformer's 33.3 / 7.7 / 6.7 ms. ``whole=True`` (one graph for the
+whole chunk, :class:`GraphedPolicy`) is written for the next lent GPU and has not run on one.
 """
 from __future__ import annotations
 
@@ -121,10 +123,20 @@ class GraphedDenoiser:
 
 
 class GraphedPolicy(DenoiserRoute):
-    """A chunk policy whose denoiser calls replay CUDA graphs; otherwise the policy itself (attributes pass
-    through). ``dtype``: cast the backbone first (``"bf16"``: robolearn.accel.set_inference_dtype)."""
+    """A chunk policy sampled through CUDA graphs; otherwise the policy itself (attributes pass through).
+    ``dtype``: cast the backbone first (``"bf16"``: robolearn.accel.set_inference_dtype).
 
-    def __init__(self, policy: Any, dtype: str = "float32", warmup: int = 3) -> None:
+    ``whole=True`` (off by default: written, and not yet run on a GPU): a deterministic sampler (DDIM, Euler,
+    midpoint) runs the whole chunk --
+    observation encoding, every denoiser call and the sampler's arithmetic between them -- as one graph per
+    (sampler, observation and noise shapes), so a chunk is one replay and no per-step launches from Python. A
+    stochastic sampler (DDPM, whose per-step noise comes from the caller's generators) and the warm start replay
+    one graph per denoiser call instead (``whole=False``, the default, does that always: measured on an H100,
+    ``tools/bench/results/gpu_graph_latency_h100.json``). If a whole-loop capture fails, the policy falls back
+    to per-call graphs for that signature and keeps the reason in ``whole_loop_errors``.
+    """
+
+    def __init__(self, policy: Any, dtype: str = "float32", warmup: int = 3, whole: bool = False) -> None:
         from robolearn.accel.kernels import _backbone_owner, set_inference_dtype
 
         owner = _backbone_owner(policy)
@@ -135,6 +147,61 @@ class GraphedPolicy(DenoiserRoute):
         set_inference_dtype(policy, dtype)
         self.policy = policy
         self.denoiser = GraphedDenoiser(policy.backbone, warmup)
+        self.whole, self.warmup = bool(whole), int(warmup)
+        self._loops: dict[tuple, Any] = {}
+        self.loop_captures = 0
+        self.whole_loop_errors: dict[str, str] = {}
+
+    def predict_action(self, obs_history: Any, noise: torch.Tensor | None = None, *, sampler: str | None = None,
+                       steps: int | None = None, generator: torch.Generator | None = None,
+                       **kwargs: Any) -> torch.Tensor:
+        pol = self.policy
+        kind = pol.cfg.sampler.kind if sampler is None else sampler
+        n = pol.cfg.sampler.steps if steps is None else int(steps)
+        if not self.whole or kwargs or kind in pol.stochastic_samplers:
+            return pol.predict_action(obs_history, noise, sampler=kind, steps=n, generator=generator,
+                                      denoiser=self.denoiser, **kwargs)
+        pol.cfg.check_sampler(kind, n)
+        dev = pol.device
+        obs = {k: (v if torch.is_tensor(v) else torch.as_tensor(v)).to(dev) for k, v in obs_history.items()}
+        B = int(next(iter(obs.values())).shape[0])
+        noise = pol.make_noise(B, generator) if noise is None else noise
+        if tuple(noise.shape) != pol.noise_shape(B):
+            raise ValueError(f"noise must have shape {pol.noise_shape(B)}, got {tuple(noise.shape)}")
+        noise = noise.to(dev, torch.float32)
+        key = (kind, n, tuple((k, tuple(v.shape), v.dtype) for k, v in obs.items()))
+        entry = self._loops.get(key)
+        if entry is None:
+            entry = self._loops[key] = self._capture_loop(kind, n, obs, noise)
+        if entry is False:  # capture failed for this signature: per-call graphs
+            return pol.predict_action(obs, noise, sampler=kind, steps=n, denoiser=self.denoiser)
+        graph, s_obs, s_noise, out = entry
+        for k, v in obs.items():
+            s_obs[k].copy_(v)
+        s_noise.copy_(noise)
+        graph.replay()
+        return out.clone()
+
+    def _capture_loop(self, kind: str, n: int, obs: dict[str, torch.Tensor], noise: torch.Tensor) -> Any:
+        pol = self.policy
+        s_obs = {k: v.clone() for k, v in obs.items()}
+        s_noise = noise.clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(max(1, self.warmup)):
+                    pol.predict_action(s_obs, s_noise, sampler=kind, steps=n)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = pol.predict_action(s_obs, s_noise, sampler=kind, steps=n)
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to per-call graphs
+            torch.cuda.synchronize()
+            self.whole_loop_errors[f"{kind}-{n}"] = f"{type(e).__name__}: {e}"
+            return False
+        self.loop_captures += 1
+        return graph, s_obs, s_noise, out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["policy"], name)
@@ -144,6 +211,7 @@ class GraphedPolicy(DenoiserRoute):
         return self.policy
 
 
-def graphed(policy: Any, dtype: str = "float32", warmup: int = 3) -> GraphedPolicy:
-    """``policy`` (on a CUDA device) with its denoiser calls captured as CUDA graphs; see :class:`GraphedPolicy`."""
-    return GraphedPolicy(policy, dtype=dtype, warmup=warmup)
+def graphed(policy: Any, dtype: str = "float32", warmup: int = 3, whole: bool = False) -> GraphedPolicy:
+    """``policy`` (on a CUDA device) sampled through CUDA graphs: each denoiser call, or with ``whole=True`` the
+    whole chunk as one graph for a deterministic sampler; see :class:`GraphedPolicy`."""
+    return GraphedPolicy(policy, dtype=dtype, warmup=warmup, whole=whole)

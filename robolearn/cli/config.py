@@ -192,6 +192,8 @@ class EvalConfig:
     cache: str | None = None  # block caching of a transformer base: bac | shared | searched | uniform | none
     cache_updates: int | None = None  # update steps per branch (default a quarter of the sampler's steps)
     rank: int | None = None  # a steered (variant=na) checkpoint: noise draws ranked by its critic per decision
+    dtype: str = "float32"  # the denoiser backbone's dtype for sampling: float32 | bf16 | fp16 (lossy)
+    graph: bool = False  # sample through CUDA graphs (device=cuda, a base diffusion/flow checkpoint)
     threads: int | None = None  # torch threads; default per command (robolearn/cli/threads.py)
 
 
@@ -201,6 +203,7 @@ class RunConfig:
     cache: str | None = None  # block caching of a transformer checkpoint: bac | shared | searched | uniform | none
     cache_updates: int | None = None
     rank: int | None = None  # a steered (variant=na) checkpoint: noise draws ranked by its critic per decision
+    dtype: str = "float32"  # the denoiser backbone's dtype for sampling: float32 | bf16 | fp16 (lossy)
     policy: str | None = None  # ... or a policy server, ws://host:port
     task: str | None = None  # default: the task the checkpoint was trained on
     rate_hz: float | None = None  # control rate; null: the task's own (lift/can/square 20, push_t/peg_insert 10)
@@ -227,6 +230,7 @@ class ServeConfig:
     cache: str | None = None  # block caching of a transformer base: bac | shared | searched | uniform | none
     cache_updates: int | None = None
     rank: int | None = None  # a steered (variant=na) checkpoint: noise draws ranked by its critic per decision
+    dtype: str = "float32"  # the denoiser backbone's dtype for sampling: float32 | bf16 | fp16 (lossy)
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     token: str | None = None  # clients must send "Authorization: Api-Key <token>"

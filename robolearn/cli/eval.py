@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from robolearn.cli import CLIError, print_json
 from robolearn.cli.evaluation import Evaluator, pick_device
 from robolearn.cli.accel import apply_cache
-from robolearn.cli.runtime import apply_rank, checkpoint_run_config, load_checkpoint, probe_task
+from robolearn.cli.runtime import (apply_inference, apply_rank, checkpoint_run_config, load_checkpoint,
+                                   probe_task)
 from robolearn.policies.config import ConfigError, check_geometry
 
 
@@ -41,6 +42,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise CLIError(f"sampler: {e}") from None
     policy = apply_cache(policy, ckpt, cfg.cache, cfg.cache_updates)
     policy = apply_rank(policy, ckpt, cfg.rank)
+    policy = apply_inference(policy, ckpt, cfg.dtype, bool(cfg.graph))
     n_action_steps = int(cfg.n_action_steps) if cfg.n_action_steps is not None else int(policy.n_action_steps)
     try:
         check_geometry(policy.horizon, policy.n_obs_steps, n_action_steps, where="")
@@ -56,7 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         evaluator.close()
     summary = {
         "checkpoint": str(ckpt), "task": task, "policy_type": policy.policy_type, "sampler": policy.sampler_config,
-        "n_action_steps": n_action_steps, "seed": int(cfg.seed), **result, "run_dir": str(run_dir),
+        "n_action_steps": n_action_steps, "seed": int(cfg.seed), "dtype": str(cfg.dtype), "graph": bool(cfg.graph),
+        **result, "run_dir": str(run_dir),
     }
     if policy.policy_type == "cached":
         summary["cache"] = {"method": policy.schedule.method, "sampler": policy.schedule.sampler,

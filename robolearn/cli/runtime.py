@@ -53,6 +53,46 @@ def apply_rank(policy: Any, ckpt: Path, rank: int | None) -> Any:
     return policy
 
 
+def apply_inference(policy: Any, ckpt: Path, dtype: str = "float32", graph: bool = False) -> Any:
+    """``dtype=`` and ``graph=`` of eval/run/serve, applied last (after ``cache=`` and ``rank=``).
+
+    ``dtype``: the denoiser backbone's dtype for sampling (float32, the default, leaves it; bf16/fp16 cast it:
+    lossy, faster where the hardware has native bf16 products: :func:`robolearn.accel.set_inference_dtype`).
+    ``graph``: sample through CUDA graphs (:func:`robolearn.accel.graphed`); needs the policy on a GPU and a base
+    diffusion or flow checkpoint (a cached, steered or residual one is refused, naming it)."""
+    from robolearn.accel import GraphError, graphed, set_inference_dtype
+
+    name = str(dtype)
+    if name not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        raise CLIError(f"dtype={name!r} is not one of float32, bf16, fp16")
+    if graph:
+        dev = getattr(policy, "device", None)
+        if dev is None or dev.type != "cuda":
+            raise CLIError(f"graph=true samples through CUDA graphs and needs the policy on a GPU (device=cuda); "
+                           f"{ckpt} is on {dev if dev is not None else 'no device'} in this run")
+        try:
+            return graphed(policy, dtype=name)
+        except GraphError as e:
+            raise CLIError(f"graph=true: {ckpt}: {e}") from None
+    if name in ("float32", "fp32"):
+        return policy
+    try:
+        set_inference_dtype(policy, name)
+    except TypeError as e:
+        raise CLIError(f"dtype={name}: {ckpt}: {e}") from None
+    print(f"dtype={name}: the denoiser backbone samples in {policy_dtype(policy)} (lossy against float32)",
+          file=sys.stderr)
+    return policy
+
+
+def policy_dtype(policy: Any) -> Any:
+    """The dtype of the innermost denoiser backbone's parameters (None without one)."""
+    from robolearn.accel.kernels import _backbone_owner
+
+    owner = _backbone_owner(policy)
+    return next(owner.backbone.parameters()).dtype if owner is not None else None
+
+
 def probe_task(task: str, env_config: dict[str, Any], policy: Any = None) -> float | None:
     """Make the task once: a bad name or override, or a policy that does not fit the task -- observations it needs
     and the task lacks (or gives in another shape), or another action size -- stop the command before any work,
@@ -162,6 +202,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError("rank= applies to a checkpoint=, not to a remote policy (give the server rank= instead)")
     if cfg.cache is not None and not cfg.checkpoint:
         raise CLIError("cache= applies to a checkpoint=, not to a remote policy (give the server cache= instead)")
+    if str(cfg.dtype) not in ("float32", "fp32") and not cfg.checkpoint:
+        raise CLIError("dtype= applies to a checkpoint=, not to a remote policy (give the server dtype= instead)")
     policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
     if cfg.checkpoint:
         warm = None  # the warm start's steps: a cache made on the spot is scheduled for them
@@ -175,6 +217,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates, warm_steps=warm)
         _check_warm_window(policy, cfg.blend, warm)
         policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)
+        policy = apply_inference(policy, Path(cfg.checkpoint), cfg.dtype)
     try:
         task_rate = probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task
         rate_hz = _rate(cfg.rate_hz, task_rate, task)
@@ -286,6 +329,7 @@ def serve(cfg: DictConfig) -> None:
     policy = load_checkpoint(Path(cfg.checkpoint))  # a residual is served as its chunk view (PolicyServer)
     policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
     policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)
+    policy = apply_inference(policy, Path(cfg.checkpoint), cfg.dtype)
     key_map = {str(k): str(v) for k, v in (OmegaConf.to_container(cfg.key_map) or {}).items()}
     try:
         serve_job(policy, host=str(cfg.host), port=int(cfg.port), token=cfg.token, key_map=key_map or None,

@@ -52,6 +52,7 @@ class DiffusionPolicy(ChunkPolicy):
         self.num_train_timesteps = d.num_train_timesteps
         self.prediction_type = d.prediction_type
         self._samplers: dict[tuple[str, int], tuple[Any, list[int]]] = {}
+        self._t_tensors: dict[tuple[str, int, str], torch.Tensor] = {}
 
     def _scheduler(self, kind: str, steps: int) -> tuple[Any, list[int]]:
         """A scheduler with its timesteps set, cached per (kind, steps): ``set_timesteps`` and the config
@@ -81,7 +82,18 @@ class DiffusionPolicy(ChunkPolicy):
             step_kw["eta"] = 0.0
         elif generator is not None:
             step_kw["generator"] = generator
-        return self._steps(sched, timesteps, noise, step_kw), len(timesteps)
+        return self._steps(sched, timesteps, noise, step_kw, self._timestep_tensor(kind, steps, noise.device)), \
+            len(timesteps)
+
+    def _timestep_tensor(self, kind: str, steps: int, device: torch.device) -> torch.Tensor:
+        """The sampler's timesteps as a float32 tensor on ``device``, made once per (sampler, device): a chunk
+        then copies nothing from the host, which CUDA-graph capture of the whole loop needs."""
+        key = (kind, steps, str(device))
+        cached = self._t_tensors.get(key)
+        if cached is None:
+            cached = self._t_tensors[key] = torch.tensor(self._scheduler(kind, steps)[1], dtype=torch.float32,
+                                                         device=device)
+        return cached
 
     def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int, str]:
         """Noise the guessed chunk to the DDIM timestep ``steps`` from the end of the configured schedule (DDIM
@@ -95,8 +107,10 @@ class DiffusionPolicy(ChunkPolicy):
         return self._steps(sched, tail, x, {"return_dict": False, "eta": 0.0}), k, len(timesteps) - k, name
 
     @staticmethod
-    def _steps(sched: Any, timesteps: list[int], x: torch.Tensor, step_kw: dict[str, Any]) -> Solver:
-        t_all = torch.tensor(timesteps, dtype=torch.float32, device=x.device)
+    def _steps(sched: Any, timesteps: list[int], x: torch.Tensor, step_kw: dict[str, Any],
+               t_all: torch.Tensor | None = None) -> Solver:
+        if t_all is None:
+            t_all = torch.tensor(timesteps, dtype=torch.float32, device=x.device)
         for i, t in enumerate(timesteps):
             out = yield x, t_all[i]
             x = sched.step(out, t, x, **step_kw)[0]

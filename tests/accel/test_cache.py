@@ -562,3 +562,16 @@ def test_graph_capture_refuses_a_cpu_policy_and_flattens_conditions():
     assert torch.equal(again.memory, cond.memory + 1)
     with pytest.raises(TypeError, match="cannot capture"):
         flatten_tensors({"a": 1})
+    cached = CachedPolicy(policy, all_steps(branch_keys(policy.backbone), "ddim-10", 10))
+    with pytest.raises(GraphError, match="wraps a base chunk policy, not a CachedPolicy wrapper"):
+        graphed(cached, whole=True)
+
+
+def test_eval_graph_option_refuses_a_cpu_policy_naming_the_device():
+    from robolearn.cli import CLIError
+    from robolearn.cli.runtime import apply_inference
+
+    policy = transformer_policy()
+    with pytest.raises(CLIError, match=r"graph=true .* needs the policy on a GPU \(device=cuda\); ckpt is on cpu"):
+        apply_inference(policy, Path("ckpt"), "bf16", graph=True)
+    assert next(policy.backbone.parameters()).dtype == torch.float32  # refused before any cast

@@ -51,3 +51,34 @@ def test_config_errors_name_the_key(tmp_path: Path, capsys) -> None:
     argv = ["eval", f"checkpoint={FIXTURE}", "episodes=1", "sampler.kind=ddim", f"run_dir={tmp_path}"]
     assert main(argv) == 1
     assert "policy.sampler.kind must be a flow integrator" in capsys.readouterr().err
+
+
+def test_eval_dtype_and_graph_options(tmp_path: Path, capsys) -> None:
+    """dtype=bf16 samples with a bfloat16 backbone (same seeds: a run that completes and says so); graph=true
+    without a GPU and an unknown dtype are refused before any episode, naming the key and what to do."""
+    from robolearn.cli.runtime import apply_inference, load_checkpoint
+
+    argv = ["eval", f"checkpoint={FIXTURE}", "episodes=2", "seed=7", "num_envs=2", "workers=0",
+            "env.max_episode_steps=30", f"run_dir={tmp_path / 'bf16'}", "dtype=bf16"]
+    assert main(argv) == 0
+    s = last_json(capsys.readouterr().out)
+    assert s["dtype"] == "bf16" and s["graph"] is False and s["episodes"] == 2
+    assert main(argv[:-2] + [f"run_dir={tmp_path / 'g'}", "graph=true", "device=cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "graph=true" in err and "device=cuda" in err and "Traceback" not in err
+    assert not (tmp_path / "g").exists()
+    assert main(argv[:-2] + [f"run_dir={tmp_path / 'd'}", "dtype=float64"]) == 1
+    assert "dtype='float64' is not one of float32, bf16, fp16" in capsys.readouterr().err
+    import torch
+
+    policy = apply_inference(load_checkpoint(FIXTURE), FIXTURE, "bf16")
+    assert next(policy.backbone.parameters()).dtype == torch.bfloat16
+    obs = {k: torch.zeros(1, policy.n_obs_steps, *shape) for k, shape in policy.obs_shapes.items()}
+    chunk = policy.predict_action(obs, policy.make_noise(1, torch.Generator().manual_seed(0)))
+    assert chunk.dtype == torch.float32 and torch.isfinite(chunk).all()
+    assert apply_inference(policy, FIXTURE, "float32") is policy
+
+
+def test_run_refuses_dtype_for_a_remote_policy(capsys) -> None:
+    assert main(["run", "policy=ws://127.0.0.1:9", "task=push_t", "dtype=bf16"]) == 1
+    assert "dtype= applies to a checkpoint=" in capsys.readouterr().err

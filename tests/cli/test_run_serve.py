@@ -385,3 +385,12 @@ def test_serve_beyond_loopback_needs_a_token_or_an_explicit_allowance(checkpoint
     err = "".join(lines) + server.stderr.read()  # type: ignore[union-attr]
     assert server.returncode == 0, err
     assert "warning" in err.lower() and "without a token" in err, err
+
+
+def test_run_samples_with_a_bf16_backbone_when_asked(checkpoint, tmp_path, capsys):
+    argv = ["run", f"checkpoint={checkpoint}", "realtime=false", "mode=sync", "episodes=1", "status=false",
+            f"run_dir={tmp_path}", "dtype=bf16"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "dtype=bf16: the denoiser backbone samples in torch.bfloat16" in captured.err
+    assert last_json(captured.out)["episodes"] == 1
