@@ -81,7 +81,9 @@ def main() -> int:
              ("transformer", "default", ("ddpm", 100), None, "robolearn"),
              ("transformer", "default", ("ddpm", 100), 25, "robolearn"),
              ("transformer", "default", ("euler", 10), None, "robolearn")]
-    modes = [("eager", "float32"), ("eager", "bfloat16"), ("graph", "float32"), ("graph", "bfloat16")]
+    # graph: the whole chunk as one CUDA graph (deterministic samplers); graph-call: one graph per denoiser call
+    modes = [("eager", "float32"), ("eager", "bfloat16"), ("graph-call", "float32"), ("graph-call", "bfloat16"),
+             ("graph", "float32"), ("graph", "bfloat16")]
     obs_cpu = {"state": torch.randn(1, 2, 20)}
     for backbone, preset, sampler, cache, kernels in cases:
         ptype = "flow" if sampler[0] in ("euler", "midpoint") else "diffusion"
@@ -90,7 +92,9 @@ def main() -> int:
         ref = cpu.predict_action(obs_cpu, noise)
         obs = {"state": obs_cpu["state"].to(dev)}
         for mode, dtype in modes:
-            if mode == "graph" and dev.type != "cuda":
+            if mode.startswith("graph") and dev.type != "cuda":
+                continue
+            if mode == "graph" and sampler[0] == "ddpm":  # stochastic: per-call graphs only
                 continue
             if kernels == "stock" and dtype != "float32":
                 continue
@@ -98,7 +102,7 @@ def main() -> int:
             prepare_for_inference(gpu, dtype=dtype)
             if kernels == "stock":
                 use_kernels(gpu, "stock")
-            pol = graphed(gpu, dtype=dtype) if mode == "graph" else gpu
+            pol = graphed(gpu, dtype=dtype, whole=(mode == "graph")) if mode.startswith("graph") else gpu
             if cache:
                 name = f"{sampler[0]}-{sampler[1]}"
                 sched = uniform_schedule(branch_keys(gpu.backbone), name, sampler[1], cache)
@@ -109,15 +113,18 @@ def main() -> int:
             ms = timed(lambda: pol.predict_action(obs, nz), args.repeats, dev)
             out = pol.predict_action(obs, nz).cpu()
             rel = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
-            rows.append({"backbone": f"{ptype} {backbone} {preset}" + (" (stock)" if kernels == "stock" else ""),
+            whole_errors = getattr(pol, "whole_loop_errors", None) or None
+            if whole_errors:
+                print(f"whole-loop capture failed, per-call graphs used: {whole_errors}", flush=True)
+            rows.append({"whole_loop_errors": whole_errors, "backbone": f"{ptype} {backbone} {preset}" + (" (stock)" if kernels == "stock" else ""),
                          "sampler": f"{sampler[0]}-{sampler[1]}",
                          "cache": f"uniform k={cache}" if cache else "none", "mode": mode, "dtype": dtype,
                          "chunk_ms": round(ms, 3), "rel_diff_vs_cpu_fp32": rel})
             print(rows[-1], flush=True)
-    print(f"\n{'policy':<34} {'sampler':<9} {'cache':<13} {'mode':<6} {'dtype':<9} {'chunk ms':>9} "
+    print(f"\n{'policy':<34} {'sampler':<9} {'cache':<13} {'mode':<10} {'dtype':<9} {'chunk ms':>9} "
           f"{'vs CPU':>9}")
     for r in rows:
-        print(f"{r['backbone']:<34} {r['sampler']:<9} {r['cache']:<13} {r['mode']:<6} {r['dtype']:<9} "
+        print(f"{r['backbone']:<34} {r['sampler']:<9} {r['cache']:<13} {r['mode'] + ('!' if r['whole_loop_errors'] else ''):<10} {r['dtype']:<9} "
               f"{r['chunk_ms']:>9.2f} {r['rel_diff_vs_cpu_fp32']:>9.1e}")
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",

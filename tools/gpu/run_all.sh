@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of robolearn in one call, for the lent device machine (the device tool's README):
-# it installs nothing it cannot carry. The device image has PyTorch, numpy, tqdm, msgpack and pyyaml; zarr and its
-# compiled dependencies travel as Python 3.12 wheels built here (the folder is ignored by git):
+# it installs nothing it cannot carry. The device image has PyTorch, numpy, tqdm, msgpack and pyyaml; zarr (with its
+# compiled dependencies) and diffusers travel as Python 3.12 wheels fetched here (the folder is ignored by git):
 #
 #   (here, once)   echo /.gpu-wheels/ >> .git/info/exclude
 #                  .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #                      --platform manylinux2014_x86_64 -d .gpu-wheels zarr==3.1.6 numcodecs==0.16.6 \
-#                      donfig==0.8.1.post1 google-crc32c==1.9.0
-#   (device call)  carry=[".gpu-wheels"]  command: bash tools/gpu/run_all.sh   (about 3 minutes on an H100)
+#                      donfig==0.8.1.post1 google-crc32c==1.9.0 diffusers==0.42.1 importlib_metadata
+#   (device call)  carry=[".gpu-wheels"]  command: bash tools/gpu/run_all.sh   (120 s on an H100, 2026-12-05)
 #
-# 1. tools/gpu/graph_latency.py: batch-1 chunk latency eager / CUDA graph, float32 / bfloat16, for the 64M U-Net
+# 1. tools/gpu/graph_latency.py: batch-1 chunk latency eager / CUDA graph (each denoiser call, and the whole chunk
+#    as one graph for deterministic samplers), float32 / bfloat16, for the 64M U-Net
 #    (also on PyTorch's stock kernels, Diffusion Policy's path, the same-run baseline) and the transformer, with
 #    each one's agreement with the same weights on the CPU (TF32 off);
 # 2. tools/bench/latency.py --device cuda: every policy and sampler eager, float32 and bfloat16, and one training
