@@ -68,6 +68,8 @@ class DiffusionPolicy(ChunkPolicy):
             timesteps = [int(t) for t in sched.timesteps]
             if kind == "ddpm" and DDPMUpdate.handles(sched):
                 sched = DDPMUpdate(sched)
+            elif kind == "ddim" and DDIMUpdate.handles(sched):
+                sched = DDIMUpdate(sched)
             self._samplers[key] = (sched, timesteps)
         return self._samplers[key]
 
@@ -175,3 +177,52 @@ class DDPMUpdate:
                                  dtype=model_output.dtype)
             prev = prev + std * noise
         return (prev,)
+
+
+class DDIMUpdate:
+    """diffusers' ``DDIMScheduler.step`` at ``eta=0`` (how this policy samples DDIM) for epsilon or sample
+    prediction, optional clipping, no thresholding, with each timestep's coefficients computed once.
+
+    The coefficients are the same 0-dim float32 tensors ``step()`` builds on every call, from the same expressions
+    (``std_dev_t = 0 * variance ** 0.5`` included), and the update applies them in the same order, so the result
+    is bitwise the same (tested). What it saves is ``step()``'s per-call scalar arithmetic and lookups: about 48 µs
+    of the 60 µs a step took here at batch 1 (one thread), 0.5 ms per DDIM-10 chunk -- a few percent of a
+    block-cached chunk on a CPU, and host time that a GPU's graphed denoiser calls otherwise wait on.
+    """
+
+    def __init__(self, sched: DDIMScheduler) -> None:
+        self.scheduler = sched
+        cfg = sched.config
+        self.epsilon = cfg.prediction_type == "epsilon"
+        self.clip = float(cfg.clip_sample_range) if cfg.clip_sample else None
+        self.coef: dict[int, tuple[torch.Tensor, ...]] = {}
+        step = cfg.num_train_timesteps // sched.num_inference_steps
+        for t in (int(v) for v in sched.timesteps):
+            prev_t = t - step
+            a_t = sched.alphas_cumprod[t]
+            a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+            b_t = 1 - a_t
+            std = 0.0 * sched._get_variance(t, prev_t) ** (0.5)
+            self.coef[t] = (b_t ** (0.5), a_t ** (0.5), (1 - a_prev - std ** 2) ** (0.5), a_prev ** (0.5))
+
+    @staticmethod
+    def handles(sched: Any) -> bool:
+        cfg = sched.config
+        return (isinstance(sched, DDIMScheduler) and not cfg.thresholding
+                and cfg.prediction_type in ("epsilon", "sample") and hasattr(sched, "_get_variance")
+                and sched.num_inference_steps is not None)
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
+             return_dict: bool = False) -> tuple[torch.Tensor]:
+        if return_dict or eta != 0.0:
+            raise ValueError("DDIMUpdate.step is DDIM at eta=0 returning a tuple (return_dict=False)")
+        sqrt_b, sqrt_a, c_dir, sqrt_a_prev = self.coef[int(timestep)]
+        if self.epsilon:
+            x0 = (sample - sqrt_b * model_output) / sqrt_a
+            eps = model_output
+        else:
+            x0 = model_output
+            eps = (sample - sqrt_a * x0) / sqrt_b
+        if self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
+        return (sqrt_a_prev * x0 + c_dir * eps,)

@@ -172,6 +172,49 @@ def test_ddpm_update_is_bitwise_diffusers_step(prediction: str, clip: bool, step
     assert not DDPMUpdate.handles(DDPMScheduler(variance_type="fixed_large"))  # others keep diffusers' step
 
 
+@pytest.mark.parametrize("prediction,clip", [("epsilon", True), ("epsilon", False), ("sample", True)])
+@pytest.mark.parametrize("steps", [100, 37, 10, 3])
+def test_ddim_update_is_bitwise_diffusers_step(prediction: str, clip: bool, steps: int) -> None:
+    """The DDIM sampler's precomputed update against diffusers' own ``DDIMScheduler.step`` at eta=0, whole runs."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from robolearn.policies.diffusion import DDIMUpdate
+
+    train = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type=prediction,
+                          clip_sample=clip, clip_sample_range=1.0, variance_type="fixed_small")
+    ref = DDIMScheduler.from_config(train.config, set_alpha_to_one=True, steps_offset=0)
+    ref.set_timesteps(steps)
+    assert DDIMUpdate.handles(ref)
+    ours = DDIMUpdate(ref)
+    x = y = torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(0))
+    for t in ref.timesteps:
+        out = 1.5 * torch.randn(3, 16, 2)  # large enough that clipping bites
+        x = ref.step(out, int(t), x, eta=0.0, return_dict=False)[0]
+        y = ours.step(out, int(t), y, eta=0.0)[0]
+        assert torch.equal(x, y), int(t)
+    with pytest.raises(ValueError, match="eta=0"):
+        ours.step(out, int(ref.timesteps[0]), y, eta=0.5)
+    assert not DDIMUpdate.handles(DDIMScheduler(thresholding=True))  # others keep diffusers' step
+
+
+def test_diffusion_policy_samples_ddim_and_warm_starts_through_ddim_update_with_diffusers_results(
+    store: EpisodeStore, dataset: SequenceDataset
+) -> None:
+    from robolearn.policies.diffusion import DDIMUpdate
+
+    torch.manual_seed(0)
+    policy = make_policy(config("diffusion"), store.stats()).eval()
+    obs = obs_batch(dataset)
+    noise = torch.randn(policy.noise_shape(3), generator=torch.Generator().manual_seed(1))
+    ours = policy.predict_action(obs, noise, sampler="ddim", steps=10)
+    warm = policy.predict_action_warm(obs, ours, 2, 3, noise)
+    update, timesteps = policy._samplers[("ddim", 10)]
+    assert isinstance(update, DDIMUpdate)
+    policy._samplers[("ddim", 10)] = (update.scheduler, timesteps)  # diffusers' own step() in its place
+    assert torch.equal(policy.predict_action(obs, noise, sampler="ddim", steps=10), ours)
+    assert torch.equal(policy.predict_action_warm(obs, ours, 2, 3, noise), warm)
+
+
 def test_diffusion_policy_samples_ddpm_through_ddpm_update_with_diffusers_results(
     store: EpisodeStore, dataset: SequenceDataset
 ) -> None:
