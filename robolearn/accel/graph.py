@@ -69,6 +69,21 @@ def flatten_tensors(obj: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.
                     f"dataclasses of them only)")
 
 
+class WeightsWatch:
+    """What a captured graph depends on besides its inputs: where a module's first and last weights live and their
+    dtype (``.to()`` and ``set_inference_dtype`` give every weight new storage; the Parameter objects stay), and
+    the module's class. A graph captured under another :meth:`key` reads memory the module no longer uses, so it
+    is captured again. Cheap (a few microseconds): it runs before every replay."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        params = list(module.parameters())
+        self.module = module
+        self.ends = [params[0], params[-1]] if params else []
+
+    def key(self) -> tuple:
+        return type(self.module), tuple((p.data_ptr(), p.dtype) for p in self.ends)
+
+
 class GraphedDenoiser:
     """Calls ``backbone`` through one CUDA graph per input signature (see the module docstring).
 
@@ -86,11 +101,17 @@ class GraphedDenoiser:
         self.backbone, self.warmup = backbone, int(warmup)
         self._graphs: dict[tuple, tuple] = {}
         self.captures = 0
+        self._watch = WeightsWatch(backbone)
+        self._weights = self._watch.key()
 
     def prepare(self, cond: Any) -> Any:
         return self.backbone.prepare(cond)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
+        now = self._watch.key()
+        if now != self._weights:  # moved, cast or switched since capture: the graphs read the old weights
+            self._graphs.clear()
+            self._weights = now
         flat, rebuild = flatten_tensors(cond)
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype,
                tuple((tuple(f.shape), f.dtype) for f in flat))
@@ -144,10 +165,12 @@ class GraphedPolicy(DenoiserRoute):
             raise GraphError(f"{type(policy).__name__} has no denoiser backbone to capture")
         if owner is not policy:
             raise GraphError(f"graph capture wraps a base chunk policy, not a {type(policy).__name__} wrapper")
+        self.denoiser = GraphedDenoiser(policy.backbone, warmup)  # refuses a policy off the GPU before any cast
         set_inference_dtype(policy, dtype)
+        self.denoiser._weights = self.denoiser._watch.key()
         self.policy = policy
-        self.denoiser = GraphedDenoiser(policy.backbone, warmup)
         self.whole, self.warmup = bool(whole), int(warmup)
+        self._loops_weights = self.denoiser._watch.key()
         self._loops: dict[tuple, Any] = {}
         self.loop_captures = 0
         self.whole_loop_errors: dict[str, str] = {}
@@ -163,7 +186,15 @@ class GraphedPolicy(DenoiserRoute):
                                       denoiser=self.denoiser, **kwargs)
         pol.cfg.check_sampler(kind, n)
         dev = pol.device
-        obs = {k: (v if torch.is_tensor(v) else torch.as_tensor(v)).to(dev) for k, v in obs_history.items()}
+        missing = [k for k in pol.obs_keys if k not in obs_history]
+        if missing:
+            raise KeyError(f"observation is missing keys {missing}; the policy needs {pol.obs_keys}")
+        obs = {k: (v if torch.is_tensor(v) else torch.as_tensor(v)).to(dev)
+               for k, v in obs_history.items() if k in pol.obs_keys}
+        now = self.denoiser._watch.key()
+        if now != self._loops_weights:  # moved, cast or switched since capture
+            self._loops.clear()
+            self._loops_weights = now
         B = int(next(iter(obs.values())).shape[0])
         noise = pol.make_noise(B, generator) if noise is None else noise
         if tuple(noise.shape) != pol.noise_shape(B):
@@ -172,6 +203,8 @@ class GraphedPolicy(DenoiserRoute):
         key = (kind, n, tuple((k, tuple(v.shape), v.dtype) for k, v in obs.items()))
         entry = self._loops.get(key)
         if entry is None:
+            with torch.inference_mode():
+                pol.normalize_obs(obs)  # a wrong shape is the caller's error, raised, not recorded as a capture failure
             entry = self._loops[key] = self._capture_loop(kind, n, obs, noise)
         if entry is False:  # capture failed for this signature: per-call graphs
             return pol.predict_action(obs, noise, sampler=kind, steps=n, denoiser=self.denoiser)
@@ -184,19 +217,22 @@ class GraphedPolicy(DenoiserRoute):
 
     def _capture_loop(self, kind: str, n: int, obs: dict[str, torch.Tensor], noise: torch.Tensor) -> Any:
         pol = self.policy
-        s_obs = {k: v.clone() for k, v in obs.items()}
-        s_noise = noise.clone()
+        with torch.inference_mode(False):  # normal tensors: later calls may copy into them outside inference mode
+            s_obs = {k: v.clone() for k, v in obs.items()}
+            s_noise = noise.clone()
+        caller = torch.cuda.current_stream()
         try:
             side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side.wait_stream(caller)
             with torch.cuda.stream(side):
                 for _ in range(max(1, self.warmup)):
                     pol.predict_action(s_obs, s_noise, sampler=kind, steps=n)
-            torch.cuda.current_stream().wait_stream(side)
+            caller.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = pol.predict_action(s_obs, s_noise, sampler=kind, steps=n)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to per-call graphs
+            torch.cuda.set_stream(caller)  # a failed capture can leave its capture stream current
             torch.cuda.synchronize()
             self.whole_loop_errors[f"{kind}-{n}"] = f"{type(e).__name__}: {e}"
             return False

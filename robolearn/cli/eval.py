@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from robolearn.cli import CLIError, print_json
 from robolearn.cli.evaluation import Evaluator, pick_device
 from robolearn.cli.accel import apply_cache
-from robolearn.cli.runtime import (apply_inference, apply_rank, checkpoint_run_config, load_checkpoint,
-                                   probe_task)
+from robolearn.cli.runtime import (apply_inference, apply_rank, check_inference_options, checkpoint_run_config,
+                                   load_checkpoint, probe_task)
 from robolearn.policies.config import ConfigError, check_geometry
 
 
@@ -25,6 +25,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.episodes < 1:
         raise CLIError(f"episodes must be >= 1, got {cfg.episodes}")
     device = pick_device(str(cfg.device))
+    check_inference_options(cfg.dtype, bool(cfg.graph), device, cfg.cache, cfg.rank)
     policy = load_checkpoint(ckpt, map_location=device)
     run_cfg = checkpoint_run_config(ckpt)
     task = run_cfg.get("task")

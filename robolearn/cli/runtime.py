@@ -53,6 +53,26 @@ def apply_rank(policy: Any, ckpt: Path, rank: int | None) -> Any:
     return policy
 
 
+INFERENCE_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def check_inference_options(dtype: str, graph: bool = False, device: Any = None, cache: Any = None,
+                            rank: Any = None) -> None:
+    """``dtype=``/``graph=`` refused before any checkpoint is loaded or calibrated: an unknown dtype, graph=true
+    off a GPU or together with cache= or rank= (a graph wraps a base diffusion or flow policy)."""
+    if str(dtype) not in INFERENCE_DTYPES:
+        raise CLIError(f"dtype={str(dtype)!r} is not one of float32, bf16, fp16")
+    if not graph:
+        return
+    if device is None or getattr(device, "type", str(device)) != "cuda":
+        raise CLIError(f"graph=true samples through CUDA graphs and needs the policy on a GPU (device=cuda); this "
+                       f"run's device is {device if device is not None else 'cpu'}")
+    for key, value in (("cache", cache), ("rank", rank)):
+        if value is not None:
+            raise CLIError(f"graph=true captures a base diffusion or flow policy; {key}={value} wraps it (drop one "
+                           f"of them)")
+
+
 def apply_inference(policy: Any, ckpt: Path, dtype: str = "float32", graph: bool = False) -> Any:
     """``dtype=`` and ``graph=`` of eval/run/serve, applied last (after ``cache=`` and ``rank=``).
 
@@ -63,17 +83,15 @@ def apply_inference(policy: Any, ckpt: Path, dtype: str = "float32", graph: bool
     from robolearn.accel import GraphError, graphed, set_inference_dtype
 
     name = str(dtype)
-    if name not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
-        raise CLIError(f"dtype={name!r} is not one of float32, bf16, fp16")
+    check_inference_options(name, graph, getattr(policy, "device", None))
     if graph:
-        dev = getattr(policy, "device", None)
-        if dev is None or dev.type != "cuda":
-            raise CLIError(f"graph=true samples through CUDA graphs and needs the policy on a GPU (device=cuda); "
-                           f"{ckpt} is on {dev if dev is not None else 'no device'} in this run")
         try:
-            return graphed(policy, dtype=name)
+            policy = graphed(policy, dtype=name)
         except GraphError as e:
             raise CLIError(f"graph=true: {ckpt}: {e}") from None
+        print(f"graph=true: each denoiser call replayed as a CUDA graph, backbone in {policy_dtype(policy)}",
+              file=sys.stderr)
+        return policy
     if name in ("float32", "fp32"):
         return policy
     try:
@@ -202,6 +220,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError("rank= applies to a checkpoint=, not to a remote policy (give the server rank= instead)")
     if cfg.cache is not None and not cfg.checkpoint:
         raise CLIError("cache= applies to a checkpoint=, not to a remote policy (give the server cache= instead)")
+    check_inference_options(cfg.dtype)
     if str(cfg.dtype) not in ("float32", "fp32") and not cfg.checkpoint:
         raise CLIError("dtype= applies to a checkpoint=, not to a remote policy (give the server dtype= instead)")
     policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
@@ -326,6 +345,7 @@ def serve(cfg: DictConfig) -> None:
                        f"Api-Key <secret>'), or allow_unauthenticated=true to serve openly anyway")
     if int(cfg.max_pending) < 1:
         raise CLIError(f"max_pending must be >= 1, got {cfg.max_pending}")
+    check_inference_options(cfg.dtype)
     policy = load_checkpoint(Path(cfg.checkpoint))  # a residual is served as its chunk view (PolicyServer)
     policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
     policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)

@@ -93,8 +93,9 @@ class DiffusionPolicy(ChunkPolicy):
         key = (kind, steps, str(device))
         cached = self._t_tensors.get(key)
         if cached is None:
-            cached = self._t_tensors[key] = torch.tensor(self._scheduler(kind, steps)[1], dtype=torch.float32,
-                                                         device=device)
+            with torch.inference_mode(False):  # kept across calls: a normal tensor, usable with autograd too
+                cached = self._t_tensors[key] = torch.tensor(self._scheduler(kind, steps)[1], dtype=torch.float32,
+                                                             device=device)
         return cached
 
     def warm_solver(self, guess: torch.Tensor, noise: torch.Tensor, steps: int) -> tuple[Solver, int, int, str]:

@@ -572,6 +572,28 @@ def test_eval_graph_option_refuses_a_cpu_policy_naming_the_device():
     from robolearn.cli.runtime import apply_inference
 
     policy = transformer_policy()
-    with pytest.raises(CLIError, match=r"graph=true .* needs the policy on a GPU \(device=cuda\); ckpt is on cpu"):
+    with pytest.raises(CLIError, match=r"graph=true .* needs the policy on a GPU \(device=cuda\); this run's device "
+                                      r"is cpu"):
         apply_inference(policy, Path("ckpt"), "bf16", graph=True)
     assert next(policy.backbone.parameters()).dtype == torch.float32  # refused before any cast
+
+
+def test_graph_options_are_refused_before_loading_and_the_weights_watch_sees_a_cast():
+    from robolearn.accel.graph import WeightsWatch
+    from robolearn.cli import CLIError
+    from robolearn.cli.runtime import check_inference_options
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    check_inference_options("bf16", True, cuda)
+    for kw, name in (({"cache": "bac"}, "cache=bac"), ({"rank": 8}, "rank=8")):
+        with pytest.raises(CLIError, match=f"graph=true captures a base diffusion or flow policy; {name} wraps it"):
+            check_inference_options("float32", True, cuda, **kw)
+    with pytest.raises(CLIError, match="dtype='int8' is not one of float32, bf16, fp16"):
+        check_inference_options("int8")
+    policy = transformer_policy()
+    keys = set(policy.state_dict())
+    watch = WeightsWatch(policy.backbone)
+    before = watch.key()
+    assert watch.key() == before and set(policy.state_dict()) == keys  # watching registers nothing
+    policy.backbone.to(torch.bfloat16)
+    assert watch.key() != before  # a graph captured before the cast would read freed float32 weights

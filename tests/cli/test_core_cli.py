@@ -61,8 +61,10 @@ def test_eval_dtype_and_graph_options(tmp_path: Path, capsys) -> None:
     argv = ["eval", f"checkpoint={FIXTURE}", "episodes=2", "seed=7", "num_envs=2", "workers=0",
             "env.max_episode_steps=30", f"run_dir={tmp_path / 'bf16'}", "dtype=bf16"]
     assert main(argv) == 0
-    s = last_json(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    s = last_json(captured.out)
     assert s["dtype"] == "bf16" and s["graph"] is False and s["episodes"] == 2
+    assert "dtype=bf16: the denoiser backbone samples in torch.bfloat16" in captured.err
     assert main(argv[:-2] + [f"run_dir={tmp_path / 'g'}", "graph=true", "device=cpu"]) == 1
     err = capsys.readouterr().err
     assert "graph=true" in err and "device=cuda" in err and "Traceback" not in err
@@ -71,12 +73,17 @@ def test_eval_dtype_and_graph_options(tmp_path: Path, capsys) -> None:
     assert "dtype='float64' is not one of float32, bf16, fp16" in capsys.readouterr().err
     import torch
 
-    policy = apply_inference(load_checkpoint(FIXTURE), FIXTURE, "bf16")
-    assert next(policy.backbone.parameters()).dtype == torch.bfloat16
+    policy = load_checkpoint(FIXTURE)
     obs = {k: torch.zeros(1, policy.n_obs_steps, *shape) for k, shape in policy.obs_shapes.items()}
-    chunk = policy.predict_action(obs, policy.make_noise(1, torch.Generator().manual_seed(0)))
-    assert chunk.dtype == torch.float32 and torch.isfinite(chunk).all()
+    noise = policy.make_noise(1, torch.Generator().manual_seed(0))
+    full = policy.predict_action(obs, noise)
     assert apply_inference(policy, FIXTURE, "float32") is policy
+    assert next(policy.backbone.parameters()).dtype == torch.float32  # float32 leaves it as it is
+    policy = apply_inference(policy, FIXTURE, "bf16")
+    assert next(policy.backbone.parameters()).dtype == torch.bfloat16
+    chunk = policy.predict_action(obs, noise)
+    assert chunk.dtype == torch.float32 and torch.isfinite(chunk).all()
+    assert 0 < float((chunk - full).norm() / full.norm()) < 0.1  # lossy, and close
 
 
 def test_run_refuses_dtype_for_a_remote_policy(capsys) -> None:

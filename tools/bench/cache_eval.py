@@ -70,6 +70,9 @@ def lost_won(ref: dict[int, bool], other: dict[int, bool]) -> list[int]:
 def reused_eval(path: Path, checkpoint: Path, sampler: str, seed: int, episodes: int) -> dict[str, Any]:
     """An earlier ``robolearn eval`` result, checked to be the evaluation this run would make."""
     ev = json.loads(Path(path).read_text())
+    if ev.get("dtype", "float32") not in ("float32", "fp32") or ev.get("graph"):
+        raise SystemExit(f"--uncached-eval {path}: it sampled with dtype={ev.get('dtype')} graph={ev.get('graph')}; "
+                         f"the uncached baseline must be the float32 policy")
     extra = ROOT / checkpoint / "extra.json"  # the training step: `latest` may point elsewhere since
     step = json.loads(extra.read_text()).get("step") if extra.exists() else None
     got = ((ROOT / ev["checkpoint"]).resolve(), ev.get("step"), f"{ev['sampler']['kind']}-{ev['sampler']['steps']}",
