@@ -74,6 +74,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--device", default="cuda", help="cuda; cpu for a dry run (graph rows are skipped there)")
     ap.add_argument("--tf32", action="store_true", help="let float32 matrix products and convolutions use TF32")
+    ap.add_argument("--compile", action="store_true",
+                    help="also the 64M U-Net at DDIM-10 with its backbone compiled (torch.compile, inductor, no "
+                         "CUDA graphs of its own) under the same graph modes: minutes of compilation")
+    ap.add_argument("--only", choices=["robolearn", "stock", "compiled"], default=None,
+                    help="only the rows of this kernel set (e.g. a dry run of the compiled rows on a CPU)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -85,6 +90,10 @@ def main() -> int:
              ("transformer", "default", ("ddpm", 100), None, "robolearn"),
              ("transformer", "default", ("ddpm", 100), 25, "robolearn"),
              ("transformer", "default", ("euler", 10), None, "robolearn")]
+    if args.compile:
+        cases.append(("unet", "dp", ("ddim", 10), None, "compiled"))
+    if args.only:
+        cases = [c for c in cases if c[4] == args.only]
     # graph: the whole chunk as one CUDA graph (deterministic samplers); graph-call: one graph per denoiser call
     modes = [("eager", "float32"), ("eager", "bfloat16"), ("graph-call", "float32"), ("graph-call", "bfloat16"),
              ("graph", "float32"), ("graph", "bfloat16")]
@@ -106,10 +115,17 @@ def main() -> int:
                 continue
             if kernels == "stock" and dtype != "float32":
                 continue
+            if kernels == "compiled" and mode == "graph-call" and dtype == "float32":
+                continue  # bf16 per-call and both whole-loop modes are the ones worth the compile time
             gpu = build(backbone, preset, sampler, ptype).to(dev)
             prepare_for_inference(gpu, dtype=dtype)
             if kernels == "stock":
                 use_kernels(gpu, "stock")
+            if kernels == "compiled":
+                from robolearn.accel import set_inference_dtype
+                set_inference_dtype(gpu, dtype)  # cast before compiling: the compiled graph is per dtype
+                use_kernels(gpu, "gemm")  # the models' plain forwards (what a GPU runs anyway): traceable
+                gpu.backbone = torch.compile(gpu.backbone, mode="max-autotune-no-cudagraphs", dynamic=False)
             pol = graphed(gpu, dtype=dtype, whole=(mode == "graph")) if mode.startswith("graph") else gpu
             if cache:
                 name = f"{sampler[0]}-{sampler[1]}"
@@ -128,7 +144,8 @@ def main() -> int:
             whole_errors = getattr(pol, "whole_loop_errors", None) or None
             if whole_errors:
                 print(f"whole-loop capture failed, per-call graphs used: {whole_errors}", flush=True)
-            rows.append({"whole_loop_errors": whole_errors, "backbone": f"{ptype} {backbone} {preset}" + (" (stock)" if kernels == "stock" else ""),
+            label = {"stock": " (stock)", "compiled": " (compiled)"}.get(kernels, "")
+            rows.append({"whole_loop_errors": whole_errors, "backbone": f"{ptype} {backbone} {preset}{label}",
                          "sampler": f"{sampler[0]}-{sampler[1]}",
                          "cache": f"uniform k={cache}" if cache else "none", "mode": mode, "dtype": dtype,
                          "chunk_ms": round(ms, 3), "rel_diff_vs_cpu_fp32": rel,

@@ -18,6 +18,8 @@
 #    step's throughput.
 # Writes JSON and logs under $OUT (or runs/gpu) and prints a table last. Runs on a CPU too (graph rows skipped):
 #   DRY=1 bash tools/gpu/run_all.sh
+# COMPILE=1 adds the U-Net compiled with torch.compile (inductor) under the same graph modes; give it
+# GRAPH_TIMEOUT=540 and the device call timeout_s=600 (compilation takes minutes).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-runs/gpu}"
@@ -36,8 +38,9 @@ if [ -n "${DRY:-}" ]; then DEV=cpu; REPS=1; else DEV=cuda; REPS=50; fi
   $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__,
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"; } 2>&1 | tee "$OUT/gpu.txt"
 
-timeout 300 $PY tools/gpu/graph_latency.py --device "$DEV" --repeats "$REPS" --out "$OUT/graph_latency.json" \
-  2>&1 | tee "$OUT/graph.txt"
+COMPILE_FLAG=(); [ -n "${COMPILE:-}" ] && COMPILE_FLAG=(--compile)   # COMPILE=1: torch.compile rows too (minutes)
+timeout "${GRAPH_TIMEOUT:-300}" $PY tools/gpu/graph_latency.py --device "$DEV" --repeats "$REPS" "${COMPILE_FLAG[@]}" \
+  --out "$OUT/graph_latency.json" 2>&1 | tee "$OUT/graph.txt"
 echo "graph_latency.py exit status ${PIPESTATUS[0]}" | tee -a "$OUT/graph.txt"
 if [ -n "${DRY:-}" ]; then LAT=(--quick --device cpu); else LAT=(--device cuda); fi
 timeout 240 $PY tools/bench/latency.py "${LAT[@]}" --dtypes float32 bfloat16 --out "$OUT/latency_gpu.json" \
