@@ -295,6 +295,9 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
             raise CLIError(f"threads must be >= 1, got {cfg.threads}")
         torch.set_num_threads(int(cfg.threads))
     ckpt = Path(cfg.checkpoint)
+    from robolearn.cli.runtime import apply_inference, check_inference_options
+
+    check_inference_options(cfg.dtype)
     loaded = load_checkpoint(ckpt)
     if getattr(loaded, "policy_type", None) == "cached":
         if cfg.cache is not None:
@@ -309,6 +312,7 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
         method = str(cfg.cache or "bac")  # with warm_steps=, bac/shared/uniform are scheduled for the warm start
         cached, _ = make_cached(base, ckpt, method, updates=cfg.updates, progress=bool(cfg.progress),
                                 warm_steps=cfg.warm_steps if method in WINDOWED else None)
+    apply_inference(base, ckpt, str(cfg.dtype))  # both share the base's backbone
     obs = calibration_observations(base, ckpt, int(cfg.observations), 1, seed=int(cfg.seed) + 1,
                                    dataset=cfg.dataset)
     gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -351,7 +355,7 @@ def latency_cmd(cfg: DictConfig) -> dict[str, Any]:
     sched = cached.schedule
     summary = {
         "checkpoint": str(ckpt), "cache": sched.method, "sampler": sched.sampler, "steps": sched.total,
-        "warm_steps": None if warm is None else int(warm),
+        "warm_steps": None if warm is None else int(warm), "dtype": str(cfg.dtype),
         "compute_fraction": round(sched.compute_fraction, 4),
         "measured_compute_fraction": round(cached.denoiser.computed / max(1, cached.denoiser.calls), 4),
         "latency_ms_uncached": round(unc, 3), "latency_ms_cached": round(cac, 3),

@@ -86,6 +86,7 @@ class BenchLatencyConfig:
     sampler: str | None = None
     steps: int | None = None
     warm_steps: int | None = None  # time the warm start (RTI-DP) with this many steps instead of full sampling
+    dtype: str = "float32"  # the backbone's dtype for both timed policies (after calibration): float32 | bf16 | fp16
     repeats: int = 20
     warmup: int = 3
     observations: int = 16  # observations from the training data for the action error

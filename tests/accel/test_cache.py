@@ -455,6 +455,15 @@ def test_calibrate_writes_a_cached_checkpoint_that_eval_and_bench_use(push_t_ckp
         assert key in lat and lat[key] >= 0
     assert lat["measured_compute_fraction"] == pytest.approx(summary["compute_fraction"], abs=1e-3)
     assert json.loads((tmp_path / "lat.json").read_text())["speedup"] == lat["speedup"]
+    assert lat["dtype"] == "float32"
+    assert main(["bench", "latency", f"checkpoint={out}", "repeats=1", "warmup=0", "observations=2",
+                 "dtype=bf16"]) == 0
+    captured = capsys.readouterr()
+    lat16 = last_json(captured.out)
+    assert lat16["dtype"] == "bf16" and "samples in torch.bfloat16" in captured.err
+    assert 0.0 <= lat16["action_rel_error"] < 1.0
+    assert main(["bench", "latency", f"checkpoint={out}", "dtype=int4"]) == 1
+    assert "dtype='int4' is not one of float32, bf16, fp16" in capsys.readouterr().err
     # the warm start (RTI-DP) through the same schedule: its calls sit at the end of the euler-4 schedule
     assert main(["bench", "latency", f"checkpoint={out}", "warm_steps=2", "repeats=1", "warmup=0",
                  "observations=2"]) == 0

@@ -178,7 +178,9 @@ def plot(sims: dict[str, dict[str, np.ndarray]], scheds: dict[str, Any], result:
                 + ", ".join(f"{n} {e['chunk_error']:.3f}" for n, e in errs.items()), fontsize=8)
     h1, l1 = a.get_legend_handles_labels()
     h2, l2 = b.get_legend_handles_labels()
-    a.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
+    a.set_ylim(0, d["branches"] * 1.45)  # head room for the legend above the bars
+    b.set_ylim(0, max(d["step_sensitivity"]) * 1.45)
+    a.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center")
     fig.suptitle(f"BAC's similarity matrices at DDIM-10 and DDPM-100: {title}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
