@@ -205,6 +205,8 @@ class RunConfig:
     cache_updates: int | None = None
     rank: int | None = None  # a steered (variant=na) checkpoint: noise draws ranked by its critic per decision
     dtype: str = "float32"  # the denoiser backbone's dtype for sampling: float32 | bf16 | fp16 (lossy)
+    device: str = "cpu"  # where the policy runs: cpu | cuda | cuda:N | auto
+    graph: bool = False  # sample through CUDA graphs (device=cuda, a base diffusion/flow checkpoint)
     policy: str | None = None  # ... or a policy server, ws://host:port
     task: str | None = None  # default: the task the checkpoint was trained on
     rate_hz: float | None = None  # control rate; null: the task's own (lift/can/square 20, push_t/peg_insert 10)
@@ -232,6 +234,8 @@ class ServeConfig:
     cache_updates: int | None = None
     rank: int | None = None  # a steered (variant=na) checkpoint: noise draws ranked by its critic per decision
     dtype: str = "float32"  # the denoiser backbone's dtype for sampling: float32 | bf16 | fp16 (lossy)
+    device: str = "cpu"  # where the policy runs: cpu | cuda | cuda:N | auto
+    graph: bool = False  # sample through CUDA graphs (device=cuda, a base diffusion/flow checkpoint)
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     token: str | None = None  # clients must send "Authorization: Api-Key <token>"

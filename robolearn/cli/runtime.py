@@ -220,10 +220,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise CLIError("rank= applies to a checkpoint=, not to a remote policy (give the server rank= instead)")
     if cfg.cache is not None and not cfg.checkpoint:
         raise CLIError("cache= applies to a checkpoint=, not to a remote policy (give the server cache= instead)")
-    check_inference_options(cfg.dtype)
-    if str(cfg.dtype) not in ("float32", "fp32") and not cfg.checkpoint:
-        raise CLIError("dtype= applies to a checkpoint=, not to a remote policy (give the server dtype= instead)")
-    policy = load_checkpoint(Path(cfg.checkpoint)) if cfg.checkpoint else _connect(str(cfg.policy), cfg.token)
+    from robolearn.cli.evaluation import pick_device
+
+    device = pick_device(str(cfg.device))
+    check_inference_options(cfg.dtype, bool(cfg.graph), device, cfg.cache, cfg.rank)
+    for key, default in (("dtype", "float32"), ("device", "cpu"), ("graph", False)):
+        if cfg[key] != default and not cfg.checkpoint:
+            raise CLIError(f"{key}= applies to a checkpoint=, not to a remote policy (give the server {key}= "
+                           f"instead)")
+    policy = load_checkpoint(Path(cfg.checkpoint), map_location=device) if cfg.checkpoint else \
+        _connect(str(cfg.policy), cfg.token)
     if cfg.checkpoint:
         warm = None  # the warm start's steps: a cache made on the spot is scheduled for them
         if cfg.blend == "warmstart":
@@ -236,7 +242,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates, warm_steps=warm)
         _check_warm_window(policy, cfg.blend, warm)
         policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)
-        policy = apply_inference(policy, Path(cfg.checkpoint), cfg.dtype)
+        policy = apply_inference(policy, Path(cfg.checkpoint), cfg.dtype, bool(cfg.graph))
     try:
         task_rate = probe_task(task, env_config, policy)  # before the first tick: the policy must fit the task
         rate_hz = _rate(cfg.rate_hz, task_rate, task)
@@ -345,11 +351,14 @@ def serve(cfg: DictConfig) -> None:
                        f"Api-Key <secret>'), or allow_unauthenticated=true to serve openly anyway")
     if int(cfg.max_pending) < 1:
         raise CLIError(f"max_pending must be >= 1, got {cfg.max_pending}")
-    check_inference_options(cfg.dtype)
-    policy = load_checkpoint(Path(cfg.checkpoint))  # a residual is served as its chunk view (PolicyServer)
+    from robolearn.cli.evaluation import pick_device
+
+    device = pick_device(str(cfg.device))
+    check_inference_options(cfg.dtype, bool(cfg.graph), device, cfg.cache, cfg.rank)
+    policy = load_checkpoint(Path(cfg.checkpoint), map_location=device)  # a residual is served as its chunk view
     policy = apply_cache(policy, Path(cfg.checkpoint), cfg.cache, cfg.cache_updates)
     policy = apply_rank(policy, Path(cfg.checkpoint), cfg.rank)
-    policy = apply_inference(policy, Path(cfg.checkpoint), cfg.dtype)
+    policy = apply_inference(policy, Path(cfg.checkpoint), cfg.dtype, bool(cfg.graph))
     key_map = {str(k): str(v) for k, v in (OmegaConf.to_container(cfg.key_map) or {}).items()}
     try:
         serve_job(policy, host=str(cfg.host), port=int(cfg.port), token=cfg.token, key_map=key_map or None,

@@ -394,3 +394,17 @@ def test_run_samples_with_a_bf16_backbone_when_asked(checkpoint, tmp_path, capsy
     captured = capsys.readouterr()
     assert "dtype=bf16: the denoiser backbone samples in torch.bfloat16" in captured.err
     assert last_json(captured.out)["episodes"] == 1
+
+
+def test_run_and_serve_refuse_gpu_options_without_a_gpu_before_loading(checkpoint, tmp_path, capsys):
+    for cmd in ("run", "serve"):
+        extra = ["realtime=false", "episodes=1", f"run_dir={tmp_path / cmd}"] if cmd == "run" else \
+            [f"port={_free_port()}"]
+        assert main([cmd, f"checkpoint={checkpoint}", "graph=true", *extra]) == 1
+        err = capsys.readouterr().err
+        assert "graph=true samples through CUDA graphs and needs the policy on a GPU (device=cuda)" in err, err
+        assert main([cmd, f"checkpoint={checkpoint}", "device=cuda:7", *extra]) == 1
+        assert "device=cuda:7 asked for, but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["run", "policy=ws://127.0.0.1:9", "task=push_t", "device=cpu", "graph=false"]) == 1
+    assert "Connection refused" in capsys.readouterr().err  # the defaults pass through to the connection
