@@ -73,15 +73,24 @@ class WeightsWatch:
     """What a captured graph depends on besides its inputs: where a module's first and last weights live and their
     dtype (``.to()`` and ``set_inference_dtype`` give every weight new storage; the Parameter objects stay), and
     the module's class. A graph captured under another :meth:`key` reads memory the module no longer uses, so it
-    is captured again. Cheap (a few microseconds): it runs before every replay."""
+    is captured again: :meth:`changed` says so once per change. Under a microsecond: it runs before every replay."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         params = list(module.parameters())
         self.module = module
         self.ends = [params[0], params[-1]] if params else []
+        self._seen = self.key()
 
     def key(self) -> tuple:
         return type(self.module), tuple((p.data_ptr(), p.dtype) for p in self.ends)
+
+    def changed(self) -> bool:
+        """Whether the weights moved, were cast or switched since the last call (or since the watch began)."""
+        now = self.key()
+        if now == self._seen:
+            return False
+        self._seen = now
+        return True
 
 
 class GraphedDenoiser:
@@ -102,16 +111,13 @@ class GraphedDenoiser:
         self._graphs: dict[tuple, tuple] = {}
         self.captures = 0
         self._watch = WeightsWatch(backbone)
-        self._weights = self._watch.key()
 
     def prepare(self, cond: Any) -> Any:
         return self.backbone.prepare(cond)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any, step: Any = None) -> torch.Tensor:
-        now = self._watch.key()
-        if now != self._weights:  # moved, cast or switched since capture: the graphs read the old weights
+        if self._watch.changed():  # moved, cast or switched since capture: the graphs read the old weights
             self._graphs.clear()
-            self._weights = now
         flat, rebuild = flatten_tensors(cond)
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype,
                tuple((tuple(f.shape), f.dtype) for f in flat))
@@ -167,10 +173,9 @@ class GraphedPolicy(DenoiserRoute):
             raise GraphError(f"graph capture wraps a base chunk policy, not a {type(policy).__name__} wrapper")
         self.denoiser = GraphedDenoiser(policy.backbone, warmup)  # refuses a policy off the GPU before any cast
         set_inference_dtype(policy, dtype)
-        self.denoiser._weights = self.denoiser._watch.key()
         self.policy = policy
         self.whole, self.warmup = bool(whole), int(warmup)
-        self._loops_weights = self.denoiser._watch.key()
+        self._watch = WeightsWatch(policy.backbone)
         self._loops: dict[tuple, Any] = {}
         self.loop_captures = 0
         self.whole_loop_errors: dict[str, str] = {}
@@ -185,21 +190,13 @@ class GraphedPolicy(DenoiserRoute):
             return pol.predict_action(obs_history, noise, sampler=kind, steps=n, generator=generator,
                                       denoiser=self.denoiser, **kwargs)
         pol.cfg.check_sampler(kind, n)
-        dev = pol.device
         missing = [k for k in pol.obs_keys if k not in obs_history]
         if missing:
             raise KeyError(f"observation is missing keys {missing}; the policy needs {pol.obs_keys}")
-        obs = {k: (v if torch.is_tensor(v) else torch.as_tensor(v)).to(dev)
-               for k, v in obs_history.items() if k in pol.obs_keys}
-        now = self.denoiser._watch.key()
-        if now != self._loops_weights:  # moved, cast or switched since capture
+        obs = {k: pol._to_device(obs_history[k]) for k in pol.obs_keys}
+        if self._watch.changed():  # moved, cast or switched since capture
             self._loops.clear()
-            self._loops_weights = now
-        B = int(next(iter(obs.values())).shape[0])
-        noise = pol.make_noise(B, generator) if noise is None else noise
-        if tuple(noise.shape) != pol.noise_shape(B):
-            raise ValueError(f"noise must have shape {pol.noise_shape(B)}, got {tuple(noise.shape)}")
-        noise = noise.to(dev, torch.float32)
+        noise, _ = pol._check_noise(noise, int(next(iter(obs.values())).shape[0]), generator)
         key = (kind, n, tuple((k, tuple(v.shape), v.dtype) for k, v in obs.items()))
         entry = self._loops.get(key)
         if entry is None:

@@ -107,13 +107,13 @@ class DiffusionPolicy(ChunkPolicy):
         tail = timesteps[-k:]
         x = self.noise_scheduler.add_noise(guess, noise, torch.full((noise.shape[0],), tail[0], dtype=torch.long))
         name = f"ddim-{self.cfg.sampler.steps}"
-        return self._steps(sched, tail, x, {"return_dict": False, "eta": 0.0}), k, len(timesteps) - k, name
+        t_tail = self._timestep_tensor("ddim", self.cfg.sampler.steps, x.device)[len(timesteps) - k:]
+        return self._steps(sched, tail, x, {"return_dict": False, "eta": 0.0}, t_tail), k, len(timesteps) - k, name
 
     @staticmethod
     def _steps(sched: Any, timesteps: list[int], x: torch.Tensor, step_kw: dict[str, Any],
-               t_all: torch.Tensor | None = None) -> Solver:
-        if t_all is None:
-            t_all = torch.tensor(timesteps, dtype=torch.float32, device=x.device)
+               t_all: torch.Tensor) -> Solver:
+        """``timesteps`` run by ``sched.step``; ``t_all``: the same timesteps as the backbone's float32 input."""
         for i, t in enumerate(timesteps):
             out = yield x, t_all[i]
             x = sched.step(out, t, x, **step_kw)[0]
@@ -130,7 +130,25 @@ class DiffusionPolicy(ChunkPolicy):
         return weighted_mse(pred, target, weight)
 
 
-class DDPMUpdate:
+class _PrecomputedUpdate:
+    """What :class:`DDPMUpdate` and :class:`DDIMUpdate` share: the scheduler they stand in for (``.scheduler``),
+    each timestep's coefficients (``coef``, filled by the subclass) and the predicted clean chunk."""
+
+    def __init__(self, sched: Any) -> None:
+        self.scheduler = sched
+        cfg = sched.config
+        self.epsilon = cfg.prediction_type == "epsilon"
+        self.clip = float(cfg.clip_sample_range) if cfg.clip_sample else None
+        self.coef: dict[int, tuple[torch.Tensor | None, ...]] = {}
+
+    def _x0(self, model_output: torch.Tensor, sample: torch.Tensor, sqrt_b: torch.Tensor,
+            sqrt_a: torch.Tensor) -> torch.Tensor:
+        """The clean chunk the model predicts (clipped when the scheduler clips), as ``step()`` computes it."""
+        x0 = (sample - sqrt_b * model_output) / sqrt_a if self.epsilon else model_output
+        return x0.clamp(-self.clip, self.clip) if self.clip is not None else x0
+
+
+class DDPMUpdate(_PrecomputedUpdate):
     """diffusers' ``DDPMScheduler.step`` for this policy's settings (``fixed_small`` variance, epsilon or sample
     prediction, optional clipping, no thresholding), with each timestep's coefficients computed once.
 
@@ -142,11 +160,7 @@ class DDPMUpdate:
     """
 
     def __init__(self, sched: DDPMScheduler) -> None:
-        self.scheduler = sched
-        cfg = sched.config
-        self.epsilon = cfg.prediction_type == "epsilon"
-        self.clip = float(cfg.clip_sample_range) if cfg.clip_sample else None
-        self.coef: dict[int, tuple[torch.Tensor, ...]] = {}
+        super().__init__(sched)
         for t in (int(v) for v in sched.timesteps):
             prev_t = sched.previous_timestep(t)
             a_t = sched.alphas_cumprod[t]
@@ -169,10 +183,7 @@ class DDPMUpdate:
         if return_dict:
             raise ValueError("DDPMUpdate.step returns a tuple only (return_dict=False)")
         sqrt_b, sqrt_a, c_x0, c_x, std = self.coef[int(timestep)]
-        x0 = (sample - sqrt_b * model_output) / sqrt_a if self.epsilon else model_output
-        if self.clip is not None:
-            x0 = x0.clamp(-self.clip, self.clip)
-        prev = c_x0 * x0 + c_x * sample
+        prev = c_x0 * self._x0(model_output, sample, sqrt_b, sqrt_a) + c_x * sample
         if std is not None:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
@@ -180,7 +191,7 @@ class DDPMUpdate:
         return (prev,)
 
 
-class DDIMUpdate:
+class DDIMUpdate(_PrecomputedUpdate):
     """diffusers' ``DDIMScheduler.step`` at ``eta=0`` (how this policy samples DDIM) for epsilon or sample
     prediction, optional clipping, no thresholding, with each timestep's coefficients computed once.
 
@@ -192,12 +203,8 @@ class DDIMUpdate:
     """
 
     def __init__(self, sched: DDIMScheduler) -> None:
-        self.scheduler = sched
-        cfg = sched.config
-        self.epsilon = cfg.prediction_type == "epsilon"
-        self.clip = float(cfg.clip_sample_range) if cfg.clip_sample else None
-        self.coef: dict[int, tuple[torch.Tensor, ...]] = {}
-        step = cfg.num_train_timesteps // sched.num_inference_steps
+        super().__init__(sched)
+        step = sched.config.num_train_timesteps // sched.num_inference_steps
         for t in (int(v) for v in sched.timesteps):
             prev_t = t - step
             a_t = sched.alphas_cumprod[t]
@@ -218,12 +225,5 @@ class DDIMUpdate:
         if return_dict or eta != 0.0:
             raise ValueError("DDIMUpdate.step is DDIM at eta=0 returning a tuple (return_dict=False)")
         sqrt_b, sqrt_a, c_dir, sqrt_a_prev = self.coef[int(timestep)]
-        if self.epsilon:
-            x0 = (sample - sqrt_b * model_output) / sqrt_a
-            eps = model_output
-        else:
-            x0 = model_output
-            eps = (sample - sqrt_a * x0) / sqrt_b
-        if self.clip is not None:
-            x0 = x0.clamp(-self.clip, self.clip)
-        return (sqrt_a_prev * x0 + c_dir * eps,)
+        eps = model_output if self.epsilon else (sample - sqrt_a * model_output) / sqrt_b  # before clipping
+        return (sqrt_a_prev * self._x0(model_output, sample, sqrt_b, sqrt_a) + c_dir * eps,)

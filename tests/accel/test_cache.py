@@ -604,5 +604,7 @@ def test_graph_options_are_refused_before_loading_and_the_weights_watch_sees_a_c
     watch = WeightsWatch(policy.backbone)
     before = watch.key()
     assert watch.key() == before and set(policy.state_dict()) == keys  # watching registers nothing
+    assert not watch.changed()
     policy.backbone.to(torch.bfloat16)
     assert watch.key() != before  # a graph captured before the cast would read freed float32 weights
+    assert watch.changed() and not watch.changed()  # said once per change

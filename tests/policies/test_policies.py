@@ -197,38 +197,25 @@ def test_ddim_update_is_bitwise_diffusers_step(prediction: str, clip: bool, step
     assert not DDIMUpdate.handles(DDIMScheduler(thresholding=True))  # others keep diffusers' step
 
 
-def test_diffusion_policy_samples_ddim_and_warm_starts_through_ddim_update_with_diffusers_results(
-    store: EpisodeStore, dataset: SequenceDataset
+@pytest.mark.parametrize("kind,steps,update_name", [("ddim", 10, "DDIMUpdate"), ("ddpm", 7, "DDPMUpdate")])
+def test_diffusion_policy_samples_through_its_precomputed_update_with_diffusers_results(
+    store: EpisodeStore, dataset: SequenceDataset, kind: str, steps: int, update_name: str
 ) -> None:
-    from robolearn.policies.diffusion import DDIMUpdate
+    """Each sampler's chunk (and DDIM's warm start) is the one diffusers' own ``step()`` in its place gives."""
+    from robolearn.policies import diffusion
 
     torch.manual_seed(0)
     policy = make_policy(config("diffusion"), store.stats()).eval()
     obs = obs_batch(dataset)
     noise = torch.randn(policy.noise_shape(3), generator=torch.Generator().manual_seed(1))
-    ours = policy.predict_action(obs, noise, sampler="ddim", steps=10)
-    warm = policy.predict_action_warm(obs, ours, 2, 3, noise)
-    update, timesteps = policy._samplers[("ddim", 10)]
-    assert isinstance(update, DDIMUpdate)
-    policy._samplers[("ddim", 10)] = (update.scheduler, timesteps)  # diffusers' own step() in its place
-    assert torch.equal(policy.predict_action(obs, noise, sampler="ddim", steps=10), ours)
-    assert torch.equal(policy.predict_action_warm(obs, ours, 2, 3, noise), warm)
-
-
-def test_diffusion_policy_samples_ddpm_through_ddpm_update_with_diffusers_results(
-    store: EpisodeStore, dataset: SequenceDataset
-) -> None:
-    from robolearn.policies.diffusion import DDPMUpdate
-
-    torch.manual_seed(0)
-    policy = make_policy(config("diffusion"), store.stats()).eval()
-    obs = obs_batch(dataset)
-    noise = torch.randn(policy.noise_shape(3), generator=torch.Generator().manual_seed(1))
-    ours = policy.predict_action(obs, noise, sampler="ddpm", steps=7)
-    update, timesteps = policy._samplers[("ddpm", 7)]
-    assert isinstance(update, DDPMUpdate)
-    policy._samplers[("ddpm", 7)] = (update.scheduler, timesteps)  # diffusers' own step() in its place
-    assert torch.equal(policy.predict_action(obs, noise, sampler="ddpm", steps=7), ours)
+    ours = policy.predict_action(obs, noise, sampler=kind, steps=steps)
+    warm = policy.predict_action_warm(obs, ours, 2, 3, noise)  # DDIM steps of the configured ddim-10
+    update, timesteps = policy._samplers[(kind, steps)]
+    assert isinstance(update, getattr(diffusion, update_name))
+    policy._samplers[(kind, steps)] = (update.scheduler, timesteps)  # diffusers' own step() in its place
+    assert torch.equal(policy.predict_action(obs, noise, sampler=kind, steps=steps), ours)
+    if kind == "ddim":
+        assert torch.equal(policy.predict_action_warm(obs, ours, 2, 3, noise), warm)
 
 
 def test_sampler_override_and_validation(store: EpisodeStore) -> None:

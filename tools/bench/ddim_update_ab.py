@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robolearn.accel.cache import CachedPolicy, branch_keys, uniform_schedule
+    from robolearn.accel.cache import CacheError, CachedPolicy, branch_keys, uniform_schedule
     from robolearn.cli.accel import calibration_observations
     from robolearn.cli.runtime import load_checkpoint
     from robolearn.policies.diffusion import DDIMUpdate
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = branch_keys(policy.backbone)
         variants[f"uniform k={args.updates}"] = CachedPolicy(
             policy, uniform_schedule(keys, f"ddim-{args.steps}", args.steps, args.updates))
-    except Exception as e:  # a U-Net: no block cache
+    except CacheError as e:  # a U-Net: no block cache
         print(f"no cached row: {e}")
     steps_fn = {"DDIMUpdate": update, "diffusers step()": update.scheduler}
     rows = []

@@ -121,9 +121,7 @@ def main() -> int:
             prepare_for_inference(gpu, dtype=dtype)
             if kernels == "stock":
                 use_kernels(gpu, "stock")
-            if kernels == "compiled":
-                from robolearn.accel import set_inference_dtype
-                set_inference_dtype(gpu, dtype)  # cast before compiling: the compiled graph is per dtype
+            if kernels == "compiled":  # prepare_for_inference has cast it: the compiled code is per dtype
                 use_kernels(gpu, "gemm")  # the models' plain forwards (what a GPU runs anyway): traceable
                 gpu.backbone = torch.compile(gpu.backbone, mode="max-autotune-no-cudagraphs", dynamic=False)
             pol = graphed(gpu, dtype=dtype, whole=(mode == "graph")) if mode.startswith("graph") else gpu
